@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` and `make test`.
+# Both create .venv when it is missing and reinstall only when pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Locally `make test` skips tests marked slow; CI (CI=true) runs everything.
+ifeq ($(CI),true)
+PYTEST_MARK :=
+else
+PYTEST_MARK := -m "not slow"
+endif
+PYTEST_ARGS ?=
+
+.PHONY: run test test-all bench bench-ledger clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(BIN)/dreamd run $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_MARK) $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/ledger.py
+
+clean-venv:
+	rm -rf $(VENV)

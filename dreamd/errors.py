@@ -1,0 +1,60 @@
+"""Every error dreamd raises on purpose descends from DreamdError.
+
+    DreamdError
+    ├── ConfigError                  a config file or value is wrong (names the key)
+    ├── LedgerError                  the ledger refused a change
+    │   ├── IllegalTransitionError   the edge is not in the table of legal transitions
+    │   └── StaleTransitionError     the row was not in the expected state (someone else moved it)
+    ├── DaemonError                  the daemon cannot start (already running, bad data dir)
+    ├── BackendError                 a keyframe backend failed
+    │   ├── TransientBackendError    worth retrying: refused, reset, timeout, 5xx
+    │   └── PermanentBackendError    retrying cannot help: a rejected workflow, a bad image
+    └── CodecError                   a latent codec cannot be built or loaded (names the file)
+
+The docstring of each class is its default message.
+"""
+
+from __future__ import annotations
+
+
+class DreamdError(Exception):
+    """dreamd failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(DreamdError):
+    """The configuration is invalid."""
+
+
+class LedgerError(DreamdError):
+    """The ledger refused a change."""
+
+
+class IllegalTransitionError(LedgerError):
+    """This state change is not in the table of legal transitions."""
+
+
+class StaleTransitionError(LedgerError):
+    """The row was not in the expected state: another worker moved it first."""
+
+
+class DaemonError(DreamdError):
+    """The daemon cannot start."""
+
+
+class BackendError(DreamdError):
+    """A keyframe backend failed."""
+
+
+class TransientBackendError(BackendError):
+    """A keyframe backend failed in a way worth retrying."""
+
+
+class PermanentBackendError(BackendError):
+    """A keyframe backend failed in a way retrying cannot help."""
+
+
+class CodecError(DreamdError):
+    """A latent codec cannot be built or loaded."""
