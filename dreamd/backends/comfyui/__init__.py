@@ -1,0 +1,1 @@
+"""The ComfyUI keyframe backend."""

@@ -1,0 +1,476 @@
+"""Configuration: one optional TOML file, typed and validated at load.
+
+Every key has a built-in default (the schema below is the single source of truth,
+and the README documents every key; tests/test_docs.py fails when one is not).
+`load()` finds the file, validates it, applies the data-dir override and records
+where each value came from, so `dreamd config show` can say so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import platformdirs
+
+from dreamd.errors import ConfigError
+
+CONFIG_ENV = "DREAMD_CONFIG"
+DATA_DIR_ENV = "DREAMD_DATA_DIR"
+CONFIG_NAME = "dreamd.toml"
+
+
+def key(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+        choices: tuple[str, ...] | None = None, check: Any = None) -> Any:
+    """A config key: its default, its one-line doc and what values are allowed."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "check": check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if is_dataclass(value):
+        return type(value)(**{f.name: _copy(getattr(value, f.name)) for f in fields(value)})
+    return value
+
+
+def _resolution(value: list[int]) -> str | None:
+    if len(value) != 2:
+        return "two integers [width, height]"
+    if any(v % 8 or not 64 <= v <= 4096 for v in value):
+        return "[width, height], each a multiple of 8 between 64 and 4096"
+    return None
+
+
+def _url(value: str) -> str | None:
+    return None if re.match(r"^https?://[^\s/]+", value) else "an http:// or https:// URL"
+
+
+def _urls(value: list[str]) -> str | None:
+    if not value:
+        return "at least one URL"
+    bad = [u for u in value if _url(u)]
+    return f"http:// or https:// URLs ({bad[0]!r} is not one)" if bad else None
+
+
+@dataclass
+class Theme:
+    name: str = key("", "a short name, shown in the status and the history")
+    positive: str = key("", "the positive prompt")
+    negative: str = key("", "the negative prompt")
+
+
+DEFAULT_THEMES = [
+    Theme("ethereal",
+          "ethereal digital angel, dissolving particles, technical wireframe, "
+          "monochrome with cyan and red accents, soft glow, dark background",
+          "blurry, lowres, text, watermark, oversaturated"),
+    Theme("cathedral",
+          "wireframe cathedral of light, monochrome, cyan glow, red accents, "
+          "particles drifting upward, architectural geometry",
+          "blurry, lowres, text, watermark"),
+    Theme("signal",
+          "dissolving signal, glitch particles, thin cyan lines, red pulse, "
+          "monochrome void, technical diagram",
+          "blurry, lowres, text, watermark"),
+]
+
+DEFAULT_GAMES = [
+    "eldenring.exe", "cs2.exe", "dota2.exe", "valorant.exe", "fortniteclient-win64-shipping.exe",
+    "overwatch.exe", "cyberpunk2077.exe", "bg3.exe", "witcher3.exe", "rdr2.exe",
+]
+
+
+@dataclass
+class System:
+    data_dir: str = key("", "where the ledger, frames and logs live; empty = the platform's "
+                            "user data dir (relative paths are relative to the config file)")
+    log_level: str = key("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    gpu: int = key(0, "GPU index used for generation (ComfyUI's CUDA_VISIBLE_DEVICES, local "
+                      "models, VRAM readings)", min=0, max=64)
+    torch_threads: int = key(0, "torch CPU threads; 0 = the measured default (1 on small machines)",
+                             min=0, max=256)
+
+
+@dataclass
+class Generation:
+    backend: str = key("procedural", "keyframe backend", choices=("procedural", "comfyui"))
+    resolution: list[int] = key([512, 256], "keyframe size [width, height]", check=_resolution)
+    interpolation_frames: int = key(10, "in-between frames per keyframe pair", min=0, max=240)
+    denoise: float = key(0.3, "img2img strength: how far each keyframe drifts from the last",
+                         min=0.01, max=1.0)
+    steps: int = key(20, "diffusion steps per keyframe (ComfyUI)", min=1, max=200)
+    cfg: float = key(7.0, "classifier-free guidance scale (ComfyUI)", min=0.0, max=30.0)
+    sampler: str = key("euler_ancestral", "sampler name (checked against the ComfyUI server)")
+    scheduler: str = key("normal", "scheduler name (checked against the ComfyUI server)")
+    seed: int = key(0, "base seed; keyframe k uses a seed derived from it and k", min=0,
+                    max=2**53)
+    resolution_divisor: float = key(1.0, "interpolate at 1/divisor size and upscale after "
+                                         "decoding (2 = half size, 1.333 = 3/4)", min=1.0, max=8.0)
+    codec: str = key("auto", "latent codec for in-betweens",
+                     choices=("auto", "taesd", "sd-vae", "pixel"))
+    codec_path: str = key("", "explicit weight file for the codec (empty = look for one)")
+    max_attempts: int = key(3, "tries per keyframe or interpolation before it is discarded",
+                            min=1, max=100)
+    lease_seconds: float = key(60.0, "how long a worker's claim lasts without a heartbeat",
+                               min=5.0, max=3600.0)
+
+
+@dataclass
+class Display:
+    fps: float = key(4.0, "frames shown per second", min=0.1, max=60.0)
+    buffer_target_seconds: float = key(30.0, "how far ahead of the playhead frames are made",
+                                       min=1.0, max=3600.0)
+    min_buffer_seconds: float = key(5.0, "the status says buffering until this much is ready",
+                                    min=0.0, max=3600.0)
+    max_output_frames: int = key(2000, "shown in-between frames kept on disk; older ones are "
+                                       "deleted (keyframes are always kept)", min=10, max=10_000_000)
+    output_dir: str = key("", "where current_frame.png, previous_frame.png and status.json "
+                              "are written; empty = <data_dir>/output")
+
+
+@dataclass
+class Cache:
+    enabled: bool = key(True, "the aesthetic memory (not built yet: validated, no effect)")
+    max_size: int = key(50, "frames kept in the aesthetic memory (LRU)", min=1, max=100_000)
+    injection_probability: float = key(0.15, "base chance per keyframe of re-injecting a cached "
+                                             "frame", min=0.0, max=1.0)
+    similarity_threshold: float = key(0.8, "similarity above which two frames count as alike",
+                                      min=0.0, max=1.0)
+
+
+@dataclass
+class Prompts:
+    themes: list[Theme] = key(DEFAULT_THEMES, "positive/negative prompt pairs, as "
+                                              "[[prompts.themes]] tables with name, positive, "
+                                              "negative")
+    rotation_interval: int = key(20, "keyframes before the next theme", min=1, max=1_000_000)
+
+
+@dataclass
+class ComfyUI:
+    urls: list[str] = key(["http://127.0.0.1:8188"], "ComfyUI servers, tried in order of health",
+                          check=_urls)
+    workflow: str = key("sd15_img2img", "a workflow name in workflows/ or a path to an "
+                                        "API-format JSON file")
+    checkpoint: str = key("v1-5-pruned-emaonly.safetensors", "checkpoint the workflow loads")
+    models_dir: str = key("", "ComfyUI's models/ dir, searched for VAE/TAESD weights")
+    start_command: str = key("", "command that starts ComfyUI (split like a shell would, never "
+                                 "run by one); empty = do not supervise")
+    fallback: str = key("none", "what to do while every server is down",
+                        choices=("none", "procedural"))
+
+
+@dataclass
+class Guard:
+    enabled: bool = key(True, "pause generation and free VRAM while a known game runs")
+    known_games: list[str] = key(DEFAULT_GAMES, "process names that pause the dream "
+                                                "(case-insensitive)")
+    check_interval_seconds: float = key(5.0, "how often the process list is read",
+                                        min=0.5, max=3600.0)
+
+
+@dataclass
+class Config:
+    system: System = field(default_factory=System)
+    generation: Generation = field(default_factory=Generation)
+    display: Display = field(default_factory=Display)
+    cache: Cache = field(default_factory=Cache)
+    prompts: Prompts = field(default_factory=Prompts)
+    comfyui: ComfyUI = field(default_factory=ComfyUI)
+    guard: Guard = field(default_factory=Guard)
+    # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    file: Path | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.system.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "dreamd.db"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.display.output_dir) if self.display.output_dir else self.data_dir / "output"
+
+
+SECTIONS = [f.name for f in fields(Config) if is_dataclass(f.default_factory)]  # type: ignore[arg-type]
+
+
+def key_paths() -> list[tuple[str, Any]]:
+    """Every documented key as ("section.key", dataclass field)."""
+    out = []
+    for section in SECTIONS:
+        cls = _section_class(section)
+        out.extend((f"{section}.{f.name}", f) for f in fields(cls))
+    return out
+
+
+def _section_class(section: str) -> type:
+    return get_type_hints(Config)[section]
+
+
+# ---------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"a list of {_type_name(inner)}s" if inner is not Theme else "a list of tables"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Theme: "a table"}.get(tp, str(tp))
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Return the value converted to `tp`, or raise ConfigError naming `path`."""
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"{path} = {value!r} is invalid: expected {allowed}")
+
+    origin = get_origin(tp)
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            raise fail(_type_name(tp))
+        items = [_check_value(f"{path}[{i}]", v, inner, {}) for i, v in enumerate(value)]
+        value = items
+    elif is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail("a table")
+        value = _build(tp, value, path, sources=None, origin="")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+
+    lo, hi, choices, check = meta.get("min"), meta.get("max"), meta.get("choices"), meta.get("check")
+    if choices and value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise fail("one of " + ", ".join(repr(c) for c in choices) + extra)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise fail(f"a value between {lo:g} and {hi:g}")
+    if check is not None and (problem := check(value)):
+        raise fail(problem)
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, sources: dict[str, str] | None,
+           origin: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for name in table:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else name
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            extra = f"; did you mean {prefix + '.' if prefix else ''}{hint[0]}?" if hint else ""
+            raise ConfigError(f"unknown key {where!r}{extra} (known here: {', '.join(known)})")
+    obj = cls()
+    for name, value in table.items():
+        path = f"{prefix}.{name}" if prefix else name
+        setattr(obj, name, _check_value(path, value, hints[name], dict(known[name].metadata)))
+        if sources is not None:
+            sources[path] = origin
+    return obj
+
+
+def _cross_checks(cfg: Config) -> None:
+    d = cfg.display
+    if d.min_buffer_seconds > d.buffer_target_seconds:
+        raise ConfigError(
+            f"display.min_buffer_seconds = {d.min_buffer_seconds:g} is invalid: expected a value "
+            f"no larger than display.buffer_target_seconds ({d.buffer_target_seconds:g})")
+    themes = cfg.prompts.themes
+    if not themes:
+        raise ConfigError("prompts.themes = [] is invalid: expected at least one theme")
+    names = [t.name for t in themes]
+    for i, t in enumerate(themes):
+        if not t.name.strip():
+            raise ConfigError(f"prompts.themes[{i}].name = {t.name!r} is invalid: expected a "
+                              f"non-empty name")
+        if not t.positive.strip():
+            raise ConfigError(f"prompts.themes[{i}].positive = {t.positive!r} is invalid: "
+                              f"expected a prompt")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"prompts.themes: the name {dupes[0]!r} is used twice: expected "
+                          f"unique names")
+
+
+# ---------------------------------------------------------------- loading
+
+def user_config_file() -> Path:
+    return Path(platformdirs.user_config_dir("dreamd", appauthor=False)) / CONFIG_NAME
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("dreamd", appauthor=False))
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> tuple[Path | None, str]:
+    """Where the config comes from: (path or None, how it was found)."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {explicit}: no such file")
+        return path, "--config"
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"${CONFIG_ENV}={env}: no such file")
+        return path, f"${CONFIG_ENV}"
+    local = Path.cwd() / CONFIG_NAME
+    if local.is_file():
+        return local, "./" + CONFIG_NAME
+    user = user_config_file()
+    if user.is_file():
+        return user, "user config dir"
+    return None, "no file: built-in defaults"
+
+
+def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
+          sources: dict[str, str] | None = None) -> Config:
+    """Validate TOML text into a Config (no data-dir override, no file lookup)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    sources = {} if sources is None else sources
+    cfg = Config()
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            hint = difflib.get_close_matches(section, SECTIONS, n=1)
+            extra = f"; did you mean [{hint[0]}]?" if hint else ""
+            raise ConfigError(f"{origin}: unknown section [{section}]{extra} "
+                              f"(sections: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: {section} = {table!r} is invalid: expected a "
+                              f"[{section}] table")
+        try:
+            setattr(cfg, section, _build(_section_class(section), table, section, sources,
+                                         f"file:{origin}"))
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    try:
+        _cross_checks(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    if base_dir is not None:
+        for section, name in (("system", "data_dir"), ("display", "output_dir"),
+                              ("comfyui", "models_dir"), ("generation", "codec_path")):
+            obj = getattr(cfg, section)
+            value = getattr(obj, name)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(obj, name, str((base_dir / value).resolve()))
+    return cfg
+
+
+def load(config_file: str | os.PathLike[str] | None = None,
+         data_dir: str | os.PathLike[str] | None = None) -> Config:
+    """The effective config: file lookup, validation, then the data-dir override."""
+    path, how = find_config_file(config_file)
+    sources: dict[str, str] = {}
+    if path is None:
+        cfg = Config()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        cfg = parse(text, str(path), base_dir=path.parent.resolve(), sources=sources)
+    cfg.file = path
+    for path_, _ in key_paths():
+        sources.setdefault(path_, "default")
+
+    env_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        cfg.system.data_dir, sources["system.data_dir"] = str(data_dir), "--data-dir"
+    elif env_dir:
+        cfg.system.data_dir, sources["system.data_dir"] = env_dir, f"${DATA_DIR_ENV}"
+    elif not cfg.system.data_dir:
+        cfg.system.data_dir = str(default_data_dir())
+        sources["system.data_dir"] = "default (platform user data dir)"
+    cfg.system.data_dir = str(Path(cfg.system.data_dir).expanduser().resolve())
+    cfg.sources = sources
+    return cfg
+
+
+def check_file(path: str | os.PathLike[str]) -> Config:
+    """Validate one file; raises ConfigError naming the key when it is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, str(p), base_dir=p.parent.resolve())
+
+
+def flatten(cfg: Config) -> list[tuple[str, Any]]:
+    """("section.key", value) for every key, in schema order."""
+    out = []
+    for path, _ in key_paths():
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, list) and value and is_dataclass(value[0]):
+            value = [{f.name: getattr(v, f.name) for f in fields(v)} for v in value]
+        out.append((path, value))
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML, each value annotated with where it came from."""
+    lines: list[str] = []
+    current = None
+    for path, value in flatten(cfg):
+        section, name = path.split(".")
+        if section != current:
+            lines.append(f"\n[{section}]")
+            current = section
+        source = cfg.sources.get(path, "default")
+        if section == "prompts" and name == "themes":
+            lines.append(f"# themes: {source}")
+            continue
+        lines.append(f"{name} = {_toml_value(value)}  # {source}")
+    for theme in cfg.prompts.themes:
+        lines.append("\n[[prompts.themes]]")
+        for f in fields(theme):
+            lines.append(f"{f.name} = {_toml_value(getattr(theme, f.name))}")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))

@@ -1,0 +1,47 @@
+"""Human-readable `dreamd status` with Rich (the `--json` form is the same dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_status(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    alive = report.get("alive")
+    run = report.get("last_run")
+    console.print(f"[bold]data dir[/]   {report['data_dir']}")
+    rev, head = report.get("revision"), report.get("head")
+    if rev is None:
+        console.print(f"[bold]ledger[/]     {report['database']} [yellow](not created yet: "
+                      f"start the daemon or run `dreamd db upgrade`)[/]")
+    else:
+        note = "" if rev == head else f" [yellow](head is {head}: run `dreamd db upgrade`)[/]"
+        console.print(f"[bold]ledger[/]     {report['database']} at revision {rev}{note}")
+    if run:
+        state = "[green]alive[/]" if alive else "[red]not running[/]"
+        console.print(f"[bold]daemon[/]     {state}: run {run['id']} pid {run['pid']} on "
+                      f"{run['host']}, started {run['started_at']}, heartbeat "
+                      f"{run['heartbeat_at']}"
+                      + (f", stopped {run['stopped_at']} ({run['exit_reason']})"
+                         if run.get("stopped_at") else ""))
+    else:
+        console.print("[bold]daemon[/]     never run")
+    if report.get("paused"):
+        console.print("[bold]paused[/]     yes")
+    playhead = report.get("playhead")
+    if playhead and playhead.get("chain_index") is not None:
+        console.print(f"[bold]playhead[/]   keyframe {playhead['chain_index']} t="
+                      f"{playhead['t']:.3f}, {playhead['frames_shown']} frames shown, "
+                      f"{playhead['underruns']} underruns")
+    counts = report.get("counts") or {}
+    if counts:
+        table = Table(title="rows per state", show_edge=False)
+        table.add_column("table")
+        table.add_column("states")
+        for name, states in counts.items():
+            text = ", ".join(f"{s} {n}" for s, n in states.items()) or "-"
+            table.add_row(name, text)
+        console.print(table)

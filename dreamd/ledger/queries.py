@@ -1,0 +1,130 @@
+"""Read-side questions about the ledger, as nouns: counts, last run, runtime state.
+
+Used by `dreamd status`, the display writer and the TUI. Plain SQLAlchemy Core, no
+torch: these answer in milliseconds on a read-only connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, insert, select, update
+
+from dreamd.ledger.models import DaemonRun, RuntimeState, utcnow
+
+COUNTED_TABLES = ("keyframes", "interpolations", "frames", "embeddings", "controls")
+# A heartbeat older than this means the daemon is gone even if its pid was reused.
+HEARTBEAT_STALE = timedelta(seconds=30)
+
+
+def state_counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """{table: {state: rows}} for every table with a state column."""
+    from dreamd.ledger.models import Base
+
+    out: dict[str, dict[str, int]] = {}
+    for name in COUNTED_TABLES:
+        table = Base.metadata.tables[name]
+        rows = conn.execute(select(table.c.state, func.count()).group_by(table.c.state)).all()
+        out[name] = {state: n for state, n in sorted(rows)}
+    return out
+
+
+def table_counts(conn: Connection) -> dict[str, int]:
+    from dreamd.ledger.models import Base
+
+    return {name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for name, table in sorted(Base.metadata.tables.items())}
+
+
+def last_run(conn: Connection) -> Row | None:
+    t = DaemonRun.__table__
+    return conn.execute(select(t).order_by(t.c.id.desc()).limit(1)).first()
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def run_alive(run: Row | None, now: datetime | None = None) -> bool:
+    """A run is alive when it has not stopped, its heartbeat is fresh and its pid exists."""
+    if run is None or run.stopped_at is not None:
+        return False
+    now = now or utcnow()
+    return now - run.heartbeat_at < HEARTBEAT_STALE and pid_alive(run.pid)
+
+
+def runtime(conn: Connection) -> Row:
+    """The runtime-state row (created on first use by a writer)."""
+    t = RuntimeState.__table__
+    row = conn.execute(select(t).where(t.c.id == 1)).first()
+    if row is None:
+        conn.execute(insert(t).values(id=1))
+        row = conn.execute(select(t).where(t.c.id == 1)).one()
+    return row
+
+
+def update_runtime(conn: Connection, **values: Any) -> None:
+    runtime(conn)
+    t = RuntimeState.__table__
+    conn.execute(update(t).where(t.c.id == 1).values(updated_at=utcnow(), **values))
+
+
+def knobs(row: Row) -> dict[str, Any]:
+    try:
+        value = json.loads(row.knobs or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class Status:
+    """What `dreamd status` reports."""
+
+    data_dir: str
+    database: str
+    revision: str | None
+    head: str | None
+    counts: dict[str, dict[str, int]]
+    last_run: dict[str, Any] | None
+    alive: bool
+    paused: bool
+    playhead: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat(sep=" ") if isinstance(value, datetime) else value
+
+
+def status(conn: Connection, data_dir: str, database: str, revision: str | None,
+           head: str | None) -> Status:
+    run = last_run(conn)
+    t = RuntimeState.__table__
+    rt = conn.execute(select(t).where(t.c.id == 1)).first()
+    return Status(
+        data_dir=data_dir, database=database, revision=revision, head=head,
+        counts=state_counts(conn),
+        last_run={k: _iso(v) for k, v in run._mapping.items()} if run else None,
+        alive=run_alive(run),
+        paused=bool(rt.paused) if rt else False,
+        playhead=({"frame_id": rt.playhead_frame_id, "chain_index": rt.playhead_chain_index,
+                   "t": rt.playhead_t, "frames_shown": rt.frames_shown,
+                   "underruns": rt.underruns} if rt else None),
+    )

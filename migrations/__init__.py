@@ -1,0 +1,1 @@
+"""Alembic migrations of the dreamd ledger (installed as `dreamd.migrations`)."""

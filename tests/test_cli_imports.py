@@ -1,0 +1,48 @@
+"""Commands that do not compute images never import torch (they answer fast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import dreamd_cmd
+
+PROBE = """
+import sys, json
+from dreamd.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "numpy", "PIL", "open_clip", "textual", "apscheduler")
+               if m in sys.modules)
+print("\\nIMPORTED=" + json.dumps(heavy))
+sys.exit(rc)
+"""
+
+LIGHT_COMMANDS = [
+    ["status"], ["status", "--json"], ["config", "show"], ["db", "current"], ["db", "history"],
+    ["db", "upgrade"],
+]
+
+
+@pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)
+def test_light_commands_do_not_import_torch(dreamd_env, args):
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=dreamd_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imported = json.loads(proc.stdout.rsplit("IMPORTED=", 1)[1])
+    assert "torch" not in imported and "numpy" not in imported, imported
+
+
+def test_status_json_reports_the_ledger(dreamd_env):
+    before = json.loads(subprocess.run(dreamd_cmd("status", "--json"), env=dreamd_env,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert before["revision"] is None and before["alive"] is False
+    subprocess.run(dreamd_cmd("db", "upgrade"), env=dreamd_env, check=True, capture_output=True)
+    after = json.loads(subprocess.run(dreamd_cmd("status", "--json"), env=dreamd_env,
+                                      capture_output=True, text=True, check=True).stdout)
+    assert after["revision"] == after["head"]
+    assert set(after["counts"]) == {"keyframes", "interpolations", "frames", "embeddings",
+                                    "controls"}
+    assert after["data_dir"] == dreamd_env["DREAMD_DATA_DIR"]

@@ -1,0 +1,256 @@
+"""The state machine: legal edges only, compare-and-set, leases, rescue, replayable history."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+
+from dreamd.errors import IllegalTransitionError, StaleTransitionError
+from dreamd.ledger import transitions as tr
+from dreamd.ledger.models import ENTITY_MODELS, Keyframe, Transition, utcnow
+from dreamd.ledger.states import TRANSITIONS
+
+KF = Keyframe.__table__
+
+
+def keyframe_values(i: int, **extra):
+    return {"chain_index": i, "backend": "procedural", "theme": "ethereal", "prompt": "p",
+            "seed": i, "denoise": 0.3, "source": "img2img", "width": 512, "height": 256,
+            **extra}
+
+
+def make_keyframes(engine, n: int, **extra) -> list[int]:
+    with engine.begin() as conn:
+        return [tr.create(conn, "keyframe", keyframe_values(i, **extra), worker="test")
+                for i in range(n)]
+
+
+def snapshot(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(select(KF).order_by(KF.c.id)).all()
+        n_trans = conn.execute(select(func.count()).select_from(Transition.__table__)).scalar()
+    return rows, n_trans
+
+
+def test_pragmas(engine):
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1   # NORMAL
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+
+
+def test_reader_cannot_write(db_path, engine):
+    from dreamd.ledger import database
+    make_keyframes(engine, 1)
+    reader = database.reader(db_path)
+    with reader.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(KF)).scalar() == 1
+        with pytest.raises(Exception, match="readonly"):
+            conn.execute(text("DELETE FROM keyframes"))
+    reader.dispose()
+
+
+def test_happy_path_and_replay(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        (row,) = tr.claim(conn, "keyframe", "w1", lease_seconds=30)
+        assert row.id == kid and row.attempt == 1 and row.lease_owner == "w1"
+    with engine.begin() as conn:
+        tr.complete(conn, "keyframe", kid, "w1", values={"path": "k.png"})
+    with engine.connect() as conn:
+        row = conn.execute(select(KF).where(KF.c.id == kid)).one()
+        assert (row.state, row.lease_owner, row.path) == ("completed", None, "k.png")
+        hist = tr.history(conn, "keyframe", kid)
+        assert [(h.from_state, h.to_state, h.event) for h in hist] == [
+            (None, "available", "created"), ("available", "executing", "claimed"),
+            ("executing", "completed", "completed")]
+        assert tr.replay(hist) == row.state
+
+
+@pytest.mark.parametrize("entity", sorted(TRANSITIONS))
+def test_illegal_transitions_raise_and_change_nothing(engine, entity):
+    states = {s for e in TRANSITIONS[entity] for s in e if s}
+    (kid,) = make_keyframes(engine, 1)
+    before = snapshot(engine)
+    for a in states:
+        for b in states:
+            if (a, b) in TRANSITIONS[entity]:
+                continue
+            with pytest.raises(IllegalTransitionError):
+                with engine.begin() as conn:
+                    tr.transition(conn, entity, kid, a, b)
+    assert snapshot(engine) == before
+
+
+def test_stale_transition_raises_and_rolls_back(engine):
+    (kid,) = make_keyframes(engine, 1)
+    before = snapshot(engine)
+    with pytest.raises(StaleTransitionError, match="expected executing.*found available"):
+        with engine.begin() as conn:
+            tr.transition(conn, "keyframe", kid, "executing", "completed")
+    with pytest.raises(StaleTransitionError, match="no such row"):
+        with engine.begin() as conn:
+            tr.transition(conn, "keyframe", 999, "available", "cancelled")
+    assert snapshot(engine) == before
+
+
+def test_only_the_lease_holder_completes(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w1", lease_seconds=30)
+    with pytest.raises(StaleTransitionError, match="leased to w2"):
+        with engine.begin() as conn:
+            tr.complete(conn, "keyframe", kid, "w2")
+
+
+def test_fail_retry_backoff_then_discard(engine):
+    (kid,) = make_keyframes(engine, 1, max_attempts=2)
+    now = utcnow()
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30, now=now)
+        assert tr.fail(conn, "keyframe", kid, "w", "boom", backoff_seconds=10, now=now) == \
+            "retryable"
+        # not claimable before its backoff elapses
+        assert tr.claim(conn, "keyframe", "w", lease_seconds=30, now=now) == []
+        (row,) = tr.claim(conn, "keyframe", "w", lease_seconds=30,
+                          now=now + timedelta(seconds=11))
+        assert row.attempt == 2
+        assert tr.fail(conn, "keyframe", kid, "w", "boom again") == "discarded"
+        events = [(h.from_state, h.to_state, h.event) for h in tr.history(conn, "keyframe", kid)]
+    assert ("retryable", "available", "staged") in events
+    assert events[-1] == ("executing", "discarded", "failed")
+
+
+def test_permanent_failure_discards_at_once(engine):
+    (kid,) = make_keyframes(engine, 1, max_attempts=5)
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        assert tr.fail(conn, "keyframe", kid, "w", "bad workflow", permanent=True) == "discarded"
+
+
+def test_heartbeat_release_and_rescue(engine):
+    ids = make_keyframes(engine, 3, max_attempts=1)
+    now = utcnow()
+    with engine.begin() as conn:
+        rows = tr.claim(conn, "keyframe", "w", lease_seconds=5, limit=3, now=now)
+        assert [r.id for r in rows] == ids
+        # w keeps the first alive; gives the second back cleanly; the third dies
+        assert tr.heartbeat(conn, "keyframe", [ids[0]], "w", lease_seconds=60,
+                            now=now + timedelta(seconds=4)) == 1
+        assert tr.heartbeat(conn, "keyframe", [ids[0]], "other", lease_seconds=60) == 0
+    with engine.begin() as conn:
+        result = tr.rescue(conn, "keyframe", now=now + timedelta(seconds=10))
+    assert result == {"available": [], "discarded": [ids[1], ids[2]]}
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(KF.c.id, KF.c.state)).all())
+        assert states == {ids[0]: "executing", ids[1]: "discarded", ids[2]: "discarded"}
+        last = tr.history(conn, "keyframe", ids[2])[-1]
+        assert last.event == "abandoned"
+
+
+def test_release_gives_back_the_attempt(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        assert tr.release(conn, "keyframe", "w") == [kid]
+        row = conn.execute(select(KF).where(KF.c.id == kid)).one()
+    assert (row.state, row.attempt, row.lease_owner) == ("available", 0, None)
+
+
+def replay_all(engine):
+    """Every row of every entity: its history replays to its current state."""
+    with engine.connect() as conn:
+        hist = conn.execute(select(Transition.__table__).order_by(Transition.__table__.c.id)).all()
+        by_row: dict[tuple[str, int], list] = {}
+        for h in hist:
+            by_row.setdefault((h.entity, h.entity_id), []).append(h)
+        for entity, model in ENTITY_MODELS.items():
+            table = model.__table__
+            for rid, state in conn.execute(select(table.c.id, table.c.state)).all():
+                assert tr.replay(by_row.get((entity, rid), [])) == state, (entity, rid)
+
+
+def test_eight_threads_claim_each_row_exactly_once(engine):
+    make_keyframes(engine, 1000)
+    claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def work(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        try:
+            while True:
+                with engine.begin() as conn:
+                    rows = tr.claim(conn, "keyframe", owner, lease_seconds=30, limit=3)
+                    for r in rows:
+                        tr.complete(conn, "keyframe", r.id, owner)
+                if not rows:
+                    return
+                mine.extend(r.id for r in rows)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    counts = Counter(i for ids in claimed.values() for i in ids)
+    assert len(counts) == 1000 and set(counts.values()) == {1}
+    assert sum(1 for ids in claimed.values() if ids) > 1       # the work really was shared
+    replay_all(engine)
+
+
+def test_two_processes_claim_each_row_exactly_once(engine, db_path, tmp_path):
+    make_keyframes(engine, 1000)
+    outs = [tmp_path / f"p{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.ledger_worker", str(db_path),
+                               f"p{i}", str(out)]) for i, out in enumerate(outs)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    ids = [int(x) for out in outs for x in out.read_text().split()]
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert all(out.read_text().strip() for out in outs)         # both processes got work
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(KF.c.state, func.count()).group_by(KF.c.state)).all())
+    assert states == {"completed": 1000}
+    replay_all(engine)
+
+
+def test_sigkilled_holder_is_rescued_after_expiry(engine, db_path, tmp_path):
+    make_keyframes(engine, 5, max_attempts=2)
+    make_keyframes(engine, 0)
+    with engine.begin() as conn:   # one row that will be on its last attempt
+        conn.execute(KF.update().where(KF.c.chain_index == 4).values(attempt=1))
+    out = tmp_path / "held.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.ledger_worker", str(db_path), "victim",
+                             str(out), "--hold", "5"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    held = [int(x) for x in out.read_text().split()]
+    assert len(held) == 5
+    with engine.begin() as conn:
+        assert tr.rescue(conn, "keyframe") == {"available": [], "discarded": []}  # not yet
+    time.sleep(1.2)
+    with engine.begin() as conn:
+        result = tr.rescue(conn, "keyframe")
+    assert sorted(result["available"]) == held[:4] and result["discarded"] == [held[4]]
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(KF)).all()}
+        assert all(rows[i].state == "available" and rows[i].lease_owner is None
+                   for i in held[:4])
+        assert rows[held[4]].state == "discarded"
+        for i in held:
+            assert tr.history(conn, "keyframe", i)[-1].event == "abandoned"
+    replay_all(engine)
