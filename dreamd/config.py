@@ -120,6 +120,8 @@ class Generation:
     codec: str = key("auto", "latent codec for in-betweens",
                      choices=("auto", "taesd", "sd-vae", "pixel"))
     codec_path: str = key("", "explicit weight file for the codec (empty = look for one)")
+    seeds_dir: str = key("", "starting images (PNG/JPEG); empty = the checkout's seeds/ plus "
+                             "<data_dir>/seeds")
     max_attempts: int = key(3, "tries per keyframe or interpolation before it is discarded",
                             min=1, max=100)
     lease_seconds: float = key(60.0, "how long a worker's claim lasts without a heartbeat",
@@ -204,6 +206,34 @@ class Config:
     @property
     def output_dir(self) -> Path:
         return Path(self.display.output_dir) if self.display.output_dir else self.data_dir / "output"
+
+    @property
+    def frames_dir(self) -> Path:
+        """In-between and decoded keyframe frames (retention deletes old ones)."""
+        return self.data_dir / "frames"
+
+    @property
+    def keyframes_dir(self) -> Path:
+        """Raw keyframes as the backend made them (kept)."""
+        return self.data_dir / "keyframes"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "dreamd.pid"
+
+    def seed_dirs(self) -> list[Path]:
+        """Where starting images are looked for, in order."""
+        if self.generation.seeds_dir:
+            return [Path(self.generation.seeds_dir)]
+        dirs = [self.data_dir / "seeds"]
+        checkout = Path(__file__).resolve().parents[1] / "seeds"
+        if checkout.is_dir():
+            dirs.insert(0, checkout)
+        return dirs
 
 
 SECTIONS = [f.name for f in fields(Config) if is_dataclass(f.default_factory)]  # type: ignore[arg-type]
@@ -378,7 +408,8 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
         raise ConfigError(f"{origin}: {exc}") from None
     if base_dir is not None:
         for section, name in (("system", "data_dir"), ("display", "output_dir"),
-                              ("comfyui", "models_dir"), ("generation", "codec_path")):
+                              ("comfyui", "models_dir"), ("generation", "codec_path"),
+                              ("generation", "seeds_dir")):
             obj = getattr(cfg, section)
             value = getattr(obj, name)
             if value and not Path(value).expanduser().is_absolute():

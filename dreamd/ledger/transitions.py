@@ -10,11 +10,12 @@ claim, then work outside any transaction, then complete.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from sqlalchemy import Connection, Row, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, insert, select, update
 
 from dreamd.errors import IllegalTransitionError, StaleTransitionError
 from dreamd.ledger.models import ENTITY_MODELS, Transition, utcnow
@@ -41,9 +42,46 @@ def _detail(detail: Any) -> str | None:
     return json.dumps(detail, default=str, sort_keys=True)
 
 
+# Statements are built once and reused with bound parameters: building a Core
+# statement costs more than SQLite takes to run it (bench/ledger.py measured 2x).
+_LOG = insert(Transition.__table__)
+
+
 def _log(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
-        conn.execute(insert(Transition.__table__), list(rows))
+        conn.execute(_LOG, list(rows))
+
+
+@functools.cache
+def _cas(entity: str, keys: tuple[str, ...], with_owner: bool):
+    table = _table(entity)
+    cond = [table.c.id == bindparam("_id"), table.c.state == bindparam("_from")]
+    if with_owner:
+        cond.append(table.c.lease_owner == bindparam("_owner"))
+    return (update(table).where(*cond)
+            .values(state=bindparam("_to"), **{k: bindparam(f"_v_{k}") for k in keys}))
+
+
+@functools.cache
+def _claim(entity: str):
+    table = _table(entity)
+    pick = (select(table.c.id)
+            .where(table.c.state == J.available, table.c.scheduled_at <= bindparam("_now"))
+            .order_by(*(table.c[c] for c in _CLAIM_ORDER[entity]))
+            .limit(bindparam("_limit")))
+    return (update(table).where(table.c.id.in_(pick.scalar_subquery()))
+            .values(state=J.executing, attempt=table.c.attempt + 1,
+                    lease_owner=bindparam("_owner"), lease_expires_at=bindparam("_expires"),
+                    started_at=bindparam("_now"), error=None)
+            .returning(*table.c))
+
+
+@functools.cache
+def _stage(entity: str):
+    table = _table(entity)
+    return (update(table)
+            .where(table.c.state == J.retryable, table.c.scheduled_at <= bindparam("_now"))
+            .values(state=J.available).returning(table.c.id))
 
 
 def _entry(entity: str, entity_id: int, from_state: str | None, to_state: str, at: datetime,
@@ -83,11 +121,10 @@ def transition(conn: Connection, entity: str, row_id: int, from_state: str, to_s
                                      f"legal transition")
     table = _table(entity)
     now = now or utcnow()
-    cond = [table.c.id == row_id, table.c.state == str(from_state)]
-    if owner is not None:
-        cond.append(table.c.lease_owner == owner)
-    result = conn.execute(update(table).where(*cond)
-                          .values(state=str(to_state), **(values or {})))
+    values = values or {}
+    params = {"_id": row_id, "_from": str(from_state), "_to": str(to_state), "_owner": owner,
+              **{f"_v_{k}": v for k, v in values.items()}}
+    result = conn.execute(_cas(entity, tuple(sorted(values)), owner is not None), params)
     if result.rowcount != 1:
         actual = conn.execute(select(table.c.state).where(table.c.id == row_id)).scalar()
         who = f" leased to {owner}" if owner else ""
@@ -102,18 +139,15 @@ def transition(conn: Connection, entity: str, row_id: int, from_state: str, to_s
 def stage(conn: Connection, entity: str, *, now: datetime | None = None,
           worker: str | None = None) -> list[int]:
     """Retryable rows whose backoff has elapsed become available again."""
-    table = _table(entity)
     now = now or utcnow()
-    ids = conn.execute(update(table)
-                       .where(table.c.state == J.retryable, table.c.scheduled_at <= now)
-                       .values(state=J.available).returning(table.c.id)).scalars().all()
+    ids = conn.execute(_stage(entity), {"_now": now}).scalars().all()
     _log(conn, [_entry(entity, i, J.retryable, J.available, now, worker, "staged", None)
                 for i in ids])
     return list(ids)
 
 
 def claim(conn: Connection, entity: str, owner: str, *, lease_seconds: float, limit: int = 1,
-          now: datetime | None = None, where: Iterable[Any] = ()) -> list[Row]:
+          now: datetime | None = None) -> list[Row]:
     """Lease up to `limit` available rows to `owner`, in one UPDATE … RETURNING.
 
     The attempt is counted here, at claim time, so work that crashes the whole
@@ -121,19 +155,11 @@ def claim(conn: Connection, entity: str, owner: str, *, lease_seconds: float, li
     """
     if entity not in JOB_ENTITIES:
         raise IllegalTransitionError(f"{entity} rows are not claimed")
-    table = _table(entity)
     now = now or utcnow()
     stage(conn, entity, now=now, worker=owner)
-    pick = (select(table.c.id)
-            .where(table.c.state == J.available, table.c.scheduled_at <= now, *where)
-            .order_by(*(table.c[c] for c in _CLAIM_ORDER[entity]))
-            .limit(limit))
-    rows = conn.execute(
-        update(table).where(table.c.id.in_(pick.scalar_subquery()))
-        .values(state=J.executing, attempt=table.c.attempt + 1, lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now,
-                error=None)
-        .returning(*table.c)).all()
+    rows = conn.execute(_claim(entity), {"_now": now, "_limit": limit, "_owner": owner,
+                                         "_expires": now + timedelta(seconds=lease_seconds)}
+                        ).all()
     _log(conn, [_entry(entity, r.id, J.available, J.executing, now, owner, "claimed",
                        {"attempt": r.attempt}) for r in rows])
     return sorted(rows, key=lambda r: tuple(getattr(r, c) for c in _CLAIM_ORDER[entity]))

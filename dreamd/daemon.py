@@ -1,0 +1,280 @@
+"""`dreamd run`: the daemon's lifecycle around the workers.
+
+It owns the pid file, logging, the `daemon_runs` row and its heartbeat, the
+APScheduler clock (one tick job per worker, `max_instances=1`, `coalesce=True`;
+nothing durable lives in the scheduler), and signals: on SIGINT/SIGTERM it stops
+claiming, lets in-flight work finish for a few seconds, releases what is still
+leased, records the stop, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import insert, update
+
+from dreamd import __version__
+from dreamd.config import Config
+from dreamd.errors import DaemonError
+from dreamd.ledger import database, queries, transitions
+from dreamd.ledger.models import DaemonRun, utcnow
+from dreamd.ledger.states import JOB_ENTITIES
+
+log = logging.getLogger("dreamd")
+DR = DaemonRun.__table__
+GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
+WORKERS = ("planner", "keyframe", "interpolation", "display", "janitor", "controls",
+           "heartbeat")
+
+
+# ---------------------------------------------------------------- pid file
+
+def _is_dreamd(pid: int) -> bool:
+    """Alive, and (when we can tell) a dreamd process, not a recycled pid."""
+    if not queries.pid_alive(pid):
+        return False
+    try:
+        import psutil
+        cmd = " ".join(psutil.Process(pid).cmdline())
+        return "dreamd" in cmd or "python" in cmd
+    except Exception:
+        return True
+
+
+def acquire_pid_file(path: Path) -> None:
+    """Create the pid file, refusing when a live dreamd holds it; a stale one is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                other = 0
+            if other and other != os.getpid() and _is_dreamd(other):
+                raise DaemonError(f"another dreamd (pid {other}) is already running on "
+                                  f"{path.parent}; stop it (`kill {other}`) or use another "
+                                  f"--data-dir") from None
+            log.warning("taking over a stale pid file %s (pid %s is gone)", path, other or "?")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise DaemonError(f"{path}: cannot create the pid file")
+
+
+def release_pid_file(path: Path) -> None:
+    try:
+        if int(path.read_text().strip() or 0) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------- logging
+
+def setup_logging(cfg: Config) -> None:
+    from rich.logging import RichHandler
+
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(cfg.system.log_level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = RichHandler(show_path=False, rich_tracebacks=False, log_time_format="[%X]")
+    console.setLevel(cfg.system.log_level)
+    file = logging.handlers.RotatingFileHandler(cfg.logs_dir / "dreamd.log",
+                                                maxBytes=5_000_000, backupCount=3,
+                                                encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    root.addHandler(file)
+    for noisy in ("PIL", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a tick skipped because the previous one still runs is normal: workers loop
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- backends
+
+def make_backend(cfg: Config):
+    name = cfg.generation.backend
+    if name == "procedural":
+        from dreamd.backends.procedural import ProceduralBackend
+        return ProceduralBackend()
+    if name == "comfyui":
+        from dreamd.backends.comfyui.daemon_backend import build_backend
+        return build_backend(cfg)
+    raise DaemonError(f"generation.backend = {name!r} is not a backend")
+
+
+# ---------------------------------------------------------------- the run
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.stop_reason = "stopped"
+        self.running: dict[str, int] = {}
+        self.running_lock = threading.Lock()
+
+    def _job(self, name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        """Wrap a tick: count it as in flight (for the shutdown grace) and never let an
+        exception kill the schedule."""
+        def run() -> None:
+            if self.ctx.stopping.is_set() and name not in ("display",):
+                return
+            with self.running_lock:
+                self.running[name] = self.running.get(name, 0) + 1
+            try:
+                fn()
+            except Exception:
+                log.exception("%s tick failed", name)
+            finally:
+                with self.running_lock:
+                    self.running[name] -= 1
+        return run
+
+    def in_flight(self) -> list[str]:
+        with self.running_lock:
+            return [k for k, v in self.running.items() if v > 0]
+
+    def run(self, duration: float | None) -> int:
+        cfg = self.cfg
+        acquire_pid_file(cfg.pid_path)
+        try:
+            return self._run(duration)
+        finally:
+            release_pid_file(cfg.pid_path)
+
+    def _run(self, duration: float | None) -> int:
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from dreamd.torch_threads import configure_torch_threads
+        from dreamd.workers import controls, interpolation, janitor, keyframe, planner
+        from dreamd.workers.context import WorkerContext
+        from dreamd.display.writer import DisplayWriter
+
+        cfg = self.cfg
+        database.upgrade(cfg.db_path)
+        engine, reader = database.writer(cfg.db_path), database.reader(cfg.db_path)
+        threads = configure_torch_threads(cfg.system.torch_threads or None)
+        # The display thread must get the GIL back promptly for low jitter.
+        sys.setswitchinterval(0.001)
+
+        host, pid = socket.gethostname(), os.getpid()
+        with engine.begin() as conn:
+            # runs that never recorded a stop died: say so
+            conn.execute(update(DR).where(DR.c.stopped_at.is_(None)).values(
+                stopped_at=DR.c.heartbeat_at, exit_reason="died (found at next start)"))
+            run_id = conn.execute(insert(DR).values(
+                pid=pid, host=host, version=__version__, backend=cfg.generation.backend,
+                started_at=utcnow(), heartbeat_at=utcnow()).returning(DR.c.id)).scalar_one()
+            queries.runtime(conn)
+        ctx = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=run_id,
+                            owner=f"{host}:{pid}:{run_id}", started_monotonic=time.monotonic())
+        self.ctx = ctx
+        ctx.facts["comfyui_status"] = "n/a" if cfg.generation.backend == "procedural" else "?"
+        log.info("dreamd %s run %d (pid %d): data dir %s, backend %s, torch threads %d",
+                 __version__, run_id, pid, cfg.data_dir, cfg.generation.backend, threads)
+
+        janitor.rescue_all(ctx, everything=True)
+        janitor.reconcile(ctx)
+        controls.restore(ctx)
+        backend = make_backend(cfg)
+        codecs = interpolation.Codecs(ctx)
+        display = DisplayWriter(ctx)
+        jan = janitor.Janitor(ctx)
+
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=len(WORKERS) + 1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+
+        def every(name: str, seconds: float, fn: Callable[[], Any]) -> None:
+            scheduler.add_job(self._job(name, fn), "interval", seconds=seconds, id=name,
+                              name=name, next_run_time=datetime.now())
+
+        def on_knobs(knobs: dict[str, Any]) -> None:
+            scheduler.reschedule_job("display", trigger="interval",
+                                     seconds=1.0 / ctx.knob("display.fps"))
+
+        every("planner", 0.5, lambda: planner.tick(ctx))
+        every("keyframe", 0.25, lambda: keyframe.tick(ctx, backend))
+        every("interpolation", 0.25, lambda: interpolation.tick(ctx, codecs))
+        every("display", 1.0 / ctx.knob("display.fps"), display.tick)
+        every("janitor", 5.0, jan.tick)
+        every("controls", 0.5, lambda: controls.tick(ctx, on_knobs))
+        every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self.stop_reason = f"signal {signal.Signals(signum).name}"
+            self.stop_event.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        scheduler.start()
+        try:
+            if not self.stop_event.wait(timeout=duration):
+                self.stop_reason = f"duration {duration:g} s elapsed"
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            clean = self._stop(scheduler, ctx, display, backend, codecs)
+        if not clean:
+            # a job is stuck in a thread we cannot interrupt: its lease is released
+            # and the stop recorded, so exiting now loses nothing
+            logging.shutdown()
+            os._exit(0)
+        return 0
+
+    def _stop(self, scheduler, ctx, display, backend, codecs) -> bool:
+        log.info("stopping (%s)", self.stop_reason)
+        ctx.stopping.set()
+        scheduler.shutdown(wait=False)
+        deadline = time.monotonic() + GRACE_SECONDS
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stuck = self.in_flight()
+        with ctx.engine.begin() as conn:
+            for entity in JOB_ENTITIES:
+                released = transitions.release(conn, entity, ctx.lease_owner(entity),
+                                               detail=self.stop_reason)
+                if released:
+                    log.info("released %s %s", entity, released)
+            conn.execute(update(DR).where(DR.c.id == ctx.run_id).values(
+                stopped_at=utcnow(), heartbeat_at=utcnow(), exit_reason=self.stop_reason))
+        try:
+            with ctx.reader.connect() as conn:
+                ahead = display.buffered(conn)
+            display.write_status(ctx.knob("display.fps"), ahead, daemon_status="stopped",
+                                 state="stopped")
+        except Exception:
+            log.exception("final status.json")
+        for closer in (backend.close, codecs.release):
+            try:
+                closer()
+            except Exception:
+                log.exception("closing")
+        ctx.engine.dispose()
+        ctx.reader.dispose()
+        if stuck:
+            log.warning("still running after %.0f s: %s", GRACE_SECONDS, ", ".join(stuck))
+        log.info("stopped (%s)", self.stop_reason)
+        return not stuck
+
+
+def run(cfg: Config, duration: float | None = None) -> int:
+    setup_logging(cfg)
+    return Daemon(cfg).run(duration)

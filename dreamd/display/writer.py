@@ -1,0 +1,175 @@
+"""The display writer: at `display.fps` it puts the next frame, in (chain_index, t)
+order, on screen (`current_frame.png`, with the one before it in
+`previous_frame.png` for a crossfade), marks it shown and moves the playhead, and
+keeps `status.json` current. It never shows frames out of order: on underrun it
+holds the last frame, counts the underrun, and buffers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import and_, func, or_, select, update
+
+from dreamd.display import status as status_json
+from dreamd.display.files import copy_atomic
+from dreamd.ledger import transitions
+from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
+from dreamd.ledger.states import JobState as J
+from dreamd.workers.context import WorkerContext
+
+log = logging.getLogger("dreamd.display")
+FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,
+                  RuntimeState.__table__)
+STATUS_EVERY = 1.0   # seconds between status.json writes when nothing is shown
+
+
+class DisplayWriter:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.out = ctx.cfg.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        rt = ctx.runtime()
+        self.chain: int | None = rt.playhead_chain_index
+        self.t: float | None = rt.playhead_t
+        self.frames_shown = rt.frames_shown
+        self.underruns = rt.underruns
+        self.current: Path | None = None
+        self.prompt: str | None = None
+        self.buffering = True
+        self.in_underrun = False
+        self.state = "starting"
+        self.last_status = 0.0
+        self.shown_times: list[float] = []     # perf_counter of each show, for the bench
+
+    # ------------------------------------------------------------ queries
+    def _after_playhead(self):
+        if self.chain is None:
+            return True
+        return or_(FR.c.chain_index > self.chain, and_(FR.c.chain_index == self.chain,
+                                                       FR.c.t > self.t))
+
+    def next_frame(self, conn):
+        """The next ready frame in order, unless an earlier segment is still being made."""
+        # `t` is labelled `pos`: Row.t is SQLAlchemy's own tuple accessor
+        row = conn.execute(select(FR.c.id, FR.c.chain_index, FR.c.t.label("pos"), FR.c.path)
+                           .where(FR.c.state == "ready", self._after_playhead())
+                           .order_by(FR.c.chain_index, FR.c.t).limit(1)).first()
+        if row is None:
+            return None
+        if self.chain is not None and row.chain_index > self.chain:
+            # frames of a later segment wait for any earlier segment still on its way
+            gap = conn.execute(select(func.count()).select_from(IP).where(
+                IP.c.state.in_((J.available, J.executing, J.retryable)),
+                IP.c.chain_index >= self.chain, IP.c.chain_index < row.chain_index)).scalar()
+            if gap:
+                return None
+        return row
+
+    def buffered(self, conn) -> int:
+        return conn.execute(select(func.count()).select_from(FR)
+                            .where(FR.c.state == "ready", self._after_playhead())).scalar_one()
+
+    # ------------------------------------------------------------ tick
+    def tick(self) -> None:
+        ctx = self.ctx
+        fps = ctx.knob("display.fps")
+        if ctx.paused():
+            self.state = "paused"
+            self._status_maybe(fps, force=False)
+            return
+        with ctx.reader.connect() as conn:
+            nxt = self.next_frame(conn)
+            ahead = self.buffered(conn)
+        seconds = ahead / fps
+        first = self.current is None and self.chain is None
+        if self.buffering:
+            if seconds >= ctx.knob("display.min_buffer_seconds") and nxt is not None:
+                self.buffering = False
+            elif first and nxt is not None:
+                self.show(nxt)              # playback starts as soon as a frame exists
+                self.state = "buffering"
+                self._status_maybe(fps, force=True, ahead=ahead - 1)
+                return
+            else:
+                self.state = "buffering"
+                self._status_maybe(fps, force=False, ahead=ahead)
+                return
+        if nxt is None:
+            if not self.in_underrun:
+                self.in_underrun = True
+                self.underruns += 1
+                with ctx.engine.begin() as conn:
+                    conn.execute(update(RT).where(RT.c.id == 1)
+                                 .values(underruns=RT.c.underruns + 1, updated_at=utcnow()))
+                log.info("underrun: holding the last frame until the buffer refills")
+            self.buffering = True
+            self.state = "underrun"
+            self._status_maybe(fps, force=True, ahead=ahead)
+            return
+        self.in_underrun = False
+        self.show(nxt)
+        self.state = "playing"
+        self._status_maybe(fps, force=True, ahead=ahead - 1)
+
+    def show(self, frame) -> None:
+        path = Path(frame.path)
+        if self.current is not None and self.current.exists():
+            copy_atomic(self.current, self.out / "previous_frame.png")
+        copy_atomic(path, self.out / "current_frame.png")
+        self.shown_times.append(time.perf_counter())
+        if len(self.shown_times) > 10_000:
+            del self.shown_times[:5_000]
+        now = utcnow()
+        with self.ctx.engine.begin() as conn:
+            transitions.transition(conn, "frame", frame.id, "ready", "shown", worker="display",
+                                   now=now, values={"shown_at": now})
+            conn.execute(update(RT).where(RT.c.id == 1).values(
+                playhead_frame_id=frame.id, playhead_chain_index=frame.chain_index,
+                playhead_t=frame.pos, frames_shown=RT.c.frames_shown + 1, updated_at=now))
+        if frame.chain_index != self.chain or self.prompt is None:
+            with self.ctx.reader.connect() as conn:
+                self.prompt = conn.execute(select(KF.c.prompt).where(
+                    KF.c.chain_index == frame.chain_index, KF.c.state == "completed")
+                    .limit(1)).scalar()
+        self.current, self.chain, self.t = path, frame.chain_index, frame.pos
+        self.frames_shown += 1
+
+    # ------------------------------------------------------------ status.json
+    def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_status < STATUS_EVERY:
+            return
+        self.last_status = now
+        if ahead is None:
+            with self.ctx.reader.connect() as conn:
+                ahead = self.buffered(conn)
+        self.write_status(fps, max(0, ahead))
+
+    def write_status(self, fps: float, ahead: int, *, daemon_status: str = "running",
+                     state: str | None = None) -> None:
+        ctx, facts = self.ctx, self.ctx.facts
+        n = ctx.knob("generation.interpolation_frames")
+        status_json.write(self.out / "status.json", status_json.build(
+            status=state or self.state,
+            frame_number=self.frames_shown,
+            keyframe_index=self.chain,
+            generation_time=round(facts.get("generation_time", 0.0), 3),
+            current_mode="hybrid" if n > 0 else "keyframes",
+            backend=ctx.cfg.generation.backend,
+            codec=facts.get("codec"),
+            current_prompt=self.prompt,
+            cache_size=facts.get("cache_size", 0),
+            buffer_seconds=round(ahead / fps, 2),
+            buffer_target_seconds=ctx.knob("display.buffer_target_seconds"),
+            is_buffering=self.buffering,
+            fps=fps,
+            paused=ctx.paused(),
+            pause_reason=facts.get("pause_reason"),
+            uptime_hours=round((time.monotonic() - ctx.started_monotonic) / 3600, 4),
+            daemon_status=daemon_status,
+            comfyui_status=facts.get("comfyui_status", "n/a"),
+            last_update=status_json.now_iso(),
+        ))

@@ -1,0 +1,94 @@
+"""What every worker shares: the config, the ledger's write engine, the run's
+identity, the stop flag, live knobs, and lease renewal while work runs outside a
+transaction. The workers themselves keep no durable state: it is all in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from sqlalchemy import Engine
+
+from dreamd.config import Config
+from dreamd.ledger import queries, transitions
+
+log = logging.getLogger("dreamd.workers")
+
+# Knobs `dreamd set` may change while the daemon runs, and their config types.
+LIVE_KNOBS = {
+    "generation.denoise", "generation.interpolation_frames", "generation.steps",
+    "generation.cfg", "display.fps", "display.buffer_target_seconds",
+    "display.min_buffer_seconds", "display.max_output_frames", "prompts.rotation_interval",
+}
+
+
+@dataclass
+class WorkerContext:
+    cfg: Config
+    engine: Engine                              # writes: BEGIN IMMEDIATE
+    reader: Engine                              # reads: mode=ro, never blocks the writers
+    run_id: int
+    owner: str                                  # "<host>:<pid>:<run id>", prefix of lease owners
+    stopping: threading.Event = field(default_factory=threading.Event)
+    started_monotonic: float = 0.0
+    # Facts workers report for status.json (not durable: derived again after a restart).
+    facts: dict[str, Any] = field(default_factory=dict)
+    _knobs: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def lease_owner(self, worker: str) -> str:
+        return f"{self.owner}:{worker}"
+
+    # ------------------------------------------------------------ live knobs
+    def knob(self, path: str) -> Any:
+        """A config value, overridden by `dreamd set` while the daemon runs."""
+        with self._lock:
+            if path in self._knobs:
+                return self._knobs[path]
+        section, name = path.split(".")
+        return getattr(getattr(self.cfg, section), name)
+
+    def set_knobs(self, knobs: dict[str, Any]) -> None:
+        with self._lock:
+            self._knobs = {k: v for k, v in knobs.items() if k in LIVE_KNOBS}
+
+    def paused(self) -> bool:
+        return bool(self.facts.get("paused"))
+
+    def may_claim(self) -> bool:
+        return not self.stopping.is_set() and not self.paused()
+
+    # ------------------------------------------------------------ leases
+    @contextmanager
+    def lease(self, entity: str, row_id: int, owner: str) -> Iterator[None]:
+        """Renew the lease on one claimed row while the body runs (HTTP or torch work)."""
+        seconds = self.cfg.generation.lease_seconds
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(seconds / 3):
+                try:
+                    with self.engine.begin() as conn:
+                        held = transitions.heartbeat(conn, entity, [row_id], owner,
+                                                     lease_seconds=seconds)
+                    if not held:
+                        log.warning("%s %s: lease lost while working", entity, row_id)
+                        return
+                except Exception:  # a busy ledger must not kill the work itself
+                    log.exception("%s %s: lease renewal failed", entity, row_id)
+
+        thread = threading.Thread(target=renew, name=f"lease-{entity}-{row_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=1)
+
+    def runtime(self):
+        with self.reader.connect() as conn:
+            return queries.runtime(conn)

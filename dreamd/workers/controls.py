@@ -1,0 +1,111 @@
+"""Controls: requests from the CLI, the TUI or Rainmeter travel as `controls` rows
+(no surface writes any other table); this worker applies them in order.
+
+Commands: pause [reason], resume, set KEY=VALUE (a live knob), theme [NAME|next].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+from sqlalchemy import Connection, select
+
+from dreamd import config
+from dreamd.errors import ConfigError
+from dreamd.ledger import queries, transitions
+from dreamd.ledger.models import Control, utcnow
+from dreamd.workers.context import LIVE_KNOBS, WorkerContext
+
+log = logging.getLogger("dreamd.controls")
+CT = Control.__table__
+COMMANDS = ("pause", "resume", "set", "theme")
+
+
+def request(conn: Connection, command: str, args: dict[str, Any] | None = None) -> int:
+    """Write a control row (what every surface calls)."""
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown control {command!r}: expected one of {', '.join(COMMANDS)}")
+    return transitions.create(conn, "control", {"command": command,
+                                                "args": json.dumps(args or {})},
+                              worker="surface")
+
+
+def validate_knob(key: str, raw: str) -> Any:
+    """Parse `dreamd set KEY=VALUE` the way the config file would, or raise ConfigError."""
+    if key not in LIVE_KNOBS:
+        raise ConfigError(f"{key} cannot be set while running: live keys are "
+                          f"{', '.join(sorted(LIVE_KNOBS))}")
+    section, name = key.split(".")
+    cfg = config.parse(f"[{section}]\n{name} = {raw}\n", origin="set")
+    return getattr(getattr(cfg, section), name)
+
+
+def restore(ctx: WorkerContext) -> None:
+    """At start: pause state and live knobs survive a restart (they are in the ledger)."""
+    rt = ctx.runtime()
+    ctx.facts["paused"] = bool(rt.paused)
+    ctx.facts["pause_reason"] = rt.pause_reason
+    ctx.set_knobs(queries.knobs(rt))
+
+
+def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None) -> int:
+    with ctx.reader.connect() as conn:
+        pending = conn.execute(select(CT).where(CT.c.state == "available")
+                               .order_by(CT.c.id)).all()
+    for row in pending:
+        try:
+            args = json.loads(row.args or "{}")
+            changes = apply(ctx, row.command, args)
+            with ctx.engine.begin() as conn:
+                if changes:
+                    queries.update_runtime(conn, **changes)
+                transitions.transition(conn, "control", row.id, "available", "applied",
+                                       worker="controls", values={"applied_at": utcnow()})
+            log.info("control %d applied: %s %s", row.id, row.command, args)
+        except (ConfigError, ValueError, KeyError) as exc:
+            with ctx.engine.begin() as conn:
+                transitions.transition(conn, "control", row.id, "available", "rejected",
+                                       worker="controls", values={"error": str(exc),
+                                                                  "applied_at": utcnow()})
+            log.warning("control %d rejected: %s %s: %s", row.id, row.command, row.args, exc)
+            continue
+        if row.command == "set" and on_knobs:
+            on_knobs(dict(ctx._knobs))
+    return len(pending)
+
+
+def apply(ctx: WorkerContext, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Act on one control; returns the runtime_state columns to change."""
+    if command == "pause":
+        reason = str(args.get("reason") or "paused by user")
+        ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
+        return {"paused": 1, "pause_reason": reason}
+    if command == "resume":
+        ctx.facts["paused"], ctx.facts["pause_reason"] = False, None
+        return {"paused": 0, "pause_reason": None}
+    if command == "set":
+        key, value = args["key"], validate_knob(args["key"], args["value"])
+        knobs = {**ctx._knobs, key: value}
+        ctx.set_knobs(knobs)
+        return {"knobs": json.dumps(knobs, sort_keys=True)}
+    if command == "theme":
+        names = [t.name for t in ctx.cfg.prompts.themes]
+        rt = ctx.runtime()
+        target = args.get("name") or "next"
+        if target == "next":
+            return {"theme_index": rt.theme_index + 1}
+        if target not in names:
+            raise ConfigError(f"no theme named {target!r}: themes are {', '.join(names)}")
+        # the planner picks themes[(k // rotation_interval + theme_index) % n]:
+        # choose the offset that makes the next keyframe's theme the one asked for
+        from dreamd.ledger.models import Keyframe
+        with ctx.reader.connect() as conn:
+            last = conn.execute(select(Keyframe.__table__.c.chain_index)
+                                .order_by(Keyframe.__table__.c.chain_index.desc())
+                                .limit(1)).scalar()
+        k_next = 0 if last is None else last + 1
+        rotation = ctx.knob("prompts.rotation_interval")
+        return {"theme_index": (names.index(target) - k_next // rotation) % len(names)}
+    raise ValueError(f"unknown control {command!r}")

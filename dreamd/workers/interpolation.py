@@ -1,0 +1,173 @@
+"""The interpolation worker: claims a batch for the pair (k, k+1), encodes both
+keyframes (or reuses their stored latents), slerps all N+1 positions in one call,
+decodes them as one batch and writes the frames (files first, fsynced), then
+completes the batch and creates its frame rows in one transaction.
+
+A segment's frames are t = 0, 1/(N+1), …, N/(N+1): the keyframe itself (t = 0) is
+shown as decoded by the same codec as its in-betweens, so detail does not jump at
+every keyframe; the raw keyframe stays the img2img input.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select
+
+from dreamd.display.files import write_atomic
+from dreamd.errors import CodecError, StaleTransitionError
+from dreamd.ledger import transitions
+from dreamd.ledger.models import Keyframe
+from dreamd.workers.context import WorkerContext
+
+log = logging.getLogger("dreamd.interpolation")
+KF = Keyframe.__table__
+PNG_LEVEL = 1   # frames are short-lived: speed over size (~4 ms vs ~25 ms at level 6)
+
+
+def frame_path(ctx: WorkerContext, chain_index: int, t: float) -> Path:
+    return ctx.cfg.frames_dir / f"{chain_index:06d}-{round(t * 1_000_000):07d}.png"
+
+
+def latent_path(ctx: WorkerContext, keyframe_id: int) -> Path:
+    return ctx.cfg.data_dir / "latents" / f"k{keyframe_id}.safetensors"
+
+
+def positions(n: int) -> list[float]:
+    """Playback positions of a segment with n in-betweens: 0, 1/(n+1), …, n/(n+1)."""
+    return [i / (n + 1) for i in range(n + 1)]
+
+
+class Codecs:
+    """The codec, built lazily on first use (loading weights takes time) and released
+    on request (the guard frees device memory while a game runs)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._codec = None
+        self._lock = threading.Lock()
+        self.reason = ""
+
+    def get(self):
+        with self._lock:
+            if self._codec is None:
+                from dreamd.latent.choose import choose_codec
+
+                g = self.ctx.cfg.generation
+                self._codec, self.reason = choose_codec(
+                    g.codec, path=g.codec_path or None,
+                    models_dir=self.ctx.cfg.comfyui.models_dir or None,
+                    checkpoint=self.ctx.cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
+                    gpu_index=self.ctx.cfg.system.gpu)
+                log.info("codec: %s", self.reason)
+                self.ctx.facts["codec"] = self._codec.name
+                self.ctx.facts["codec_reason"] = self.reason
+            return self._codec
+
+    def release(self) -> None:
+        with self._lock:
+            if self._codec is not None:
+                self._codec.release()
+
+
+def encode_keyframe(ctx: WorkerContext, codec, row):
+    """The keyframe's latent: stored beside its frame once, reused after a restart."""
+    import torch
+
+    from dreamd.latent.images import to_tensor
+    from dreamd.latent.storage import latent_meta, load_latent, reusable, save_latent
+
+    path = latent_path(ctx, row.id)
+    if path.exists():
+        try:
+            latent, meta = load_latent(path)
+            if reusable(meta, codec):
+                return latent.to(codec.device)
+        except CodecError as exc:
+            log.warning("ignoring stored latent %s: %s", path, exc)
+    with Image.open(row.path) as im:
+        image = im.convert("RGB")
+    with torch.inference_mode():
+        latent = codec.encode(to_tensor(image, codec.device, codec.dtype))[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_latent(path, latent, latent_meta(codec, width=image.width, height=image.height))
+    return latent
+
+
+def tick(ctx: WorkerContext, codecs: Codecs) -> int:
+    done = 0
+    owner = ctx.lease_owner("interpolation")
+    while ctx.may_claim():
+        with ctx.engine.begin() as conn:
+            rows = transitions.claim(conn, "interpolation", owner,
+                                     lease_seconds=ctx.cfg.generation.lease_seconds)
+        if not rows:
+            return done
+        done += process(ctx, codecs, rows[0], owner)
+    return done
+
+
+def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
+    import torch
+
+    from dreamd.latent.images import to_images
+    from dreamd.latent.slerp import slerp
+
+    started = time.perf_counter()
+    ts = positions(batch.n_frames)
+    try:
+        with ctx.reader.connect() as conn:
+            pair = {r.id: r for r in conn.execute(select(KF).where(KF.c.id.in_(
+                [batch.from_keyframe_id, batch.to_keyframe_id]))).all()}
+        a, b = pair[batch.from_keyframe_id], pair[batch.to_keyframe_id]
+        with ctx.lease("interpolation", batch.id, owner):
+            codec = codecs.get()
+            la, lb = encode_keyframe(ctx, codec, a), encode_keyframe(ctx, codec, b)
+            with torch.inference_mode():
+                latents = slerp(la, lb, torch.tensor(ts, dtype=torch.float32))
+                frames = to_images(codec.decode(latents))
+            written = []
+            for t, image in zip(ts, frames):
+                if image.size != (a.width, a.height):
+                    image = image.resize((a.width, a.height), Image.Resampling.BICUBIC)
+                buf = io.BytesIO()
+                image.save(buf, "PNG", compress_level=PNG_LEVEL)
+                path = frame_path(ctx, batch.chain_index, t)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, buf.getvalue(), fsync=True)
+                written.append((t, path))
+    except Exception as exc:
+        log.exception("interpolation %d (chain %d) failed", batch.id, batch.chain_index)
+        try:
+            with ctx.engine.begin() as conn:
+                transitions.fail(conn, "interpolation", batch.id, owner,
+                                 f"{type(exc).__name__}: {exc}",
+                                 permanent=isinstance(exc, CodecError))
+        except StaleTransitionError as stale:
+            log.warning("interpolation %d: %s", batch.id, stale)
+        return 0
+
+    ms = (time.perf_counter() - started) * 1000
+    try:
+        with ctx.engine.begin() as conn:
+            transitions.complete(conn, "interpolation", batch.id, owner,
+                                 values={"duration_ms": ms, "codec": codec.name},
+                                 detail={"ms": round(ms, 1), "frames": len(written)})
+            for i, (t, path) in enumerate(written):
+                transitions.create(conn, "frame", {
+                    "chain_index": batch.chain_index, "t": t,
+                    "kind": "keyframe" if i == 0 else "inbetween",
+                    "keyframe_id": a.id if i == 0 else None, "interpolation_id": batch.id,
+                    "path": str(path)}, worker=owner)
+    except StaleTransitionError as exc:
+        log.warning("interpolation %d: %s (lease lost; it will be redone)", batch.id, exc)
+        return 0
+    ctx.facts["interpolation_ms_per_frame"] = ms / max(1, len(written))
+    log.info("interpolation %d ready (chain %d, %d frames, %.0f ms)", batch.id,
+             batch.chain_index, len(written), ms)
+    return 1

@@ -1,0 +1,134 @@
+"""The keyframe worker: claims a keyframe row, runs the backend outside any
+transaction (renewing its lease), stores the image (file first, fsynced), then
+completes the row and creates the interpolation batch for the new pair in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select, update
+
+from dreamd.backend import KeyframeBackend, KeyframeRequest
+from dreamd.display.files import write_atomic
+from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
+from dreamd.ledger import transitions
+from dreamd.ledger.models import Keyframe
+from dreamd.workers.context import WorkerContext
+
+log = logging.getLogger("dreamd.keyframe")
+KF = Keyframe.__table__
+PNG_LEVEL = 3   # keyframes are kept: smaller files; ~10 ms at 512x256
+
+
+def keyframe_path(ctx: WorkerContext, chain_index: int, row_id: int) -> Path:
+    return ctx.cfg.keyframes_dir / f"k{chain_index:06d}-{row_id}.png"
+
+
+def load_input(row, width: int, height: int) -> Image.Image | None:
+    if not row.input_path:
+        return None
+    try:
+        with Image.open(row.input_path) as im:
+            im = im.convert("RGB")
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.Resampling.LANCZOS)
+            return im
+    except (OSError, ValueError) as exc:
+        raise PermanentBackendError(f"input image {row.input_path}: {exc}") from exc
+
+
+def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
+    """Make keyframes while there are any to make; returns how many were completed."""
+    done = 0
+    owner = ctx.lease_owner("keyframe")
+    while ctx.may_claim():
+        with ctx.engine.begin() as conn:
+            rows = transitions.claim(conn, "keyframe", owner,
+                                     lease_seconds=ctx.cfg.generation.lease_seconds)
+        if not rows:
+            return done
+        done += process(ctx, backend, rows[0], owner)
+    return done
+
+
+def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> int:
+    started = time.perf_counter()
+    try:
+        prompt_id = row.prompt_id
+        if prompt_id is None and backend.name != "procedural":
+            # The id is in the ledger before the remote server can know it, so a
+            # restarted daemon re-attaches instead of submitting twice.
+            prompt_id = str(uuid.uuid4())
+            with ctx.engine.begin() as conn:
+                conn.execute(update(KF).where(KF.c.id == row.id, KF.c.lease_owner == owner)
+                             .values(prompt_id=prompt_id))
+        request = KeyframeRequest(
+            chain_index=row.chain_index, width=row.width, height=row.height, seed=row.seed,
+            theme=row.theme, prompt=row.prompt, negative_prompt=row.negative_prompt,
+            denoise=row.denoise, steps=ctx.knob("generation.steps"),
+            cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
+            scheduler=ctx.cfg.generation.scheduler,
+            image=load_input(row, row.width, row.height), prompt_id=prompt_id)
+        with ctx.lease("keyframe", row.id, owner):
+            result = backend.generate(request)
+        image = result.image.convert("RGB")
+        if image.size != (row.width, row.height):
+            raise PermanentBackendError(f"{backend.name} returned {image.size[0]}x"
+                                        f"{image.size[1]}, expected {row.width}x{row.height}")
+        buf = io.BytesIO()
+        image.save(buf, "PNG", compress_level=PNG_LEVEL)
+        data = buf.getvalue()
+        path = keyframe_path(ctx, row.chain_index, row.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data, fsync=True)
+    except (TransientBackendError, PermanentBackendError) as exc:
+        _fail(ctx, row, owner, str(exc), permanent=isinstance(exc, PermanentBackendError))
+        return 0
+    except Exception as exc:  # a bug or an unexpected failure: retry, attempts bound it
+        log.exception("keyframe %d (chain %d) failed", row.id, row.chain_index)
+        _fail(ctx, row, owner, f"{type(exc).__name__}: {exc}", permanent=False)
+        return 0
+
+    ms = (time.perf_counter() - started) * 1000
+    try:
+        with ctx.engine.begin() as conn:
+            transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
+                                 values={"path": str(path), "sha256": hashlib.sha256(data)
+                                         .hexdigest(), "generation_ms": ms,
+                                         "server": result.info.get("server")})
+            prev = conn.execute(select(KF.c.id, KF.c.chain_index)
+                                .where(KF.c.chain_index == row.chain_index - 1,
+                                       KF.c.state == "completed")
+                                .order_by(KF.c.id.desc()).limit(1)).first()
+            if prev is not None:
+                transitions.create(conn, "interpolation", {
+                    "chain_index": prev.chain_index, "from_keyframe_id": prev.id,
+                    "to_keyframe_id": row.id,
+                    "n_frames": ctx.knob("generation.interpolation_frames"),
+                    "divisor": ctx.cfg.generation.resolution_divisor,
+                    "max_attempts": ctx.cfg.generation.max_attempts}, worker=owner)
+    except StaleTransitionError as exc:
+        log.warning("keyframe %d: %s (its lease was lost; another attempt will redo it)",
+                    row.id, exc)
+        return 0
+    ctx.facts["generation_time"] = ms / 1000
+    log.info("keyframe %d ready (chain %d, %s, %.0f ms)", row.id, row.chain_index, row.theme, ms)
+    return 1
+
+
+def _fail(ctx: WorkerContext, row, owner: str, error: str, permanent: bool) -> None:
+    try:
+        with ctx.engine.begin() as conn:
+            state = transitions.fail(conn, "keyframe", row.id, owner, error, permanent=permanent)
+        log.warning("keyframe %d (chain %d) failed, now %s: %s", row.id, row.chain_index, state,
+                    error)
+    except StaleTransitionError as exc:
+        log.warning("keyframe %d: %s", row.id, exc)

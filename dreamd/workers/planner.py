@@ -1,0 +1,103 @@
+"""The planner keeps the chain ahead of the playhead: when the frames ready or on
+their way cover less than `buffer_target_seconds`, it creates the next keyframe
+row and decides its input (the last keyframe, or a seed for the first link) and
+its theme. It is the only creator of keyframe rows, and keeps one in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import Connection, and_, func, or_, select
+
+from dreamd.ledger import transitions
+from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
+from dreamd.ledger.states import JobState as J
+from dreamd.workers.context import WorkerContext
+
+log = logging.getLogger("dreamd.planner")
+
+KF, IP, FR, RT = Keyframe.__table__, Interpolation.__table__, Frame.__table__, RuntimeState.__table__
+PENDING = (J.available, J.executing, J.retryable)
+
+
+def keyframe_seed(base: int, chain_index: int) -> int:
+    """A seed per link, derived from the base seed (reproducible, never the same twice)."""
+    return (base * 1_000_003 + chain_index * 7_919 + 1) % (2**31 - 1)
+
+
+def frames_ahead(conn: Connection) -> int:
+    """Ready frames after the playhead, in playback order."""
+    rt = conn.execute(select(RT.c.playhead_chain_index, RT.c.playhead_t)
+                      .where(RT.c.id == 1)).first()
+    cond = [FR.c.state == "ready"]
+    if rt is not None and rt.playhead_chain_index is not None:
+        c, t = rt.playhead_chain_index, rt.playhead_t
+        cond.append(or_(FR.c.chain_index > c, and_(FR.c.chain_index == c, FR.c.t > t)))
+    return conn.execute(select(func.count()).select_from(FR).where(*cond)).scalar_one()
+
+
+def frames_coming(conn: Connection) -> int:
+    """Frames that interpolation batches not yet done will produce."""
+    return conn.execute(select(func.coalesce(func.sum(IP.c.n_frames + 1), 0))
+                        .where(IP.c.state.in_(PENDING))).scalar_one()
+
+
+def seed_files(ctx: WorkerContext) -> list[Path]:
+    from dreamd.seeding import SEED_SUFFIXES
+    files: list[Path] = []
+    for d in ctx.cfg.seed_dirs():
+        if d.is_dir():
+            files.extend(sorted(p for p in d.iterdir()
+                                if p.suffix.lower() in SEED_SUFFIXES and p.is_file()))
+    return files
+
+
+def tick(ctx: WorkerContext) -> int | None:
+    """Plan at most one keyframe; returns its id when one was created."""
+    if not ctx.may_claim():
+        return None
+    fps = ctx.knob("display.fps")
+    target = ctx.knob("display.buffer_target_seconds") * fps
+    with ctx.reader.connect() as conn:
+        if conn.execute(select(func.count()).select_from(KF)
+                        .where(KF.c.state.in_(PENDING))).scalar_one():
+            return None
+        last = conn.execute(select(KF).where(KF.c.state == J.completed)
+                            .order_by(KF.c.chain_index.desc()).limit(1)).first()
+        ahead = frames_ahead(conn) + frames_coming(conn)
+        # one keyframe beyond the interpolated ones: the next pair needs it anyway
+        if last is not None and ahead >= target:
+            return None
+        rt = conn.execute(select(RT.c.theme_index).where(RT.c.id == 1)).first()
+    return plan(ctx, last, theme_offset=rt.theme_index if rt else 0)
+
+
+def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
+    cfg = ctx.cfg
+    k = 0 if last is None else last.chain_index + 1
+    themes = cfg.prompts.themes
+    theme = themes[(k // ctx.knob("prompts.rotation_interval") + theme_offset) % len(themes)]
+    seed = keyframe_seed(cfg.generation.seed, k)
+    width, height = cfg.generation.resolution
+    values = {"chain_index": k, "backend": cfg.generation.backend, "theme": theme.name,
+              "prompt": theme.positive, "negative_prompt": theme.negative, "seed": seed,
+              "denoise": ctx.knob("generation.denoise"), "width": width, "height": height,
+              "max_attempts": cfg.generation.max_attempts}
+    if last is None:
+        seeds = seed_files(ctx)
+        values["source"] = "seed"
+        values["input_path"] = str(seeds[seed % len(seeds)]) if seeds else None
+    else:
+        values.update(source="img2img", parent_id=last.id, input_path=last.path)
+    with ctx.engine.begin() as conn:
+        # re-checked under the write lock: one keyframe in flight, ever
+        if conn.execute(select(func.count()).select_from(KF)
+                        .where(KF.c.state.in_(PENDING))).scalar_one():
+            return None  # type: ignore[return-value]
+        kid = transitions.create(conn, "keyframe", values, worker="planner",
+                                 detail={"theme": theme.name, "source": values["source"]})
+    log.debug("planned keyframe %d (chain %d, %s, theme %s)", kid, k, values["source"],
+              theme.name)
+    return kid
