@@ -1,0 +1,453 @@
+"""The ComfyUI keyframe backend: the keyframe worker calls `generate`, this module turns it
+into upload -> POST /prompt -> poll /history -> GET /view on one of the configured servers.
+
+Crash safety: the worker commits `request.prompt_id` to the ledger before calling, and
+`generate` looks that id up (history, then queue) on every reachable server before it posts
+anything, asking `server_hint` (info["server"] of an earlier attempt) and the server this
+process last sent it to first. Only when no server has finished or queued it is it posted,
+always under that same prompt_id. A server that forgets it while we wait (it restarted) gets
+it once more; forgetting it twice is a TransientBackendError, never a third post.
+
+How a failed run is classified (history status `error`):
+  * `execution_interrupted` -> TransientBackendError (our deadline, a user, a restart);
+  * `execution_error` whose exception type or message looks like a resource problem (out of
+    memory, CUDA/cuDNN/cuBLAS errors, MemoryError, allocation failures, interruption,
+    timeouts or connection errors inside a node) -> TransientBackendError;
+  * any other `execution_error` -> PermanentBackendError: a node failed on its input, and the
+    same input will fail again (PIL.UnidentifiedImageError, ValueError, KeyError, ...).
+A transient failure found on re-attach is run again (same prompt_id, same server); the stale
+history entry is told apart from the new run by its queue number.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dreamd.backend import KeyframeRequest, KeyframeResult
+from dreamd.backends.comfyui.client import (DEFAULT_MAX_PIXELS, ComfyUIClient, OutputRef,
+                                            PromptRejectedError, ServerUnreachableError,
+                                            check_output_ref, local_path)
+from dreamd.backends.comfyui.servers import ServerHealth, ServerPool
+from dreamd.backends.comfyui.workflow import (InputPath, Workflow, WorkflowError, check_against,
+                                              fill, load_workflow, output_node, require,
+                                              resolve_mapping)
+from dreamd.errors import PermanentBackendError, TransientBackendError
+
+log = logging.getLogger(__name__)
+
+PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
+
+TRANSIENT_EXECUTION = re.compile(
+    r"out ?of ?memory|outofmemory|\boom\b|cuda|cudnn|cublas|hip error|memoryerror|"
+    r"unable to allocate|allocation|interrupt|timeout|timed out|connectionerror", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A loaded workflow and where the daemon's values go in it."""
+
+    workflow: Workflow
+    mapping: dict[str, InputPath]
+    source: str
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, overrides: dict[str, str] | None,
+             required: tuple[str, ...]) -> Template:
+        workflow, path = load_workflow(name_or_path)
+        mapping = resolve_mapping(workflow, overrides)
+        require(mapping, required, str(path))
+        return cls(workflow, mapping, str(path))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a history entry says: finished well, or failed and whether a retry can help."""
+
+    ok: bool
+    transient: bool = False
+    message: str = ""
+
+
+def classify(entry: dict[str, Any]) -> Outcome:
+    status = entry.get("status") or {}
+    for kind, data in status.get("messages") or []:
+        if kind == "execution_interrupted":
+            return Outcome(False, True, f"interrupted at node {data.get('node_id')} "
+                                        f"({data.get('node_type')})")
+        if kind == "execution_error":
+            etype, emsg = data.get("exception_type", "?"), str(data.get("exception_message", "")).strip()
+            text = (f"node {data.get('node_id')} ({data.get('node_type')}) failed: {etype}: {emsg}")
+            return Outcome(False, bool(TRANSIENT_EXECUTION.search(f"{etype} {emsg}")), text)
+    if status.get("status_str") == "success" or (not status and entry.get("outputs")):
+        return Outcome(True)
+    return Outcome(False, True, f"ended with status {status.get('status_str')!r} and no error message")
+
+
+@dataclass
+class _Job:
+    """One generate() call's working state."""
+
+    request: KeyframeRequest
+    template: Template
+    png: bytes | None
+    prompt_id: str
+    values: dict[str, Any]
+    posts: int = 0                    # POST /prompt made by this call
+    resubmissions: int = 0            # after the server forgot the prompt
+    reattached: str = ""              # "", "queued" or "finished": what re-attach found
+    stale_number: int | None = None   # queue number of an earlier failed run under this id
+    reuploaded: bool = False
+    upload: str | None = None
+    entry: dict[str, Any] | None = None
+
+
+@dataclass
+class _Server:
+    client: ComfyUIClient
+    object_info: dict[str, Any] | None = None
+
+
+class ComfyUIBackend:
+    """KeyframeBackend over one or more ComfyUI servers. Validate once with `validate()`."""
+
+    name = "comfyui"
+
+    def __init__(self, urls: str | Sequence[str] = ("http://127.0.0.1:8188",), *,
+                 workflow: str | Path = "sd15_img2img",
+                 txt2img_workflow: str | Path = "sd15_txt2img",
+                 mapping: dict[str, str] | None = None,
+                 txt2img_mapping: dict[str, str] | None = None,
+                 checkpoint: str | None = None,
+                 data_dir: str | Path | None = None,
+                 upload_subfolder: str = "dreamd",
+                 connect_timeout: float = 3.0, read_timeout: float = 30.0, tries: int = 4,
+                 poll_interval: float = 0.25, queue_check_interval: float = 1.0,
+                 deadline: float = 300.0, bench_base: float = 2.0, bench_cap: float = 300.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, client_id: str | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        self.pool = ServerPool(urls, bench_base=bench_base, bench_cap=bench_cap, clock=clock)
+        self.img2img = Template.load(workflow, mapping, ("image", "prompt", "seed"))
+        self.txt2img = Template.load(txt2img_workflow, txt2img_mapping,
+                                     ("prompt", "seed", "width", "height"))
+        self.checkpoint = checkpoint or None
+        for t in (self.img2img, self.txt2img):
+            if self.checkpoint and "checkpoint" not in t.mapping:
+                raise WorkflowError(f"workflow {t.source}: a checkpoint is configured but no "
+                                    "ckpt_name slot was found; map 'checkpoint' explicitly")
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.upload_subfolder = upload_subfolder
+        self.poll_interval, self.queue_check_interval = poll_interval, queue_check_interval
+        self.deadline = deadline
+        self._sleep, self._clock = sleep, clock
+        self.client_id = client_id or f"dreamd-{uuid.uuid4().hex[:8]}"
+        self._servers = {u: _Server(ComfyUIClient(
+            u, client_id=self.client_id, connect_timeout=connect_timeout,
+            read_timeout=read_timeout, tries=tries, sleep=sleep, max_pixels=max_pixels))
+            for u in self.pool.urls}
+        # prompt_id -> server it was last posted to by this process (a retry asks it first).
+        self._placements: OrderedDict[str, str] = OrderedDict()
+
+    # -- surface -----------------------------------------------------------------------------
+
+    def validate(self) -> list[ServerHealth]:
+        """Check both workflows against every reachable server's /object_info (node types,
+        checkpoint, sampler, scheduler). Raises PermanentBackendError on the first misfit;
+        unreachable servers are benched and left for later."""
+        for url in self.pool.urls:
+            try:
+                info = self._object_info(url)
+            except ServerUnreachableError as exc:
+                self._failed(url, exc)
+                continue
+            for t in (self.img2img, self.txt2img):
+                filled = fill(t.workflow, t.mapping, {"checkpoint": self.checkpoint})
+                check_against(filled, info, source=t.source, server=url)
+        return self.health()
+
+    def generate(self, request: KeyframeRequest, *, server_hint: str | None = None) -> KeyframeResult:
+        """Make one keyframe. `server_hint` is info["server"] of an earlier attempt at the same
+        prompt_id, asked first on re-attach (every reachable server is asked anyway)."""
+        started = self._clock()
+        job = self._job(request)
+        url = self._reattach(job, server_hint)
+        if url is None:
+            url = self._submit_somewhere(job)
+        try:
+            entry = job.entry or self._wait(url, job)
+            return self._result(url, job, entry, started)
+        except ServerUnreachableError as exc:
+            self._failed(url, exc)
+            raise TransientBackendError(f"lost ComfyUI at {url} while waiting for prompt "
+                                        f"{job.prompt_id} (it is re-attached on retry): {exc}") from exc
+
+    def free(self) -> dict[str, str | None]:
+        """POST /free (unload models, free memory) on every server not benched: the guard's
+        call when a game starts. Returns url -> None, or the error for that server."""
+        out: dict[str, str | None] = {}
+        for url in self.pool.urls:
+            if self.pool.is_benched(url):
+                out[url] = f"benched: {self.pool.last_error(url)}"
+                continue
+            try:
+                self._servers[url].client.free()
+                out[url] = None
+            except (ServerUnreachableError, PermanentBackendError) as exc:
+                out[url] = str(exc)
+        return out
+
+    def probe(self) -> list[ServerHealth]:
+        """GET /system_stats on every server (benched ones too: they may be back)."""
+        for url in self.pool.urls:
+            try:
+                self._servers[url].client.system_stats()
+                self.pool.mark_ok(url)
+            except ServerUnreachableError as exc:
+                self._failed(url, exc)
+        return self.health()
+
+    def health(self) -> list[ServerHealth]:
+        return self.pool.health()
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.client.close()
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _job(self, request: KeyframeRequest) -> _Job:
+        if request.width % 8 or request.height % 8:
+            raise PermanentBackendError(f"keyframe size {request.width}x{request.height} is not a "
+                                        "multiple of 8; SD latents would crop it")
+        template = self.img2img if request.image is not None else self.txt2img
+        png = None
+        if request.image is not None:
+            img = request.image.convert("RGB")
+            if img.size != (request.width, request.height):
+                img = img.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            img.save(buf, "PNG", compress_level=1)  # speed over size: it crosses localhost or a LAN
+            png = buf.getvalue()
+        values = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
+                  "seed": request.seed, "steps": request.steps, "cfg": request.cfg,
+                  "sampler": request.sampler, "scheduler": request.scheduler,
+                  "denoise": request.denoise, "width": request.width, "height": request.height,
+                  "checkpoint": self.checkpoint}
+        return _Job(request, template, png, request.prompt_id or str(uuid.uuid4()), values)
+
+    def _lookup_order(self, prompt_id: str, hint: str | None) -> list[str]:
+        first = [u.rstrip("/") for u in (hint, self._placements.get(prompt_id)) if u]
+        order = [u for u in first if u in self._servers] + self.pool.urls
+        return [u for u in dict.fromkeys(order) if not self.pool.is_benched(u)]
+
+    def _reattach(self, job: _Job, hint: str | None) -> str | None:
+        """Find the prompt on a server; act on what is found. None = nobody has it."""
+        pid = job.prompt_id
+        for url in self._lookup_order(pid, hint):
+            client = self._servers[url].client
+            try:
+                entry, number = client.history(pid), None
+                if entry is None:
+                    number = client.queue().number_of(pid)
+                    if number is None:  # it may have finished between the two reads
+                        entry = client.history(pid)
+            except ServerUnreachableError as exc:
+                self._failed(url, exc)
+                continue
+            self.pool.mark_ok(url)
+            if number is not None:
+                log.info("prompt %s is queued on %s: waiting for it, not posting again", pid, url)
+                job.reattached = "queued"
+                return url
+            if entry is not None:
+                outcome = classify(entry)
+                if outcome.ok:
+                    log.info("prompt %s already finished on %s: fetching it", pid, url)
+                    job.reattached, job.entry = "finished", entry
+                    return url
+                if not outcome.transient:
+                    raise PermanentBackendError(f"ComfyUI at {url}: prompt {pid} {outcome.message}")
+                log.info("prompt %s failed on %s (%s): running it again", pid, url, outcome.message)
+                job.reattached, job.stale_number = "finished", _number(entry)
+                self._post_or_bench(url, job)
+                return url
+        return None
+
+    def _submit_somewhere(self, job: _Job) -> str:
+        for url in self.pool.candidates():
+            try:
+                self._post(url, job)
+                return url
+            except ServerUnreachableError as exc:
+                self._failed(url, exc)
+                if exc.sent:  # it may be queued there; the retry's re-attach will see
+                    raise
+        raise TransientBackendError(f"every ComfyUI server is down: {self.pool.describe_down()}")
+
+    def _post_or_bench(self, url: str, job: _Job) -> None:
+        try:
+            self._post(url, job)
+        except ServerUnreachableError as exc:
+            self._failed(url, exc)
+            raise
+
+    def _post(self, url: str, job: _Job) -> None:
+        client = self._servers[url].client
+        filled = self._prepare(url, job)
+        try:
+            number = client.queue_prompt(filled, job.prompt_id)
+        except PromptRejectedError as exc:
+            if not self._input_lost(exc, job) or job.reuploaded:
+                raise
+            # The server's input dir lost our upload (cleaned, or another machine): send it again.
+            log.warning("ComfyUI at %s lost input %s; uploading it again", url, job.upload)
+            assert job.png is not None
+            client.forget_upload(job.png)
+            job.reuploaded = True
+            number = client.queue_prompt(self._prepare(url, job), job.prompt_id)
+        job.posts += 1
+        self._placements[job.prompt_id] = url
+        self._placements.move_to_end(job.prompt_id)
+        while len(self._placements) > PLACEMENTS_KEPT:
+            self._placements.popitem(last=False)
+        self.pool.mark_ok(url)
+        log.info("posted prompt %s to %s as number %s", job.prompt_id, url, number)
+
+    def _input_lost(self, exc: PromptRejectedError, job: _Job) -> bool:
+        slot = job.template.mapping.get("image")
+        return job.png is not None and slot is not None and any(
+            node == slot.node and name == slot.input and kind == "custom_validation_failed"
+            for node, name, kind in exc.failed_inputs())
+
+    def _prepare(self, url: str, job: _Job) -> Workflow:
+        """Upload the input (once per content), fill the template, check it against the server."""
+        info = self._object_info(url)
+        values = dict(job.values)
+        if job.png is not None:
+            job.upload = values["image"] = self._servers[url].client.upload_image(
+                job.png, subfolder=self.upload_subfolder)
+        filled = fill(job.template.workflow, job.template.mapping, values)
+        check_against(filled, info, source=job.template.source, server=url)
+        return filled
+
+    def _object_info(self, url: str) -> dict[str, Any]:
+        server = self._servers[url]
+        if server.object_info is None:
+            server.object_info = server.client.object_info()
+        return server.object_info
+
+    def _fresh(self, entry: dict[str, Any] | None, job: _Job) -> dict[str, Any] | None:
+        if entry is not None and job.stale_number is not None and _number(entry) == job.stale_number:
+            return None  # the earlier failed run; ours is still queued
+        return entry
+
+    def _wait(self, url: str, job: _Job) -> dict[str, Any]:
+        client, pid = self._servers[url].client, job.prompt_id
+        deadline_at = self._clock() + self.deadline
+        next_queue_check = self._clock() + self.queue_check_interval
+        while True:
+            entry = self._fresh(client.history(pid), job)
+            if entry is not None:
+                return entry
+            now = self._clock()
+            if now >= deadline_at:
+                return self._give_up(url, job)
+            if now >= next_queue_check:
+                next_queue_check = now + self.queue_check_interval
+                if client.queue().number_of(pid) is None:
+                    entry = self._fresh(client.history(pid), job)
+                    if entry is not None:
+                        return entry
+                    self._forgotten(url, job)
+            self._sleep(max(0.0, min(self.poll_interval, deadline_at - now)))
+
+    def _forgotten(self, url: str, job: _Job) -> None:
+        """Neither queued nor in history: the server restarted. Post it once more."""
+        if job.resubmissions >= 1:
+            raise TransientBackendError(f"ComfyUI at {url} forgot prompt {job.prompt_id} again after "
+                                        "it was resubmitted; is it restarting in a loop?")
+        job.resubmissions += 1
+        log.warning("ComfyUI at %s forgot prompt %s (restarted?); submitting it again", url, job.prompt_id)
+        self._servers[url].object_info = None  # a restarted server may have other models
+        self._post_or_bench(url, job)
+
+    def _give_up(self, url: str, job: _Job) -> dict[str, Any]:
+        client, pid = self._servers[url].client, job.prompt_id
+        queue = client.queue()
+        if pid in queue.running:
+            client.interrupt(pid)
+            action = "interrupted it"
+        elif pid in queue.pending:
+            client.delete_queued([pid])
+            action = "took it off the queue"
+        else:
+            action = "it was neither running nor queued"
+        entry = self._fresh(client.history(pid), job)
+        if entry is not None and classify(entry).ok:  # it finished while we looked
+            return entry
+        raise TransientBackendError(f"ComfyUI at {url} did not finish prompt {pid} within "
+                                    f"{self.deadline:g}s; {action}")
+
+    def _result(self, url: str, job: _Job, entry: dict[str, Any], started: float) -> KeyframeResult:
+        outcome = classify(entry)
+        if not outcome.ok:
+            cls = TransientBackendError if outcome.transient else PermanentBackendError
+            raise cls(f"ComfyUI at {url}: prompt {job.prompt_id} {outcome.message}")
+        ref = self._output_ref(url, job, entry)
+        request = job.request
+        image, data = self._servers[url].client.fetch_image(ref, (request.width, request.height))
+        saved = self._save(ref, data)
+        return KeyframeResult(image, info={
+            "prompt_id": job.prompt_id, "server": url, "outputs": entry.get("outputs", {}),
+            "output": str(ref.relative_path), "saved": str(saved) if saved else None,
+            "workflow": job.template.source, "upload": job.upload, "posts": job.posts,
+            "resubmissions": job.resubmissions, "reattached": job.reattached,
+            "elapsed_s": round(self._clock() - started, 3)})
+
+    def _output_ref(self, url: str, job: _Job, entry: dict[str, Any]) -> OutputRef:
+        outputs = entry.get("outputs") or {}
+        preferred = output_node(job.template.workflow, job.template.mapping)
+        nodes = ([preferred] if preferred in outputs else []) + sorted(outputs)
+        for node in nodes:
+            images = (outputs.get(node) or {}).get("images") or []
+            if images:
+                return check_output_ref(images[0])
+        raise PermanentBackendError(f"ComfyUI at {url}: prompt {job.prompt_id} finished without an "
+                                    "image output; the workflow must end in SaveImage")
+
+    def _save(self, ref: OutputRef, data: bytes) -> Path | None:
+        """Keep the raw output under data_dir, written to a temporary name and renamed."""
+        if self.data_dir is None:
+            return None
+        path = local_path(self.data_dir, ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _failed(self, url: str, exc: Exception) -> None:
+        seconds = self.pool.mark_failed(url, str(exc))
+        self._servers[url].object_info = None
+        log.warning("ComfyUI at %s benched for %.0fs: %s", url, seconds, exc)
+
+
+def _number(entry: dict[str, Any]) -> int | None:
+    prompt = entry.get("prompt")
+    return prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else None

@@ -1,0 +1,213 @@
+"""A ComfyUI process the daemon was told to start (`[comfyui] start_command`): start it,
+wait for /system_stats, restart it with backoff when it dies, stop it on the way out.
+
+The command is split like a shell would split it but never run by one. The child gets its
+own process group, so stopping it (SIGTERM, then SIGKILL after a timeout) reaches whatever
+it started and nothing else. Its output goes to `log_path`, appended, one header per start.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import requests
+
+from dreamd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    state: str                 # stopped | starting | running | restarting | gave_up
+    pid: int | None
+    restarts: int              # restarts in the last hour
+    last_exit: int | None      # the child's last exit code (negative = killed by that signal)
+    last_error: str | None
+
+
+class ComfyUISupervisor:
+    """One supervised ComfyUI process. `start()`, then `stop()`; `status()` for the TUI."""
+
+    def __init__(self, command: str, cwd: str | Path | None = None,
+                 env: Mapping[str, str] | None = None, gpu_index: int | None = None,
+                 log_path: str | Path = "comfyui.log", health_url: str = "http://127.0.0.1:8188",
+                 *, start_timeout: float = 180.0, stop_timeout: float = 10.0,
+                 max_restarts_per_hour: int = 10, backoff_base: float = 2.0,
+                 backoff_cap: float = 120.0, check_interval: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.argv = shlex.split(command, posix=os.name != "nt")
+        if not self.argv:
+            raise ConfigError("[comfyui] start_command is empty")
+        self.command = command
+        self.cwd = Path(cwd) if cwd else None
+        self.env = dict(env or {})
+        self.gpu_index = gpu_index
+        self.log_path = Path(log_path)
+        self.health_url = health_url.rstrip("/")
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.max_restarts_per_hour = max_restarts_per_hour
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.check_interval = check_interval
+        self._clock = clock
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._restarts: collections.deque[float] = collections.deque()
+        self._state, self._last_exit, self._last_error = "stopped", None, None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- surface -----------------------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> bool:
+        """Start the child and its watcher; with `wait`, block until /system_stats answers
+        (up to start_timeout). Returns whether it is healthy. A command that cannot be run
+        at all is a ConfigError."""
+        if self._watcher is not None:
+            raise RuntimeError("supervisor already started")
+        self._stopping.clear()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="comfyui-supervisor", daemon=True)
+        self._watcher.start()
+        return self.wait_healthy(self.start_timeout) if wait else False
+
+    def wait_healthy(self, timeout: float) -> bool:
+        end = self._clock() + timeout
+        while self._clock() < end and not self._stopping.is_set():
+            if self._state == "gave_up":
+                return False
+            if self.healthy():
+                return True
+            self._stopping.wait(self.check_interval)
+        return False
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.health_url + "/system_stats", timeout=2.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def status(self) -> SupervisorStatus:
+        self._prune()
+        return SupervisorStatus(self._state, self.pid, len(self._restarts), self._last_exit,
+                                self._last_error)
+
+    def stop(self) -> int | None:
+        """SIGTERM the child's process group, SIGKILL it after stop_timeout. Returns its exit code."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=self.stop_timeout + 5)
+            self._watcher = None
+        with self._lock:
+            code = self._terminate()
+            self._state = "stopped"
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        return code
+
+    # -- the child ---------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env.update(self.env)
+        if self.gpu_index is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
+        assert self._log is not None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._log.write(f"--- {stamp} dreamd starts ComfyUI: {self.command}\n".encode())
+        self._log.flush()
+        group = ({"start_new_session": True} if os.name != "nt"
+                 else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})  # type: ignore[attr-defined]
+        try:
+            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                                          stdout=self._log, stderr=subprocess.STDOUT, **group)
+        except OSError as exc:
+            self._state, self._last_error = "gave_up", f"cannot run {self.argv[0]!r}: {exc}"
+            raise ConfigError(f"[comfyui] start_command: cannot run {self.argv[0]!r} "
+                              f"(cwd {self.cwd or os.getcwd()}): {exc}") from exc
+        self._state = "starting"
+        log.info("started ComfyUI (pid %s): %s", self._proc.pid, self.command)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            proc = self._proc
+            code = proc.poll() if proc is not None else None
+            if code is None:
+                if self._state == "starting" and self.healthy():
+                    self._state = "running"
+                self._stopping.wait(self.check_interval)
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._last_exit = code
+                self._last_error = f"exited with code {code}"
+                self._prune()
+                if len(self._restarts) >= self.max_restarts_per_hour:
+                    self._state = "gave_up"
+                    log.error("ComfyUI died (code %s) %d times within an hour; not restarting it",
+                              code, len(self._restarts))
+                    return
+                delay = min(self.backoff_cap, self.backoff_base * 2 ** len(self._restarts))
+                self._state = "restarting"
+            log.warning("ComfyUI exited with code %s; restarting in %.1fs", code, delay)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._restarts.append(self._clock())
+                try:
+                    self._spawn()
+                except ConfigError as exc:
+                    log.error("%s", exc)
+                    return
+
+    def _prune(self) -> None:
+        hour_ago = self._clock() - 3600
+        while self._restarts and self._restarts[0] < hour_ago:
+            self._restarts.popleft()
+
+    def _terminate(self) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._signal(proc, graceful=True)
+            try:
+                return proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("ComfyUI (pid %s) ignored SIGTERM for %.0fs; killing it",
+                            proc.pid, self.stop_timeout)
+                self._signal(proc, graceful=False)
+        return proc.wait(timeout=self.stop_timeout)
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], *, graceful: bool) -> None:
+        if os.name == "nt":
+            proc.terminate() if graceful else proc.kill()
+            return
+        try:  # the group we created at spawn: the child and what it started
+            os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,682 @@
+"""A ComfyUI 0.3.64 stand-in for tests and benchmarks: a real HTTP server on 127.0.0.1 that
+answers the way ../shared/comfyui/api_transcript.md shows (same routes, `/api` prefix too,
+JSON shapes, status codes and validation errors), runs prompts one at a time by writing a
+real PNG (deterministic from the seed) after a configurable delay, keeps queue and history,
+records every request, and injects the faults the backend must survive.
+
+    python -m tests.comfyui_double --port 8188 [--delay 0.5] [--exit-after 2] [--ignore-sigterm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import copy
+import io
+import json
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "comfyui"
+FALLBACK = HERE / "data" / "comfyui"
+
+
+def shared_file(name: str) -> Path:
+    for base in (SHARED, FALLBACK):
+        if (base / name).is_file():
+            return base / name
+    raise FileNotFoundError(f"{name} is in neither {SHARED} nor {FALLBACK}")
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str                      # without the /api prefix
+    query: dict[str, list[str]]
+    body: Any                      # parsed JSON, multipart field names, or None
+
+
+@dataclass
+class Item:
+    number: int
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra: dict[str, Any]
+    outputs: list[str]
+
+    def as_list(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra, self.outputs]
+
+
+@dataclass
+class Faults:
+    """What goes wrong next; tests set these, the double consumes them."""
+
+    fail: list[tuple[str | None, str | None, int]] = field(default_factory=list)  # (method, path, status)
+    forget_after_accept: int = 0            # accept the next N prompts, then "restart"
+    execution_errors: list[dict[str, Any]] = field(default_factory=list)  # next runs fail like this
+    view_garbage: bool = False              # /view answers bytes that are not an image
+    output_override: dict[str, str] | None = None   # filename/subfolder written into history
+    output_size: tuple[int, int] | None = None      # produce this size instead of the right one
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], handler: type, double: ComfyUIDouble) -> None:
+        self.double = double
+        self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        # Kept-alive connections would otherwise go on answering after stop().
+        with self.sockets_lock:
+            for sock in list(self.open_sockets):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.open_sockets.clear()
+
+
+class ComfyUIDouble:
+    """Start with `start()` (or as a context manager); `url` is where it listens."""
+
+    def __init__(self, port: int = 0, *, delay: float = 0.0,
+                 checkpoints: list[str] | None = None) -> None:
+        self.delay = delay
+        self.object_info = json.loads(shared_file("object_info.json").read_text())
+        self.system_stats_body = json.loads(shared_file("system_stats.json").read_text())
+        if checkpoints is not None:
+            self.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = list(checkpoints)
+        self.faults = Faults()
+        self.requests: list[Recorded] = []
+        self.inputs: dict[tuple[str, str], bytes] = {}      # (subfolder, name) -> bytes
+        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, name) -> bytes
+        self.pending: list[Item] = []
+        self.running: Item | None = None
+        self.history: dict[str, dict[str, Any]] = {}
+        self.finished_at: dict[str, float] = {}   # prompt_id -> time.monotonic() it finished
+        self.freed = 0
+        self._number = 0
+        self._counters: dict[str, int] = {}
+        self._generation = 0      # bumped by forget(): a run in flight is dropped
+        self._interrupt = False
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._server = _Server(("127.0.0.1", port), _Handler, self)
+        self.port = self._server.server_address[1]
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> ComfyUIDouble:
+        # A short poll interval: stop() waits for serve_forever to notice, up to one interval.
+        serve = lambda: self._server.serve_forever(poll_interval=0.02)  # noqa: E731
+        for target, name in ((serve, "double-http"), (self._execute, "double-exec")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        """Close the port: from now on connections are refused."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.drop_connections()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> ComfyUIDouble:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._stopped:
+            self.stop()
+
+    # -- faults and inspection ---------------------------------------------------------------
+
+    def fail_next(self, count: int = 1, *, status: int = 500, method: str | None = None,
+                  path: str | None = None) -> None:
+        """The next `count` matching requests answer `status` (path: a prefix, without /api)."""
+        with self._cond:
+            self.faults.fail.extend([(method, path, status)] * count)
+
+    def forget(self) -> None:
+        """A simulated restart: queue, running prompt and history are gone (files stay)."""
+        with self._cond:
+            self.pending.clear()
+            self.running = None
+            self.history.clear()
+            self._generation += 1
+            self._cond.notify_all()
+
+    def posts_for(self, prompt_id: str) -> int:
+        return sum(1 for r in self.requests if r.method == "POST" and r.path == "/prompt"
+                   and isinstance(r.body, dict) and r.body.get("prompt_id") == prompt_id)
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for r in self.requests if r.method == method and r.path == path)
+
+    def wait_running(self, prompt_id: str, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not (self.running and self.running.prompt_id == prompt_id):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- the executor ------------------------------------------------------------------------
+
+    def _execute(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self.pending:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                item = self.pending.pop(0)
+                self.running, self._interrupt, generation = item, False, self._generation
+                self._cond.notify_all()
+                end = time.monotonic() + self.delay
+                while not (self._stopped or self._interrupt or generation != self._generation):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stopped or generation != self._generation:
+                    continue
+                interrupted = self._interrupt
+                error = self.faults.execution_errors.pop(0) if self.faults.execution_errors else None
+            entry = self._run(item, interrupted, error)
+            with self._cond:
+                if generation == self._generation:
+                    self.history[item.prompt_id] = entry
+                    self.finished_at[item.prompt_id] = time.monotonic()
+                    self.running = None
+                    self._cond.notify_all()
+
+    def _run(self, item: Item, interrupted: bool, error: dict[str, Any] | None) -> dict[str, Any]:
+        pid, prompt = item.prompt_id, item.prompt
+        messages: list[Any] = [["execution_start", {"prompt_id": pid, "timestamp": _ms()}],
+                               ["execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()}]]
+        entry = {"prompt": item.as_list(), "outputs": {}, "meta": {},
+                 "status": {"status_str": "error", "completed": False, "messages": messages}}
+        sampler = next((n for n, v in prompt.items() if v["class_type"] in ("KSampler", "KSamplerAdvanced")), None)
+        if interrupted:
+            messages.append(["execution_interrupted", {
+                "prompt_id": pid, "node_id": sampler, "node_type": prompt.get(sampler, {}).get("class_type"),
+                "executed": [], "timestamp": _ms()}])
+            return entry
+        try:
+            if error is not None:
+                raise _Injected(error)
+            images = {}
+            for out in item.outputs:
+                images[out] = self._save(out, prompt, item)
+        except _Injected as exc:
+            messages.append(["execution_error", dict({
+                "prompt_id": pid, "node_id": sampler, "node_type": prompt.get(sampler, {}).get("class_type"),
+                "executed": [], "exception_message": "", "exception_type": "", "traceback": [],
+                "current_inputs": {}, "current_outputs": list(prompt), "timestamp": _ms()}, **exc.data)])
+            return entry
+        except _NodeFailed as exc:
+            messages.append(["execution_error", {
+                "prompt_id": pid, "node_id": exc.node_id, "node_type": prompt[exc.node_id]["class_type"],
+                "executed": [], "exception_message": f"{exc.message}\n", "exception_type": exc.kind,
+                "traceback": ["  File \"…/ComfyUI/execution.py\", line 496, in execute\n"],
+                "current_inputs": {}, "current_outputs": list(prompt), "timestamp": _ms()}])
+            return entry
+        entry["outputs"] = {n: {"images": imgs} for n, imgs in images.items()}
+        entry["meta"] = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                         for n in images}
+        messages.append(["execution_success", {"prompt_id": pid, "timestamp": _ms()}])
+        entry["status"].update(status_str="success", completed=True)
+        return entry
+
+    def _upstream(self, prompt: dict[str, Any], start: str) -> list[str]:
+        seen, order, todo = {start}, [], [start]
+        while todo:
+            node = todo.pop(0)
+            for value in prompt[node]["inputs"].values():
+                if _is_link(value) and value[0] not in seen:
+                    seen.add(value[0])
+                    order.append(value[0])
+                    todo.append(value[0])
+        return order
+
+    def _save(self, out: str, prompt: dict[str, Any], item: Item) -> list[dict[str, str]]:
+        """'Run' the graph behind one output node: a PNG of the latent's size, from the seed."""
+        up = self._upstream(prompt, out)
+        seed, denoise, base, size = 0, 1.0, None, (512, 512)
+        for node_id in up:
+            node = prompt[node_id]
+            cls, ins = node["class_type"], node["inputs"]
+            if cls in ("KSampler", "KSamplerAdvanced"):
+                seed = int(ins.get("seed", ins.get("noise_seed", 0)))
+                denoise = float(ins.get("denoise", 1.0))
+            if cls == "EmptyLatentImage":
+                size = (int(ins["width"]) // 8 * 8, int(ins["height"]) // 8 * 8)
+                break
+            if cls == "LoadImage":
+                sub, _, name = str(ins["image"]).rpartition("/")
+                data = self.inputs.get((sub, name))
+                try:
+                    base = Image.open(io.BytesIO(data or b"")).convert("RGB")
+                except Exception as exc:  # like LoadImage on a corrupt file (transcript 44/45)
+                    raise _NodeFailed(node_id, "PIL.UnidentifiedImageError",
+                                      f"cannot identify image file '…/ComfyUI/input/{ins['image']}'") from exc
+                size = (base.width // 8 * 8, base.height // 8 * 8)
+                base = base.crop((0, 0, *size))
+                break
+        size = self.faults.output_size or size
+        rng = random.Random(seed)
+        colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
+        mask = Image.linear_gradient("L").rotate(rng.choice((0, 90, 180, 270))).resize(size)
+        img = Image.composite(Image.new("RGB", size, colours[0]), Image.new("RGB", size, colours[1]), mask)
+        if base is not None and base.size == size:
+            img = Image.blend(base, img, max(0.0, min(1.0, denoise)))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        prefix = str(prompt[out]["inputs"].get("filename_prefix", "ComfyUI"))
+        subfolder, _, stem = prefix.rpartition("/")
+        kind = "output" if prompt[out]["class_type"] == "SaveImage" else "temp"
+        with self._cond:
+            self._counters[prefix] = self._counters.get(prefix, 0) + 1
+            filename = f"{stem}_{self._counters[prefix]:05d}_.png"
+            self.files[(kind, subfolder, filename)] = buf.getvalue()
+        ref = {"filename": filename, "subfolder": subfolder, "type": kind}
+        if self.faults.output_override:
+            ref.update(self.faults.output_override)
+        return [ref]
+
+    # -- validation, as ComfyUI's execution.validate_prompt answers --------------------------
+
+    def validate(self, prompt: Any) -> tuple[dict[str, Any] | None, list[str]]:
+        """(error body or None, output node ids)."""
+        def invalid(kind: str, message: str, details: str = "") -> dict[str, Any]:
+            return {"error": {"type": kind, "message": message, "details": details, "extra_info": {}},
+                    "node_errors": {}}
+        if not isinstance(prompt, dict):
+            return invalid("invalid_prompt", "Cannot execute because the prompt is not an object."), []
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                return invalid("invalid_prompt", "Cannot execute because a node is missing the "
+                               "class_type property.", f"Node ID '#{node_id}'"), []
+            if node["class_type"] not in self.object_info:
+                return invalid("invalid_prompt", f"Cannot execute because node {node['class_type']} "
+                               "does not exist.", f"Node ID '#{node_id}'"), []
+        outputs = [n for n, v in prompt.items() if self.object_info[v["class_type"]].get("output_node")]
+        if not outputs:
+            return invalid("prompt_no_outputs", "Prompt has no outputs"), []
+        node_errors: dict[str, Any] = {}
+        good = []
+        for out in outputs:
+            validated: dict[str, bool] = {}
+            if self._validate_node(prompt, out, validated, node_errors, out):
+                good.append(out)
+        if node_errors or not good:
+            body = invalid("prompt_outputs_failed_validation", "Prompt outputs failed validation")
+            body["node_errors"] = node_errors
+            return body, []
+        return None, good
+
+    def _validate_node(self, prompt: dict[str, Any], node_id: str, validated: dict[str, bool],
+                       node_errors: dict[str, Any], output: str) -> bool:
+        if node_id in validated:
+            return validated[node_id]
+        validated[node_id] = True
+        node = prompt[node_id]
+        cls = node["class_type"]
+        spec = self.object_info[cls]["input"]
+        confs = {**spec.get("required", {}), **spec.get("optional", {})}
+        inputs = node.get("inputs", {})
+        errors, ok = [], True
+        for name in confs:
+            conf = confs[name]
+            if name not in inputs:
+                if name in spec.get("required", {}):
+                    errors.append({"type": "required_input_missing", "message": "Required input is missing",
+                                   "details": name, "extra_info": {"input_name": name}})
+                continue
+            value = inputs[name]
+            if _is_link(value):
+                target = value[0]
+                if target not in prompt:
+                    errors.append({"type": "exception_during_inner_validation",
+                                   "message": "Exception when validating inner node", "details": f"'{target}'",
+                                   "extra_info": {"input_name": name, "input_config": conf,
+                                                  "exception_message": f"'{target}'", "exception_type": "KeyError",
+                                                  "traceback": [], "linked_node": [node_id, value[1]]}})
+                    continue
+                produced = self.object_info[prompt[target]["class_type"]]["output"]
+                got = produced[value[1]] if value[1] < len(produced) else None
+                if got != conf[0]:
+                    errors.append({"type": "return_type_mismatch",
+                                   "message": "Return type mismatch between linked nodes",
+                                   "details": f"{name}, received_type({got}) mismatch input_type({conf[0]})",
+                                   "extra_info": {"input_name": name, "input_config": conf,
+                                                  "received_type": got, "linked_node": value}})
+                    continue
+                if not self._validate_node(prompt, target, validated, node_errors, output):
+                    ok = False
+                continue
+            error = self._check_literal(cls, name, value, conf)
+            if error:
+                errors.append(error)
+        if errors:
+            entry = node_errors.setdefault(node_id, {"errors": [], "dependent_outputs": [], "class_type": cls})
+            if not entry["errors"]:
+                entry["errors"] = errors
+            if output not in entry["dependent_outputs"]:
+                entry["dependent_outputs"].append(output)
+            ok = False
+        validated[node_id] = ok
+        return ok
+
+    def _check_literal(self, cls: str, name: str, value: Any, conf: list[Any]) -> dict[str, Any] | None:
+        kind = conf[0]
+        limits = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
+        if cls == "LoadImage" and name == "image":  # LoadImage.VALIDATE_INPUTS
+            sub, _, file = str(value).rpartition("/")
+            if (sub, file) not in self.inputs and value != "example.png":
+                return {"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                        "details": f"image - Invalid image file: {value}", "extra_info": {"input_name": name}}
+            return None
+        if isinstance(kind, list):
+            if value not in kind:
+                long = len(kind) > 20
+                listing = f"(list of length {len(kind)})" if long else str(kind)
+                return {"type": "value_not_in_list", "message": "Value not in list",
+                        "details": f"{name}: '{value}' not in {listing}",
+                        "extra_info": {"input_name": name, "input_config": None if long else conf,
+                                       "received_value": value}}
+            return None
+        if kind in ("INT", "FLOAT"):
+            try:
+                number = int(value) if kind == "INT" else float(value)
+            except (TypeError, ValueError) as exc:
+                return {"type": "invalid_input_type",
+                        "message": f"Failed to convert an input value to a {kind} value",
+                        "details": f"{name}, {value}, {exc}",
+                        "extra_info": {"input_name": name, "input_config": conf, "received_value": value,
+                                       "exception_message": str(exc)}}
+            if "min" in limits and number < limits["min"]:
+                return {"type": "value_smaller_than_min",
+                        "message": f"Value {number} smaller than min of {limits['min']}", "details": name,
+                        "extra_info": {"input_name": name, "input_config": conf, "received_value": number}}
+            if "max" in limits and number > limits["max"]:
+                return {"type": "value_bigger_than_max",
+                        "message": f"Value {number} bigger than max of {limits['max']}", "details": name,
+                        "extra_info": {"input_name": name, "input_config": conf, "received_value": number}}
+        return None
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def handle(self, h: _Handler, method: str) -> None:
+        parts = urlsplit(h.path)
+        path = parts.path[4:] if parts.path.startswith("/api/") else parts.path
+        query = parse_qs(parts.query)
+        raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        ctype = h.headers.get("Content-Type", "")
+        body: Any = None
+        form: dict[str, tuple[str | None, bytes]] = {}
+        if ctype.startswith("multipart/form-data"):
+            msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
+            for part in msg.iter_parts():
+                form[part.get_param("name", header="content-disposition")] = (
+                    part.get_filename(), part.get_payload(decode=True) or b"")
+            body = sorted(form)
+        elif raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+        with self._cond:
+            self.requests.append(Recorded(method, path, query, body))
+            for i, (m, p, status) in enumerate(self.faults.fail):
+                if (m is None or m == method) and (p is None or path.startswith(p)):
+                    del self.faults.fail[i]
+                    return h.reply(status, b"500 Internal Server Error: injected", "text/plain")
+        route = getattr(self, f"_{method.lower()}_{path.strip('/').split('/')[0]}", None)
+        if route is None:
+            return h.reply(404, b"404: Not Found", "text/plain; charset=utf-8")
+        return route(h, path, query, body, form)
+
+    def _json(self, h: _Handler, data: Any, status: int = 200) -> None:
+        h.reply(status, json.dumps(data).encode(), "application/json; charset=utf-8")
+
+    def _get_system_stats(self, h: _Handler, *_: Any) -> None:
+        self._json(h, self.system_stats_body)
+
+    def _get_object_info(self, h: _Handler, path: str, *_: Any) -> None:
+        with self._cond:
+            info = copy.deepcopy(self.object_info)
+            top = sorted(name for sub, name in self.inputs if not sub)
+        info["LoadImage"]["input"]["required"]["image"][0] = ["example.png", *top]
+        name = path.strip("/").split("/", 1)[1] if path.count("/") > 1 else None
+        self._json(h, info if name is None else ({name: info[name]} if name in info else {}))
+
+    def _get_features(self, h: _Handler, *_: Any) -> None:
+        self._json(h, {"supports_preview_metadata": True, "max_upload_size": 104857600})
+
+    def _get_models(self, h: _Handler, path: str, *_: Any) -> None:
+        if path.rstrip("/") == "/models/checkpoints":
+            return self._json(h, self.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0])
+        return self._json(h, [])
+
+    def _get_prompt(self, h: _Handler, *_: Any) -> None:
+        with self._cond:
+            left = len(self.pending) + (1 if self.running else 0)
+        self._json(h, {"exec_info": {"queue_remaining": left}})
+
+    def _post_prompt(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        if not isinstance(body, dict) or "prompt" not in body:
+            return self._json(h, {"error": {"type": "no_prompt", "message": "No prompt provided",
+                                            "details": "No prompt provided", "extra_info": {}},
+                                  "node_errors": {}}, 400)
+        with self._cond:
+            error, outputs = self.validate(body["prompt"])
+            if error:
+                return self._json(h, error, 400)
+            pid = str(body.get("prompt_id") or uuid.uuid4())
+            extra = {"client_id": body["client_id"]} if "client_id" in body else {}
+            item = Item(self._number, pid, body["prompt"], extra, outputs)
+            self._number += 1
+            self.pending.append(item)
+            self._cond.notify_all()
+            if self.faults.forget_after_accept > 0:
+                self.faults.forget_after_accept -= 1
+                self.forget()
+        self._json(h, {"prompt_id": pid, "number": item.number, "node_errors": {}})
+
+    def _get_queue(self, h: _Handler, *_: Any) -> None:
+        with self._cond:
+            data = {"queue_running": [self.running.as_list()] if self.running else [],
+                    "queue_pending": [i.as_list() for i in self.pending]}
+            self._json(h, copy.deepcopy(data))
+
+    def _post_queue(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        with self._cond:
+            if isinstance(body, dict) and body.get("clear"):
+                self.pending.clear()
+            if isinstance(body, dict) and "delete" in body:
+                self.pending = [i for i in self.pending if i.prompt_id not in body["delete"]]
+        h.reply(200, b"", None)
+
+    def _get_history(self, h: _Handler, path: str, query: Any, *_: Any) -> None:
+        with self._cond:
+            pid = path.strip("/").split("/", 1)[1] if path.count("/") > 1 else None
+            if pid is not None:
+                data = {pid: self.history[pid]} if pid in self.history else {}
+            else:
+                items = list(self.history.items())
+                if "max_items" in query:
+                    items = items[-int(query["max_items"][0]):]
+                data = dict(items)
+            self._json(h, copy.deepcopy(data))
+
+    def _post_interrupt(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        with self._cond:
+            target = body.get("prompt_id") if isinstance(body, dict) else None
+            if self.running and (target is None or target == self.running.prompt_id):
+                self._interrupt = True
+                self._cond.notify_all()
+        h.reply(200, b"", None)
+
+    def _post_free(self, h: _Handler, *_: Any) -> None:
+        with self._cond:
+            self.freed += 1
+        h.reply(200, b"", None)
+
+    def _post_upload(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        if path.rstrip("/") != "/upload/image" or "image" not in form or not form["image"][0]:
+            return h.reply(400, b"", None)
+        name = form["image"][0]
+        data = form["image"][1]
+        subfolder = form.get("subfolder", (None, b""))[1].decode()
+        overwrite = form.get("overwrite", (None, b""))[1].decode().lower() in ("true", "1")
+        if ".." in subfolder.split("/") or subfolder.startswith("/") or "/" in name or name in ("", "..", "."):
+            return h.reply(400, b"", None)
+        with self._cond:
+            if not overwrite:
+                stem, dot, ext = name.rpartition(".")
+                candidate, i = name, 1
+                while (subfolder, candidate) in self.inputs and self.inputs[(subfolder, candidate)] != data:
+                    candidate = f"{stem} ({i}){dot}{ext}"
+                    i += 1
+                name = candidate
+            self.inputs[(subfolder, name)] = data
+            self.files[("input", subfolder, name)] = data
+        self._json(h, {"name": name, "subfolder": subfolder, "type": "input"})
+
+    def _get_view(self, h: _Handler, path: str, query: Any, *_: Any) -> None:
+        def arg(key: str, default: str = "") -> str:
+            return query.get(key, [default])[0]
+        filename, subfolder, kind = arg("filename"), arg("subfolder"), arg("type", "output")
+        if ".." in filename or ".." in subfolder or filename.startswith("/") or subfolder.startswith("/"):
+            return h.reply(403, b"", None)
+        with self._cond:
+            data = self.files.get((kind, subfolder, filename))
+            garbage = self.faults.view_garbage
+        if data is None:
+            return h.reply(404, b"", None)
+        if garbage:
+            data = b"<html>this is not an image</html>"
+        h.reply(200, data, "image/png", {"Content-Disposition": f'filename="{filename}"'})
+
+
+class _Injected(Exception):
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data.get("exception_message", ""))
+        self.data = data
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node_id: str, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.node_id, self.kind, self.message = node_id, kind, message
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # One write per response, sent at once: headers and body in separate unbuffered writes
+    # meet the client's delayed ACK and cost ~40 ms a request.
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet in tests
+        pass
+
+    def reply(self, status: int, data: bytes, ctype: str | None,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.server.double.handle(self, "GET")
+
+    def do_POST(self) -> None:
+        self.server.double.handle(self, "POST")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A ComfyUI stand-in on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds per prompt")
+    parser.add_argument("--checkpoint", action="append", help="checkpoint names it lists")
+    parser.add_argument("--exit-after", type=float, default=None, help="crash (exit 3) after this many seconds")
+    parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
+    args = parser.parse_args(argv)
+    double = ComfyUIDouble(args.port, delay=args.delay, checkpoints=args.checkpoint).start()
+    done = threading.Event()
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    print(f"comfyui double listening on {double.url} (CUDA_VISIBLE_DEVICES={cuda})", flush=True)
+    if done.wait(args.exit_after) is False and args.exit_after is not None:
+        print("comfyui double: crashing on purpose", flush=True)
+        sys.stdout.flush()
+        os._exit(3)
+    double.stop()
+    print("comfyui double: stopped cleanly", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
