@@ -123,6 +123,167 @@ def cmd_db_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_writer(cfg):
+    from dreamd.ledger import database
+
+    if database.current_revision(cfg.db_path) is None:
+        from dreamd.errors import LedgerError
+        raise LedgerError(f"no ledger at {cfg.db_path} yet: start the daemon (`dreamd run`) "
+                          f"or run `dreamd db upgrade`")
+    return database.writer(cfg.db_path, pool=False)
+
+
+def _control(args: argparse.Namespace, command: str, payload: dict[str, Any]) -> int:
+    from dreamd.ledger import database, queries
+    from dreamd.workers.controls import request
+
+    cfg = _config(args)
+    engine = _ledger_writer(cfg)
+    try:
+        with engine.begin() as conn:
+            cid = request(conn, command, payload)
+            alive = queries.run_alive(queries.last_run(conn))
+    finally:
+        engine.dispose()
+    when = "the daemon applies it within a second" if alive else \
+        "no daemon is running: it is applied when one starts"
+    print(f"control {cid}: {command} {json.dumps(payload) if payload else ''}".rstrip()
+          + f" ({when})")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _control(args, "pause", {"reason": args.reason} if args.reason else {})
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _control(args, "resume", {})
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from dreamd.workers.controls import validate_knob
+
+    if "=" not in args.assignment:
+        raise ConfigError(f"{args.assignment!r}: expected KEY=VALUE, e.g. generation.denoise=0.4")
+    key, value = (x.strip() for x in args.assignment.split("=", 1))
+    validate_knob(key, value)          # the same check the daemon makes, but now
+    return _control(args, "set", {"key": key, "value": value})
+
+
+def cmd_theme(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    names = [t.name for t in cfg.prompts.themes]
+    if args.name not in ("next", *names):
+        raise ConfigError(f"no theme named {args.name!r}: themes are {', '.join(names)} "
+                          f"(or next)")
+    return _control(args, "theme", {"name": args.name})
+
+
+def _reader(cfg):
+    from dreamd.ledger import database
+    return database.reader(cfg.db_path)
+
+
+def _print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
+    elif fmt == "tsv":
+        print("\t".join(columns))
+        for r in rows:
+            print("\t".join("" if v is None else str(v) for v in r))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_edge=False)
+        for c in columns:
+            table.add_column(c)
+        for r in rows:
+            table.add_row(*("" if v is None else str(v) for v in r))
+        Console().print(table)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from sqlalchemy import text
+
+    cfg = _config(args)
+    engine = _reader(cfg)
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(text(
+                "SELECT chain_index AS keyframe, state, theme, attempt, "
+                "ROUND(generation_ms) AS ms, completed_at FROM keyframe_timing "
+                "ORDER BY chain_index DESC LIMIT :n"),
+                {"n": args.limit})
+            rows = result.all()
+            columns = list(result.keys())
+    finally:
+        engine.dispose()
+    _print_rows(columns, list(reversed(rows)), args.format)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    cfg = _config(args)
+    if not cfg.db_path.exists():
+        from dreamd.errors import LedgerError
+        raise LedgerError(f"no ledger at {cfg.db_path} yet: start the daemon first")
+    uri = f"file:{cfg.db_path.resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=5)
+    try:
+        queries = [args.query] if args.query else None
+        if queries is None:
+            if sys.stdin.isatty():
+                print(f"read-only SQL on {cfg.db_path}; end each statement with ';', "
+                      f"Ctrl-D to leave. Tables: keyframes, interpolations, frames, "
+                      f"embeddings, injections, controls, transitions, daemon_runs, "
+                      f"runtime_state; views: frame_history, keyframe_timing, injection_log")
+            queries = _statements(sys.stdin)
+        for q in queries:
+            try:
+                cur = conn.execute(q)
+            except sqlite3.Error as exc:
+                print(f"dreamd sql: {exc}", file=sys.stderr)
+                if args.query:
+                    return EXIT_ERROR
+                continue
+            if cur.description:
+                _print_rows([d[0] for d in cur.description], cur.fetchall(), args.format)
+    finally:
+        conn.close()
+    return 0
+
+
+def _statements(stream):
+    """Split input into complete SQL statements (a ';' inside a string does not count)."""
+    import sqlite3
+    buf = ""
+    for line in stream:
+        buf += line
+        start = 0
+        for i, ch in enumerate(buf):
+            if ch == ";" and sqlite3.complete_statement(buf[start:i + 1]):
+                if buf[start:i + 1].strip(" \n;"):
+                    yield buf[start:i + 1].strip()
+                start = i + 1
+        buf = buf[start:]
+    if buf.strip():
+        yield buf.strip()
+
+
+def cmd_seeds(args: argparse.Namespace) -> int:
+    from dreamd.seeding import write_seeds
+
+    cfg = _config(args)
+    folder = args.dir or cfg.seed_dirs()[-1]
+    w, h = cfg.generation.resolution
+    for path in write_seeds(folder, args.count, width=w, height=h):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = add("status", cmd_status, "data dir, ledger revision, rows per state, daemon liveness")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ps = add("pause", cmd_pause, "pause the dream (generation and playback)")
+    ps.add_argument("--reason", help="shown in the status (default: paused by user)")
+    add("resume", cmd_resume, "resume the dream")
+    st_ = add("set", cmd_set, "change a live knob while the daemon runs, e.g. "
+              "generation.denoise=0.4")
+    st_.add_argument("assignment", metavar="KEY=VALUE")
+    th = add("theme", cmd_theme, "switch the theme of the next keyframe")
+    th.add_argument("name", nargs="?", default="next", help="a theme name, or next")
+    hi = add("history", cmd_history, "recent keyframes: theme, attempts, timing")
+    hi.add_argument("-n", "--limit", type=int, default=20)
+    hi.add_argument("--format", choices=("table", "tsv", "json"), default="table")
+    sq = add("sql", cmd_sql, "query the ledger read-only (a statement, or statements on stdin)")
+    sq.add_argument("query", nargs="?")
+    sq.add_argument("--format", choices=("table", "tsv", "json"), default="table")
+    se = add("seeds", cmd_seeds, "make more starting images")
+    se.add_argument("-n", "--count", type=int, default=6)
+    se.add_argument("--dir", help="where to write them (default: <data_dir>/seeds, or "
+                    "generation.seeds_dir)")
 
     cfg = sub.add_parser("config", help="show or check configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)

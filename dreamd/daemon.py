@@ -101,7 +101,7 @@ def setup_logging(cfg: Config) -> None:
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(console)
     root.addHandler(file)
-    for noisy in ("PIL", "urllib3"):
+    for noisy in ("PIL", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # a tick skipped because the previous one still runs is normal: workers loop
     logging.getLogger("apscheduler").setLevel(logging.ERROR)

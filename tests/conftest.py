@@ -57,3 +57,66 @@ def dreamd_env(tmp_path, monkeypatch) -> dict[str, str]:
 
 def dreamd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dreamd", *args]
+
+
+# ---------------------------------------------------------------- running the daemon
+
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+FAST_CONFIG = """
+[generation]
+resolution = [128, 64]
+interpolation_frames = 4
+lease_seconds = 10.0
+[display]
+fps = 10.0
+buffer_target_seconds = 3.0
+min_buffer_seconds = 1.0
+"""
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class DaemonRunner:
+    """Start `dreamd run` as a real subprocess on one data dir, with a config file."""
+
+    def __init__(self, env: dict[str, str], tmp_path: Path, config: str = FAST_CONFIG):
+        self.env = dict(env)
+        self.data_dir = Path(env["DREAMD_DATA_DIR"])
+        self.config = tmp_path / "dreamd.toml"
+        self.config.write_text(config)
+        self.logs: list[Path] = []
+
+    def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = self.data_dir.parent / f"daemon-{len(self.logs)}.out"
+        self.logs.append(log)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(dreamd_cmd("--config", str(self.config), "run", *args),
+                                env={**self.env, **(extra_env or {}), "COLUMNS": "200"},
+                                stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def run(self, seconds: float, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = self.start("--duration", str(seconds), *args)
+        rc = proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, rc, self.logs[-1].read_text(), "")
+
+    def output(self) -> str:
+        return self.logs[-1].read_text() if self.logs else ""
+
+    def db(self):
+        from dreamd.ledger import database
+        return database.reader(self.data_dir / "dreamd.db")
+
+
+@pytest.fixture
+def daemon(dreamd_env, tmp_path) -> DaemonRunner:
+    return DaemonRunner(dreamd_env, tmp_path)

@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, or_, select, update
 
 from dreamd.display import status as status_json
 from dreamd.display.files import copy_atomic
+from dreamd.faults import pause_point
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
 from dreamd.ledger.states import JobState as J
@@ -119,6 +120,7 @@ class DisplayWriter:
         if self.current is not None and self.current.exists():
             copy_atomic(self.current, self.out / "previous_frame.png")
         copy_atomic(path, self.out / "current_frame.png")
+        pause_point("frame-displayed", self.ctx.cfg.data_dir)
         self.shown_times.append(time.perf_counter())
         if len(self.shown_times) > 10_000:
             del self.shown_times[:5_000]

@@ -238,14 +238,17 @@ def release(conn: Connection, entity: str, owner: str, *, now: datetime | None =
 
 
 def rescue(conn: Connection, entity: str, *, now: datetime | None = None,
-           worker: str | None = "janitor") -> dict[str, list[int]]:
+           worker: str | None = "janitor", every_lease: bool = False) -> dict[str, list[int]]:
     """Expired leases: back to available, or discarded when attempts are used up.
 
-    Both are recorded with the event `abandoned` (their worker died or hung).
+    Both are recorded with the event `abandoned` (their worker died or hung). With
+    `every_lease`, unexpired leases too: for a daemon that knows no other is alive.
     """
     table = _table(entity)
     now = now or utcnow()
-    expired = (table.c.state == J.executing) & (table.c.lease_expires_at < now)
+    expired = table.c.state == J.executing
+    if not every_lease:
+        expired = expired & (table.c.lease_expires_at < now)
     back = conn.execute(update(table)
                         .where(expired, table.c.attempt < table.c.max_attempts)
                         .values(state=J.available, lease_owner=None, lease_expires_at=None,

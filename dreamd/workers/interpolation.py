@@ -20,6 +20,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from dreamd.display.files import write_atomic
+from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
@@ -141,6 +142,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, buf.getvalue(), fsync=True)
                 written.append((t, path))
+            pause_point("frames-written", ctx.cfg.data_dir)
     except Exception as exc:
         log.exception("interpolation %d (chain %d) failed", batch.id, batch.chain_index)
         try:

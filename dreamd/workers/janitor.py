@@ -29,11 +29,8 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
     n = 0
     with ctx.engine.begin() as conn:
         for entity in JOB_ENTITIES:
-            if everything:
-                result = transitions.rescue(conn, entity, worker="startup",
-                                            now=utcnow().replace(year=9999))
-            else:
-                result = transitions.rescue(conn, entity)
+            result = transitions.rescue(conn, entity, every_lease=everything,
+                                        worker="startup" if everything else "janitor")
             for state, ids in result.items():
                 if ids:
                     log.warning("%d %s row(s) abandoned by a dead worker -> %s: %s", len(ids),

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 
 from dreamd.backend import KeyframeBackend, KeyframeRequest
 from dreamd.display.files import write_atomic
+from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
@@ -89,6 +90,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         path = keyframe_path(ctx, row.chain_index, row.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, fsync=True)
+        pause_point("keyframe-written", ctx.cfg.data_dir)
     except (TransientBackendError, PermanentBackendError) as exc:
         _fail(ctx, row, owner, str(exc), permanent=isinstance(exc, PermanentBackendError))
         return 0

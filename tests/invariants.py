@@ -1,0 +1,64 @@
+"""What must hold in a data dir whenever no daemon is running, whatever killed it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select, text
+
+from dreamd.ledger import database, transitions as tr
+from dreamd.ledger.models import ENTITY_MODELS, Transition
+
+
+def check(data_dir: Path) -> dict:
+    """Assert the invariants; return a few facts for further assertions."""
+    engine = database.reader(Path(data_dir) / "dreamd.db")
+    try:
+        with engine.connect() as conn:
+            frames = conn.execute(text("SELECT id, chain_index, t, state, path, shown_at "
+                                       "FROM frames")).all()
+            # no place in the playback order produced twice
+            places = [(f.chain_index, f._mapping["t"]) for f in frames]
+            assert len(places) == len(set(places)), "a (chain_index, t) was produced twice"
+            # files before rows: every live row has its file ...
+            live = [f for f in frames if f.state in ("ready", "shown")]
+            missing = [f.path for f in live if not Path(f.path).exists()]
+            assert not missing, f"rows without files: {missing[:5]}"
+            # ... and no frame file lacks a live row
+            named = {Path(f.path) for f in live}
+            on_disk = {p for p in (Path(data_dir) / "frames").glob("*.png")}
+            assert on_disk <= named, f"files without rows: {sorted(on_disk - named)[:5]}"
+            # nothing left executing
+            for entity in ("keyframe", "interpolation", "embedding"):
+                table = ENTITY_MODELS[entity].__table__
+                stuck = conn.execute(select(table.c.id).where(table.c.state == "executing")
+                                     ).scalars().all()
+                assert not stuck, f"{entity} rows stuck executing: {stuck}"
+            # playback order: shown frames, by time shown, move strictly forward
+            shown = sorted((f for f in frames if f.shown_at is not None),
+                           key=lambda f: (f.shown_at, f.id))
+            order = [(f.chain_index, f._mapping["t"]) for f in shown]
+            assert order == sorted(order) and len(order) == len(set(order)), \
+                "frames were shown out of order"
+            # the history explains every row
+            hist = conn.execute(select(Transition.__table__)
+                                .order_by(Transition.__table__.c.id)).all()
+            by_row: dict = {}
+            for h in hist:
+                by_row.setdefault((h.entity, h.entity_id), []).append(h)
+            for entity, model in ENTITY_MODELS.items():
+                table = model.__table__
+                for rid, state in conn.execute(select(table.c.id, table.c.state)).all():
+                    assert tr.replay(by_row.get((entity, rid), [])) == state, (entity, rid)
+            keyframe_files = {Path(p) for p in conn.execute(text(
+                "SELECT path FROM keyframes WHERE path IS NOT NULL")).scalars()}
+            on_disk_k = set((Path(data_dir) / "keyframes").glob("*.png"))
+            assert on_disk_k <= keyframe_files, \
+                f"keyframe files without rows: {sorted(on_disk_k - keyframe_files)[:5]}"
+            rt = conn.execute(text("SELECT * FROM runtime_state WHERE id = 1")).first()
+            return {"frames": len(frames), "shown": order,
+                    "playhead": (rt.playhead_chain_index, rt.playhead_t) if rt else None,
+                    "keyframes": conn.execute(text("SELECT count(*) FROM keyframes WHERE "
+                                                   "state='completed'")).scalar()}
+    finally:
+        engine.dispose()
