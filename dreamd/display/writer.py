@@ -154,8 +154,9 @@ class DisplayWriter:
                      state: str | None = None) -> None:
         ctx, facts = self.ctx, self.ctx.facts
         n = ctx.knob("generation.interpolation_frames")
+        paused = ctx.paused()
         status_json.write(self.out / "status.json", status_json.build(
-            status=state or self.state,
+            status=state or ("paused" if paused else self.state),
             frame_number=self.frames_shown,
             keyframe_index=self.chain,
             generation_time=round(facts.get("generation_time", 0.0), 3),
@@ -168,7 +169,7 @@ class DisplayWriter:
             buffer_target_seconds=ctx.knob("display.buffer_target_seconds"),
             is_buffering=self.buffering,
             fps=fps,
-            paused=ctx.paused(),
+            paused=paused,
             pause_reason=facts.get("pause_reason"),
             uptime_hours=round((time.monotonic() - ctx.started_monotonic) / 3600, 4),
             daemon_status=daemon_status,
