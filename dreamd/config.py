@@ -175,7 +175,8 @@ class ComfyUI:
 
 @dataclass
 class Guard:
-    enabled: bool = key(True, "pause generation and free VRAM while a known game runs")
+    enabled: bool = key(True, "pause generation and free VRAM while a known game runs (the "
+                                   "guard is not built yet: validated, no effect)")
     known_games: list[str] = key(DEFAULT_GAMES, "process names that pause the dream "
                                                 "(case-insensitive)")
     check_interval_seconds: float = key(5.0, "how often the process list is read",
