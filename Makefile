@@ -11,7 +11,7 @@ PYTEST_MARK := -m "not slow"
 endif
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all bench bench-ledger clean-venv
+.PHONY: run test test-all bench bench-ledger bench-codecs clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ test: $(VENV)/.installed-dev
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (not tests): results go in bench/RESULTS.md with the machine and command.
 bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/pipeline.py
+
+bench-ledger: $(VENV)/.installed-dev
 	$(BIN)/python bench/ledger.py
 
 clean-venv:

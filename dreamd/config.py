@@ -63,6 +63,27 @@ def _urls(value: list[str]) -> str | None:
     return f"http:// or https:// URLs ({bad[0]!r} is not one)" if bad else None
 
 
+_MAPPING_VALUE = re.compile(r"^([^.\s]+\.inputs\.[^.\s]+)?$")
+
+
+def _mapping(value: dict[str, str]) -> str | None:
+    bad = [k for k, v in value.items() if not _MAPPING_VALUE.match(v)]
+    return (f"values written \"<node id>.inputs.<input name>\" or \"\" ({bad[0]} = "
+            f"{value[bad[0]]!r} is not)") if bad else None
+
+
+def _subfolder(value: str) -> str | None:
+    parts = value.split("/")
+    if value and all(p and p not in (".", "..") and "\\" not in p and ":" not in p
+                     for p in parts):
+        return None
+    return "a relative folder name without '..', '\\' or ':'"
+
+
+def _four_words(value: list[str]) -> str | None:
+    return None if len(value) == 4 else "four strings: dawn, day, dusk, night"
+
+
 @dataclass
 class Theme:
     name: str = key("", "a short name, shown in the status and the history")
@@ -143,12 +164,58 @@ class Display:
 
 @dataclass
 class Cache:
-    enabled: bool = key(True, "the aesthetic memory (not built yet: validated, no effect)")
-    max_size: int = key(50, "frames kept in the aesthetic memory (LRU)", min=1, max=100_000)
-    injection_probability: float = key(0.15, "base chance per keyframe of re-injecting a cached "
-                                             "frame", min=0.0, max=1.0)
-    similarity_threshold: float = key(0.8, "similarity above which two frames count as alike",
-                                      min=0.0, max=1.0)
+    # Similarity thresholds at 0 take the embedder's own scale (dreamd/memory/embedder.py):
+    # CLIP and the descriptor put the same pair of pictures at different similarities.
+    enabled: bool = key(True, "the aesthetic memory: embeddings, the cache, collapse "
+                              "detection and injections")
+    injections: bool = key(True, "false = embed, admit and measure (`dreamd stats`), but never "
+                                 "inject: the chain runs as if there were no memory")
+    embedder: str = key("auto", "auto = open_clip when its weights are on this machine, else "
+                                "the descriptor (colour + structure, no weights)",
+                        choices=("auto", "open_clip", "descriptor"))
+    clip_model: str = key("ViT-B-32", "open_clip architecture name, or a path to a model "
+                                      "config .json")
+    clip_pretrained: str = key("laion2b_s34b_b79k", "open_clip weights: a file path, or a tag "
+                                                    "looked up in open_clip's local cache")
+    allow_downloads: bool = key(False, "let open_clip download missing weights (never by "
+                                       "default: the daemon says which file it needs)")
+    embed_midpoints: bool = key(False, "also embed the middle in-between of each pair (more "
+                                       "cache candidates, more CPU)")
+    max_backlog: int = key(16, "embeddings waiting beyond this are skipped (counted in "
+                               "`dreamd stats`) so the memory never holds playback back",
+                           min=1, max=100_000)
+    max_size: int = key(50, "frames kept in the cache (least recently used leave first)",
+                        min=1, max=100_000)
+    similarity_threshold: float = key(0.0, "a frame joins the cache when its highest "
+                                           "similarity to the members is below this; 0 = the "
+                                           "embedder's default", min=0.0, max=1.0)
+    collapse_window: int = key(8, "keyframes whose mean pairwise similarity measures collapse",
+                               min=2, max=1000)
+    collapse_threshold: float = key(0.0, "mean similarity of the window at which the chain "
+                                         "counts as collapsing; 0 = the embedder's default",
+                                    min=0.0, max=1.0)
+    warmup_keyframes: int = key(10, "keyframes at the start of a chain with no injections",
+                                min=0, max=1_000_000)
+    cooldown_keyframes: int = key(4, "keyframes after an injection before the next one",
+                                  min=1, max=1_000_000)
+    injection_probability: float = key(0.15, "base chance per keyframe of an injection",
+                                       min=0.0, max=1.0)
+    collapse_probability: float = key(0.8, "chance per keyframe of an injection while "
+                                           "collapsing", min=0.0, max=1.0)
+    band_min: float = key(0.0, "an injected cached frame is at least this similar to the "
+                               "current look (related); 0 = the embedder's default",
+                          min=0.0, max=1.0)
+    band_max: float = key(0.0, "…and at most this similar (different); 0 = the embedder's "
+                               "default", min=0.0, max=1.0)
+    injection_weight: float = key(0.5, "share of the cached frame in the blended input",
+                                  min=0.0, max=1.0)
+    seed_probability: float = key(0.1, "base chance that an injection uses a seed image instead "
+                                       "of the cache (grows with each cache injection in a "
+                                       "row)", min=0.0, max=1.0)
+    seed_force_after: int = key(4, "after this many cache injections in a row the next "
+                                   "injection is a seed", min=1, max=1000)
+    seed_weight: float = key(0.5, "share of the seed image in the blended input",
+                             min=0.0, max=1.0)
 
 
 @dataclass
@@ -157,6 +224,11 @@ class Prompts:
                                               "[[prompts.themes]] tables with name, positive, "
                                               "negative")
     rotation_interval: int = key(20, "keyframes before the next theme", min=1, max=1_000_000)
+    time_of_day: bool = key(False, "append a word for the local time of day to every prompt "
+                                   "(from time_of_day_words)")
+    time_of_day_words: list[str] = key(["at dawn", "in daylight", "at dusk", "at night"],
+                                       "what is appended from 05:00, 08:00, 17:00 and 20:00 "
+                                       "local time", check=_four_words)
 
 
 @dataclass
@@ -171,6 +243,37 @@ class ComfyUI:
                                  "run by one); empty = do not supervise")
     fallback: str = key("none", "what to do while every server is down",
                         choices=("none", "procedural"))
+    txt2img_workflow: str = key("sd15_txt2img", "workflow for the first keyframe when there is "
+                                                "no seed image (a name in workflows/ or a path)")
+    mapping: dict[str, str] = key({}, "where the daemon's values go in `workflow`, as key = "
+                                      "\"<node id>.inputs.<name>\" (\"\" = leave it to the "
+                                      "workflow); empty = found by walking the graph",
+                                  check=_mapping)
+    txt2img_mapping: dict[str, str] = key({}, "the same for `txt2img_workflow`", check=_mapping)
+    poll_interval_seconds: float = key(0.25, "how often /history is asked while a prompt runs",
+                                       min=0.01, max=10.0)
+    deadline_seconds: float = key(300.0, "a prompt not finished by then is interrupted (if it "
+                                         "is ours and running) and retried", min=1.0,
+                                  max=86_400.0)
+    connect_timeout_seconds: float = key(3.0, "HTTP connect timeout per request", min=0.1,
+                                         max=120.0)
+    read_timeout_seconds: float = key(30.0, "HTTP read timeout per request", min=0.5,
+                                      max=3600.0)
+    tries: int = key(4, "tries per HTTP request before a server counts as down (POST /prompt "
+                        "is retried only when nothing was sent)", min=1, max=20)
+    bench_seconds_max: float = key(300.0, "longest a failing server is benched (the bench "
+                                          "doubles from 2 s on each failure)", min=1.0,
+                                   max=86_400.0)
+    upload_subfolder: str = key("dreamd", "subfolder of ComfyUI's input dir for uploaded "
+                                          "images", check=_subfolder)
+    start_cwd: str = key("", "working directory of `start_command` (relative paths are "
+                             "relative to the config file); empty = the daemon's")
+    start_env: dict[str, str] = key({}, "extra environment for `start_command` "
+                                        "(CUDA_VISIBLE_DEVICES is set from system.gpu)")
+    max_restarts_per_hour: int = key(10, "restarts of a dying `start_command` per hour before "
+                                         "the daemon gives up on it", min=0, max=1000)
+    log_file: str = key("", "where the output of `start_command` is appended; empty = "
+                            "<data_dir>/logs/comfyui.log")
 
 
 @dataclass
@@ -260,6 +363,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = get_args(tp)
         return f"a list of {_type_name(inner)}s" if inner is not Theme else "a list of tables"
+    if origin is dict:
+        inner = _type_name(get_args(tp)[1])
+        return f"a table of {inner.split(' ', 1)[-1]}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             Theme: "a table"}.get(tp, str(tp))
 
@@ -276,6 +382,12 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
             raise fail(_type_name(tp))
         items = [_check_value(f"{path}[{i}]", v, inner, {}) for i, v in enumerate(value)]
         value = items
+    elif origin is dict:
+        # a table of name -> value (mappings, environments): names are TOML keys, so strings
+        _, inner = get_args(tp)
+        if not isinstance(value, dict):
+            raise fail(_type_name(tp))
+        value = {k: _check_value(f"{path}.{k}", v, inner, {}) for k, v in value.items()}
     elif is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail("a table")
@@ -331,6 +443,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"display.min_buffer_seconds = {d.min_buffer_seconds:g} is invalid: expected a value "
             f"no larger than display.buffer_target_seconds ({d.buffer_target_seconds:g})")
+    c = cfg.cache
+    if c.band_min and c.band_max and c.band_min > c.band_max:
+        raise ConfigError(f"cache.band_min = {c.band_min:g} is invalid: expected a value no "
+                          f"larger than cache.band_max ({c.band_max:g})")
     themes = cfg.prompts.themes
     if not themes:
         raise ConfigError("prompts.themes = [] is invalid: expected at least one theme")
@@ -410,7 +526,8 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
     if base_dir is not None:
         for section, name in (("system", "data_dir"), ("display", "output_dir"),
                               ("comfyui", "models_dir"), ("generation", "codec_path"),
-                              ("generation", "seeds_dir")):
+                              ("generation", "seeds_dir"), ("comfyui", "start_cwd"),
+                              ("comfyui", "log_file")):
             obj = getattr(cfg, section)
             value = getattr(obj, name)
             if value and not Path(value).expanduser().is_absolute():
@@ -460,6 +577,22 @@ def check_file(path: str | os.PathLike[str]) -> Config:
     return parse(text, str(p), base_dir=p.parent.resolve())
 
 
+def check_key(path: str, raw: str) -> Any:
+    """Parse and validate one value written as TOML (`dreamd set KEY=VALUE`)."""
+    fields_ = dict(key_paths())
+    if path not in fields_:
+        hint = difflib.get_close_matches(path, list(fields_), n=1)
+        extra = f"; did you mean {hint[0]}?" if hint else ""
+        raise ConfigError(f"unknown key {path!r}{extra}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw     # a bare word: take it as a string, the type check decides
+    section, name = path.split(".")
+    tp = get_type_hints(_section_class(section))[name]
+    return _check_value(path, value, tp, dict(fields_[path].metadata))
+
+
 def flatten(cfg: Config) -> list[tuple[str, Any]]:
     """("section.key", value) for every key, in schema order."""
     out = []
@@ -504,5 +637,11 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
     return json.dumps(str(value))
+
+
+def _toml_key(name: str) -> str:
+    import json
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)

@@ -33,8 +33,8 @@ from dreamd.ledger.states import JOB_ENTITIES
 log = logging.getLogger("dreamd")
 DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
-WORKERS = ("planner", "keyframe", "interpolation", "display", "janitor", "controls",
-           "heartbeat")
+WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "janitor",
+           "controls", "heartbeat")
 
 
 # ---------------------------------------------------------------- pid file
@@ -109,14 +109,15 @@ def setup_logging(cfg: Config) -> None:
 
 # ---------------------------------------------------------------- backends
 
-def make_backend(cfg: Config):
+def make_backend(cfg: Config, ctx: Any = None):
+    """The keyframe backend; `ctx` lets a remote one publish its health (facts, ledger)."""
     name = cfg.generation.backend
     if name == "procedural":
         from dreamd.backends.procedural import ProceduralBackend
         return ProceduralBackend()
     if name == "comfyui":
         from dreamd.backends.comfyui.daemon_backend import build_backend
-        return build_backend(cfg)
+        return build_backend(cfg, ctx)
     raise DaemonError(f"generation.backend = {name!r} is not a backend")
 
 
@@ -165,6 +166,8 @@ class Daemon:
 
         from dreamd.torch_threads import configure_torch_threads
         from dreamd.workers import controls, interpolation, janitor, keyframe, planner
+        from dreamd.workers.embedding import EmbeddingWorker
+        from dreamd.memory.embedder import Embedders
         from dreamd.workers.context import WorkerContext
         from dreamd.display.writer import DisplayWriter
 
@@ -184,6 +187,8 @@ class Daemon:
                 pid=pid, host=host, version=__version__, backend=cfg.generation.backend,
                 started_at=utcnow(), heartbeat_at=utcnow()).returning(DR.c.id)).scalar_one()
             queries.runtime(conn)
+            if cfg.generation.backend != "comfyui":  # no stale server health in the status
+                queries.update_runtime(conn, comfyui_health=None)
         ctx = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=run_id,
                             owner=f"{host}:{pid}:{run_id}", started_monotonic=time.monotonic())
         self.ctx = ctx
@@ -194,8 +199,10 @@ class Daemon:
         janitor.rescue_all(ctx, everything=True)
         janitor.reconcile(ctx)
         controls.restore(ctx)
-        backend = make_backend(cfg)
+        backend = make_backend(cfg, ctx)
         codecs = interpolation.Codecs(ctx)
+        ctx.codecs, ctx.embedders = codecs, Embedders(cfg.cache)   # shared with the planner
+        memory = EmbeddingWorker(ctx, ctx.embedders)
         display = DisplayWriter(ctx)
         jan = janitor.Janitor(ctx)
 
@@ -211,12 +218,15 @@ class Daemon:
             scheduler.reschedule_job("display", trigger="interval",
                                      seconds=1.0 / ctx.knob("display.fps"))
 
-        every("planner", 0.5, lambda: planner.tick(ctx))
-        every("keyframe", 0.25, lambda: keyframe.tick(ctx, backend))
-        every("interpolation", 0.25, lambda: interpolation.tick(ctx, codecs))
+        # Idle ticks cost CPU (measured in bench/pipeline.py): poll at the pace the
+        # buffer needs, not faster. A worker with work loops until it has none.
+        every("planner", 1.0, lambda: planner.tick(ctx))
+        every("keyframe", 0.5, lambda: keyframe.tick(ctx, backend))
+        every("interpolation", 0.5, lambda: interpolation.tick(ctx, codecs))
+        every("embedding", 1.0, memory.tick)
         every("display", 1.0 / ctx.knob("display.fps"), display.tick)
         every("janitor", 5.0, jan.tick)
-        every("controls", 0.5, lambda: controls.tick(ctx, on_knobs))
+        every("controls", 0.5, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -262,7 +272,7 @@ class Daemon:
                                  state="stopped")
         except Exception:
             log.exception("final status.json")
-        for closer in (backend.close, codecs.release):
+        for closer in (backend.close, codecs.release, ctx.embedders.release):
             try:
                 closer()
             except Exception:

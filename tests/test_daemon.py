@@ -126,7 +126,7 @@ def test_controls_act_on_a_running_daemon(daemon):
 
 def test_retention_keeps_disk_bounded(daemon, tmp_path):
     daemon.config.write_text(FAST_CONFIG.replace("[display]", "[display]\nmax_output_frames = 10"))
-    assert daemon.run(8).returncode == 0
+    assert daemon.run(12).returncode == 0
     facts = invariants.check(daemon.data_dir)
     engine = daemon.db()
     with engine.connect() as conn:

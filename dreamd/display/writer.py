@@ -19,12 +19,13 @@ from dreamd.faults import pause_point
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
 from dreamd.ledger.states import JobState as J
-from dreamd.workers.context import WorkerContext
+from dreamd.workers.context import WorkerContext, log_timing, timed
 
 log = logging.getLogger("dreamd.display")
 FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,
                   RuntimeState.__table__)
-STATUS_EVERY = 1.0   # seconds between status.json writes when nothing is shown
+STATUS_EVERY = 0.5   # seconds between status.json writes, unless the state changes
+COUNT_EVERY = 0.5    # seconds between recounts of the buffer (decremented in between)
 
 
 class DisplayWriter:
@@ -43,6 +44,9 @@ class DisplayWriter:
         self.in_underrun = False
         self.state = "starting"
         self.last_status = 0.0
+        self.last_state = ""
+        self.ahead = 0
+        self.counted_at = float("-inf")
         self.shown_times: list[float] = []     # perf_counter of each show, for the bench
 
     # ------------------------------------------------------------ queries
@@ -81,9 +85,13 @@ class DisplayWriter:
             self.state = "paused"
             self._status_maybe(fps, force=False)
             return
+        now = time.monotonic()
         with ctx.reader.connect() as conn:
             nxt = self.next_frame(conn)
-            ahead = self.buffered(conn)
+            # counting the buffer is the tick's dearest query: twice a second is enough
+            if self.buffering or now - self.counted_at >= COUNT_EVERY:
+                self.ahead, self.counted_at = self.buffered(conn), now
+        ahead = self.ahead
         seconds = ahead / fps
         first = self.current is None and self.chain is None
         if self.buffering:
@@ -95,7 +103,8 @@ class DisplayWriter:
                 self._status_maybe(fps, force=True, ahead=ahead - 1)
                 return
             else:
-                self.state = "buffering"
+                # after an underrun the status keeps saying so until playback resumes
+                self.state = "underrun" if self.in_underrun else "buffering"
                 self._status_maybe(fps, force=False, ahead=ahead)
                 return
         if nxt is None:
@@ -112,20 +121,23 @@ class DisplayWriter:
             return
         self.in_underrun = False
         self.show(nxt)
+        self.ahead = max(0, ahead - 1)
         self.state = "playing"
-        self._status_maybe(fps, force=True, ahead=ahead - 1)
+        self._status_maybe(fps, force=False, ahead=self.ahead)
 
     def show(self, frame) -> None:
+        timings: dict[str, float] = {}
         path = Path(frame.path)
-        if self.current is not None and self.current.exists():
-            copy_atomic(self.current, self.out / "previous_frame.png")
-        copy_atomic(path, self.out / "current_frame.png")
+        with timed(timings, "write"):
+            if self.current is not None and self.current.exists():
+                copy_atomic(self.current, self.out / "previous_frame.png")
+            copy_atomic(path, self.out / "current_frame.png")
         pause_point("frame-displayed", self.ctx.cfg.data_dir)
         self.shown_times.append(time.perf_counter())
         if len(self.shown_times) > 10_000:
             del self.shown_times[:5_000]
         now = utcnow()
-        with self.ctx.engine.begin() as conn:
+        with timed(timings, "ledger"), self.ctx.engine.begin() as conn:
             transitions.transition(conn, "frame", frame.id, "ready", "shown", worker="display",
                                    now=now, values={"shown_at": now})
             conn.execute(update(RT).where(RT.c.id == 1).values(
@@ -138,13 +150,15 @@ class DisplayWriter:
                     .limit(1)).scalar()
         self.current, self.chain, self.t = path, frame.chain_index, frame.pos
         self.frames_shown += 1
+        log_timing(log, "display", frame.id, timings)
 
     # ------------------------------------------------------------ status.json
     def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None) -> None:
         now = time.monotonic()
-        if not force and now - self.last_status < STATUS_EVERY:
+        changed = self.state != self.last_state
+        if not force and not changed and now - self.last_status < STATUS_EVERY:
             return
-        self.last_status = now
+        self.last_status, self.last_state = now, self.state
         if ahead is None:
             with self.ctx.reader.connect() as conn:
                 ahead = self.buffered(conn)

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from dreamd.errors import LedgerError
 
@@ -54,14 +54,18 @@ def writer(path: str | Path, *, foreign_keys: bool = True, pool: bool = True) ->
     return engine
 
 
-def reader(path: str | Path) -> Engine:
-    """A read-only engine: `file:…?mode=ro`, so a reader cannot write even by mistake."""
+def reader(path: str | Path, *, pool: bool = True) -> Engine:
+    """A read-only engine: `file:…?mode=ro`, so a reader cannot write even by mistake.
+
+    Pooled by default: opening a SQLite connection (and reading its schema) costs more
+    than the small queries the daemon's ticks make several times a second.
+    """
     path = Path(path)
     if not path.exists():
         raise LedgerError(f"{path}: no ledger here yet (start the daemon, or run "
                           f"`dreamd db upgrade`)")
     uri = f"file:{path.resolve()}?mode=ro"
-    engine = create_engine("sqlite+pysqlite://", poolclass=NullPool,
+    engine = create_engine("sqlite+pysqlite://", poolclass=QueuePool if pool else NullPool,
                            creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False,
                                                            timeout=BUSY_TIMEOUT_MS / 1000))
     event.listen(engine, "connect", _on_connect(foreign_keys=True, read_only=True))

@@ -165,6 +165,20 @@ def claim(conn: Connection, entity: str, owner: str, *, lease_seconds: float, li
     return sorted(rows, key=lambda r: tuple(getattr(r, c) for c in _CLAIM_ORDER[entity]))
 
 
+@functools.cache
+def _due(entity: str):
+    table = _table(entity)
+    return (select(table.c.id)
+            .where(table.c.state.in_((J.available, J.retryable)),
+                   table.c.scheduled_at <= bindparam("_now")).limit(1))
+
+
+def has_due(conn: Connection, entity: str, *, now: datetime | None = None) -> bool:
+    """Is anything claimable (or about to be staged)? A cheap read, so idle workers can
+    poll on a read-only connection instead of taking the write lock to find nothing."""
+    return conn.execute(_due(entity), {"_now": now or utcnow()}).first() is not None
+
+
 def heartbeat(conn: Connection, entity: str, ids: Sequence[int], owner: str, *,
               lease_seconds: float, now: datetime | None = None) -> int:
     """Renew `owner`'s leases on `ids`; returns how many it still holds."""

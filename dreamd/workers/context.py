@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -37,6 +38,10 @@ class WorkerContext:
     started_monotonic: float = 0.0
     # Facts workers report for status.json (not durable: derived again after a restart).
     facts: dict[str, Any] = field(default_factory=dict)
+    # Lazily built models the planner shares with their workers (None in tests that do
+    # without): the codec (injection blends in latent space) and the embedder.
+    codecs: Any = None                          # dreamd.workers.interpolation.Codecs
+    embedders: Any = None                       # dreamd.memory.embedder.Embedders
     _knobs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,3 +97,22 @@ class WorkerContext:
     def runtime(self):
         with self.reader.connect() as conn:
             return queries.runtime(conn)
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the body's wall time, in ms, to timings[name] (for the `timing` debug lines
+    that bench/pipeline.py reads)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+
+def log_timing(logger: logging.Logger, kind: str, row_id: int, timings: dict[str, float],
+               **extra: object) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        fields = " ".join(f"{k}_ms={v:.2f}" for k, v in timings.items())
+        more = " ".join(f"{k}={v}" for k, v in extra.items())
+        logger.debug("timing %s id=%d %s %s", kind, row_id, fields, more)

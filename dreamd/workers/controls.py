@@ -1,7 +1,8 @@
 """Controls: requests from the CLI, the TUI or Rainmeter travel as `controls` rows
 (no surface writes any other table); this worker applies them in order.
 
-Commands: pause [reason], resume, set KEY=VALUE (a live knob), theme [NAME|next].
+Commands: pause [reason], resume, set KEY=VALUE (a live knob), theme [NAME|next],
+free (ComfyUI unloads its models and frees memory: what the game guard asks for).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dreamd.workers.context import LIVE_KNOBS, WorkerContext
 
 log = logging.getLogger("dreamd.controls")
 CT = Control.__table__
-COMMANDS = ("pause", "resume", "set", "theme")
+COMMANDS = ("pause", "resume", "set", "theme", "free")
 
 
 def request(conn: Connection, command: str, args: dict[str, Any] | None = None) -> int:
@@ -37,9 +38,7 @@ def validate_knob(key: str, raw: str) -> Any:
     if key not in LIVE_KNOBS:
         raise ConfigError(f"{key} cannot be set while running: live keys are "
                           f"{', '.join(sorted(LIVE_KNOBS))}")
-    section, name = key.split(".")
-    cfg = config.parse(f"[{section}]\n{name} = {raw}\n", origin="set")
-    return getattr(getattr(cfg, section), name)
+    return config.check_key(key, raw)
 
 
 def restore(ctx: WorkerContext) -> None:
@@ -50,14 +49,15 @@ def restore(ctx: WorkerContext) -> None:
     ctx.set_knobs(queries.knobs(rt))
 
 
-def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None) -> int:
+def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None,
+         backend: Any = None) -> int:
     with ctx.reader.connect() as conn:
         pending = conn.execute(select(CT).where(CT.c.state == "available")
                                .order_by(CT.c.id)).all()
     for row in pending:
         try:
             args = json.loads(row.args or "{}")
-            changes = apply(ctx, row.command, args)
+            changes = apply(ctx, row.command, args, backend)
             with ctx.engine.begin() as conn:
                 if changes:
                     queries.update_runtime(conn, **changes)
@@ -76,8 +76,11 @@ def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None =
     return len(pending)
 
 
-def apply(ctx: WorkerContext, command: str, args: dict[str, Any]) -> dict[str, Any]:
+def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
+          backend: Any = None) -> dict[str, Any]:
     """Act on one control; returns the runtime_state columns to change."""
+    if command == "free":
+        return free(backend)
     if command == "pause":
         reason = str(args.get("reason") or "paused by user")
         ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
@@ -109,3 +112,21 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any]) -> dict[str, A
         rotation = ctx.knob("prompts.rotation_interval")
         return {"theme_index": (names.index(target) - k_next // rotation) % len(names)}
     raise ValueError(f"unknown control {command!r}")
+
+
+def free(backend: Any) -> dict[str, Any]:
+    """Ask the keyframe backend to give back its memory (ComfyUI's POST /free on every
+    server that answers). A backend holding none has nothing to do; rejected only when
+    no server could do it."""
+    release = getattr(backend, "free", None)
+    if release is None:
+        log.info("free: the %s backend holds no server memory", getattr(backend, "name", "?"))
+        return {}
+    results = release()
+    failed = {url: err for url, err in results.items() if err}
+    if failed and len(failed) == len(results):
+        raise ValueError("no ComfyUI server freed its memory: "
+                         + "; ".join(f"{u}: {e}" for u, e in failed.items()))
+    for url, err in failed.items():
+        log.warning("free: ComfyUI at %s did not: %s", url, err)
+    return {}

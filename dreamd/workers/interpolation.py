@@ -24,7 +24,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
-from dreamd.workers.context import WorkerContext
+from dreamd.workers.context import WorkerContext, log_timing, timed
 
 log = logging.getLogger("dreamd.interpolation")
 KF = Keyframe.__table__
@@ -100,10 +100,26 @@ def encode_keyframe(ctx: WorkerContext, codec, row):
     return latent
 
 
+def write_frame(ctx: WorkerContext, chain_index: int, t: float, image: Image.Image,
+                size: tuple[int, int]) -> Path:
+    """Files before rows: the frame is on disk (fsynced) before its row can exist."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=PNG_LEVEL)
+    path = frame_path(ctx, chain_index, t)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue(), fsync=True)
+    return path
+
+
 def tick(ctx: WorkerContext, codecs: Codecs) -> int:
     done = 0
     owner = ctx.lease_owner("interpolation")
     while ctx.may_claim():
+        with ctx.reader.connect() as conn:
+            if not transitions.has_due(conn, "interpolation"):
+                return done
         with ctx.engine.begin() as conn:
             rows = transitions.claim(conn, "interpolation", owner,
                                      lease_seconds=ctx.cfg.generation.lease_seconds)
@@ -120,6 +136,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
     from dreamd.latent.slerp import slerp
 
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     ts = positions(batch.n_frames)
     try:
         with ctx.reader.connect() as conn:
@@ -128,20 +145,16 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
         a, b = pair[batch.from_keyframe_id], pair[batch.to_keyframe_id]
         with ctx.lease("interpolation", batch.id, owner):
             codec = codecs.get()
-            la, lb = encode_keyframe(ctx, codec, a), encode_keyframe(ctx, codec, b)
+            with timed(timings, "encode"):
+                la, lb = encode_keyframe(ctx, codec, a), encode_keyframe(ctx, codec, b)
             with torch.inference_mode():
-                latents = slerp(la, lb, torch.tensor(ts, dtype=torch.float32))
-                frames = to_images(codec.decode(latents))
-            written = []
-            for t, image in zip(ts, frames):
-                if image.size != (a.width, a.height):
-                    image = image.resize((a.width, a.height), Image.Resampling.BICUBIC)
-                buf = io.BytesIO()
-                image.save(buf, "PNG", compress_level=PNG_LEVEL)
-                path = frame_path(ctx, batch.chain_index, t)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, buf.getvalue(), fsync=True)
-                written.append((t, path))
+                with timed(timings, "slerp"):
+                    latents = slerp(la, lb, torch.tensor(ts, dtype=torch.float32))
+                with timed(timings, "decode"):
+                    frames = to_images(codec.decode(latents))
+            with timed(timings, "write"):
+                written = [(t, write_frame(ctx, batch.chain_index, t, image, (a.width, a.height)))
+                           for t, image in zip(ts, frames)]
             pause_point("frames-written", ctx.cfg.data_dir)
     except Exception as exc:
         log.exception("interpolation %d (chain %d) failed", batch.id, batch.chain_index)
@@ -156,7 +169,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
 
     ms = (time.perf_counter() - started) * 1000
     try:
-        with ctx.engine.begin() as conn:
+        with timed(timings, "ledger"), ctx.engine.begin() as conn:
             transitions.complete(conn, "interpolation", batch.id, owner,
                                  values={"duration_ms": ms, "codec": codec.name},
                                  detail={"ms": round(ms, 1), "frames": len(written)})
@@ -170,6 +183,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
         log.warning("interpolation %d: %s (lease lost; it will be redone)", batch.id, exc)
         return 0
     ctx.facts["interpolation_ms_per_frame"] = ms / max(1, len(written))
+    log_timing(log, "interpolation", batch.id, timings, frames=len(written))
     log.info("interpolation %d ready (chain %d, %d frames, %.0f ms)", batch.id,
              batch.chain_index, len(written), ms)
     return 1

@@ -22,7 +22,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
-from dreamd.workers.context import WorkerContext
+from dreamd.workers.context import WorkerContext, log_timing, timed
 
 log = logging.getLogger("dreamd.keyframe")
 KF = Keyframe.__table__
@@ -50,7 +50,12 @@ def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
     """Make keyframes while there are any to make; returns how many were completed."""
     done = 0
     owner = ctx.lease_owner("keyframe")
-    while ctx.may_claim():
+    # backend_unusable: the backend cannot make keyframes now (every server down, or
+    # stopped on a configuration error); claiming would only burn attempts
+    while ctx.may_claim() and not ctx.facts.get("backend_unusable"):
+        with ctx.reader.connect() as conn:
+            if not transitions.has_due(conn, "keyframe"):
+                return done
         with ctx.engine.begin() as conn:
             rows = transitions.claim(conn, "keyframe", owner,
                                      lease_seconds=ctx.cfg.generation.lease_seconds)
@@ -62,6 +67,7 @@ def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
 
 def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> int:
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     try:
         prompt_id = row.prompt_id
         if prompt_id is None and backend.name != "procedural":
@@ -77,19 +83,21 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             denoise=row.denoise, steps=ctx.knob("generation.steps"),
             cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
             scheduler=ctx.cfg.generation.scheduler,
-            image=load_input(row, row.width, row.height), prompt_id=prompt_id)
-        with ctx.lease("keyframe", row.id, owner):
+            image=load_input(row, row.width, row.height), prompt_id=prompt_id,
+            server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
+        with ctx.lease("keyframe", row.id, owner), timed(timings, "generate"):
             result = backend.generate(request)
         image = result.image.convert("RGB")
         if image.size != (row.width, row.height):
             raise PermanentBackendError(f"{backend.name} returned {image.size[0]}x"
                                         f"{image.size[1]}, expected {row.width}x{row.height}")
-        buf = io.BytesIO()
-        image.save(buf, "PNG", compress_level=PNG_LEVEL)
-        data = buf.getvalue()
-        path = keyframe_path(ctx, row.chain_index, row.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data, fsync=True)
+        with timed(timings, "write"):
+            buf = io.BytesIO()
+            image.save(buf, "PNG", compress_level=PNG_LEVEL)
+            data = buf.getvalue()
+            path = keyframe_path(ctx, row.chain_index, row.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data, fsync=True)
         pause_point("keyframe-written", ctx.cfg.data_dir)
     except (TransientBackendError, PermanentBackendError) as exc:
         _fail(ctx, row, owner, str(exc), permanent=isinstance(exc, PermanentBackendError))
@@ -101,11 +109,13 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
 
     ms = (time.perf_counter() - started) * 1000
     try:
-        with ctx.engine.begin() as conn:
+        with timed(timings, "ledger"), ctx.engine.begin() as conn:
             transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
                                  values={"path": str(path), "sha256": hashlib.sha256(data)
                                          .hexdigest(), "generation_ms": ms,
-                                         "server": result.info.get("server")})
+                                         "server": result.info.get("server"),
+                                         # a fallback backend may have made it
+                                         "backend": result.info.get("backend") or row.backend})
             prev = conn.execute(select(KF.c.id, KF.c.chain_index)
                                 .where(KF.c.chain_index == row.chain_index - 1,
                                        KF.c.state == "completed")
@@ -122,8 +132,19 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
                     row.id, exc)
         return 0
     ctx.facts["generation_time"] = ms / 1000
+    log_timing(log, "keyframe", row.id, timings)
     log.info("keyframe %d ready (chain %d, %s, %.0f ms)", row.id, row.chain_index, row.theme, ms)
     return 1
+
+
+def _server_recorder(ctx: WorkerContext, row_id: int, owner: str):
+    """Record which server has the prompt as soon as the backend knows, so a restarted
+    daemon asks that server first when it re-attaches."""
+    def record(url: str) -> None:
+        with ctx.engine.begin() as conn:
+            conn.execute(update(KF).where(KF.c.id == row_id, KF.c.lease_owner == owner)
+                         .values(server=url))
+    return record
 
 
 def _fail(ctx: WorkerContext, row, owner: str, error: str, permanent: bool) -> None:

@@ -1,0 +1,170 @@
+"""The daemon end to end on the embedded default: stage timings, production rate
+against the display rate, display jitter, idle CPU and peak RSS. Not a test.
+
+    .venv/bin/python bench/pipeline.py [--seconds 60] [--fps 4 15]      (or: make bench)
+
+For each display rate it runs `dreamd run` as a subprocess at 512x256, N=10, with
+DEBUG logs (the workers' `timing` lines), then reads the ledger:
+- production: frames created per second while the buffer fills (the planner's
+  target is set far away so production never waits);
+- jitter: |interval between consecutive shows - 1/fps|, once playback started,
+  excluding underrun holds (counted separately);
+- idle CPU: after filling, `dreamd set display.buffer_target_seconds=1` leaves the
+  buffer far above target, so nothing needs producing while playback goes on; the
+  daemon's CPU time over that window / wall time;
+- peak RSS: VmHWM of the daemon process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+CONFIG = """
+[system]
+log_level = "DEBUG"
+[generation]
+resolution = [512, 256]
+interpolation_frames = 10
+[display]
+fps = {fps}
+buffer_target_seconds = 3000.0
+min_buffer_seconds = 5.0
+max_output_frames = 100000
+"""
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def timing_lines(log: str, kind: str) -> list[dict[str, float]]:
+    out = []
+    for line in log.splitlines():
+        m = re.search(rf"timing {kind} id=\d+ (.*)$", line)
+        if m:
+            out.append({k: float(v) for k, v in re.findall(r"(\w+?)(?:_ms)?=([\d.]+)",
+                                                            m.group(1))})
+    return out
+
+
+def run(fps: float, seconds: float, idle_seconds: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        cfg = Path(tmp) / "dreamd.toml"
+        cfg.write_text(CONFIG.format(fps=fps))
+        env = {**os.environ, "DREAMD_DATA_DIR": str(data)}
+        dreamd = [sys.executable, "-m", "dreamd", "--config", str(cfg)]
+        proc = subprocess.Popen([*dreamd, "run", "--duration", str(seconds + idle_seconds + 5)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            peak = max(peak, ps.memory_info().rss)
+            time.sleep(0.5)
+        # stop producing: the buffer is now far above the target
+        subprocess.run([*dreamd, "set", "display.buffer_target_seconds=1"], env=env,
+                       check=True, capture_output=True)
+        time.sleep(3)   # in-flight work finishes
+        before, w0 = ps.cpu_times(), time.monotonic()
+        time.sleep(idle_seconds)
+        after, w1 = ps.cpu_times(), time.monotonic()
+        idle_cpu = 100 * ((after.user + after.system) - (before.user + before.system)) / (w1 - w0)
+        try:
+            hwm = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status")
+                                .read_text()).group(1)) * 1024
+        except (OSError, AttributeError):
+            hwm = peak
+        proc.wait(timeout=120)
+        log = (data / "logs" / "dreamd.log").read_text()
+        db = sqlite3.connect(f"file:{data / 'dreamd.db'}?mode=ro", uri=True)
+        created = [datetime.fromisoformat(r[0]) for r in db.execute(
+            "SELECT created_at FROM frames ORDER BY created_at")]
+        shown = [datetime.fromisoformat(r[0]) for r in db.execute(
+            "SELECT shown_at FROM frames WHERE shown_at IS NOT NULL ORDER BY shown_at")]
+        db.close()
+
+    span = (created[-1] - created[0]).total_seconds() if len(created) > 1 else float("nan")
+    window = [c for c in created if (c - created[0]).total_seconds() <= seconds - 10]
+    production = (len(window) - 1) / max(1e-9, (window[-1] - created[0]).total_seconds())
+    period = 1 / fps
+    # playback starts after min_buffer; skip the first few shows
+    deltas = [(b - a).total_seconds() for a, b in zip(shown[5:], shown[6:])]
+    holds = [d for d in deltas if d > 1.5 * period]
+    jitter = [abs(d - period) * 1000 for d in deltas if d <= 1.5 * period]
+    kf, ip, dp = (timing_lines(log, k) for k in ("keyframe", "interpolation", "display"))
+    frames = sum(t.get("frames", 0) for t in ip) or 1
+    return {
+        "fps": fps, "frames_created": len(created), "production_fps": production,
+        "keyframe_ms": statistics.median(t["generate"] for t in kf) if kf else float("nan"),
+        "keyframe_write_ms": statistics.median(t["write"] for t in kf) if kf else float("nan"),
+        "interp_ms_per_frame": sum(t.get("encode", 0) + t.get("slerp", 0) + t.get("decode", 0)
+                                   for t in ip) / frames,
+        "interp_write_ms_per_frame": sum(t.get("write", 0) for t in ip) / frames,
+        "ledger_ms_per_frame": (sum(t.get("ledger", 0) for t in ip) / frames
+                                + (statistics.mean(t["ledger"] for t in dp) if dp else 0)),
+        "display_write_ms": statistics.median(t["write"] for t in dp) if dp else float("nan"),
+        "jitter_p50_ms": pct(jitter, 50), "jitter_p99_ms": pct(jitter, 99),
+        "jitter_max_ms": max(jitter) if jitter else float("nan"),
+        "shows": len(shown), "underrun_holds": len(holds),
+        "idle_cpu_pct": idle_cpu, "peak_rss_mb": hwm / 2**20, "created_span_s": span,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=40.0, help="production + playback phase")
+    ap.add_argument("--idle-seconds", type=float, default=15.0, help="idle CPU window")
+    ap.add_argument("--fps", type=float, nargs="+", default=[4.0, 15.0])
+    args = ap.parse_args()
+    import torch
+    print(f"# {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    results = [run(fps, args.seconds, args.idle_seconds) for fps in args.fps]
+    rows = [
+        ("keyframe generate ms (median)", "keyframe_ms", "{:.0f}"),
+        ("keyframe PNG write ms (median)", "keyframe_write_ms", "{:.1f}"),
+        ("interpolation ms per frame (encode+slerp+decode)", "interp_ms_per_frame", "{:.1f}"),
+        ("in-between PNG write ms per frame", "interp_write_ms_per_frame", "{:.1f}"),
+        ("ledger ms per frame (create + show)", "ledger_ms_per_frame", "{:.2f}"),
+        ("display swap ms (median, 2 copies)", "display_write_ms", "{:.2f}"),
+        ("produced frames/s while filling", "production_fps", "{:.1f}"),
+        ("production / display rate", None, None),
+        ("display jitter p50 ms", "jitter_p50_ms", "{:.2f}"),
+        ("display jitter p99 ms", "jitter_p99_ms", "{:.2f}"),
+        ("display jitter max ms", "jitter_max_ms", "{:.2f}"),
+        ("frames shown / underrun holds", None, None),
+        ("daemon CPU % of one core, buffer full, nothing to produce", "idle_cpu_pct", "{:.2f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ]
+    print("| measure | " + " | ".join(f"{r['fps']:g} fps" for r in results) + " |")
+    print("|---|" + "---|" * len(results))
+    for label, key, fmt in rows:
+        if label.startswith("production /"):
+            cells = [f"{r['production_fps'] / r['fps']:.1f}x" for r in results]
+        elif label.startswith("frames shown"):
+            cells = [f"{r['shows']} / {r['underrun_holds']}" for r in results]
+        else:
+            cells = [fmt.format(r[key]) for r in results]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
