@@ -164,3 +164,9 @@ def test_installed_wheel_migrates_without_checkout(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == database.head_revision()
+
+
+def test_head_revision_without_alembic_agrees_with_alembic():
+    from alembic.script import ScriptDirectory
+    script = ScriptDirectory.from_config(database.alembic_config(":memory:"))
+    assert database.head_revision() == script.get_current_head()
