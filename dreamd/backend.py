@@ -9,7 +9,7 @@ TransientBackendError (retry) or PermanentBackendError (discard) from dreamd.err
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -34,6 +34,12 @@ class KeyframeRequest:
     # Chosen by the keyframe worker and committed to the ledger before the backend
     # is called, so a remote backend can re-attach to work it already submitted.
     prompt_id: str | None = None
+    # The server an earlier attempt at this prompt_id went to (keyframes.server): asked
+    # first on re-attach.
+    server_hint: str | None = None
+    # Called with a server's URL as soon as the backend knows that server has (or is about
+    # to get) the prompt, so the ledger records it before a crash can lose it.
+    on_server: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -42,13 +42,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"data_dir": str(cfg.data_dir), "database": str(cfg.db_path),
                                   "revision": None, "head": head, "counts": {},
                                   "last_run": None, "alive": False, "paused": False,
-                                  "playhead": None}
+                                  "playhead": None, "comfyui": None}
     else:
         revision = database.current_revision(cfg.db_path)
         if revision is None:
             report = {"data_dir": str(cfg.data_dir), "database": str(cfg.db_path),
                       "revision": None, "head": head, "counts": {}, "last_run": None,
-                      "alive": False, "paused": False, "playhead": None}
+                      "alive": False, "paused": False, "playhead": None, "comfyui": None}
         else:
             engine = database.reader(cfg.db_path)
             try:
@@ -177,6 +177,10 @@ def cmd_theme(args: argparse.Namespace) -> int:
         raise ConfigError(f"no theme named {args.name!r}: themes are {', '.join(names)} "
                           f"(or next)")
     return _control(args, "theme", {"name": args.name})
+
+
+def cmd_free(args: argparse.Namespace) -> int:
+    return _control(args, "free", {})
 
 
 def _reader(cfg):
@@ -318,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     st_.add_argument("assignment", metavar="KEY=VALUE")
     th = add("theme", cmd_theme, "switch the theme of the next keyframe")
     th.add_argument("name", nargs="?", default="next", help="a theme name, or next")
+    add("free", cmd_free, "ask ComfyUI to unload its models and free memory (what the game "
+        "guard does when a game starts)")
     hi = add("history", cmd_history, "recent keyframes: theme, attempts, timing")
     hi.add_argument("-n", "--limit", type=int, default=20)
     hi.add_argument("--format", choices=("table", "tsv", "json"), default="table")

@@ -36,6 +36,7 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"[bold]playhead[/]   keyframe {playhead['chain_index']} t="
                       f"{playhead['t']:.3f}, {playhead['frames_shown']} frames shown, "
                       f"{playhead['underruns']} underruns")
+    _print_comfyui(report.get("comfyui"), console)
     counts = report.get("counts") or {}
     if counts:
         table = Table(title="rows per state", show_edge=False)
@@ -45,3 +46,38 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
             text = ", ".join(f"{s} {n}" for s, n in states.items()) or "-"
             table.add_row(name, text)
         console.print(table)
+
+
+def _print_comfyui(health: dict[str, Any] | None, console: Console) -> None:
+    """Each ComfyUI server's health, as the daemon last recorded it."""
+    if not health:
+        return
+    colour = {"ok": "green", "fallback": "yellow", "starting": "yellow"}.get(
+        health.get("status"), "red")
+    line = f"[bold]comfyui[/]    [{colour}]{health.get('status')}[/]"
+    if health.get("fallback") == "procedural":
+        line += " (fallback: procedural)"
+    console.print(line + f", as of {health.get('updated_at')} UTC")
+    if health.get("error"):
+        console.print(f"  [red]stopped:[/] {health['error']}")
+    for s in health.get("servers") or []:
+        mark = "[green]healthy[/]" if s.get("healthy") else "[red]unhealthy[/]"
+        text = f"  {s.get('url')}  {mark}"
+        if s.get("supervised"):
+            text += " (supervised)"
+        if not s.get("healthy"):
+            if s.get("failures"):
+                text += f", {s['failures']} failures"
+            if s.get("benched_until"):
+                text += f", benched until {s['benched_until']}"
+            if s.get("last_error"):
+                text += f": {s['last_error']}"
+        elif s.get("last_ok"):
+            text += f", last answer {s['last_ok']}"
+        console.print(text, highlight=False)
+    sup = health.get("supervisor")
+    if sup:
+        console.print(f"  supervisor: {sup.get('state')}, pid {sup.get('pid') or '-'}, "
+                      f"{sup.get('restarts_last_hour', 0)} restarts in the last hour"
+                      + (f", last exit {sup['last_exit']}" if sup.get("last_exit") is not None
+                         else ""), highlight=False)

@@ -30,7 +30,7 @@ KEYS = (
     "pause_reason",
     "uptime_hours",
     "daemon_status",          # running | stopping | stopped
-    "comfyui_status",         # n/a | ok | down | fallback
+    "comfyui_status",         # n/a | ok | starting | down | fallback | error
     "last_update",            # ISO 8601 UTC
 )
 

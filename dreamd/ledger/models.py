@@ -211,6 +211,8 @@ class RuntimeState(Base):
     pause_reason: Mapped[str | None] = mapped_column(Text)
     theme_index: Mapped[int] = mapped_column(Integer, default=0)
     knobs: Mapped[str] = mapped_column(Text, default="{}")  # JSON: live overrides (`dreamd set`)
+    # JSON: the ComfyUI servers' health as the daemon last saw it (null = never used ComfyUI)
+    comfyui_health: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

@@ -104,6 +104,7 @@ class Status:
     alive: bool
     paused: bool
     playhead: dict[str, Any] | None
+    comfyui: dict[str, Any] | None = None   # server health as the daemon last recorded it
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -127,4 +128,15 @@ def status(conn: Connection, data_dir: str, database: str, revision: str | None,
         playhead=({"frame_id": rt.playhead_frame_id, "chain_index": rt.playhead_chain_index,
                    "t": rt.playhead_t, "frames_shown": rt.frames_shown,
                    "underruns": rt.underruns} if rt else None),
+        comfyui=comfyui_health(rt),
     )
+
+
+def comfyui_health(row: Row | None) -> dict[str, Any] | None:
+    """runtime_state.comfyui_health, parsed (None when ComfyUI was not the backend)."""
+    raw = getattr(row, "comfyui_health", None) if row is not None else None
+    try:
+        value = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

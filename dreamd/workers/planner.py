@@ -58,6 +58,10 @@ def tick(ctx: WorkerContext) -> int | None:
     """Plan at most one keyframe; returns its id when one was created."""
     if not ctx.may_claim():
         return None
+    if ctx.facts.get("backend_unusable"):
+        # the backend cannot make keyframes now (stopped on a configuration error, or every
+        # server down): a new row would only be discarded and planned again, forever
+        return None
     fps = ctx.knob("display.fps")
     target = ctx.knob("display.buffer_target_seconds") * fps
     with ctx.reader.connect() as conn:

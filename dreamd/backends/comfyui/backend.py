@@ -111,6 +111,7 @@ class _Job:
     reuploaded: bool = False
     upload: str | None = None
     entry: dict[str, Any] | None = None
+    told: str | None = None           # the server last reported through request.on_server
 
 
 @dataclass
@@ -163,11 +164,12 @@ class ComfyUIBackend:
 
     # -- surface -----------------------------------------------------------------------------
 
-    def validate(self) -> list[ServerHealth]:
+    def validate(self, urls: Sequence[str] | None = None) -> list[ServerHealth]:
         """Check both workflows against every reachable server's /object_info (node types,
-        checkpoint, sampler, scheduler). Raises PermanentBackendError on the first misfit;
-        unreachable servers are benched and left for later."""
-        for url in self.pool.urls:
+        checkpoint, sampler, scheduler), or only against `urls`. Raises
+        PermanentBackendError on the first misfit; unreachable servers are benched and left
+        for later."""
+        for url in self.pool.urls if urls is None else urls:
             try:
                 info = self._object_info(url)
             except ServerUnreachableError as exc:
@@ -179,8 +181,10 @@ class ComfyUIBackend:
         return self.health()
 
     def generate(self, request: KeyframeRequest, *, server_hint: str | None = None) -> KeyframeResult:
-        """Make one keyframe. `server_hint` is info["server"] of an earlier attempt at the same
-        prompt_id, asked first on re-attach (every reachable server is asked anyway)."""
+        """Make one keyframe. `server_hint` (default: request.server_hint) is info["server"] of
+        an earlier attempt at the same prompt_id, asked first on re-attach (every reachable
+        server is asked anyway)."""
+        server_hint = server_hint or request.server_hint
         started = self._clock()
         job = self._job(request)
         url = self._reattach(job, server_hint)
@@ -209,9 +213,10 @@ class ComfyUIBackend:
                 out[url] = str(exc)
         return out
 
-    def probe(self) -> list[ServerHealth]:
-        """GET /system_stats on every server (benched ones too: they may be back)."""
-        for url in self.pool.urls:
+    def probe(self, urls: Sequence[str] | None = None) -> list[ServerHealth]:
+        """GET /system_stats on every server (benched ones too: they may be back), or on
+        `urls` only."""
+        for url in self.pool.urls if urls is None else urls:
             try:
                 self._servers[url].client.system_stats()
                 self.pool.mark_ok(url)
@@ -221,6 +226,15 @@ class ComfyUIBackend:
 
     def health(self) -> list[ServerHealth]:
         return self.pool.health()
+
+    def bench(self, url: str, error: Exception) -> None:
+        """A health check outside `generate` found `url` failing: bench it like a failed call
+        (a warning the first time; a server that stays down is re-checked quietly)."""
+        failing = any(h.url == url and h.failures for h in self.pool.health())
+        seconds = self.pool.mark_failed(url, str(error))
+        self._servers[url].object_info = None
+        (log.debug if failing else log.warning)("ComfyUI at %s benched for %.0fs: %s", url,
+                                                seconds, error)
 
     def close(self) -> None:
         for server in self._servers.values():
@@ -268,6 +282,8 @@ class ComfyUIBackend:
                 self._failed(url, exc)
                 continue
             self.pool.mark_ok(url)
+            if number is not None or entry is not None:
+                self._tell(job, url)
             if number is not None:
                 log.info("prompt %s is queued on %s: waiting for it, not posting again", pid, url)
                 job.reattached = "queued"
@@ -307,6 +323,7 @@ class ComfyUIBackend:
     def _post(self, url: str, job: _Job) -> None:
         client = self._servers[url].client
         filled = self._prepare(url, job)
+        self._tell(job, url)  # before posting: a crash mid-POST leaves the right hint
         try:
             number = client.queue_prompt(filled, job.prompt_id)
         except PromptRejectedError as exc:
@@ -325,6 +342,18 @@ class ComfyUIBackend:
             self._placements.popitem(last=False)
         self.pool.mark_ok(url)
         log.info("posted prompt %s to %s as number %s", job.prompt_id, url, number)
+
+    def _tell(self, job: _Job, url: str) -> None:
+        """Report the prompt's server to the caller (the keyframe worker records it in the
+        ledger); a failure there only costs the hint, never the keyframe."""
+        callback = job.request.on_server
+        if callback is None or job.told == url:
+            return
+        try:
+            callback(url)
+            job.told = url
+        except Exception:
+            log.exception("recording that prompt %s went to %s failed", job.prompt_id, url)
 
     def _input_lost(self, exc: PromptRejectedError, job: _Job) -> bool:
         slot = job.template.mapping.get("image")
