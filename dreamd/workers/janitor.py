@@ -13,12 +13,13 @@ from sqlalchemy import and_, or_, select, update
 
 from dreamd.display.files import is_temp
 from dreamd.ledger import transitions
-from dreamd.ledger.models import DaemonRun, Frame, Keyframe, RuntimeState, utcnow
+from dreamd.ledger.models import DaemonRun, Embedding, Frame, Keyframe, RuntimeState, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.janitor")
 FR, KF, RT, DR = Frame.__table__, Keyframe.__table__, RuntimeState.__table__, DaemonRun.__table__
+EM = Embedding.__table__
 EVICT_BATCH = 500
 CHECKPOINT_EVERY = 60.0
 
@@ -41,19 +42,22 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
 
 def enforce_retention(ctx: WorkerContext) -> int:
     """Delete shown in-between files beyond `display.max_output_frames` (newest kept),
-    and ready frames the playhead has passed (they can never be shown in order)."""
+    and ready frames the playhead has passed (they can never be shown in order); frames
+    in the aesthetic memory's cache are skipped."""
     keep = ctx.knob("display.max_output_frames")
     evicted = 0
+    # the aesthetic memory's members keep their files while they are members
+    member = FR.c.id.in_(select(EM.c.frame_id).where(EM.c.in_cache == 1))
     with ctx.reader.connect() as conn:
         old = conn.execute(select(FR.c.id, FR.c.path, FR.c.state)
-                           .where(FR.c.state == "shown", FR.c.kind == "inbetween")
+                           .where(FR.c.state == "shown", FR.c.kind == "inbetween", ~member)
                            .order_by(FR.c.chain_index.desc(), FR.c.t.desc())
                            .limit(EVICT_BATCH).offset(keep)).all()
         rt = conn.execute(select(RT).where(RT.c.id == 1)).first()
         passed = []
         if rt is not None and rt.playhead_chain_index is not None:
             passed = conn.execute(select(FR.c.id, FR.c.path, FR.c.state).where(
-                FR.c.state == "ready",
+                FR.c.state == "ready", ~member,
                 or_(FR.c.chain_index < rt.playhead_chain_index,
                     and_(FR.c.chain_index == rt.playhead_chain_index,
                          FR.c.t < rt.playhead_t))).limit(EVICT_BATCH)).all()

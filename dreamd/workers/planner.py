@@ -1,12 +1,14 @@
 """The planner keeps the chain ahead of the playhead: when the frames ready or on
 their way cover less than `buffer_target_seconds`, it creates the next keyframe
-row and decides its input (the last keyframe, or a seed for the first link) and
-its theme. It is the only creator of keyframe rows, and keeps one in flight.
+row and decides its input (the last keyframe, a seed for the first link, or an
+injection the aesthetic memory decides: dreamd/memory/injection.py) and its theme.
+It is the only creator of keyframe rows, and keeps one in flight.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, and_, func, or_, select
@@ -14,6 +16,7 @@ from sqlalchemy import Connection, and_, func, or_, select
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
 from dreamd.ledger.states import JobState as J
+from dreamd.memory import injection as memory_injection
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.planner")
@@ -78,6 +81,23 @@ def tick(ctx: WorkerContext) -> int | None:
     return plan(ctx, last, theme_offset=rt.theme_index if rt else 0)
 
 
+def with_time_of_day(prompt: str, words: list[str], hour: int | None = None) -> str:
+    """The prompt with the word for the local hour: dawn 5-8, day 8-17, dusk 17-20, night."""
+    if hour is None:
+        hour = datetime.now().hour
+    word = words[0 if 5 <= hour < 8 else 1 if 8 <= hour < 17 else 2 if 17 <= hour < 20 else 3]
+    return f"{prompt}, {word}" if word else prompt
+
+
+def _injection(ctx: WorkerContext, last, k: int):
+    """The memory's decision for keyframe k; a failure there never stops the chain."""
+    try:
+        return memory_injection.decide(ctx, last, k)
+    except Exception:
+        log.exception("keyframe %d: the injection decision failed; plain img2img", k)
+        return None
+
+
 def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
     cfg = ctx.cfg
     k = 0 if last is None else last.chain_index + 1
@@ -95,13 +115,22 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
         values["input_path"] = str(seeds[seed % len(seeds)]) if seeds else None
     else:
         values.update(source="img2img", parent_id=last.id, input_path=last.path)
+    if cfg.prompts.time_of_day:
+        values["prompt"] = with_time_of_day(values["prompt"], cfg.prompts.time_of_day_words)
+    injection = _injection(ctx, last, k)      # the aesthetic memory: dreamd/memory/
+    if injection is not None:
+        values.update(source="injection", input_path=str(injection.input_path))
     with ctx.engine.begin() as conn:
         # re-checked under the write lock: one keyframe in flight, ever
         if conn.execute(select(func.count()).select_from(KF)
                         .where(KF.c.state.in_(PENDING))).scalar_one():
+            memory_injection.abandon(injection)
             return None  # type: ignore[return-value]
         kid = transitions.create(conn, "keyframe", values, worker="planner",
-                                 detail={"theme": theme.name, "source": values["source"]})
+                                 detail={"theme": theme.name, "source": values["source"],
+                                         **(injection.detail() if injection else {})})
+        if injection is not None:
+            memory_injection.record(conn, kid, injection)
     log.debug("planned keyframe %d (chain %d, %s, theme %s)", kid, k, values["source"],
               theme.name)
     return kid

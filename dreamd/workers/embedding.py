@@ -1,0 +1,199 @@
+"""The embedding worker: finds frames the memory should know, embeds them, and decides
+their cache admission, all through `embedding` rows.
+
+Discovery (chosen over creating rows in the keyframe worker: an embedding row names a
+frame, and a keyframe's frame row only exists once its pair is interpolated): each
+tick creates an `embedding` row for every new keyframe frame (and, with
+`cache.embed_midpoints`, the middle in-between of each pair). A keyframe frame is
+embedded from the raw keyframe image (the img2img input, kept forever). Rows are
+claimed, embedded outside any transaction, then completed with the vector and the
+admission decision in one transaction.
+
+Embedding never stalls playback: it runs in its own tick behind the chain, waits
+while the buffer is below `display.min_buffer_seconds`, and when more than
+`cache.max_backlog` rows wait, the oldest are cancelled ("skipped under load",
+counted in `ctx.facts["embeddings_skipped"]` and in `dreamd stats`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+
+from PIL import Image
+from sqlalchemy import func, select
+
+from dreamd.errors import StaleTransitionError
+from dreamd.ledger import transitions
+from dreamd.ledger.models import Embedding, Frame, Interpolation, Keyframe, utcnow
+from dreamd.memory import cache
+from dreamd.memory.embedder import Embedders, scale_for
+from dreamd.workers.context import WorkerContext
+
+log = logging.getLogger("dreamd.embedding")
+EM, FR, KF, IP = (Embedding.__table__, Frame.__table__, Keyframe.__table__,
+                  Interpolation.__table__)
+BATCH = 4            # rows per claim: one model call embeds them together
+
+
+class EmbeddingWorker:
+    def __init__(self, ctx: WorkerContext, embedders: Embedders) -> None:
+        self.ctx = ctx
+        self.embedders = embedders
+        self.seen_frame_id = 0          # frames up to this id were looked at
+        ctx.facts.setdefault("embeddings_skipped", 0)
+        with ctx.reader.connect() as conn:
+            ctx.facts["cache_size"] = cache.size(conn)
+
+    def tick(self) -> int:
+        ctx = self.ctx
+        if not ctx.cfg.cache.enabled or not ctx.may_claim():
+            return 0
+        emb = self.embedders.get()
+        self.discover(emb.model_id)
+        self.shed()
+        done = 0
+        owner = ctx.lease_owner("embedding")
+        while ctx.may_claim() and not self.under_load():
+            with ctx.engine.begin() as conn:
+                rows = transitions.claim(conn, "embedding", owner, limit=BATCH,
+                                         lease_seconds=ctx.cfg.generation.lease_seconds)
+            if not rows:
+                break
+            done += self.process(emb, rows, owner)
+        return done
+
+    # ------------------------------------------------------------ finding work
+    def discover(self, model: str) -> int:
+        """Create embedding rows for frames that have none yet."""
+        ctx = self.ctx
+        with ctx.reader.connect() as conn:
+            new = conn.execute(
+                select(FR.c.id, FR.c.kind, FR.c.t, FR.c.interpolation_id, FR.c.chain_index,
+                       IP.c.n_frames)
+                .select_from(FR.outerjoin(IP, IP.c.id == FR.c.interpolation_id))
+                .where(FR.c.id > self.seen_frame_id, FR.c.state.in_(("ready", "shown")))
+                .order_by(FR.c.id)).all()
+            if not new:
+                return 0
+            have = set(conn.execute(select(EM.c.frame_id).where(
+                EM.c.frame_id >= new[0].id)).scalars())
+        wanted = [r for r in new if r.kind == "keyframe" or (
+            ctx.cfg.cache.embed_midpoints and _is_midpoint(r))]
+        wanted = [r for r in wanted if r.id not in have]
+        if wanted:
+            with ctx.engine.begin() as conn:
+                for r in wanted:
+                    transitions.create(conn, "embedding", {
+                        "frame_id": r.id, "model": model,
+                        "max_attempts": ctx.cfg.generation.max_attempts},
+                        worker="embedding", detail={"kind": r.kind, "chain": r.chain_index})
+        self.seen_frame_id = new[-1].id
+        return len(wanted)
+
+    def shed(self) -> int:
+        """Past `cache.max_backlog` waiting rows, cancel the oldest (midpoints first)."""
+        ctx = self.ctx
+        limit = ctx.cfg.cache.max_backlog
+        with ctx.reader.connect() as conn:
+            waiting = conn.execute(select(func.count()).select_from(EM)
+                                   .where(EM.c.state == "available")).scalar_one()
+            if waiting <= limit:
+                return 0
+            drop = conn.execute(
+                select(EM.c.id).select_from(EM.join(FR, FR.c.id == EM.c.frame_id))
+                .where(EM.c.state == "available")
+                .order_by((FR.c.kind == "keyframe").asc(), EM.c.id.asc())
+                .limit(waiting - limit)).scalars().all()
+        with ctx.engine.begin() as conn:
+            for i in drop:
+                try:
+                    transitions.transition(conn, "embedding", i, "available", "cancelled",
+                                           worker="embedding", event="skipped",
+                                           detail="skipped under load",
+                                           values={"completed_at": utcnow()})
+                except StaleTransitionError:
+                    pass
+        ctx.facts["embeddings_skipped"] = ctx.facts.get("embeddings_skipped", 0) + len(drop)
+        log.info("embedding: skipped %d frame(s) under load (backlog %d > %d)", len(drop),
+                 waiting, limit)
+        return len(drop)
+
+    def under_load(self) -> bool:
+        """Playback is short of frames: keyframes and in-betweens get the CPU first."""
+        from dreamd.workers.planner import frames_ahead
+
+        ctx = self.ctx
+        need = ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps")
+        with ctx.reader.connect() as conn:
+            has_chain = conn.execute(select(func.count()).select_from(FR)).scalar_one()
+            return bool(has_chain) and frames_ahead(conn) < need
+
+    # ------------------------------------------------------------ the work
+    def process(self, emb, rows, owner: str) -> int:
+        ctx = self.ctx
+        started = time.perf_counter()
+        with ctx.reader.connect() as conn:
+            paths = dict(conn.execute(
+                select(FR.c.id, cache.IMAGE_PATH)
+                .select_from(FR.outerjoin(KF, KF.c.id == FR.c.keyframe_id))
+                .where(FR.c.id.in_([r.frame_id for r in rows]))).all())
+        images, ok = [], []
+        for r in rows:
+            try:
+                with Image.open(paths[r.frame_id]) as im:
+                    images.append(im.convert("RGB"))
+                ok.append(r)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._fail(r, owner, f"image of frame {r.frame_id}: {exc}", permanent=True)
+        if not ok:
+            return 0
+        try:
+            with ExitStack() as leases:
+                for r in ok:
+                    leases.enter_context(ctx.lease("embedding", r.id, owner))
+                vectors = emb.embed(images)
+        except Exception as exc:
+            log.exception("embedding %s failed", [r.id for r in ok])
+            for r in ok:
+                self._fail(r, owner, f"{type(exc).__name__}: {exc}", permanent=False)
+            return 0
+        ms = (time.perf_counter() - started) * 1000 / len(ok)
+        c = ctx.cfg.cache
+        threshold = scale_for(emb.model_id, c).admission
+        done = 0
+        for r, v in zip(ok, vectors):
+            try:
+                with ctx.engine.begin() as conn:
+                    now = utcnow()
+                    adm = cache.decide(conn, v, emb.model_id, threshold, c.max_size)
+                    # the decision goes on the completion's history row (`dreamd stats`)
+                    transitions.complete(conn, "embedding", r.id, owner, values={
+                        "model": emb.model_id, "dim": int(v.shape[0]),
+                        "vector": cache.to_blob(v), "in_cache": int(adm.admitted),
+                        "last_used_at": now if adm.admitted else None},
+                        detail={**adm.detail(), "ms": round(ms, 1)})
+                    cache.apply(conn, adm, now)
+                    ctx.facts["cache_size"] = cache.size(conn)
+                done += 1
+            except StaleTransitionError as exc:
+                log.warning("embedding %d: %s (lease lost)", r.id, exc)
+        log.debug("embedded %d frame(s) with %s, %.0f ms each", done, emb.model_id, ms)
+        return done
+
+    def _fail(self, row, owner: str, error: str, permanent: bool) -> None:
+        try:
+            with self.ctx.engine.begin() as conn:
+                transitions.fail(conn, "embedding", row.id, owner, error, permanent=permanent)
+        except StaleTransitionError as exc:
+            log.warning("embedding %d: %s", row.id, exc)
+
+
+def _is_midpoint(r) -> bool:
+    """The in-between nearest t = 0.5 of its pair."""
+    if r.kind != "inbetween" or not r.n_frames:
+        return False
+    n = r.n_frames + 1
+    return round(r.t * n) == n // 2
+
