@@ -277,6 +277,25 @@ def _statements(stream):
         yield buf.strip()
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from dreamd.ledger import database
+    from dreamd.memory import stats
+
+    cfg = _config(args)
+    if database.current_revision(cfg.db_path) is None:
+        print(f"no ledger at {cfg.db_path} yet: nothing to report (start the daemon first)")
+        return 0
+    engine = _reader(cfg)
+    try:
+        with engine.connect() as conn:
+            report = stats.collect(conn, window=args.window or cfg.cache.collapse_window,
+                                   model=args.model)
+    finally:
+        engine.dispose()
+    print(stats.as_json(report) if args.json else stats.render(report))
+    return 0
+
+
 def cmd_seeds(args: argparse.Namespace) -> int:
     from dreamd.seeding import write_seeds
 
@@ -330,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     sq = add("sql", cmd_sql, "query the ledger read-only (a statement, or statements on stdin)")
     sq.add_argument("query", nargs="?")
     sq.add_argument("--format", choices=("table", "tsv", "json"), default="table")
+    sa = add("stats", cmd_stats, "the aesthetic memory over the ledger: keyframe similarity "
+             "(consecutive and recent), cache size and hits, injections by reason")
+    sa.add_argument("--window", type=int, metavar="W", help="keyframes per recent window "
+                    "(default: cache.collapse_window)")
+    sa.add_argument("--model", help="compare vectors of this model (default: the model with "
+                    "the most embedded keyframes)")
+    sa.add_argument("--json", action="store_true", help="machine-readable output")
     se = add("seeds", cmd_seeds, "make more starting images")
     se.add_argument("-n", "--count", type=int, default=6)
     se.add_argument("--dir", help="where to write them (default: <data_dir>/seeds, or "

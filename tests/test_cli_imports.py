@@ -22,7 +22,7 @@ sys.exit(rc)
 
 LIGHT_COMMANDS = [
     ["status"], ["status", "--json"], ["config", "show"], ["db", "current"], ["db", "history"],
-    ["db", "upgrade"],
+    ["db", "upgrade"], ["stats"], ["stats", "--json"],
 ]
 
 
