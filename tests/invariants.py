@@ -10,6 +10,18 @@ from dreamd.ledger import database, transitions as tr
 from dreamd.ledger.models import ENTITY_MODELS, Transition
 
 
+def replay_all(conn) -> None:
+    """The history explains every row: each row's transitions replay to its state."""
+    hist = conn.execute(select(Transition.__table__).order_by(Transition.__table__.c.id)).all()
+    by_row: dict = {}
+    for h in hist:
+        by_row.setdefault((h.entity, h.entity_id), []).append(h)
+    for entity, model in ENTITY_MODELS.items():
+        table = model.__table__
+        for rid, state in conn.execute(select(table.c.id, table.c.state)).all():
+            assert tr.replay(by_row.get((entity, rid), [])) == state, (entity, rid)
+
+
 def check(data_dir: Path) -> dict:
     """Assert the invariants; return a few facts for further assertions."""
     engine = database.reader(Path(data_dir) / "dreamd.db")
@@ -40,16 +52,7 @@ def check(data_dir: Path) -> dict:
             order = [(f.chain_index, f._mapping["t"]) for f in shown]
             assert order == sorted(order) and len(order) == len(set(order)), \
                 "frames were shown out of order"
-            # the history explains every row
-            hist = conn.execute(select(Transition.__table__)
-                                .order_by(Transition.__table__.c.id)).all()
-            by_row: dict = {}
-            for h in hist:
-                by_row.setdefault((h.entity, h.entity_id), []).append(h)
-            for entity, model in ENTITY_MODELS.items():
-                table = model.__table__
-                for rid, state in conn.execute(select(table.c.id, table.c.state)).all():
-                    assert tr.replay(by_row.get((entity, rid), [])) == state, (entity, rid)
+            replay_all(conn)
             keyframe_files = {Path(p) for p in conn.execute(text(
                 "SELECT path FROM keyframes WHERE path IS NOT NULL")).scalars()}
             on_disk_k = set((Path(data_dir) / "keyframes").glob("*.png"))

@@ -16,7 +16,8 @@ from sqlalchemy import func, select, text
 
 from dreamd.errors import IllegalTransitionError, StaleTransitionError
 from dreamd.ledger import transitions as tr
-from dreamd.ledger.models import ENTITY_MODELS, Keyframe, Transition, utcnow
+from dreamd.ledger.models import Keyframe, Transition, utcnow
+from tests import invariants
 from dreamd.ledger.states import TRANSITIONS
 
 KF = Keyframe.__table__
@@ -170,14 +171,7 @@ def test_release_gives_back_the_attempt(engine):
 def replay_all(engine):
     """Every row of every entity: its history replays to its current state."""
     with engine.connect() as conn:
-        hist = conn.execute(select(Transition.__table__).order_by(Transition.__table__.c.id)).all()
-        by_row: dict[tuple[str, int], list] = {}
-        for h in hist:
-            by_row.setdefault((h.entity, h.entity_id), []).append(h)
-        for entity, model in ENTITY_MODELS.items():
-            table = model.__table__
-            for rid, state in conn.execute(select(table.c.id, table.c.state)).all():
-                assert tr.replay(by_row.get((entity, rid), [])) == state, (entity, rid)
+        invariants.replay_all(conn)
 
 
 def test_eight_threads_claim_each_row_exactly_once(engine):
