@@ -196,9 +196,9 @@ class Cache:
                                     min=0.0, max=1.0)
     warmup_keyframes: int = key(10, "keyframes at the start of a chain with no injections",
                                 min=0, max=1_000_000)
-    cooldown_keyframes: int = key(4, "keyframes after an injection before the next one",
+    cooldown_keyframes: int = key(3, "keyframes after an injection before the next one",
                                   min=1, max=1_000_000)
-    injection_probability: float = key(0.15, "base chance per keyframe of an injection",
+    injection_probability: float = key(0.25, "base chance per keyframe of an injection",
                                        min=0.0, max=1.0)
     collapse_probability: float = key(0.8, "chance per keyframe of an injection while "
                                            "collapsing", min=0.0, max=1.0)
@@ -207,14 +207,14 @@ class Cache:
                           min=0.0, max=1.0)
     band_max: float = key(0.0, "…and at most this similar (different); 0 = the embedder's "
                                "default", min=0.0, max=1.0)
-    injection_weight: float = key(0.5, "share of the cached frame in the blended input",
+    injection_weight: float = key(0.6, "share of the cached frame in the blended input",
                                   min=0.0, max=1.0)
     seed_probability: float = key(0.1, "base chance that an injection uses a seed image instead "
                                        "of the cache (grows with each cache injection in a "
                                        "row)", min=0.0, max=1.0)
     seed_force_after: int = key(4, "after this many cache injections in a row the next "
                                    "injection is a seed", min=1, max=1000)
-    seed_weight: float = key(0.5, "share of the seed image in the blended input",
+    seed_weight: float = key(0.6, "share of the seed image in the blended input",
                              min=0.0, max=1.0)
 
 

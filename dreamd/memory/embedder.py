@@ -44,7 +44,7 @@ class Scale:
     band_max: float         # …and at most this similar (different) to the current keyframe
 
 
-DESCRIPTOR_SCALE = Scale(admission=0.55, collapse=0.62, band_min=0.25, band_max=0.55)
+DESCRIPTOR_SCALE = Scale(admission=0.55, collapse=0.6, band_min=0.25, band_max=0.55)
 OPEN_CLIP_SCALE = Scale(admission=0.88, collapse=0.92, band_min=0.6, band_max=0.85)
 
 
