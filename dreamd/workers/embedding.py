@@ -41,10 +41,13 @@ class EmbeddingWorker:
     def __init__(self, ctx: WorkerContext, embedders: Embedders) -> None:
         self.ctx = ctx
         self.embedders = embedders
-        self.seen_frame_id = 0          # frames up to this id were looked at
         ctx.facts.setdefault("embeddings_skipped", 0)
         with ctx.reader.connect() as conn:
             ctx.facts["cache_size"] = cache.size(conn)
+            # Frames up to this id were looked at: those with an embedding row of any
+            # model. After a change of model the new one starts from there, with a
+            # memory of its own, instead of re-embedding the whole history.
+            self.seen_frame_id = conn.execute(select(func.max(EM.c.frame_id))).scalar() or 0
 
     def tick(self) -> int:
         ctx = self.ctx
@@ -78,7 +81,7 @@ class EmbeddingWorker:
             if not new:
                 return 0
             have = set(conn.execute(select(EM.c.frame_id).where(
-                EM.c.frame_id >= new[0].id)).scalars())
+                EM.c.frame_id >= new[0].id, EM.c.model == model)).scalars())
         wanted = [r for r in new if r.kind == "keyframe" or (
             ctx.cfg.cache.embed_midpoints and _is_midpoint(r))]
         wanted = [r for r in wanted if r.id not in have]
