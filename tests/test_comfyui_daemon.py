@@ -22,8 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from dreamd import config
 from dreamd.backend import KeyframeRequest
-from dreamd.errors import ConfigError, LedgerError
-from dreamd.ledger.queries import pid_alive
+from dreamd.errors import ConfigError, LedgerError, PermanentBackendError
 from tests import invariants
 from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import FAST_CONFIG, REPO, dreamd_cmd, wait_for
@@ -238,6 +237,15 @@ def test_keyframes_fail_over_when_a_server_dies(daemon):
     invariants.check(daemon.data_dir)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie no one has reaped yet is not)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _child_pid(daemon) -> int | None:
     try:
         return int((daemon.data_dir / "comfyui.pid").read_text())
@@ -267,25 +275,36 @@ def test_a_supervised_comfyui_is_started_restarted_and_stopped(daemon):
                  .get("restarts_last_hour") == 1, timeout=20, what="the restart in the status")
     finally:
         stop(proc)
-    assert not pid_alive(second) and not (daemon.data_dir / "comfyui.pid").exists()
+    assert not alive(second) and not (daemon.data_dir / "comfyui.pid").exists()
     log = (daemon.data_dir / "logs" / "comfyui.log").read_text()
-    assert log.count("dreamd starts ComfyUI") == 2
-    assert "CUDA_VISIBLE_DEVICES=0" in log and "stopped cleanly" in log
+    assert log.count("dreamd starts ComfyUI") == 2, log
+    assert "CUDA_VISIBLE_DEVICES=0" in log and "stopped cleanly" in log, log
 
     # a daemon killed outright leaves its ComfyUI behind; the next one stops that one first
+    made, orphan = completed_on(daemon, url), None
     proc = daemon.start()
     try:
-        orphan = wait_for(lambda: status(daemon).get("comfyui_status") == "ok"
-                          and _child_pid(daemon), timeout=60, what="ComfyUI again")
+        orphan = wait_for(lambda: completed_on(daemon, url) > made and _child_pid(daemon),
+                          timeout=60, what=f"ComfyUI again:\n{daemon.output()[-3000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        assert pid_alive(orphan)
+        assert alive(orphan)
         proc = daemon.start()
-        wait_for(lambda: (p := _child_pid(daemon)) not in (None, orphan) and p, timeout=60,
-                 what="a fresh supervised ComfyUI")
-        wait_for(lambda: not pid_alive(orphan), timeout=20, what="the orphan to be stopped")
-    finally:
+        fresh = wait_for(lambda: (p := _child_pid(daemon)) not in (None, orphan) and p,
+                         timeout=60, what=f"a fresh supervised ComfyUI:\n{daemon.output()[-3000:]}")
+        wait_for(lambda: not alive(orphan), timeout=20, what="the orphan to be stopped")
+        made = completed_on(daemon, url)
+        # running (not still starting: a SIGTERM before the handlers are set kills it outright)
+        wait_for(lambda: completed_on(daemon, url) > made, timeout=60,
+                 what=f"keyframes from the fresh ComfyUI:\n{daemon.output()[-3000:]}")
         stop(proc)
+        assert not alive(fresh)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in {orphan, _child_pid(daemon)} - {None}:  # never leak a double
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
     assert "a previous dreamd started and left behind" in daemon_log(daemon)
     invariants.check(daemon.data_dir)
 
@@ -345,6 +364,18 @@ def test_a_workflow_the_server_cannot_run_stops_the_backend(double, build):
     assert facts["comfyui_status"] == "error" and facts["backend_unusable"] == facts["backend_error"]
     assert f"it has: {CKPT}" in facts["backend_error"]
     assert backend.health()["servers"][0]["healthy"] is True   # the server is fine; we are not
+
+
+def test_keyframes_failing_for_good_in_a_row_stop_the_backend(double, build):
+    backend = build([double.url])
+    double.faults.execution_errors = [{"exception_type": "ValueError",
+                                       "exception_message": "bad latent"}] * 3
+    for _ in range(3):
+        assert backend.facts["comfyui_status"] == "ok"
+        with pytest.raises(PermanentBackendError, match="ValueError: bad latent"):
+            backend.generate(_request())
+    assert backend.facts["comfyui_status"] == "error"
+    assert backend.facts["backend_error"].startswith("3 keyframes in a row failed for good")
 
 
 def test_a_workflow_that_cannot_load_is_a_config_error(build, double):

@@ -108,6 +108,8 @@ class DaemonBackend:
                                        f"the last: {exc}")
             raise
         except TransientBackendError:
+            if self._stopping.is_set():
+                raise
             if self.fallback is not None and self._all_down():
                 self.publish()
                 return self._fall_back(request)
@@ -179,8 +181,9 @@ class DaemonBackend:
                 self._probers[url].system_stats()
             except (ServerUnreachableError, PermanentBackendError) as exc:
                 self._validated.discard(url)
-                if patient:  # still starting: no bench, no warning, checked every pass
-                    pool.mark_failed(url, f"starting: {exc}")
+                if patient:  # still starting: no warning, checked every pass, bench ignored
+                    if not any(h.url == url and h.failures for h in pool.health()):
+                        pool.mark_failed(url, f"starting: {exc}")
                 else:
                     self.comfy.bench(url, exc)
                 continue
@@ -322,16 +325,23 @@ def stop_orphan(pid_path: Path, argv: list[str], timeout: float = 10.0) -> None:
     except Exception:
         return
     log.warning("stopping the ComfyUI (pid %d) a previous dreamd started and left behind", pid)
+
+    def gone() -> bool:  # a zombie is gone too: its parent died, whoever reaps it is not us
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
+        except OSError:  # gone already, or not ours to signal
             break
-        try:
-            proc.wait(timeout)
+        end = time.monotonic() + timeout
+        while not gone() and time.monotonic() < end:
+            time.sleep(0.1)
+        if gone():
             break
-        except Exception:
-            continue
     pid_path.unlink(missing_ok=True)
 
 
