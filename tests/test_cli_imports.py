@@ -46,3 +46,19 @@ def test_status_json_reports_the_ledger(dreamd_env):
     assert set(after["counts"]) == {"keyframes", "interpolations", "frames", "embeddings",
                                     "controls"}
     assert after["data_dir"] == dreamd_env["DREAMD_DATA_DIR"]
+
+
+def test_status_answers_for_a_ledger_at_an_older_revision(dreamd_env):
+    from dreamd.ledger import database
+    from pathlib import Path
+
+    db = Path(dreamd_env["DREAMD_DATA_DIR"]) / "dreamd.db"
+    database.upgrade(db, "0001")
+    proc = subprocess.run(dreamd_cmd("status", "--json"), env=dreamd_env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["revision"] == "0001" and report["head"] != "0001"
+    human = subprocess.run(dreamd_cmd("status"), env=dreamd_env, capture_output=True,
+                           text=True, timeout=60)
+    assert "dreamd db upgrade" in human.stdout

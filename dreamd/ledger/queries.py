@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, func, insert, select, text, update
 
 from dreamd.ledger.models import DaemonRun, RuntimeState, utcnow
 
@@ -117,8 +117,9 @@ def _iso(value: Any) -> Any:
 def status(conn: Connection, data_dir: str, database: str, revision: str | None,
            head: str | None) -> Status:
     run = last_run(conn)
-    t = RuntimeState.__table__
-    rt = conn.execute(select(t).where(t.c.id == 1)).first()
+    # SELECT *, not the model's columns: `dreamd status` must also answer for a ledger
+    # at an older revision (and say it needs `dreamd db upgrade`), not crash on it
+    rt = conn.execute(text("SELECT * FROM runtime_state WHERE id = 1")).first()
     return Status(
         data_dir=data_dir, database=database, revision=revision, head=head,
         counts=state_counts(conn),
