@@ -87,6 +87,9 @@ def reconcile(ctx: WorkerContext) -> dict[str, int]:
                             .where(FR.c.state.in_(("ready", "shown")))).all()
         keyframe_files = {Path(p) for p in conn.execute(
             select(KF.c.path).where(KF.c.path.is_not(None))).scalars()}
+        # blended inputs of injected keyframes (dreamd/memory/injection.py)
+        injection_files = {Path(p) for p in conn.execute(
+            select(KF.c.input_path).where(KF.c.source == "injection")).scalars() if p}
     missing = [r for r in live if not Path(r.path).exists()]
     if missing:
         now = utcnow()
@@ -97,7 +100,8 @@ def reconcile(ctx: WorkerContext) -> dict[str, int]:
                                        detail="file missing at start")
         stats["rows_missing_file"] = len(missing)
     named = {Path(r.path) for r in live}
-    for folder, known in ((cfg.frames_dir, named), (cfg.keyframes_dir, keyframe_files)):
+    for folder, known in ((cfg.frames_dir, named), (cfg.keyframes_dir, keyframe_files),
+                          (cfg.data_dir / "injections", injection_files)):
         if not folder.is_dir():
             continue
         for f in folder.iterdir():

@@ -1,0 +1,62 @@
+"""The aesthetic memory inside a real `dreamd run`: keyframes are embedded and the
+cache fills behind the chain, injections are decided and recorded, `dreamd stats`
+reads the result, and a blended input no row names is removed at the next start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from sqlalchemy import text
+
+from tests import invariants
+from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd
+
+# FAST_CONFIG's display at 4 fps, so a loaded test machine keeps the buffer above its
+# minimum (below it the embedding worker waits: playback comes first)
+MEMORY = FAST_CONFIG.replace("fps = 10.0", "fps = 4.0").replace(
+    "min_buffer_seconds = 1.0", "min_buffer_seconds = 0.5") + """
+[cache]
+embedder = "descriptor"
+warmup_keyframes = 2
+cooldown_keyframes = 1
+injection_probability = 1.0
+"""
+
+
+def test_a_run_embeds_admits_and_injects(dreamd_env, tmp_path):
+    daemon = DaemonRunner(dreamd_env, tmp_path, MEMORY)
+    result = daemon.run(12)
+    assert result.returncode == 0, result.stdout
+    invariants.check(daemon.data_dir)
+    engine = daemon.db()
+    try:
+        with engine.connect() as conn:
+            done = conn.execute(text("SELECT count(*) FROM embeddings WHERE state = "
+                                     "'completed'")).scalar()
+            members = conn.execute(text("SELECT count(*) FROM embeddings "
+                                        "WHERE in_cache = 1")).scalar()
+            inj = conn.execute(text("SELECT i.kind, i.reason, k.source, k.input_path, "
+                                    "k.chain_index FROM injections i JOIN keyframes k "
+                                    "ON k.id = i.keyframe_id")).all()
+    finally:
+        engine.dispose()
+    assert done >= 3 and members >= 1
+    assert inj and all(r.source == "injection" and r.chain_index >= 2 for r in inj)
+    status = json.loads((daemon.data_dir / "output" / "status.json").read_text())
+    assert status["cache_size"] == members
+
+    out = subprocess.run(dreamd_cmd("--config", str(daemon.config), "stats", "--json"),
+                         env=daemon.env, capture_output=True, text=True, timeout=60)
+    report = json.loads(out.stdout)
+    assert report["model"] == "descriptor-hsv-dct-v1"
+    assert report["injections"]["total"] == len(inj)
+    assert report["cache"]["size"] == members
+
+    # a blended input written just before a crash, that no keyframe row names
+    orphan = daemon.data_dir / "injections" / "k999999-deadbeef.png"
+    orphan.write_bytes(b"\x89PNG")
+    assert daemon.run(2).returncode == 0
+    assert not orphan.exists()
+    assert all(Path(r.input_path).exists() for r in inj)
