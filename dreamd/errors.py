@@ -9,7 +9,9 @@
     ├── BackendError                 a keyframe backend failed
     │   ├── TransientBackendError    worth retrying: refused, reset, timeout, 5xx
     │   └── PermanentBackendError    retrying cannot help: a rejected workflow, a bad image
-    └── CodecError                   a latent codec cannot be built or loaded (names the file)
+    ├── CodecError                   a latent codec cannot be built or loaded (names the file)
+    └── EmbedderError                an embedder cannot be used here (names the file it needs);
+                                     the memory falls back to the descriptor
 
 The docstring of each class is its default message.
 """
@@ -58,3 +60,7 @@ class PermanentBackendError(BackendError):
 
 class CodecError(DreamdError):
     """A latent codec cannot be built or loaded."""
+
+
+class EmbedderError(DreamdError):
+    """An embedder cannot be used here (no weights on this machine, or they do not load)."""

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from dreamd import config
 from dreamd.memory import descriptor
-from dreamd.memory.clip import ClipUnavailable, load_open_clip
+from dreamd.memory.clip import EmbedderError, load_open_clip
 from dreamd.memory.embedder import OPEN_CLIP_SCALE, choose_embedder, scale_for
 from dreamd.workers.embedding import EmbeddingWorker
 from tests.memory_chain import close, make_ctx
@@ -113,15 +113,15 @@ def test_a_tag_whose_weights_are_not_here_falls_back_and_says_which_file(tmp_pat
 
 def test_clear_errors_for_wrong_settings(tiny, tmp_path):
     cfg_path, weights, _ = tiny
-    with pytest.raises(ClipUnavailable, match="no such file"):
+    with pytest.raises(EmbedderError, match="no such file"):
         load_open_clip(str(cfg_path), str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ClipUnavailable, match="not an open_clip architecture"):
+    with pytest.raises(EmbedderError, match="not an open_clip architecture"):
         load_open_clip("ViT-Nope", str(weights))
-    with pytest.raises(ClipUnavailable, match="neither a weights file nor an open_clip tag"):
+    with pytest.raises(EmbedderError, match="neither a weights file nor an open_clip tag"):
         load_open_clip("ViT-B-32", "no_such_tag")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(ClipUnavailable, match="broken.pt"):
+    with pytest.raises(EmbedderError, match="broken.pt"):
         load_open_clip(str(cfg_path), str(broken))
     # asked for open_clip explicitly, it still falls back (and logs an error) rather than
     # leaving the dream without a memory

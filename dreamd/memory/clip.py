@@ -3,7 +3,7 @@
 `pretrained` is a weights file, or a tag (`laion2b_s34b_b79k`) that is looked up in
 open_clip's caches (Hugging Face hub cache, ~/.cache/clip) without touching the
 network: HF_HUB_OFFLINE is set around every open_clip call unless downloads are
-allowed. When the file is not there, ClipUnavailable says which file is needed and
+allowed. When the file is not there, EmbedderError says which file is needed and
 where to put it, and the caller falls back to the descriptor. `model` is an
 open_clip architecture name, or a path to a model config JSON (as in open_clip's
 model_configs/), registered under its file stem.
@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dreamd.errors import EmbedderError
+
 log = logging.getLogger("dreamd.memory")
 HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 BATCH = 8
 _env_lock = threading.Lock()
-
-
-class ClipUnavailable(Exception):
-    """open_clip cannot be used here (no weights on this machine, or they do not load)."""
 
 
 @contextlib.contextmanager
@@ -69,12 +67,12 @@ def register_model(model: str) -> str:
     p = Path(model).expanduser()
     if p.suffix == ".json":
         if not p.is_file():
-            raise ClipUnavailable(f"cache.clip_model {model}: no such model config file")
+            raise EmbedderError(f"cache.clip_model {model}: no such model config file")
         open_clip.add_model_config(p)
         return p.stem
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
-        raise ClipUnavailable(f"cache.clip_model {model!r} is not an open_clip architecture "
+        raise EmbedderError(f"cache.clip_model {model!r} is not an open_clip architecture "
                               f"(e.g. ViT-B-32) nor a model config .json file")
     return name
 
@@ -86,7 +84,7 @@ def cached_weights(name: str, tag: str) -> tuple[Path | None, dict, str]:
     cfg = ocp.get_pretrained_cfg(name, tag)
     if not cfg:
         known = ", ".join(ocp.list_pretrained_tags_by_model(name)) or "none"
-        raise ClipUnavailable(f"cache.clip_pretrained {tag!r} is neither a weights file nor an "
+        raise EmbedderError(f"cache.clip_pretrained {tag!r} is neither a weights file nor an "
                               f"open_clip tag of {name} (tags: {known})")
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -109,21 +107,21 @@ def cached_weights(name: str, tag: str) -> tuple[Path | None, dict, str]:
 
 def load_open_clip(model: str, pretrained: str, *, allow_downloads: bool = False,
                    device: str = "cpu") -> "OpenClipEmbedder":
-    """Build the embedder, or raise ClipUnavailable saying what is missing."""
+    """Build the embedder, or raise EmbedderError saying what is missing."""
     try:
         import open_clip  # noqa: F401
     except ImportError as exc:
-        raise ClipUnavailable(f"open_clip is not installed ({exc})") from exc
+        raise EmbedderError(f"open_clip is not installed ({exc})") from exc
     name = register_model(model)
     if not pretrained:
-        raise ClipUnavailable("cache.clip_pretrained is empty: set a weights file or a tag")
+        raise EmbedderError("cache.clip_pretrained is empty: set a weights file or a tag")
     path = Path(pretrained).expanduser()
     extra: dict = {}
     if path.is_file():
         source, model_id = str(path), f"open_clip/{name}/{path.name}@{file_fingerprint(path)}"
     else:
         if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
-            raise ClipUnavailable(f"cache.clip_pretrained {pretrained}: no such file")
+            raise EmbedderError(f"cache.clip_pretrained {pretrained}: no such file")
         found, cfg, where = cached_weights(name, pretrained)
         model_id = f"open_clip/{name}/{pretrained}"
         # the tag's own preprocessing and activation, which a bare file path would lose
@@ -135,7 +133,7 @@ def load_open_clip(model: str, pretrained: str, *, allow_downloads: bool = False
         elif allow_downloads:
             source, extra = pretrained, {}
         else:
-            raise ClipUnavailable(
+            raise EmbedderError(
                 f"open_clip {name} {pretrained!r} needs its weights, which are not on this "
                 f"machine: download {where} yourself and set cache.clip_pretrained to the "
                 f"file's path (or put it in the Hugging Face cache, or set "
@@ -146,10 +144,10 @@ def load_open_clip(model: str, pretrained: str, *, allow_downloads: bool = False
         with offline(allow_downloads):
             net, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=source, device=device, **extra)
-    except ClipUnavailable:
+    except EmbedderError:
         raise
     except Exception as exc:   # a corrupt or mismatched file: fall back, and say why
-        raise ClipUnavailable(f"open_clip {name} from {source}: {type(exc).__name__}: "
+        raise EmbedderError(f"open_clip {name} from {source}: {type(exc).__name__}: "
                               f"{exc}") from exc
     net.eval()
     dim = int(getattr(net.visual, "output_dim", 0) or 0)

@@ -63,12 +63,12 @@ def choose_embedder(cache) -> tuple[Embedder, str]:
 
     if cache.embedder == "descriptor":
         return DescriptorEmbedder(), "descriptor (colour + structure) as configured"
-    from dreamd.memory.clip import ClipUnavailable, load_open_clip
+    from dreamd.memory.clip import EmbedderError, load_open_clip
     try:
         emb = load_open_clip(cache.clip_model, cache.clip_pretrained,
                              allow_downloads=cache.allow_downloads)
         return emb, f"open_clip {emb.model_id}"
-    except ClipUnavailable as exc:
+    except EmbedderError as exc:
         if cache.embedder == "open_clip":
             log.error("cache.embedder = open_clip, but %s; using the descriptor instead", exc)
         return DescriptorEmbedder(), f"descriptor (colour + structure): {exc}"
