@@ -289,7 +289,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         with engine.connect() as conn:
             report = stats.collect(conn, window=args.window or cfg.cache.collapse_window,
-                                   model=args.model)
+                                   model=args.model, cache=cfg.cache)
     finally:
         engine.dispose()
     print(stats.as_json(report) if args.json else stats.render(report))

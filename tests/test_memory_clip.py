@@ -18,7 +18,8 @@ from sqlalchemy import text
 from dreamd import config
 from dreamd.memory import descriptor
 from dreamd.memory.clip import EmbedderError, load_open_clip
-from dreamd.memory.embedder import OPEN_CLIP_SCALE, choose_embedder, scale_for
+from dreamd.memory.embedder import choose_embedder
+from dreamd.memory.scale import OPEN_CLIP_SCALE, scale_for
 from dreamd.workers.embedding import EmbeddingWorker
 from tests.memory_chain import close, make_ctx
 from tests.test_memory import add_keyframe, picture

@@ -14,7 +14,7 @@ from PIL import Image
 from sqlalchemy import text
 
 from dreamd.memory import collapse, descriptor
-from dreamd.memory.embedder import DESCRIPTOR_SCALE
+from dreamd.memory.scale import DESCRIPTOR_SCALE
 from tests.memory_chain import REPO, Chain, CollapsingBackend, close, make_ctx
 
 WARMUP, COOLDOWN, WINDOW, LINKS = 8, 4, 6, 30

@@ -1,17 +1,16 @@
-"""Choosing the embedder the memory works with, and where its similarities fall.
+"""Choosing the embedder the memory works with.
 
 `choose_embedder` takes open_clip when its weights are on this machine (a file, or a
 tag already in open_clip's cache) and otherwise the descriptor, which needs no
 weights; it never starts a download unless `cache.allow_downloads` says so. Vectors
 carry the embedder's `model_id`; vectors of different models are never compared,
-and so every threshold is read on the scale of the model in use (`Scale`).
+and so every threshold is read on the scale of the model in use (`scale.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -30,31 +29,6 @@ class Embedder(Protocol):
 
     def close(self) -> None:
         ...
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Where one embedder's cosine similarities fall, as the thresholds the config
-    leaves at 0 ("auto"). Measured for the descriptor on the procedural chain
-    (bench/RESULTS.md, "Aesthetic memory"); for CLIP the usual image-image ranges."""
-
-    admission: float        # a frame joins the cache when its nearest member is below this
-    collapse: float         # the last W keyframes' mean pairwise similarity that means collapse
-    band_min: float         # an injected cached frame is at least this similar (related)…
-    band_max: float         # …and at most this similar (different) to the current keyframe
-
-
-DESCRIPTOR_SCALE = Scale(admission=0.55, collapse=0.6, band_min=0.25, band_max=0.55)
-OPEN_CLIP_SCALE = Scale(admission=0.88, collapse=0.92, band_min=0.6, band_max=0.85)
-
-
-def scale_for(model_id: str, cache) -> Scale:
-    """The thresholds for vectors of `model_id`: the config's where set, else the model's."""
-    base = OPEN_CLIP_SCALE if model_id.startswith("open_clip/") else DESCRIPTOR_SCALE
-    return Scale(admission=cache.similarity_threshold or base.admission,
-                 collapse=cache.collapse_threshold or base.collapse,
-                 band_min=cache.band_min or base.band_min,
-                 band_max=cache.band_max or base.band_max)
 
 
 def choose_embedder(cache) -> tuple[Embedder, str]:

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, insert, select
 from dreamd.display.files import write_atomic
 from dreamd.ledger.models import Injection as InjectionModel, Keyframe, utcnow
 from dreamd.memory import cache, collapse
-from dreamd.memory.embedder import scale_for
+from dreamd.memory.scale import scale_for
 
 log = logging.getLogger("dreamd.memory")
 IN, KF = InjectionModel.__table__, Keyframe.__table__

@@ -11,9 +11,16 @@ import json
 import math
 import sys
 from array import array
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, text
+
+from dreamd.memory.scale import scale_for
+
+# the [cache] config without overrides: every threshold at the embedder's default
+_NO_OVERRIDES = SimpleNamespace(similarity_threshold=0.0, collapse_threshold=0.0,
+                                band_min=0.0, band_max=0.0)
 
 
 def unpack(blob: bytes) -> array:
@@ -32,9 +39,11 @@ def _mean(values: list[float]) -> float | None:
     return round(math.fsum(values) / len(values), 4) if values else None
 
 
-def similarity_summary(vectors: list[array], window: int) -> dict[str, Any]:
+def similarity_summary(vectors: list[array], window: int,
+                       collapse_at: float | None = None) -> dict[str, Any]:
     """Consecutive similarity, and the mean pairwise similarity of every window of
-    `window` consecutive keyframes (its mean over the run, and the last one's)."""
+    `window` consecutive keyframes (its mean over the run, the last one's, and the
+    share of windows at or above `collapse_at`: how often the chain was collapsing)."""
     n = len(vectors)
     # every pair closer than the window, computed once: (i, j) -> cosine
     near = {(i, j): dot(vectors[i], vectors[j]) for i in range(n)
@@ -48,10 +57,14 @@ def similarity_summary(vectors: list[array], window: int) -> dict[str, Any]:
     return {"keyframes": n, "consecutive_mean": _mean(consecutive),
             "recent_mean": _mean(windows), "recent_last": _mean(windows[-1:]),
             "recent_max": round(max(windows), 4) if windows else None,
-            "window": window}
+            "window": window, "collapse_threshold": collapse_at,
+            "collapsing_share": (round(sum(w >= collapse_at for w in windows) / len(windows), 4)
+                                 if windows and collapse_at is not None else None)}
 
 
-def collect(conn: Connection, window: int = 8, model: str | None = None) -> dict[str, Any]:
+def collect(conn: Connection, window: int = 8, model: str | None = None,
+            cache: Any = None) -> dict[str, Any]:
+    """The report; `cache` (the [cache] config) supplies threshold overrides."""
     models = conn.execute(text(
         "SELECT e.model, COUNT(*) FROM embeddings e JOIN frames f ON f.id = e.frame_id "
         "WHERE e.state = 'completed' AND f.kind = 'keyframe' GROUP BY e.model "
@@ -61,7 +74,8 @@ def collect(conn: Connection, window: int = 8, model: str | None = None) -> dict
         "SELECT e.vector FROM embeddings e JOIN frames f ON f.id = e.frame_id "
         "WHERE e.state = 'completed' AND f.kind = 'keyframe' AND e.model = :m "
         "AND e.vector IS NOT NULL ORDER BY f.chain_index"), {"m": model}).scalars().all()
-    sims = similarity_summary([unpack(b) for b in blobs], window)
+    collapse_at = scale_for(model or "", cache or _NO_OVERRIDES).collapse
+    sims = similarity_summary([unpack(b) for b in blobs], window, collapse_at)
 
     states = dict(conn.execute(text(
         "SELECT state, COUNT(*) FROM embeddings GROUP BY state")).all())
@@ -113,7 +127,9 @@ def render(report: dict[str, Any]) -> str:
                                                    ['completed_by_source'].items())) or "none"),
         f"similarity, consecutive keyframes: mean {f(s['consecutive_mean'])}",
         f"similarity, recent keyframes (windows of {s['window']}): mean {f(s['recent_mean'])}, "
-        f"max {f(s['recent_max'])}, last {f(s['recent_last'])}",
+        f"max {f(s['recent_max'])}, last {f(s['recent_last'])}; windows at or above the "
+        f"collapse threshold {f(s['collapse_threshold'])}: "
+        + ("n/a" if s["collapsing_share"] is None else f"{100 * s['collapsing_share']:.1f} %"),
         f"cache: {c['size']} members; admitted {c['admitted']}, rejected as alike "
         f"{c['rejected_as_alike']}, evicted {c['evicted']}; hits {c['hits']} "
         f"({c['distinct_frames_injected']} distinct frames)",

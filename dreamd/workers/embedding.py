@@ -28,7 +28,8 @@ from dreamd.errors import StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Embedding, Frame, Interpolation, Keyframe, utcnow
 from dreamd.memory import cache
-from dreamd.memory.embedder import Embedders, scale_for
+from dreamd.memory.embedder import Embedders
+from dreamd.memory.scale import scale_for
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.embedding")
