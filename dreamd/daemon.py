@@ -153,12 +153,22 @@ class Daemon:
             return [k for k, v in self.running.items() if v > 0]
 
     def run(self, duration: float | None) -> int:
-        cfg = self.cfg
-        acquire_pid_file(cfg.pid_path)
+        # Signals first: a SIGTERM during start-up (migrations, a supervised ComfyUI
+        # starting) must end in the same clean stop as one a minute later.
+        def on_signal(signum: int, _frame: Any) -> None:
+            self.stop_reason = f"signal {signal.Signals(signum).name}"
+            self.stop_event.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._run(duration)
+            acquire_pid_file(self.cfg.pid_path)
+            try:
+                return self._run(duration)
+            finally:
+                release_pid_file(self.cfg.pid_path)
         finally:
-            release_pid_file(cfg.pid_path)
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _run(self, duration: float | None) -> int:
         from apscheduler.executors.pool import ThreadPoolExecutor
@@ -229,18 +239,11 @@ class Daemon:
         every("controls", 0.5, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
 
-        def on_signal(signum: int, _frame: Any) -> None:
-            self.stop_reason = f"signal {signal.Signals(signum).name}"
-            self.stop_event.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         scheduler.start()
         try:
             if not self.stop_event.wait(timeout=duration):
                 self.stop_reason = f"duration {duration:g} s elapsed"
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
             clean = self._stop(scheduler, ctx, display, backend, codecs)
         if not clean:
             # a job is stuck in a thread we cannot interrupt: its lease is released
