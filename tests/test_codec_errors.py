@@ -138,3 +138,10 @@ def test_integer_weights_are_refused(tmp_path, kl_sd):
 def test_explicit_kind_must_match_the_file(tmp_path, tiny):
     _, dec = save_taesd_pair(tmp_path, tiny)
     _refused(dec, "holds taesd weights, but the codec is set to sd-vae", kind="sd-vae")
+
+
+def test_malformed_level_index(tmp_path, kl_sd):
+    from dreamd.latent.weights import diffusers_vae_to_ldm
+
+    sd = {**diffusers_vae_to_ldm(kl_sd), "encoder.down.x.block.0.conv1.weight": torch.zeros(1)}
+    _refused(save(tmp_path / "vae.safetensors", sd), "unexpected shape for an SD VAE")

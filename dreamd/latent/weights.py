@@ -181,7 +181,7 @@ def _sd_vae(path: Path, sd: dict[str, torch.Tensor], layout: str, xl: bool) -> L
         cfg = kl.config_from_state_dict(sd)
     except KeyError as e:
         raise CodecError(f"{path}: missing key {e.args[0]!r} ({layout} layout)") from e
-    except (IndexError, ZeroDivisionError) as e:
+    except (IndexError, ValueError, ZeroDivisionError) as e:
         raise CodecError(f"{path}: weights of an unexpected shape for an SD VAE ({layout} layout)") from e
     bad = [c for c in (cfg.ch * m for m in cfg.ch_mult) if c <= 0 or c % kl.GROUPS]
     if bad or not cfg.ch_mult:
@@ -214,7 +214,8 @@ def taesd_half(sd: dict[str, torch.Tensor]) -> str | None:
     if first is not None and first.ndim == 4 and first.shape[1] == 3 and "1.conv.0.weight" in sd:
         return "encoder"
     # The decoder's index 0 is the parameterless Clamp, so its first weights are "1.*".
-    if "1.weight" in sd and "3.conv.0.weight" in sd and "0.weight" not in sd:
+    first = sd.get("1.weight")
+    if first is not None and first.ndim == 4 and "3.conv.0.weight" in sd and "0.weight" not in sd:
         return "decoder"
     return None
 
