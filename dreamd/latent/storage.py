@@ -44,7 +44,8 @@ def load_latent(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except FileNotFoundError:
         raise
     except Exception as e:  # SafetensorError, a missing tensor, bad JSON
-        raise CodecError(f"{path}: not a stored latent ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CodecError(f"{path}: not a stored latent ({why})") from e
     return tensor, meta
 
 
