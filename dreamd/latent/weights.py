@@ -176,10 +176,10 @@ def _is_xl(path: Path, variant: str, from_keys: bool = False) -> bool:
 
 
 def _sd_vae(path: Path, sd: dict[str, torch.Tensor], layout: str, xl: bool) -> LoadedWeights:
-    leftovers = [k for k in sd if k in IGNORED_KEYS or k.startswith(IGNORED_PREFIXES)]
+    leftovers = {k for k in sd if k in IGNORED_KEYS or k.startswith(IGNORED_PREFIXES)}
     if leftovers:
-        log.info("%s: ignoring %d training leftover(s) such as %s", path, len(leftovers), leftovers[0])
-        sd = {k: v for k, v in sd.items() if k not in set(leftovers)}
+        log.info("%s: ignoring %d training leftover(s) such as %s", path, len(leftovers), min(leftovers))
+        sd = {k: v for k, v in sd.items() if k not in leftovers}
     try:
         cfg = kl.config_from_state_dict(sd)
     except KeyError as e:
