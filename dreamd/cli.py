@@ -307,6 +307,18 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dreamd.doctor import diagnose, print_report
+
+    rows = diagnose(_config(args))
+    if args.json:
+        print(json.dumps([{"check": n, "verdict": v, "detail": d} for n, v, d in rows],
+                         indent=2))
+    else:
+        print_report(rows)
+    return EXIT_ERROR if any(v == "problem" for _, v, _ in rows) else 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("-n", "--count", type=int, default=6)
     se.add_argument("--dir", help="where to write them (default: <data_dir>/seeds, or "
                     "generation.seeds_dir)")
+
+    dr = add("doctor", cmd_doctor, "what this machine and config will use (backend, codec, "
+             "embedder, GPU, seeds) and why")
+    dr.add_argument("--json", action="store_true")
 
     cfg = sub.add_parser("config", help="show or check configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)

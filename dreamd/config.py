@@ -141,6 +141,15 @@ class Generation:
     codec: str = key("auto", "latent codec for in-betweens",
                      choices=("auto", "taesd", "sd-vae", "pixel"))
     codec_path: str = key("", "explicit weight file for the codec (empty = look for one)")
+    codec_device: str = key("auto", "where the codec runs: auto = the GPU system.gpu when CUDA "
+                                    "has it, else the CPU; cpu keeps it off a GPU ComfyUI uses",
+                            choices=("auto", "cpu", "cuda"))
+    codec_precision: str = key("auto", "auto = fp16 on CUDA, on the CPU bf16 when a probe on "
+                                       "your weights finds it faster and within 1/255 of fp32",
+                               choices=("auto", "fp32", "bf16", "fp16"))
+    codec_variant: str = key("auto", "SD 1.x/2.x or SDXL latents; auto reads it from the "
+                                     "weights (or xl in the file name)",
+                             choices=("auto", "sd", "xl"))
     seeds_dir: str = key("", "starting images (PNG/JPEG); empty = the checkout's seeds/ plus "
                              "<data_dir>/seeds")
     max_attempts: int = key(3, "tries per keyframe or interpolation before it is discarded",

@@ -80,7 +80,7 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
           backend: Any = None) -> dict[str, Any]:
     """Act on one control; returns the runtime_state columns to change."""
     if command == "free":
-        return free(backend)
+        return free(backend, ctx)
     if command == "pause":
         reason = str(args.get("reason") or "paused by user")
         ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
@@ -114,10 +114,13 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
     raise ValueError(f"unknown control {command!r}")
 
 
-def free(backend: Any) -> dict[str, Any]:
-    """Ask the keyframe backend to give back its memory (ComfyUI's POST /free on every
-    server that answers). A backend holding none has nothing to do; rejected only when
-    no server could do it."""
+def free(backend: Any, ctx: WorkerContext | None = None) -> dict[str, Any]:
+    """Give back GPU memory: the local models (latent codec, embedder) leave the device
+    and come back lazily on next use; the keyframe backend frees its own (ComfyUI's
+    POST /free on every server that answers). Rejected only when no server could."""
+    for holder in (getattr(ctx, "codecs", None), getattr(ctx, "embedders", None)):
+        if holder is not None and hasattr(holder, "release"):
+            holder.release()
     release = getattr(backend, "free", None)
     if release is None:
         log.info("free: the %s backend holds no server memory", getattr(backend, "name", "?"))

@@ -64,7 +64,9 @@ class Codecs:
                     g.codec, path=g.codec_path or None,
                     models_dir=self.ctx.cfg.comfyui.models_dir or None,
                     checkpoint=self.ctx.cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
-                    gpu_index=self.ctx.cfg.system.gpu)
+                    device=None if g.codec_device == "auto" else g.codec_device,
+                    gpu_index=self.ctx.cfg.system.gpu, precision=g.codec_precision,
+                    variant=g.codec_variant)
                 log.info("codec: %s", self.reason)
                 self.ctx.facts["codec"] = self._codec.name
                 self.ctx.facts["codec_reason"] = self.reason
@@ -94,7 +96,8 @@ def encode_keyframe(ctx: WorkerContext, codec, row):
     with Image.open(row.path) as im:
         image = im.convert("RGB")
     with torch.inference_mode():
-        latent = codec.encode(to_tensor(image, codec.device, codec.dtype))[0]
+        # float32 in: the codec casts to its own precision; a bf16 image would round pixels
+        latent = codec.encode(to_tensor(image, codec.device, torch.float32))[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_latent(path, latent, latent_meta(codec, width=image.width, height=image.height))
     return latent

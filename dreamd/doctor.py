@@ -1,0 +1,140 @@
+"""`dreamd doctor`: what this machine and config will actually use, and why.
+
+It builds what the daemon would build (the latent codec, the embedder), asks each
+ComfyUI server for /system_stats when the backend is ComfyUI, counts the seeds,
+and reads the GPU. Slow-ish (it loads torch and weights), so `status` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dreamd.config import Config
+
+
+def _check(name: str, fn) -> tuple[str, str, str]:
+    try:
+        verdict, detail = fn()
+    except Exception as exc:  # doctor reports every failure, it never stops at one
+        verdict, detail = "problem", f"{type(exc).__name__}: {exc}"
+    return name, verdict, detail
+
+
+def _ledger(cfg: Config):
+    from dreamd.ledger import database
+    current, head = database.current_revision(cfg.db_path), database.head_revision()
+    if current is None:
+        return "ok", f"{cfg.db_path} not created yet (the daemon creates it at start)"
+    if current != head:
+        return "warning", f"{cfg.db_path} at {current}; head is {head} (`dreamd db upgrade`)"
+    return "ok", f"{cfg.db_path} at revision {current}"
+
+
+def _torch(cfg: Config):
+    import torch
+
+    from dreamd.torch_threads import configure_torch_threads
+    threads = configure_torch_threads(cfg.system.torch_threads or None)
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    detail = f"torch {torch.__version__}, {threads} CPU thread(s), CUDA {'yes' if cuda else 'no'}"
+    if cuda:
+        detail += f", {gpus} GPU(s); system.gpu = {cfg.system.gpu}"
+        if cfg.system.gpu >= gpus:
+            return "warning", detail + f": there is no GPU {cfg.system.gpu}"
+    return "ok", detail
+
+
+def _gpu(cfg: Config):
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return "ok", f"n/a (no NVIDIA driver: {type(exc).__name__})"
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(cfg.system.gpu)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        name = pynvml.nvmlDeviceGetName(h)
+        return "ok", (f"{name if isinstance(name, str) else name.decode()}: "
+                      f"{mem.used / 2**30:.1f} of {mem.total / 2**30:.1f} GiB used")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _codec(cfg: Config):
+    from dreamd.latent.choose import choose_codec
+    g = cfg.generation
+    codec, reason = choose_codec(
+        g.codec, path=g.codec_path or None, models_dir=cfg.comfyui.models_dir or None,
+        checkpoint=cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
+        device=None if g.codec_device == "auto" else g.codec_device, gpu_index=cfg.system.gpu,
+        precision=g.codec_precision, variant=g.codec_variant)
+    try:
+        extra = getattr(codec, "precision_reason", None)
+        return "ok", reason + (f"; {extra}" if extra else "")
+    finally:
+        codec.release()
+
+
+def _embedder(cfg: Config):
+    if not cfg.cache.enabled:
+        return "ok", "the aesthetic memory is off (cache.enabled = false)"
+    from dreamd.memory.embedder import choose_embedder
+    emb, reason = choose_embedder(cfg.cache)
+    emb.close()
+    return "ok", reason
+
+
+def _seeds(cfg: Config):
+    from dreamd.seeding import load_seeds
+    found = []
+    for d in cfg.seed_dirs():
+        if d.is_dir():
+            found.extend(load_seeds(d))
+    where = ", ".join(str(d) for d in cfg.seed_dirs())
+    if not found:
+        return "ok", f"none in {where}: the first keyframe is painted from nothing"
+    return "ok", f"{len(found)} usable in {where}"
+
+
+def _backend(cfg: Config):
+    if cfg.generation.backend == "procedural":
+        return "ok", "procedural (embedded, no GPU or weights needed)"
+    import requests
+    lines, up = [], 0
+    for url in cfg.comfyui.urls:
+        try:
+            r = requests.get(url.rstrip("/") + "/system_stats", timeout=3)
+            r.raise_for_status()
+            version = r.json().get("system", {}).get("comfyui_version", "?")
+            lines.append(f"{url} ok (ComfyUI {version})")
+            up += 1
+        except Exception as exc:
+            lines.append(f"{url} DOWN ({type(exc).__name__})")
+    fallback = cfg.comfyui.fallback
+    verdict = "ok" if up else ("warning" if fallback == "procedural" else "problem")
+    tail = "" if up else f"; fallback = {fallback}"
+    return verdict, "comfyui: " + "; ".join(lines) + tail
+
+
+def diagnose(cfg: Config) -> list[tuple[str, str, str]]:
+    logging.getLogger().setLevel(logging.ERROR)   # the checks speak for themselves
+    return [
+        ("config", "ok", f"{cfg.file or 'no file: built-in defaults'}; data dir {cfg.data_dir}"),
+        _check("ledger", lambda: _ledger(cfg)),
+        _check("backend", lambda: _backend(cfg)),
+        _check("torch", lambda: _torch(cfg)),
+        _check("gpu", lambda: _gpu(cfg)),
+        _check("codec", lambda: _codec(cfg)),
+        _check("embedder", lambda: _embedder(cfg)),
+        _check("seeds", lambda: _seeds(cfg)),
+    ]
+
+
+def print_report(rows: list[tuple[str, str, str]], console: Any = None) -> None:
+    from rich.console import Console
+    console = console or Console()
+    colour = {"ok": "green", "warning": "yellow", "problem": "red"}
+    for name, verdict, detail in rows:
+        console.print(f"[bold]{name:9}[/] [{colour.get(verdict, 'white')}]{verdict:8}[/] {detail}")
