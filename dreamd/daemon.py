@@ -107,6 +107,24 @@ def setup_logging(cfg: Config) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def tame_malloc() -> None:
+    """Keep a long run's memory flat. glibc gives each thread its own malloc arena and
+    raises its mmap threshold whenever a big buffer is freed, so the workers' numpy and
+    torch temporaries (megabytes each, every keyframe) end up fragmenting thread arenas
+    instead of going back to the OS: RSS crept from 1.5 to 2.3 GB in 70 s here. Two
+    arenas and a fixed 1 MiB threshold (big buffers are mmapped and unmapped) stop it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max, m_mmap_threshold = -8, -3       # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 2)
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 # ---------------------------------------------------------------- backends
 
 def make_backend(cfg: Config, ctx: Any = None):
@@ -182,6 +200,7 @@ class Daemon:
         from dreamd.display.writer import DisplayWriter
 
         cfg = self.cfg
+        tame_malloc()
         database.upgrade(cfg.db_path)
         engine, reader = database.writer(cfg.db_path), database.reader(cfg.db_path)
         threads = configure_torch_threads(cfg.system.torch_threads or None)
