@@ -134,7 +134,7 @@ def _ledger_writer(cfg):
 
 
 def _control(args: argparse.Namespace, command: str, payload: dict[str, Any]) -> int:
-    from dreamd.ledger import database, queries
+    from dreamd.ledger import queries
     from dreamd.workers.controls import request
 
     cfg = _config(args)

@@ -95,6 +95,9 @@ def setup_logging(cfg: Config) -> None:
         root.removeHandler(h)
     console = RichHandler(show_path=False, rich_tracebacks=False, log_time_format="[%X]")
     console.setLevel(cfg.system.log_level)
+    # `timing …` debug lines are for the log file (bench/pipeline.py reads them); on a
+    # terminal they would scroll everything else away, and Rich rendering costs CPU
+    console.addFilter(lambda record: not record.getMessage().startswith("timing "))
     file = logging.handlers.RotatingFileHandler(cfg.logs_dir / "dreamd.log",
                                                 maxBytes=5_000_000, backupCount=3,
                                                 encoding="utf-8")
@@ -243,19 +246,29 @@ class Daemon:
             scheduler.add_job(self._job(name, fn), "interval", seconds=seconds, id=name,
                               name=name, next_run_time=datetime.now())
 
+        def wake(name: str) -> None:
+            try:
+                scheduler.modify_job(name, next_run_time=datetime.now())
+            except Exception:   # stopping: the job is gone, nothing to wake
+                pass
+
+        ctx.wake = wake
+
         def on_knobs(knobs: dict[str, Any]) -> None:
             scheduler.reschedule_job("display", trigger="interval",
                                      seconds=1.0 / ctx.knob("display.fps"))
 
         # Idle ticks cost CPU (measured in bench/pipeline.py): poll at the pace the
         # buffer needs, not faster. A worker with work loops until it has none.
+        # Stages wake the next one (ctx.wake), so these intervals only bound how late
+        # a retry or a display-driven plan is noticed.
         every("planner", 1.0, lambda: planner.tick(ctx))
-        every("keyframe", 0.5, lambda: keyframe.tick(ctx, backend))
-        every("interpolation", 0.5, lambda: interpolation.tick(ctx, codecs))
-        every("embedding", 1.0, memory.tick)
+        every("keyframe", 2.0, lambda: keyframe.tick(ctx, backend))
+        every("interpolation", 2.0, lambda: interpolation.tick(ctx, codecs))
+        every("embedding", 2.0, memory.tick)
         every("display", 1.0 / ctx.knob("display.fps"), display.tick)
         every("janitor", 5.0, jan.tick)
-        every("controls", 0.5, lambda: controls.tick(ctx, on_knobs, backend))
+        every("controls", 1.0, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
 
         scheduler.start()

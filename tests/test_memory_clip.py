@@ -12,7 +12,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sqlalchemy import text
 
 from dreamd import config

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from datetime import datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata

@@ -48,11 +48,19 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
         raise
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy `src` over `dst` atomically (the display's frame swap)."""
+def place_atomic(src: Path, dst: Path) -> None:
+    """Put `src`'s content at `dst` atomically (the display's frame swap).
+
+    A hard link when it can (no bytes copied: the frame files are never rewritten, so
+    sharing their inode is safe, and retention deleting a frame leaves the link
+    whole); a copy across file systems or where links are not supported.
+    """
     tmp = _tmp_name(Path(dst))
     try:
-        shutil.copyfile(src, tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
         replace_retrying(tmp, Path(dst))
     except BaseException:
         tmp.unlink(missing_ok=True)

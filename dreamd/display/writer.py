@@ -11,14 +11,13 @@ import logging
 import time
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import select, update
 
 from dreamd.display import status as status_json
-from dreamd.display.files import copy_atomic
+from dreamd.display.files import place_atomic
 from dreamd.faults import pause_point
-from dreamd.ledger import transitions
+from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
-from dreamd.ledger.states import JobState as J
 from dreamd.workers.context import WorkerContext, log_timing, timed
 
 log = logging.getLogger("dreamd.display")
@@ -50,32 +49,11 @@ class DisplayWriter:
         self.shown_times: list[float] = []     # perf_counter of each show, for the bench
 
     # ------------------------------------------------------------ queries
-    def _after_playhead(self):
-        if self.chain is None:
-            return True
-        return or_(FR.c.chain_index > self.chain, and_(FR.c.chain_index == self.chain,
-                                                       FR.c.t > self.t))
-
     def next_frame(self, conn):
-        """The next ready frame in order, unless an earlier segment is still being made."""
-        # `t` is labelled `pos`: Row.t is SQLAlchemy's own tuple accessor
-        row = conn.execute(select(FR.c.id, FR.c.chain_index, FR.c.t.label("pos"), FR.c.path)
-                           .where(FR.c.state == "ready", self._after_playhead())
-                           .order_by(FR.c.chain_index, FR.c.t).limit(1)).first()
-        if row is None:
-            return None
-        if self.chain is not None and row.chain_index > self.chain:
-            # frames of a later segment wait for any earlier segment still on its way
-            gap = conn.execute(select(func.count()).select_from(IP).where(
-                IP.c.state.in_((J.available, J.executing, J.retryable)),
-                IP.c.chain_index >= self.chain, IP.c.chain_index < row.chain_index)).scalar()
-            if gap:
-                return None
-        return row
+        return queries.next_frame(conn, self.chain, self.t)
 
     def buffered(self, conn) -> int:
-        return conn.execute(select(func.count()).select_from(FR)
-                            .where(FR.c.state == "ready", self._after_playhead())).scalar_one()
+        return queries.frames_ahead(conn, self.chain, self.t)
 
     # ------------------------------------------------------------ tick
     def tick(self) -> None:
@@ -130,8 +108,8 @@ class DisplayWriter:
         path = Path(frame.path)
         with timed(timings, "write"):
             if self.current is not None and self.current.exists():
-                copy_atomic(self.current, self.out / "previous_frame.png")
-            copy_atomic(path, self.out / "current_frame.png")
+                place_atomic(self.current, self.out / "previous_frame.png")
+            place_atomic(path, self.out / "current_frame.png")
         pause_point("frame-displayed", self.ctx.cfg.data_dir)
         self.shown_times.append(time.perf_counter())
         if len(self.shown_times) > 10_000:

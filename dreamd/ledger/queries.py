@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, text, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, or_, select, text, update
 
-from dreamd.ledger.models import DaemonRun, RuntimeState, utcnow
+from dreamd.ledger.models import DaemonRun, Frame, Interpolation, RuntimeState, utcnow
 
 COUNTED_TABLES = ("keyframes", "interpolations", "frames", "embeddings", "controls")
 # A heartbeat older than this means the daemon is gone even if its pid was reused.
@@ -141,3 +141,37 @@ def comfyui_health(row: Row | None) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------- playback order
+# Built once with bound parameters: the display asks these at every frame. A playhead
+# of (-1, -1) means "before the first frame" (chain indexes start at 0).
+_FR, _IP = Frame.__table__, Interpolation.__table__
+_AFTER = or_(_FR.c.chain_index > bindparam("c"),
+             and_(_FR.c.chain_index == bindparam("c"), _FR.c.t > bindparam("t")))
+# `t` is labelled `pos`: Row.t is SQLAlchemy's own tuple accessor
+_NEXT = (select(_FR.c.id, _FR.c.chain_index, _FR.c.t.label("pos"), _FR.c.path)
+         .where(_FR.c.state == "ready", _AFTER).order_by(_FR.c.chain_index, _FR.c.t).limit(1))
+_AHEAD = select(func.count()).select_from(_FR).where(_FR.c.state == "ready", _AFTER)
+_MAKING = (select(func.count()).select_from(_IP)
+           .where(_IP.c.state.in_(("available", "executing", "retryable")),
+                  _IP.c.chain_index >= bindparam("c"), _IP.c.chain_index < bindparam("until")))
+
+
+def _playhead(chain: int | None, t: float | None) -> dict[str, Any]:
+    return {"c": -1, "t": -1.0} if chain is None else {"c": chain, "t": t}
+
+
+def frames_ahead(conn: Connection, chain: int | None, t: float | None) -> int:
+    """Ready frames after the playhead (chain, t), in playback order."""
+    return conn.execute(_AHEAD, _playhead(chain, t)).scalar_one()
+
+
+def next_frame(conn: Connection, chain: int | None, t: float | None) -> Row | None:
+    """The next ready frame after the playhead, unless an earlier segment is still being
+    made (its frames would have to come first): playback never goes out of order."""
+    row = conn.execute(_NEXT, _playhead(chain, t)).first()
+    if row is None or chain is None or row.chain_index <= chain:
+        return row
+    making = conn.execute(_MAKING, {"c": chain, "until": row.chain_index}).scalar()
+    return None if making else row

@@ -133,7 +133,7 @@ def render(report: dict[str, Any]) -> str:
         f"cache: {c['size']} members; admitted {c['admitted']}, rejected as alike "
         f"{c['rejected_as_alike']}, evicted {c['evicted']}; hits {c['hits']} "
         f"({c['distinct_frames_injected']} distinct frames)",
-        f"embeddings: " + (", ".join(f"{k} {n}" for k, n in sorted(e['by_state'].items()))
+        "embeddings: " + (", ".join(f"{k} {n}" for k, n in sorted(e['by_state'].items()))
                            or "none") + f"; skipped under load {e['skipped_under_load']}",
         f"injections: {i['total']}" + ("".join(
             f"\n  {k:<18} {n}" for k, n in i["by_kind_reason"].items())),

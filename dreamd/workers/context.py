@@ -10,7 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import Engine
 
@@ -40,6 +40,9 @@ class WorkerContext:
     facts: dict[str, Any] = field(default_factory=dict)
     # Lazily built models the planner shares with their workers (None in tests that do
     # without): the codec (injection blends in latent space) and the embedder.
+    # Wakes a worker's tick now instead of at its next interval (set by the daemon):
+    # one stage finishing starts the next, so a keyframe does not wait for a poll.
+    wake: Callable[[str], None] = field(default=lambda name: None)
     codecs: Any = None                          # dreamd.workers.interpolation.Codecs
     embedders: Any = None                       # dreamd.memory.embedder.Embedders
     _knobs: dict[str, Any] = field(default_factory=dict)

@@ -131,6 +131,8 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         log.warning("keyframe %d: %s (its lease was lost; another attempt will redo it)",
                     row.id, exc)
         return 0
+    for stage in ("interpolation", "planner", "embedding"):
+        ctx.wake(stage)
     ctx.facts["generation_time"] = ms / 1000
     log_timing(log, "keyframe", row.id, timings)
     log.info("keyframe %d ready (chain %d, %s, %.0f ms)", row.id, row.chain_index, row.theme, ms)

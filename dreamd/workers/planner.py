@@ -11,9 +11,9 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, func, select
 
-from dreamd.ledger import transitions
+from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
 from dreamd.ledger.states import JobState as J
 from dreamd.memory import injection as memory_injection
@@ -34,11 +34,9 @@ def frames_ahead(conn: Connection) -> int:
     """Ready frames after the playhead, in playback order."""
     rt = conn.execute(select(RT.c.playhead_chain_index, RT.c.playhead_t)
                       .where(RT.c.id == 1)).first()
-    cond = [FR.c.state == "ready"]
-    if rt is not None and rt.playhead_chain_index is not None:
-        c, t = rt.playhead_chain_index, rt.playhead_t
-        cond.append(or_(FR.c.chain_index > c, and_(FR.c.chain_index == c, FR.c.t > t)))
-    return conn.execute(select(func.count()).select_from(FR).where(*cond)).scalar_one()
+    if rt is None:
+        return queries.frames_ahead(conn, None, None)
+    return queries.frames_ahead(conn, rt.playhead_chain_index, rt.playhead_t)
 
 
 def frames_coming(conn: Connection) -> int:
@@ -133,4 +131,5 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
             memory_injection.record(conn, kid, injection)
     log.debug("planned keyframe %d (chain %d, %s, theme %s)", kid, k, values["source"],
               theme.name)
+    ctx.wake("keyframe")
     return kid
