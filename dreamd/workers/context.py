@@ -38,11 +38,11 @@ class WorkerContext:
     started_monotonic: float = 0.0
     # Facts workers report for status.json (not durable: derived again after a restart).
     facts: dict[str, Any] = field(default_factory=dict)
-    # Lazily built models the planner shares with their workers (None in tests that do
-    # without): the codec (injection blends in latent space) and the embedder.
     # Wakes a worker's tick now instead of at its next interval (set by the daemon):
     # one stage finishing starts the next, so a keyframe does not wait for a poll.
     wake: Callable[[str], None] = field(default=lambda name: None)
+    # Lazily built models the planner shares with their workers (None in tests that do
+    # without): the codec (injection blends in latent space) and the embedder.
     codecs: Any = None                          # dreamd.workers.interpolation.Codecs
     embedders: Any = None                       # dreamd.memory.embedder.Embedders
     _knobs: dict[str, Any] = field(default_factory=dict)
