@@ -35,6 +35,22 @@ def test_light_commands_do_not_import_torch(dreamd_env, args):
     assert "torch" not in imported and "numpy" not in imported, imported
 
 
+LEDGER_COMMANDS = [
+    ["pause", "--reason", "x"], ["resume"], ["set", "generation.denoise=0.4"], ["theme", "next"],
+    ["free"], ["history"], ["sql", "SELECT count(*) FROM keyframes"], ["status"],
+]
+
+
+@pytest.mark.parametrize("args", LEDGER_COMMANDS, ids=" ".join)
+def test_commands_on_a_ledger_do_not_import_torch(dreamd_env, args):
+    subprocess.run(dreamd_cmd("db", "upgrade"), env=dreamd_env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=dreamd_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imported = json.loads(proc.stdout.rsplit("IMPORTED=", 1)[1])
+    assert "torch" not in imported and "numpy" not in imported, imported
+
+
 def test_status_json_reports_the_ledger(dreamd_env):
     before = json.loads(subprocess.run(dreamd_cmd("status", "--json"), env=dreamd_env,
                                        capture_output=True, text=True, check=True).stdout)
