@@ -119,3 +119,23 @@ def log_timing(logger: logging.Logger, kind: str, row_id: int, timings: dict[str
         fields = " ".join(f"{k}_ms={v:.2f}" for k, v in timings.items())
         more = " ".join(f"{k}={v}" for k, v in extra.items())
         logger.debug("timing %s id=%d %s %s", kind, row_id, fields, more)
+
+
+def drain(ctx: WorkerContext, entity: str, work: Callable[[Any, str], int], *,
+          blocked: Callable[[], bool] = lambda: False) -> int:
+    """A worker's tick: claim due rows of `entity` one at a time and work each, until
+    none are due (or the daemon stops, pauses, or `blocked()` says to wait). An idle
+    tick costs one read on the read-only connection, never the write lock."""
+    done = 0
+    owner = ctx.lease_owner(entity)
+    while ctx.may_claim() and not blocked():
+        with ctx.reader.connect() as conn:
+            if not transitions.has_due(conn, entity):
+                break
+        with ctx.engine.begin() as conn:
+            rows = transitions.claim(conn, entity, owner,
+                                     lease_seconds=ctx.cfg.generation.lease_seconds)
+        if not rows:
+            break
+        done += work(rows[0], owner)
+    return done

@@ -24,7 +24,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
-from dreamd.workers.context import WorkerContext, log_timing, timed
+from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 
 log = logging.getLogger("dreamd.interpolation")
 KF = Keyframe.__table__
@@ -117,19 +117,8 @@ def write_frame(ctx: WorkerContext, chain_index: int, t: float, image: Image.Ima
 
 
 def tick(ctx: WorkerContext, codecs: Codecs) -> int:
-    done = 0
-    owner = ctx.lease_owner("interpolation")
-    while ctx.may_claim():
-        with ctx.reader.connect() as conn:
-            if not transitions.has_due(conn, "interpolation"):
-                return done
-        with ctx.engine.begin() as conn:
-            rows = transitions.claim(conn, "interpolation", owner,
-                                     lease_seconds=ctx.cfg.generation.lease_seconds)
-        if not rows:
-            return done
-        done += process(ctx, codecs, rows[0], owner)
-    return done
+    """Make in-betweens while there are batches to make; returns how many were completed."""
+    return drain(ctx, "interpolation", lambda batch, owner: process(ctx, codecs, batch, owner))
 
 
 def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:

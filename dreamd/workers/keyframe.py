@@ -22,7 +22,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
-from dreamd.workers.context import WorkerContext, log_timing, timed
+from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 
 log = logging.getLogger("dreamd.keyframe")
 KF = Keyframe.__table__
@@ -48,21 +48,10 @@ def load_input(row, width: int, height: int) -> Image.Image | None:
 
 def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
     """Make keyframes while there are any to make; returns how many were completed."""
-    done = 0
-    owner = ctx.lease_owner("keyframe")
     # backend_unusable: the backend cannot make keyframes now (every server down, or
     # stopped on a configuration error); claiming would only burn attempts
-    while ctx.may_claim() and not ctx.facts.get("backend_unusable"):
-        with ctx.reader.connect() as conn:
-            if not transitions.has_due(conn, "keyframe"):
-                return done
-        with ctx.engine.begin() as conn:
-            rows = transitions.claim(conn, "keyframe", owner,
-                                     lease_seconds=ctx.cfg.generation.lease_seconds)
-        if not rows:
-            return done
-        done += process(ctx, backend, rows[0], owner)
-    return done
+    return drain(ctx, "keyframe", lambda row, owner: process(ctx, backend, row, owner),
+                 blocked=lambda: bool(ctx.facts.get("backend_unusable")))
 
 
 def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> int:
