@@ -132,6 +132,8 @@ class Embedding(JobColumns, Base):
 
     __table_args__ = (
         Index("ix_embeddings_claim", "state", "scheduled_at"),
+        # the embedding worker asks "which of these frames have a vector?" every tick
+        Index("ix_embeddings_frame_id", "frame_id"),
     )
 
 
