@@ -60,6 +60,9 @@ class EmbeddingWorker:
         done = 0
         owner = ctx.lease_owner("embedding")
         while ctx.may_claim() and not self.under_load():
+            with ctx.reader.connect() as conn:   # idle ticks never take the write lock
+                if not transitions.has_due(conn, "embedding"):
+                    break
             with ctx.engine.begin() as conn:
                 rows = transitions.claim(conn, "embedding", owner, limit=BATCH,
                                          lease_seconds=ctx.cfg.generation.lease_seconds)
