@@ -46,7 +46,6 @@ class DisplayWriter:
         self.last_state = ""
         self.ahead = 0
         self.counted_at = float("-inf")
-        self.shown_times: list[float] = []     # perf_counter of each show, for the bench
 
     # ------------------------------------------------------------ queries
     def next_frame(self, conn):
@@ -111,9 +110,6 @@ class DisplayWriter:
                 place_atomic(self.current, self.out / "previous_frame.png")
             place_atomic(path, self.out / "current_frame.png")
         pause_point("frame-displayed", self.ctx.cfg.data_dir)
-        self.shown_times.append(time.perf_counter())
-        if len(self.shown_times) > 10_000:
-            del self.shown_times[:5_000]
         now = utcnow()
         with timed(timings, "ledger"), self.ctx.engine.begin() as conn:
             transitions.transition(conn, "frame", frame.id, "ready", "shown", worker="display",

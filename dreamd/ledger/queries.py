@@ -33,12 +33,6 @@ def state_counts(conn: Connection) -> dict[str, dict[str, int]]:
     return out
 
 
-def table_counts(conn: Connection) -> dict[str, int]:
-    from dreamd.ledger.models import Base
-
-    return {name: conn.execute(select(func.count()).select_from(table)).scalar_one()
-            for name, table in sorted(Base.metadata.tables.items())}
-
 
 def last_run(conn: Connection) -> Row | None:
     t = DaemonRun.__table__

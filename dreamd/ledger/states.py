@@ -76,9 +76,6 @@ TRANSITIONS: dict[str, frozenset[tuple[str | None, str]]] = {
 INITIAL = {"keyframe": J.available, "interpolation": J.available, "embedding": J.available,
            "frame": F.ready, "control": C.available}
 
-# States a row never leaves.
-FINAL = {J.completed, J.discarded, J.cancelled, F.evicted, C.applied, C.rejected}
-
 # Entities that are claimed with a lease.
 JOB_ENTITIES = ("keyframe", "interpolation", "embedding")
 
