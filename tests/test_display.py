@@ -12,7 +12,7 @@ from PIL import Image
 from sqlalchemy import text
 
 from dreamd import config
-from dreamd.display import files
+from dreamd.storage import files
 from dreamd.display.status import KEYS
 from dreamd.display.writer import DisplayWriter
 from dreamd.ledger import database, queries, transitions as tr

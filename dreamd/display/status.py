@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dreamd.display.files import write_atomic
+from dreamd.storage.files import write_atomic
 
 KEYS = (
     "status",                 # starting | buffering | playing | underrun | paused | stopped

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from dreamd.display import status as status_json
-from dreamd.display.files import place_atomic
+from dreamd.storage.files import place_atomic
 from dreamd.faults import pause_point
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow

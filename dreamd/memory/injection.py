@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import Connection, insert, select
 
-from dreamd.display.files import write_atomic
+from dreamd.storage.files import write_atomic
 from dreamd.ledger.models import Injection as InjectionModel, Keyframe, utcnow
 from dreamd.memory import cache, collapse
 from dreamd.memory.scale import scale_for

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select
 
-from dreamd.display.files import write_atomic
+from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions

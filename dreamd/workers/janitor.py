@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 
-from dreamd.display.files import is_temp
+from dreamd.storage.files import is_temp
 from dreamd.ledger import transitions
 from dreamd.ledger.models import DaemonRun, Embedding, Frame, Keyframe, RuntimeState, utcnow
 from dreamd.ledger.states import JOB_ENTITIES

@@ -17,7 +17,7 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from dreamd.backend import KeyframeBackend, KeyframeRequest
-from dreamd.display.files import write_atomic
+from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
