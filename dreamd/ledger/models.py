@@ -67,6 +67,10 @@ class Keyframe(JobColumns, Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     generation_ms: Mapped[float | None] = mapped_column(Float)
+    # storage (dreamd/storage/retention.py): when the image file went (the row stays as
+    # history), and the small thumbnail that stays in its place
+    pruned_at: Mapped[datetime | None] = mapped_column(DateTime)
+    thumb_path: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint("source IN ('seed', 'img2img', 'injection')", name="source"),
@@ -115,6 +119,7 @@ class Frame(Base):
         UniqueConstraint("chain_index", "t"),
         CheckConstraint("kind IN ('keyframe', 'inbetween')", name="kind"),
         Index("ix_frames_state_order", "state", "chain_index", "t"),
+        Index("ix_frames_created_at", "created_at"),   # history pruning, oldest first
     )
 
 
@@ -181,7 +186,8 @@ class Transition(Base):
     event: Mapped[str | None] = mapped_column(String(32))  # claimed, abandoned, released, …
     detail: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_transitions_entity_entity_id", "entity", "entity_id"),)
+    __table_args__ = (Index("ix_transitions_entity_entity_id", "entity", "entity_id"),
+                      Index("ix_transitions_at", "at"))
 
 
 class DaemonRun(Base):
@@ -215,6 +221,11 @@ class RuntimeState(Base):
     knobs: Mapped[str] = mapped_column(Text, default="{}")  # JSON: live overrides (`dreamd set`)
     # JSON: the ComfyUI servers' health as the daemon last saw it (null = never used ComfyUI)
     comfyui_health: Mapped[str | None] = mapped_column(Text)
+    # the data dir this ledger belongs to (its `.dreamd-id` file): a ledger from
+    # another data dir, or files from another ledger, are never taken for its own
+    data_dir_id: Mapped[str | None] = mapped_column(String(36))
+    # JSON: the data dir's size by part and the free space, as the janitor last measured
+    storage: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
