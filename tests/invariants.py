@@ -65,3 +65,32 @@ def check(data_dir: Path) -> dict:
                                                    "state='completed'")).scalar()}
     finally:
         engine.dispose()
+
+
+def distinct_frame_files(data_dir: Path) -> None:
+    """No frame file holds another's bytes (a swap once wrote frames through a stale
+    link into older frames' files), and every keyframe file still has the sha256 its row
+    recorded. Frames whose images are truly equal would be allowed: none of the tests'
+    dreams make two."""
+    import hashlib
+
+    from dreamd.storage.paths import resolve
+
+    data_dir = Path(data_dir)
+    seen: dict[str, Path] = {}
+    for p in sorted((data_dir / "frames").glob("*.png")):
+        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        assert h not in seen, f"{p.name} has the same bytes as {seen[h].name}"
+        seen[h] = p
+    engine = database.reader(data_dir / "dreamd.db")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, path, sha256 FROM keyframes "
+                                     "WHERE state = 'completed' AND sha256 IS NOT NULL")).all()
+    finally:
+        engine.dispose()
+    for r in rows:
+        p = resolve(data_dir, r.path)
+        if p is not None and p.exists():
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == r.sha256, \
+                f"keyframe {r.id}: {p.name} no longer has the bytes its row recorded"

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from dreamd.display import status as status_json
-from dreamd.storage.files import place_atomic
+from dreamd.storage.files import place_atomic, sweep_temps
 from dreamd.faults import pause_point
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
@@ -32,6 +32,9 @@ class DisplayWriter:
         self.ctx = ctx
         self.out = ctx.cfg.output_dir
         self.out.mkdir(parents=True, exist_ok=True)
+        stale = sweep_temps(self.out)   # temp links an interrupted swap left behind
+        if stale:
+            log.info("removed %d stale temp file(s) from %s", stale, self.out)
         rt = ctx.runtime()
         self.chain: int | None = rt.playhead_chain_index
         self.t: float | None = rt.playhead_t

@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 REPLACE_RETRIES = 25
@@ -19,7 +20,10 @@ REPLACE_DELAY = 0.004   # seconds, grows linearly: ~1.3 s in all before giving u
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # unique per call, never reused: a name left behind by a crash (or an older
+    # daemon with the same pid and thread id) is never this call's temp file
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}."
+                          f"{uuid.uuid4().hex[:12]}.tmp")
 
 
 def replace_retrying(src: Path, dst: Path) -> None:
@@ -54,17 +58,53 @@ def place_atomic(src: Path, dst: Path) -> None:
     A hard link when it can (no bytes copied: the frame files are never rewritten, so
     sharing their inode is safe, and retention deleting a frame leaves the link
     whole); a copy across file systems or where links are not supported.
+
+    Never writes into an existing file: the temp name is new for every call, a copy
+    goes to a file opened with O_EXCL, and when `dst` is already `src` (the same frame
+    shown again) nothing is swapped. POSIX rename of two links to one inode is a no-op
+    that leaves the temp link behind, so the temp name is removed in every case.
     """
-    tmp = _tmp_name(Path(dst))
+    src, dst = Path(src), Path(dst)
+    try:
+        if os.path.samefile(src, dst):
+            return
+    except OSError:
+        pass                                   # dst does not exist yet: place it
+    tmp = _tmp_name(dst)
     try:
         try:
             os.link(src, tmp)
         except OSError:
-            shutil.copyfile(src, tmp)
-        replace_retrying(tmp, Path(dst))
-    except BaseException:
+            _copy_exclusive(src, tmp)
+        replace_retrying(tmp, dst)
+    finally:
+        # after a real rename this name is gone; after a no-op rename (same inode) it
+        # is a second link to a frame, which must not outlive this call
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def _copy_exclusive(src: Path, tmp: Path) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+
+
+def sweep_temps(directory: Path) -> int:
+    """Delete temp names left in `directory` by an interrupted swap or write (a crash
+    between link and rename, or an older dreamd); returns how many went."""
+    n = 0
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        if is_temp(p):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def is_temp(path: Path) -> bool:
