@@ -8,6 +8,7 @@ from sqlalchemy import select, text
 
 from dreamd.ledger import database, transitions as tr
 from dreamd.ledger.models import ENTITY_MODELS, Transition
+from dreamd.storage.paths import resolve
 
 
 def replay_all(conn) -> None:
@@ -34,10 +35,10 @@ def check(data_dir: Path) -> dict:
             assert len(places) == len(set(places)), "a (chain_index, t) was produced twice"
             # files before rows: every live row has its file ...
             live = [f for f in frames if f.state in ("ready", "shown")]
-            missing = [f.path for f in live if not Path(f.path).exists()]
+            missing = [f.path for f in live if not resolve(data_dir, f.path).exists()]
             assert not missing, f"rows without files: {missing[:5]}"
             # ... and no frame file lacks a live row
-            named = {Path(f.path) for f in live}
+            named = {resolve(data_dir, f.path) for f in live}
             on_disk = {p for p in (Path(data_dir) / "frames").glob("*.png")}
             assert on_disk <= named, f"files without rows: {sorted(on_disk - named)[:5]}"
             # nothing left executing
@@ -53,7 +54,7 @@ def check(data_dir: Path) -> dict:
             assert order == sorted(order) and len(order) == len(set(order)), \
                 "frames were shown out of order"
             replay_all(conn)
-            keyframe_files = {Path(p) for p in conn.execute(text(
+            keyframe_files = {resolve(data_dir, p) for p in conn.execute(text(
                 "SELECT path FROM keyframes WHERE path IS NOT NULL")).scalars()}
             on_disk_k = set((Path(data_dir) / "keyframes").glob("*.png"))
             assert on_disk_k <= keyframe_files, \
