@@ -1,7 +1,9 @@
 """Starting images: the seeds a chain begins from and returns to when it needs new blood.
 
 `make_seed` paints one from nothing (the procedural dreamer's painter); `write_seeds`
-fills a folder without ever overwriting; `load_seeds` reads what a user dropped in.
+fills a folder without ever overwriting; `load_seeds` reads what a user dropped in;
+`seed_files` and `pick_seed` are where the planner and the memory take seeds from (a
+broken file is skipped, once warned about, never handed to a backend).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -123,3 +126,57 @@ def _flatten(image: Image.Image) -> Image.Image:
         ground = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(ground, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# ---------------------------------------------------------------- choosing a seed
+# Verdicts per file version (path, size, mtime): a broken seed is decoded and warned
+# about once, a good one decoded once; a file replaced by the user is looked at again.
+_verdicts: dict[tuple[str, int, int], bool] = {}
+_verdicts_lock = threading.Lock()
+
+
+def seed_files(dirs) -> list[Path]:
+    """Candidate seeds in `dirs` (a Config's `seed_dirs()`, or any folders), by name
+    within each folder; hidden files (our own temporary names) are not candidates."""
+    files: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if d.is_dir():
+            files.extend(sorted(p for p in d.iterdir() if p.suffix.lower() in SEED_SUFFIXES
+                                and not p.name.startswith(".") and p.is_file()))
+    return files
+
+
+def usable(path: Path) -> bool:
+    """Does `path` decode as a PNG, JPEG or WebP image? A broken one is warned about
+    (naming it) the first time it is looked at, then skipped quietly."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        log.warning("skipping seed %s: %s", path, exc.strerror or exc)
+        return False
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _verdicts_lock:
+        if key in _verdicts:
+            return _verdicts[key]
+    ok = _load_one(path) is not None          # logs the one warning when it is not
+    with _verdicts_lock:
+        _verdicts[key] = ok
+    return ok
+
+
+def pick_seed(files: list[Path], start: int) -> Path | None:
+    """The first usable seed from `files[start]` on (wrapping round), or None when no
+    file is usable: the caller starts from a generated image instead."""
+    n = len(files)
+    for i in range(n):
+        path = files[(start + i) % n]
+        if usable(path):
+            return path
+    return None
+
+
+def forget_checks() -> None:
+    """Drop the remembered verdicts (tests; a long-lived process never needs to)."""
+    with _verdicts_lock:
+        _verdicts.clear()

@@ -139,12 +139,13 @@ def decide(ctx, last, k: int) -> Injection | None:
 
 
 def choose_seed(ctx, rng: random.Random, last_seed: str | None) -> Path | None:
-    from dreamd.workers.planner import seed_files   # the planner owns where seeds are
+    from dreamd.seeding import pick_seed, seed_files   # seeds are seeding's
 
-    seeds = seed_files(ctx)
+    seeds = seed_files(ctx.cfg.seed_dirs())
     if len(seeds) > 1 and last_seed:
         seeds = [s for s in seeds if str(s) != last_seed] or seeds
-    return rng.choice(seeds) if seeds else None
+    # the rng's pick, or the next usable one after it: a broken seed is skipped
+    return pick_seed(seeds, rng.randrange(len(seeds))) if seeds else None
 
 
 def seed_similarity(ctx, seed: Path, model: str | None, reference) -> float | None:

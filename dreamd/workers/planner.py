@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy import Connection, func, select
 
+from dreamd import seeding
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
 from dreamd.ledger.states import JobState as J
@@ -43,16 +43,6 @@ def frames_coming(conn: Connection) -> int:
     """Frames that interpolation batches not yet done will produce."""
     return conn.execute(select(func.coalesce(func.sum(IP.c.n_frames + 1), 0))
                         .where(IP.c.state.in_(PENDING))).scalar_one()
-
-
-def seed_files(ctx: WorkerContext) -> list[Path]:
-    from dreamd.seeding import SEED_SUFFIXES
-    files: list[Path] = []
-    for d in ctx.cfg.seed_dirs():
-        if d.is_dir():
-            files.extend(sorted(p for p in d.iterdir()
-                                if p.suffix.lower() in SEED_SUFFIXES and p.is_file()))
-    return files
 
 
 def tick(ctx: WorkerContext) -> int | None:
@@ -108,9 +98,15 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
               "denoise": ctx.knob("generation.denoise"), "width": width, "height": height,
               "max_attempts": cfg.generation.max_attempts}
     if last is None:
-        seeds = seed_files(ctx)
+        # checked now, not when the keyframe runs: a broken seed would be discarded
+        # and planned again forever; with no usable seed the backend generates a start
+        seeds = seeding.seed_files(cfg.seed_dirs())
+        start = seeding.pick_seed(seeds, seed % len(seeds)) if seeds else None
+        if seeds and start is None:
+            log.warning("keyframe %d: none of the %d seed images is usable; starting from "
+                        "a generated image", k, len(seeds))
         values["source"] = "seed"
-        values["input_path"] = str(seeds[seed % len(seeds)]) if seeds else None
+        values["input_path"] = str(start) if start else None
     else:
         values.update(source="img2img", parent_id=last.id, input_path=last.path)
     if cfg.prompts.time_of_day:
