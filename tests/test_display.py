@@ -191,3 +191,22 @@ def test_readers_never_see_a_partial_file(tmp_path):
     stop.set()
     reader.join()
     assert not bad
+
+
+def test_playback_starts_at_the_first_segment_even_when_a_later_one_is_ready_first(ctx):
+    """Issue 10, item 3: with no playhead yet, a ready segment 1 waits for segment 0
+    still being made; playback starts at (0, 0.0) and never skips chain 0."""
+    add_segment(ctx, 0, 3, batch_state="available")   # being made (the ledger was busy)
+    add_segment(ctx, 1, 3)                            # already done
+    w = DisplayWriter(ctx)
+    for _ in range(5):
+        w.tick()
+    assert shown(ctx) == []
+    assert status(ctx)["status"] == "buffering"
+    with ctx.engine.begin() as conn:
+        conn.execute(text("DELETE FROM interpolations WHERE chain_index = 0"))
+    add_segment(ctx, 0, 3)
+    for _ in range(10):
+        w.tick()
+    order = shown(ctx)
+    assert order[0] == (0, 0.0) and order == sorted(order) and len(order) == 8

@@ -163,9 +163,11 @@ def frames_ahead(conn: Connection, chain: int | None, t: float | None) -> int:
 
 def next_frame(conn: Connection, chain: int | None, t: float | None) -> Row | None:
     """The next ready frame after the playhead, unless an earlier segment is still being
-    made (its frames would have to come first): playback never goes out of order."""
+    made (its frames would have to come first): playback never goes out of order.
+    With no playhead yet every earlier segment counts: playback starts at the first."""
     row = conn.execute(_NEXT, _playhead(chain, t)).first()
-    if row is None or chain is None or row.chain_index <= chain:
+    since = -1 if chain is None else chain
+    if row is None or row.chain_index <= since:
         return row
-    making = conn.execute(_MAKING, {"c": chain, "until": row.chain_index}).scalar()
+    making = conn.execute(_MAKING, {"c": since, "until": row.chain_index}).scalar()
     return None if making else row
