@@ -57,12 +57,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                                             revision, head).as_dict()
             finally:
                 engine.dispose()
+    report["storage"] = _storage_report(cfg, report)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     from dreamd.display.report import print_status
     print_status(report)
     return 0
+
+
+def _storage_report(cfg, report: dict[str, Any]) -> dict[str, Any]:
+    """The data dir's size by part, measured now, and what the daemon last said about
+    the free-space floor (only while it runs: a stopped daemon pauses nothing)."""
+    from dreamd.storage import space
+
+    s = cfg.storage
+    usage = space.measure(cfg.data_dir, budget_gb=s.budget_gb, floor_gb=s.min_free_gb)
+    recorded = report.pop("storage_recorded", None) or {}
+    return {**usage.as_dict(), "low": recorded.get("low") if report.get("alive") else None}
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -165,8 +165,8 @@ class Display:
                                        min=1.0, max=3600.0)
     min_buffer_seconds: float = key(5.0, "the status says buffering until this much is ready",
                                     min=0.0, max=3600.0)
-    max_output_frames: int = key(2000, "shown in-between frames kept on disk; older ones are "
-                                       "deleted (keyframes are always kept)", min=10, max=10_000_000)
+    max_output_frames: int = key(2000, "shown frames kept on disk (segment starts included); "
+                                       "older ones are deleted", min=10, max=10_000_000)
     output_dir: str = key("", "where current_frame.png, previous_frame.png and status.json "
                               "are written; empty = <data_dir>/output")
 
@@ -296,6 +296,26 @@ class Guard:
 
 
 @dataclass
+class Storage:
+    # dreamd/storage/retention.py: what each kind of file and row may cost, and for how long
+    budget_gb: float = key(2.0, "size budget of the data dir; over it the oldest deletable "
+                                "files go first (0 = no budget)", min=0.0, max=1_000_000.0)
+    min_free_gb: float = key(1.0, "free-space floor of the disk: below it generation pauses "
+                                  "and playback goes on from the buffer (0 = no floor)",
+                             min=0.0, max=1_000_000.0)
+    keyframe_hours: float = key(24.0, "keyframe images older than this are deleted (their "
+                                      "rows stay as history); 0 = keep (the budget still "
+                                      "applies)", min=0.0, max=1_000_000.0)
+    thumbnails: bool = key(True, "keep a small thumbnail (thumbs/) when a keyframe image goes")
+    frame_history_hours: float = key(24.0, "rows of frames, their embeddings (cache members "
+                                           "stay) and transitions older than this are pruned; "
+                                           "0 = keep everything", min=0.0, max=1_000_000.0)
+    history_days: float = key(7.0, "rows of keyframes, interpolations, injections and "
+                                   "controls (and thumbnails) older than this are pruned; "
+                                   "0 = keep everything", min=0.0, max=1_000_000.0)
+
+
+@dataclass
 class Config:
     system: System = field(default_factory=System)
     generation: Generation = field(default_factory=Generation)
@@ -304,6 +324,7 @@ class Config:
     prompts: Prompts = field(default_factory=Prompts)
     comfyui: ComfyUI = field(default_factory=ComfyUI)
     guard: Guard = field(default_factory=Guard)
+    storage: Storage = field(default_factory=Storage)
     # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     file: Path | None = field(default=None, compare=False, repr=False)

@@ -37,6 +37,7 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
                       f"{playhead['t']:.3f}, {playhead['frames_shown']} frames shown, "
                       f"{playhead['underruns']} underruns")
     _print_comfyui(report.get("comfyui"), console)
+    _print_storage(report.get("storage"), console)
     counts = report.get("counts") or {}
     if counts:
         table = Table(title="rows per state", show_edge=False)
@@ -81,3 +82,30 @@ def _print_comfyui(health: dict[str, Any] | None, console: Console) -> None:
                       f"{sup.get('restarts_last_hour', 0)} restarts in the last hour"
                       + (f", last exit {sup['last_exit']}" if sup.get("last_exit") is not None
                          else ""), highlight=False)
+
+
+def _print_storage(storage: dict[str, Any] | None, console: Console) -> None:
+    """The data dir's size by part against the budget, and the disk's free space."""
+    if not storage:
+        return
+    from dreamd.storage.space import ORPHANED_PREFIX, human
+
+    parts = storage.get("parts") or {}
+    budget, total = storage.get("budget") or 0, storage.get("total") or 0
+    orphaned = sum(v for k, v in parts.items() if k.startswith(ORPHANED_PREFIX))
+    line = f"[bold]storage[/]    {human(total - orphaned)}"
+    line += f" of a {human(budget)} budget" if budget else " (no budget)"
+    line += f", {human(storage.get('free'))} free on the disk"
+    if storage.get("floor"):
+        line += f" (floor {human(storage['floor'])})"
+    console.print(line, highlight=False)
+    if storage.get("low"):
+        console.print(f"  [yellow]generation paused:[/] {storage['low']}", highlight=False)
+    shown = ", ".join(f"{k} {human(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+                      if not k.startswith(ORPHANED_PREFIX))
+    if shown:
+        console.print(f"  {shown}", highlight=False)
+    if orphaned:
+        console.print(f"  [yellow]moved aside[/] {human(orphaned)} in "
+                      f"{', '.join(k for k in parts if k.startswith(ORPHANED_PREFIX))}: not this "
+                      f"ledger's files; delete them when you are sure", highlight=False)

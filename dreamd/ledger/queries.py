@@ -99,6 +99,7 @@ class Status:
     paused: bool
     playhead: dict[str, Any] | None
     comfyui: dict[str, Any] | None = None   # server health as the daemon last recorded it
+    storage_recorded: dict[str, Any] | None = None  # the janitor's last measurement
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -124,7 +125,16 @@ def status(conn: Connection, data_dir: str, database: str, revision: str | None,
                    "t": rt.playhead_t, "frames_shown": rt.frames_shown,
                    "underruns": rt.underruns} if rt else None),
         comfyui=comfyui_health(rt),
+        storage_recorded=_json_object(getattr(rt, "storage", None) if rt else None),
     )
+
+
+def _json_object(raw: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except (TypeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def comfyui_health(row: Row | None) -> dict[str, Any] | None:

@@ -16,9 +16,10 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Connection, case, func, select, update
+from sqlalchemy import Connection, and_, case, func, select, update
 
 from dreamd.ledger.models import Embedding, Frame, Keyframe
+from dreamd.storage.paths import resolve
 
 EM, FR, KF = Embedding.__table__, Frame.__table__, Keyframe.__table__
 
@@ -32,9 +33,12 @@ def from_blob(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
-# The picture a frame stands for: a keyframe's raw image (kept forever, and the
-# img2img input), an in-between's own file.
-IMAGE_PATH = case((FR.c.kind == "keyframe", KF.c.path), else_=FR.c.path)
+# The picture a frame stands for: a keyframe's raw image (the img2img input; kept while
+# its frame is a member, dreamd/storage/retention.py), an in-between's own file, or the
+# decoded segment start when the raw image is gone. A path as rows keep it (relative to
+# the data dir: dreamd.storage.paths.resolve).
+IMAGE_PATH = case((and_(FR.c.kind == "keyframe", KF.c.pruned_at.is_(None),
+                        KF.c.path.is_not(None)), KF.c.path), else_=FR.c.path)
 
 
 @dataclass
@@ -99,7 +103,8 @@ class Candidate:
 
 
 def candidates(conn: Connection, model: str, reference: np.ndarray, band: tuple[float, float],
-               *, before_chain: int | None = None) -> list[Candidate]:
+               *, before_chain: int | None = None,
+               data_dir: Path | None = None) -> list[Candidate]:
     """Members related to `reference` but different from it (similarity within the band),
     whose picture is still on disk; members from `before_chain` on are the chain's own
     recent past, which is what the injection tries to get away from."""
@@ -113,8 +118,9 @@ def candidates(conn: Connection, model: str, reference: np.ndarray, band: tuple[
     out = []
     for r in conn.execute(q).all():
         sim = float(from_blob(r.vector) @ reference)
-        if band[0] <= sim <= band[1] and r.image_path and Path(r.image_path).is_file():
-            out.append(Candidate(r.id, r.frame_id, r.chain_index, Path(r.image_path), sim))
+        path = resolve(data_dir or Path("."), r.image_path)
+        if band[0] <= sim <= band[1] and path is not None and path.is_file():
+            out.append(Candidate(r.id, r.frame_id, r.chain_index, path, sim))
     return out
 
 

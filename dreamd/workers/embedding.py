@@ -30,6 +30,7 @@ from dreamd.ledger.models import Embedding, Frame, Interpolation, Keyframe, utcn
 from dreamd.memory import cache
 from dreamd.memory.embedder import Embedders
 from dreamd.memory.scale import scale_for
+from dreamd.storage.paths import resolve
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.embedding")
@@ -149,7 +150,7 @@ class EmbeddingWorker:
         images, ok = [], []
         for r in rows:
             try:
-                with Image.open(paths[r.frame_id]) as im:
+                with Image.open(resolve(ctx.cfg.data_dir, paths[r.frame_id])) as im:
                     images.append(im.convert("RGB"))
                 ok.append(r)
             except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -1,27 +1,26 @@
-"""The janitor: rescues expired leases, keeps disk use bounded (retention),
-reconciles files with rows at start (files before rows means a crash can leave a
-file no row names, never a row without its file), and checkpoints the WAL.
+"""The janitor: rescues expired leases, keeps the data dir within its limits
+(dreamd/storage: retention, the budget, the free-space floor), and checkpoints the
+WAL. Reconcile at start lives in dreamd/storage/reconcile.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from pathlib import Path
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import update
 
-from dreamd.storage.files import is_temp
-from dreamd.ledger import transitions
-from dreamd.ledger.models import DaemonRun, Embedding, Frame, Keyframe, RuntimeState, utcnow
+from dreamd.ledger import queries, transitions
+from dreamd.ledger.models import DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
+from dreamd.storage import retention, space
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.janitor")
-FR, KF, RT, DR = Frame.__table__, Keyframe.__table__, RuntimeState.__table__, DaemonRun.__table__
-EM = Embedding.__table__
-EVICT_BATCH = 500
+DR = DaemonRun.__table__
 CHECKPOINT_EVERY = 60.0
+MEASURE_EVERY = 15.0        # seconds between walks of the data dir (the budget, the status)
 
 
 def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
@@ -41,89 +40,21 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
 
 
 def enforce_retention(ctx: WorkerContext) -> int:
-    """Delete shown in-between files beyond `display.max_output_frames` (newest kept),
-    and ready frames the playhead has passed (they can never be shown in order); frames
-    in the aesthetic memory's cache are skipped."""
-    keep = ctx.knob("display.max_output_frames")
-    evicted = 0
-    # the aesthetic memory's members keep their files while they are members
-    member = FR.c.id.in_(select(EM.c.frame_id).where(EM.c.in_cache == 1))
-    with ctx.reader.connect() as conn:
-        old = conn.execute(select(FR.c.id, FR.c.path, FR.c.state)
-                           .where(FR.c.state == "shown", FR.c.kind == "inbetween", ~member)
-                           .order_by(FR.c.chain_index.desc(), FR.c.t.desc())
-                           .limit(EVICT_BATCH).offset(keep)).all()
-        rt = conn.execute(select(RT).where(RT.c.id == 1)).first()
-        passed = []
-        if rt is not None and rt.playhead_chain_index is not None:
-            passed = conn.execute(select(FR.c.id, FR.c.path, FR.c.state).where(
-                FR.c.state == "ready", ~member,
-                or_(FR.c.chain_index < rt.playhead_chain_index,
-                    and_(FR.c.chain_index == rt.playhead_chain_index,
-                         FR.c.t < rt.playhead_t))).limit(EVICT_BATCH)).all()
-    for rows, why in ((old, "retention"), (passed, "behind the playhead")):
-        if not rows:
-            continue
-        # rows first, then files: a crash in between leaves a file with no live row,
-        # which the next start's reconcile deletes; never a live row without its file
-        now = utcnow()
-        with ctx.engine.begin() as conn:
-            for r in rows:
-                transitions.transition(conn, "frame", r.id, r.state, "evicted", worker="janitor",
-                                       now=now, values={"evicted_at": now}, detail=why)
-        for r in rows:
-            Path(r.path).unlink(missing_ok=True)
-        evicted += len(rows)
-    return evicted
-
-
-def reconcile(ctx: WorkerContext) -> dict[str, int]:
-    """At start: rows whose files vanished are evicted; files no live row names are
-    deleted (an interrupted write); temp files are deleted."""
-    cfg = ctx.cfg
-    stats = {"rows_missing_file": 0, "orphan_files": 0, "temp_files": 0}
-    with ctx.reader.connect() as conn:
-        live = conn.execute(select(FR.c.id, FR.c.path, FR.c.state)
-                            .where(FR.c.state.in_(("ready", "shown")))).all()
-        keyframe_files = {Path(p) for p in conn.execute(
-            select(KF.c.path).where(KF.c.path.is_not(None))).scalars()}
-        # blended inputs of injected keyframes (dreamd/memory/injection.py)
-        injection_files = {Path(p) for p in conn.execute(
-            select(KF.c.input_path).where(KF.c.source == "injection")).scalars() if p}
-    missing = [r for r in live if not Path(r.path).exists()]
-    if missing:
-        now = utcnow()
-        with ctx.engine.begin() as conn:
-            for r in missing:
-                transitions.transition(conn, "frame", r.id, r.state, "evicted", worker="startup",
-                                       now=now, values={"evicted_at": now},
-                                       detail="file missing at start")
-        stats["rows_missing_file"] = len(missing)
-    named = {Path(r.path) for r in live}
-    for folder, known in ((cfg.frames_dir, named), (cfg.keyframes_dir, keyframe_files),
-                          (cfg.data_dir / "injections", injection_files)):
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            if is_temp(f):
-                f.unlink(missing_ok=True)
-                stats["temp_files"] += 1
-            elif f.suffix == ".png" and f not in known:
-                f.unlink(missing_ok=True)
-                stats["orphan_files"] += 1
-    if any(stats.values()):
-        log.warning("reconciled files with the ledger: %s", stats)
-    return stats
+    """Frames past retention or behind the playhead (dreamd/storage/retention.py)."""
+    return retention.evict_frames(ctx)
 
 
 class Janitor:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.last_checkpoint = time.monotonic()
+        self.measured_at = float("-inf")
+        self.over = 0                   # bytes over the budget (or under the floor) to free
+        self.usage: space.Usage | None = None
 
     def tick(self) -> None:
         rescue_all(self.ctx)
-        enforce_retention(self.ctx)
+        self.storage()
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_EVERY:
             self.last_checkpoint = time.monotonic()
             # outside any transaction (the raw connection is in autocommit mode)
@@ -132,6 +63,56 @@ class Janitor:
                 raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 raw.close()
+
+
+    # ------------------------------------------------------------ storage
+    def storage(self) -> None:
+        """Retention every tick; the budget and the floor from a walk every MEASURE_EVERY."""
+        ctx = self.ctx
+        if time.monotonic() - self.measured_at >= MEASURE_EVERY:
+            self.measure()
+        report = retention.run_pass(ctx, over_budget=self.over)
+        self.over = max(0, self.over - report.freed)
+        if report.any():
+            log.debug("retention: %s", report)
+            if report.freed and self.over == 0 and ctx.facts.get("storage_low"):
+                self.measure()          # the floor may be cleared now
+
+    def measure(self) -> None:
+        ctx, s = self.ctx, self.ctx.cfg.storage
+        self.measured_at = time.monotonic()
+        u = space.measure(ctx.cfg.data_dir, budget_gb=s.budget_gb, floor_gb=s.min_free_gb)
+        self.usage = u
+        deficit = 0
+        low = None
+        if u.floor and u.free is not None:
+            # hysteresis: generation resumes a little above the floor, not at it
+            resume = u.floor + max(u.floor // 20, 32 * space.MB)
+            was_low = bool(ctx.facts.get("storage_low"))
+            if u.free < u.floor or (was_low and u.free < resume):
+                deficit = resume - u.free
+                low = (f"low disk space: {space.human(u.free)} free on the data dir's disk, "
+                       f"below the floor of {space.human(u.floor)} (storage.min_free_gb)")
+        self.over = max(u.over_budget(), deficit)
+        self.set_low(low)
+        try:
+            with ctx.engine.begin() as conn:
+                queries.update_runtime(conn, storage=json.dumps({**u.as_dict(), "low": low}))
+        except Exception:   # a busy ledger: the next measurement records it
+            log.debug("storage usage not recorded", exc_info=True)
+
+    def set_low(self, reason: str | None) -> None:
+        """Pause generation under the free-space floor (playback goes on from the buffer);
+        said once when it starts and once when it ends."""
+        facts = self.ctx.facts
+        if reason and not facts.get("storage_low"):
+            log.warning("%s: generation paused, playback goes on from the buffer; it "
+                        "resumes by itself when there is room (free space or lower "
+                        "storage.min_free_gb)", reason)
+        elif not reason and facts.get("storage_low"):
+            log.info("disk space is back: generation resumes")
+            self.ctx.wake("planner")
+        facts["storage_low"] = reason
 
 
 def heartbeat(ctx: WorkerContext) -> None:
