@@ -27,6 +27,7 @@ from PIL import Image
 from sqlalchemy import Connection, insert, select
 
 from dreamd.storage.files import write_atomic
+from dreamd.storage.paths import resolve, stored
 from dreamd.ledger.models import Injection as InjectionModel, Keyframe, utcnow
 from dreamd.memory import cache, collapse
 from dreamd.memory.scale import scale_for
@@ -110,13 +111,14 @@ def decide(ctx, last, k: int) -> Injection | None:
         if kind == "cache":
             found = [] if win.reference is None else cache.candidates(
                 conn, model, win.reference, (scale.band_min, scale.band_max),
-                before_chain=win.chain[0] if win.chain else None)
+                before_chain=win.chain[0] if win.chain else None, data_dir=ctx.cfg.data_dir)
             pick = cache.pick(found, rng)
             if pick is None:
                 kind, reason = "seed", "bootstrap"
     size = (last.width, last.height)
     if kind == "cache":
-        image, method = blend(ctx, Path(last.path), pick.path, c.injection_weight, size)
+        image, method = blend(ctx, resolve(ctx.cfg.data_dir, last.path),
+                              resolve(ctx.cfg.data_dir, pick.path), c.injection_weight, size)
         inj = Injection("cache", reason, c.injection_weight, Path(), method,
                         similarity=pick.similarity, source_frame_id=pick.frame_id,
                         embedding_id=pick.embedding_id, level=win.level)
@@ -126,8 +128,10 @@ def decide(ctx, last, k: int) -> Injection | None:
             log.info("keyframe %d: a %s seed injection was due, but there are no seed images "
                      "(see `dreamd seeds`)", k, reason)
             return None
-        image, method = blend(ctx, Path(last.path), seed, c.seed_weight, size)
-        inj = Injection("seed", reason, c.seed_weight, Path(), method, seed_path=str(seed),
+        image, method = blend(ctx, resolve(ctx.cfg.data_dir, last.path), seed, c.seed_weight,
+                              size)
+        inj = Injection("seed", reason, c.seed_weight, Path(), method,
+                        seed_path=stored(ctx.cfg.data_dir, seed),
                         similarity=seed_similarity(ctx, seed, model, win.reference),
                         level=win.level)
     inj.input_path = write_input(ctx, k, image)
@@ -143,7 +147,7 @@ def choose_seed(ctx, rng: random.Random, last_seed: str | None) -> Path | None:
 
     seeds = seed_files(ctx.cfg.seed_dirs())
     if len(seeds) > 1 and last_seed:
-        seeds = [s for s in seeds if str(s) != last_seed] or seeds
+        seeds = [s for s in seeds if stored(ctx.cfg.data_dir, s) != last_seed] or seeds
     # the rng's pick, or the next usable one after it: a broken seed is skipped
     return pick_seed(seeds, rng.randrange(len(seeds))) if seeds else None
 

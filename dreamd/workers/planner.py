@@ -16,6 +16,7 @@ from dreamd import seeding
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
 from dreamd.ledger.states import JobState as J
+from dreamd.storage.paths import resolve, stored
 from dreamd.memory import injection as memory_injection
 from dreamd.workers.context import WorkerContext
 
@@ -45,9 +46,15 @@ def frames_coming(conn: Connection) -> int:
                         .where(IP.c.state.in_(PENDING))).scalar_one()
 
 
+def head_image(ctx: WorkerContext, last) -> bool:
+    """Is the chain's newest keyframe image (the next img2img input) on disk?"""
+    path = resolve(ctx.cfg.data_dir, last.path)
+    return path is not None and path.exists()
+
+
 def tick(ctx: WorkerContext) -> int | None:
     """Plan at most one keyframe; returns its id when one was created."""
-    if not ctx.may_claim():
+    if not ctx.may_generate():
         return None
     if ctx.facts.get("backend_unusable"):
         # the backend cannot make keyframes now (stopped on a configuration error, or every
@@ -97,6 +104,12 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
               "prompt": theme.positive, "negative_prompt": theme.negative, "seed": seed,
               "denoise": ctx.knob("generation.denoise"), "width": width, "height": height,
               "max_attempts": cfg.generation.max_attempts}
+    if last is not None and not head_image(ctx, last):
+        # the chain's newest image is gone (moved aside, deleted by hand): a new chain
+        # starts at the next index from a seed, instead of a keyframe that cannot run
+        log.warning("keyframe %d: the image of keyframe %d (%s) is missing; starting anew "
+                    "from a seed", k, last.chain_index, last.path)
+        last = None
     if last is None:
         # checked now, not when the keyframe runs: a broken seed would be discarded
         # and planned again forever; with no usable seed the backend generates a start
@@ -106,14 +119,15 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
             log.warning("keyframe %d: none of the %d seed images is usable; starting from "
                         "a generated image", k, len(seeds))
         values["source"] = "seed"
-        values["input_path"] = str(start) if start else None
+        values["input_path"] = stored(cfg.data_dir, start) if start else None
     else:
         values.update(source="img2img", parent_id=last.id, input_path=last.path)
     if cfg.prompts.time_of_day:
         values["prompt"] = with_time_of_day(values["prompt"], cfg.prompts.time_of_day_words)
     injection = _injection(ctx, last, k)      # the aesthetic memory: dreamd/memory/
     if injection is not None:
-        values.update(source="injection", input_path=str(injection.input_path))
+        values.update(source="injection",
+                      input_path=stored(cfg.data_dir, injection.input_path))
     with ctx.engine.begin() as conn:
         # re-checked under the write lock: one keyframe in flight, ever
         if conn.execute(select(func.count()).select_from(KF)
