@@ -24,6 +24,7 @@ from typing import Any, Callable
 from sqlalchemy import insert, update
 
 from dreamd import __version__
+from dreamd.conditions import begin_retrying, classify, watch_ledger
 from dreamd.config import Config
 from dreamd.errors import DaemonError
 from dreamd.ledger import database, queries, transitions
@@ -33,6 +34,7 @@ from dreamd.ledger.states import JOB_ENTITIES
 log = logging.getLogger("dreamd")
 DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
+STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
 WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "janitor",
            "controls", "heartbeat")
 
@@ -154,7 +156,8 @@ class Daemon:
 
     def _job(self, name: str, fn: Callable[[], Any]) -> Callable[[], None]:
         """Wrap a tick: count it as in flight (for the shutdown grace) and never let an
-        exception kill the schedule."""
+        exception kill the schedule. A condition of the machine (ledger busy, disk full)
+        is one warning while it lasts, not a traceback per tick."""
         def run() -> None:
             if self.ctx.stopping.is_set() and name not in ("display",):
                 return
@@ -162,8 +165,12 @@ class Daemon:
                 self.running[name] = self.running.get(name, 0) + 1
             try:
                 fn()
-            except Exception:
-                log.exception("%s tick failed", name)
+            except Exception as exc:
+                kind = classify(exc)
+                if kind:
+                    self.ctx.conditions.report(kind, name, exc)
+                else:
+                    log.exception("%s tick failed", name)
             finally:
                 with self.running_lock:
                     self.running[name] -= 1
@@ -224,6 +231,7 @@ class Daemon:
         ctx = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=run_id,
                             owner=f"{host}:{pid}:{run_id}", started_monotonic=time.monotonic())
         self.ctx = ctx
+        watch_ledger(engine, ctx.conditions)   # a granted write lock ends "ledger busy"
         ctx.facts["comfyui_status"] = "n/a" if cfg.generation.backend == "procedural" else "?"
         log.info("dreamd %s run %d (pid %d): data dir %s, backend %s, torch threads %d",
                  __version__, run_id, pid, cfg.data_dir, cfg.generation.backend, threads)
@@ -292,14 +300,22 @@ class Daemon:
         while self.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
         stuck = self.in_flight()
-        with ctx.engine.begin() as conn:
-            for entity in JOB_ENTITIES:
-                released = transitions.release(conn, entity, ctx.lease_owner(entity),
-                                               detail=self.stop_reason)
-                if released:
-                    log.info("released %s %s", entity, released)
-            conn.execute(update(DR).where(DR.c.id == ctx.run_id).values(
-                stopped_at=utcnow(), heartbeat_at=utcnow(), exit_reason=self.stop_reason))
+        display.flush(timeout=2.0)            # frames shown while the ledger was busy
+        try:
+            with begin_retrying(ctx, "stop", give_up_after=STOP_RECORD_SECONDS,
+                                stopping_too=True) as conn:
+                for entity in JOB_ENTITIES:
+                    released = transitions.release(conn, entity, ctx.lease_owner(entity),
+                                                   detail=self.stop_reason)
+                    if released:
+                        log.info("released %s %s", entity, released)
+                conn.execute(update(DR).where(DR.c.id == ctx.run_id).values(
+                    stopped_at=utcnow(), heartbeat_at=utcnow(), exit_reason=self.stop_reason))
+        except Exception as exc:
+            # the stop is still clean: the next start finds this run without a stop,
+            # records it as died and rescues its leases (the attempts they used count)
+            log.error("could not record the stop in the ledger (%s): %s", classify(exc)
+                      or "error", str(getattr(exc, "orig", exc)).splitlines()[0])
         try:
             with ctx.reader.connect() as conn:
                 ahead = display.buffered(conn)
@@ -312,6 +328,7 @@ class Daemon:
                 closer()
             except Exception:
                 log.exception("closing")
+        display.close()
         ctx.engine.dispose()
         ctx.reader.dispose()
         if stuck:

@@ -5,6 +5,10 @@ point, create `<data_dir>/paused-at-<point>` and sleep. Unset (always, in real u
 this costs one dict lookup. Points: keyframe-written (file on disk, row not yet
 completed), frames-written (a batch's files on disk, rows not yet created),
 frame-displayed (current_frame.png replaced, frame not yet marked shown).
+
+`DREAMD_HOLD_AT=keyframe-written` lets a test line up a fault with that moment: when
+the test has created `<data_dir>/arm-<point>`, the next daemon to reach the point
+renames it `held-at-<point>` and waits until the test deletes that, then carries on.
 """
 
 from __future__ import annotations
@@ -14,9 +18,21 @@ import time
 from pathlib import Path
 
 ENV = "DREAMD_PAUSE_AT"
+HOLD_ENV = "DREAMD_HOLD_AT"
 
 
 def pause_point(name: str, data_dir: Path) -> None:
+    held = os.environ.get(HOLD_ENV)
+    if held and name in held.split(","):
+        armed, marker = Path(data_dir) / f"arm-{name}", Path(data_dir) / f"held-at-{name}"
+        try:
+            armed.rename(marker)
+        except OSError:
+            pass                          # not armed: carry on
+        else:
+            deadline = time.monotonic() + 3600
+            while marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
     points = os.environ.get(ENV)
     if not points or name not in points.split(","):
         return

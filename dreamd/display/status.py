@@ -1,11 +1,16 @@
 """status.json: what the Rainmeter skin, the TUI and scripts read about the dream.
 
-Fixed keys in a fixed order (documented in the README); written atomically.
+Fixed keys in a fixed order (documented in the README); written atomically, except
+on a full disk, where a new file cannot be made: then it is rewritten in place, so it
+never freezes on a state the daemon has left. A killed daemon writes nothing: readers
+judge it stale when `last_update` is older than `stale_after_seconds`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,10 @@ KEYS = (
     "daemon_status",          # running | stopping | stopped
     "comfyui_status",         # n/a | ok | starting | down | fallback | error
     "last_update",            # ISO 8601 UTC
+    "problem",                # null, or what is wrong now: ledger busy, disk full, …
+    "stale_after_seconds",    # last_update older than this: the daemon is gone or hung
 )
+STALE_AFTER_MIN = 10.0        # seconds; status.json is written at least once a second
 
 
 def build(**values: Any) -> dict[str, Any]:
@@ -43,8 +51,40 @@ def build(**values: Any) -> dict[str, Any]:
     return {k: values[k] for k in KEYS}
 
 
+def stale_after(fps: float) -> float:
+    """How old `last_update` may get before a reader must treat the file as stale: the
+    display writes it at least every frame (and twice a second), so several missed
+    writes in a row mean the daemon is dead, hung or cannot write."""
+    return round(max(STALE_AFTER_MIN, 5.0 / fps), 1)
+
+
 def write(path: Path, status: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(status, indent=2).encode("utf-8"))
+    data = json.dumps(status, indent=2).encode("utf-8")
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        if not _write_in_place(path, data):
+            raise
+
+
+def _write_in_place(path: Path, data: bytes) -> bool:
+    """The disk is full: overwrite the existing file's blocks instead of making a new
+    file (not atomic: a reader may see a torn file for an instant, which beats a status
+    frozen on `playing`). False when there is no file to overwrite or it fails too."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+        os.ftruncate(fd, len(data))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def now_iso() -> str:

@@ -3,6 +3,12 @@ order, on screen (`current_frame.png`, with the one before it in
 `previous_frame.png` for a crossfade), marks it shown and moves the playhead, and
 keeps `status.json` current. It never shows frames out of order: on underrun it
 holds the last frame, counts the underrun, and buffers again.
+
+Showing never waits on the ledger: a frame is shown, then recorded (shown, playhead)
+through the display's own write connection, which gives up on a busy ledger in a
+fraction of a second. While another process holds the write lock, playback goes on
+from the frames already made, the records wait in memory, and the ledger is caught up
+(with the times the frames were really shown) as soon as it is free.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
+from dreamd.conditions import classify, watch_ledger
 from dreamd.display import status as status_json
 from dreamd.storage.files import place_atomic, sweep_temps
 from dreamd.faults import pause_point
-from dreamd.ledger import queries, transitions
+from dreamd.errors import StaleTransitionError
+from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
 from dreamd.workers.context import WorkerContext, log_timing, timed
 
@@ -25,6 +33,8 @@ FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,
                   RuntimeState.__table__)
 STATUS_EVERY = 0.5   # seconds between status.json writes, unless the state changes
 COUNT_EVERY = 0.5    # seconds between recounts of the buffer (decremented in between)
+BUSY_TIMEOUT_MS = 150  # the display's write connection: it has frames to show, not to wait
+RECORD_RETRY = 0.5   # seconds between tries to record shown frames on a busy ledger
 
 
 class DisplayWriter:
@@ -49,6 +59,11 @@ class DisplayWriter:
         self.last_state = ""
         self.ahead = 0
         self.counted_at = float("-inf")
+        # shown but not yet in the ledger (it was busy): (frame id, chain, t, shown at)
+        self.pending: list[tuple[int, int, float, object]] = []
+        self.pending_underruns = 0
+        self.next_record = 0.0
+        self.engine = _impatient_writer(ctx)
 
     # ------------------------------------------------------------ queries
     def next_frame(self, conn):
@@ -59,8 +74,21 @@ class DisplayWriter:
 
     # ------------------------------------------------------------ tick
     def tick(self) -> None:
+        """One display step; a condition of the machine (a busy ledger, a full disk) is
+        reported and ridden out, never raised into the scheduler."""
+        try:
+            self._tick()
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            self.ctx.conditions.report(kind, "display", exc)
+            self._status_maybe(self.ctx.knob("display.fps"), force=False, ahead=self.ahead)
+
+    def _tick(self) -> None:
         ctx = self.ctx
         fps = ctx.knob("display.fps")
+        self.record()                        # catch the ledger up, if it was busy
         if ctx.paused():
             self.state = "paused"
             self._status_maybe(fps, force=False)
@@ -91,9 +119,8 @@ class DisplayWriter:
             if not self.in_underrun:
                 self.in_underrun = True
                 self.underruns += 1
-                with ctx.engine.begin() as conn:
-                    conn.execute(update(RT).where(RT.c.id == 1)
-                                 .values(underruns=RT.c.underruns + 1, updated_at=utcnow()))
+                self.pending_underruns += 1
+                self.record()
                 log.info("underrun: holding the last frame until the buffer refills")
             self.buffering = True
             self.state = "underrun"
@@ -113,33 +140,89 @@ class DisplayWriter:
                 place_atomic(self.current, self.out / "previous_frame.png")
             place_atomic(path, self.out / "current_frame.png")
         pause_point("frame-displayed", self.ctx.cfg.data_dir)
-        now = utcnow()
-        with timed(timings, "ledger"), self.ctx.engine.begin() as conn:
-            transitions.transition(conn, "frame", frame.id, "ready", "shown", worker="display",
-                                   now=now, values={"shown_at": now})
-            conn.execute(update(RT).where(RT.c.id == 1).values(
-                playhead_frame_id=frame.id, playhead_chain_index=frame.chain_index,
-                playhead_t=frame.pos, frames_shown=RT.c.frames_shown + 1, updated_at=now))
-        if frame.chain_index != self.chain or self.prompt is None:
+        # on screen now: the playhead moves in memory at once, the ledger records it
+        # now or, while it is busy, as soon as it is free
+        self.pending.append((frame.id, frame.chain_index, frame.pos, utcnow()))
+        new_chain = frame.chain_index != self.chain or self.prompt is None
+        self.current, self.chain, self.t = path, frame.chain_index, frame.pos
+        self.frames_shown += 1
+        with timed(timings, "ledger"):
+            self.record()
+        if new_chain:
             with self.ctx.reader.connect() as conn:
                 self.prompt = conn.execute(select(KF.c.prompt).where(
                     KF.c.chain_index == frame.chain_index, KF.c.state == "completed")
                     .limit(1)).scalar()
-        self.current, self.chain, self.t = path, frame.chain_index, frame.pos
-        self.frames_shown += 1
         log_timing(log, "display", frame.id, timings)
+
+    # ------------------------------------------------------------ the ledger's record
+    def record(self) -> bool:
+        """Write what was shown (frames, playhead, underruns) to the ledger; on a busy
+        ledger keep it for the next try. True when nothing is left to write."""
+        if not self.pending and not self.pending_underruns:
+            return True
+        if time.monotonic() < self.next_record:
+            return False
+        pending, underruns = list(self.pending), self.pending_underruns
+        try:
+            with self.engine.begin() as conn:
+                for frame_id, _chain, _t, at in pending:
+                    try:
+                        transitions.transition(conn, "frame", frame_id, "ready", "shown",
+                                               worker="display", now=at,
+                                               values={"shown_at": at})
+                    except StaleTransitionError as exc:   # evicted meanwhile: nothing to do
+                        log.warning("frame %d: %s", frame_id, exc)
+                values = {"underruns": RT.c.underruns + underruns, "updated_at": utcnow()}
+                if pending:
+                    frame_id, chain, t, _at = pending[-1]
+                    values.update(playhead_frame_id=frame_id, playhead_chain_index=chain,
+                                  playhead_t=t, frames_shown=RT.c.frames_shown + len(pending))
+                conn.execute(update(RT).where(RT.c.id == 1).values(**values))
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            self.ctx.conditions.report(kind, "display", exc)
+            self.next_record = time.monotonic() + RECORD_RETRY
+            return False
+        del self.pending[:len(pending)]
+        self.pending_underruns -= underruns
+        self.next_record = 0.0
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """At a stop: record what is still waiting, trying for up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.next_record = 0.0
+            if self.record():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(RECORD_RETRY)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     # ------------------------------------------------------------ status.json
     def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None) -> None:
         now = time.monotonic()
-        changed = self.state != self.last_state
+        state = (self.state, self.ctx.conditions.summary())
+        changed = state != self.last_state
         if not force and not changed and now - self.last_status < STATUS_EVERY:
             return
-        self.last_status, self.last_state = now, self.state
-        if ahead is None:
-            with self.ctx.reader.connect() as conn:
-                ahead = self.buffered(conn)
-        self.write_status(fps, max(0, ahead))
+        self.last_status, self.last_state = now, state
+        try:
+            if ahead is None:
+                with self.ctx.reader.connect() as conn:
+                    ahead = self.buffered(conn)
+            self.write_status(fps, max(0, ahead))
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            self.ctx.conditions.report(kind, "status.json", exc)
 
     def write_status(self, fps: float, ahead: int, *, daemon_status: str = "running",
                      state: str | None = None) -> None:
@@ -166,4 +249,21 @@ class DisplayWriter:
             daemon_status=daemon_status,
             comfyui_status=facts.get("comfyui_status", "n/a"),
             last_update=status_json.now_iso(),
+            problem=ctx.conditions.summary(),
+            stale_after_seconds=status_json.stale_after(fps),
         ))
+
+
+def _impatient_writer(ctx: WorkerContext):
+    """The display's own write engine: BEGIN IMMEDIATE like every writer, but a busy
+    ledger is given up on after BUSY_TIMEOUT_MS (the frames are recorded later)."""
+    from sqlalchemy import event
+
+    engine = database.writer(ctx.engine.url.database)
+
+    def impatient(dbapi_conn, _record) -> None:     # runs after database.writer's own
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    event.listen(engine, "connect", impatient)
+    watch_ledger(engine, ctx.conditions)
+    return engine

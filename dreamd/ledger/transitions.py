@@ -1,5 +1,5 @@
 """Every state change of the ledger, as verbs: create, transition, claim, heartbeat,
-complete, fail, release, rescue, stage.
+complete, fail, postpone, release, rescue, stage.
 
 Each one is a compare-and-set that appends to `transitions` in the same
 transaction; the caller owns the transaction (`with engine.begin() as conn:`,
@@ -226,6 +226,21 @@ def fail(conn: Connection, entity: str, row_id: int, owner: str, error: str, *,
     transition(conn, entity, row_id, J.executing, to, owner=owner, now=now, values=values,
                event="failed", detail={"error": error[:500], "why": reason})
     return str(to)
+
+
+def postpone(conn: Connection, entity: str, row_id: int, owner: str, error: str, *,
+             delay_seconds: float, now: datetime | None = None) -> None:
+    """executing -> retryable, with the attempt given back: the job did not fail, the
+    machine could not take it (disk full, read-only, permission denied). Event
+    `postponed`; it is tried again after `delay_seconds`, with no attempt used up."""
+    table = _table(entity)
+    now = now or utcnow()
+    transition(conn, entity, row_id, J.executing, J.retryable, owner=owner, now=now,
+               event="postponed", detail={"error": error[:500], "why": "environment"},
+               values={"error": error[:4000], "lease_owner": None, "lease_expires_at": None,
+                       "scheduled_at": now + timedelta(seconds=delay_seconds)})
+    conn.execute(update(table).where(table.c.id == row_id, table.c.attempt > 0)
+                 .values(attempt=table.c.attempt - 1))
 
 
 def retry_backoff(attempt: int, base: float = 2.0, cap: float = 300.0) -> float:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 from sqlalchemy import Engine
 
+from dreamd.conditions import Conditions, classify
 from dreamd.config import Config
 from dreamd.ledger import queries, transitions
 
@@ -38,6 +39,8 @@ class WorkerContext:
     started_monotonic: float = 0.0
     # Facts workers report for status.json (not durable: derived again after a restart).
     facts: dict[str, Any] = field(default_factory=dict)
+    # Conditions of the machine (ledger busy, disk full…): logged once, shown in status.json.
+    conditions: Conditions = field(default_factory=Conditions)
     # Wakes a worker's tick now instead of at its next interval (set by the daemon):
     # one stage finishing starts the next, so a keyframe does not wait for a poll.
     wake: Callable[[str], None] = field(default=lambda name: None)
@@ -86,8 +89,12 @@ class WorkerContext:
                     if not held:
                         log.warning("%s %s: lease lost while working", entity, row_id)
                         return
-                except Exception:  # a busy ledger must not kill the work itself
-                    log.exception("%s %s: lease renewal failed", entity, row_id)
+                except Exception as exc:  # a busy ledger must not kill the work itself
+                    kind = classify(exc)
+                    if kind:
+                        self.conditions.report(kind, f"{entity} {row_id}", exc)
+                    else:
+                        log.exception("%s %s: lease renewal failed", entity, row_id)
 
         thread = threading.Thread(target=renew, name=f"lease-{entity}-{row_id}", daemon=True)
         thread.start()

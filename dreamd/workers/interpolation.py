@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select
 
+from dreamd.conditions import begin_retrying, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
@@ -149,6 +150,8 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                            for t, image in zip(ts, frames)]
             pause_point("frames-written", ctx.cfg.data_dir)
     except Exception as exc:
+        if postpone_for(ctx, "interpolation", batch.id, owner, exc):
+            return 0      # a full disk, a read-only one: waits without using an attempt
         log.exception("interpolation %d (chain %d) failed", batch.id, batch.chain_index)
         try:
             with ctx.engine.begin() as conn:
@@ -158,10 +161,12 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
         except StaleTransitionError as stale:
             log.warning("interpolation %d: %s", batch.id, stale)
         return 0
+    environment_recovered(ctx)
 
     ms = (time.perf_counter() - started) * 1000
     try:
-        with timed(timings, "ledger"), ctx.engine.begin() as conn:
+        # the frames are on disk: a busy ledger is waited out, not left to the lease
+        with timed(timings, "ledger"), begin_retrying(ctx, f"interpolation {batch.id}") as conn:
             transitions.complete(conn, "interpolation", batch.id, owner,
                                  values={"duration_ms": ms, "codec": codec.name},
                                  detail={"ms": round(ms, 1), "frames": len(written)})

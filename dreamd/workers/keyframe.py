@@ -17,6 +17,7 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from dreamd.backend import KeyframeBackend, KeyframeRequest
+from dreamd.conditions import begin_retrying, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
@@ -92,13 +93,17 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         _fail(ctx, row, owner, str(exc), permanent=isinstance(exc, PermanentBackendError))
         return 0
     except Exception as exc:  # a bug or an unexpected failure: retry, attempts bound it
+        if postpone_for(ctx, "keyframe", row.id, owner, exc):
+            return 0      # a full disk, a read-only one: waits without using an attempt
         log.exception("keyframe %d (chain %d) failed", row.id, row.chain_index)
         _fail(ctx, row, owner, f"{type(exc).__name__}: {exc}", permanent=False)
         return 0
+    environment_recovered(ctx)
 
     ms = (time.perf_counter() - started) * 1000
     try:
-        with timed(timings, "ledger"), ctx.engine.begin() as conn:
+        # the image is on disk: a busy ledger is waited out, not left to the lease
+        with timed(timings, "ledger"), begin_retrying(ctx, f"keyframe {row.id}") as conn:
             transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
                                  values={"path": str(path), "sha256": hashlib.sha256(data)
                                          .hexdigest(), "generation_ms": ms,
