@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable
 
 from dreamd import __version__
-from dreamd.errors import ConfigError, DreamdError
+from dreamd.errors import ConfigError, DreamdError, LedgerUnusableError, UsageError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -84,8 +84,32 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     where, how = (str(cfg.file), "") if cfg.file else ("(none)", "")
     print(f"# config file: {where}{how}")
     print(f"# data dir:    {cfg.data_dir}  ({cfg.sources.get('system.data_dir')})")
+    for key, why in _stored_knobs(cfg).items():
+        print(f"# stored knob {key} is invalid ({why}): the next start drops it; "
+              f"`dreamd set --reset {key}` clears it")
     print(config.to_toml(cfg), end="")
     return 0
+
+
+def _stored_knobs(cfg) -> dict[str, str]:
+    """Put the knobs `dreamd set` stored in the ledger (and those sent but not applied
+    yet) over the file's values, naming their source; return the invalid ones."""
+    from dreamd.ledger import database
+    from dreamd.workers.controls import overrides
+
+    if database.current_revision(cfg.db_path) is None:
+        return {}
+    engine = database.reader(cfg.db_path, pool=False)
+    try:
+        with engine.connect() as conn:
+            knobs, bad = overrides(conn)
+    finally:
+        engine.dispose()
+    for key, (value, how) in knobs.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+        cfg.sources[key] = f"{how} (over {cfg.sources.get(key, 'default')})"
+    return bad
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -173,10 +197,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from dreamd.workers.controls import validate_knob
+    from dreamd.workers.controls import validate_knob, validate_reset
 
-    if "=" not in args.assignment:
-        raise ConfigError(f"{args.assignment!r}: expected KEY=VALUE, e.g. generation.denoise=0.4")
+    if args.reset:
+        if args.assignment:
+            raise UsageError("give KEY=VALUE or --reset KEY, not both")
+        return _control(args, "set", {"reset": validate_reset(args.reset)})
+    if not args.assignment or "=" not in args.assignment:
+        raise UsageError(f"{args.assignment or 'nothing'}: expected KEY=VALUE, e.g. "
+                         f"generation.denoise=0.4 (or --reset KEY)")
     key, value = (x.strip() for x in args.assignment.split("=", 1))
     validate_knob(key, value)          # the same check the daemon makes, but now
     return _control(args, "set", {"key": key, "value": value})
@@ -361,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--reason", help="shown in the status (default: paused by user)")
     add("resume", cmd_resume, "resume the dream")
     st_ = add("set", cmd_set, "change a live knob while the daemon runs, e.g. "
-              "generation.denoise=0.4")
-    st_.add_argument("assignment", metavar="KEY=VALUE")
+              "generation.denoise=0.4; it is stored and outlives restarts")
+    st_.add_argument("assignment", metavar="KEY=VALUE", nargs="?")
+    st_.add_argument("--reset", metavar="KEY", help="forget a stored knob (or `all` of them): "
+                     "the config file's value applies again")
     th = add("theme", cmd_theme, "switch the theme of the next keyframe")
     th.add_argument("name", nargs="?", default="next", help="a theme name, or next")
     add("free", cmd_free, "ask ComfyUI to unload its models and free memory (what the game "
@@ -417,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"dreamd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, LedgerUnusableError) as exc:
+        print(f"dreamd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DreamdError as exc:
         print(f"dreamd: {exc}", file=sys.stderr)

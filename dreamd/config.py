@@ -9,6 +9,7 @@ where each value came from, so `dreamd config show` can say so.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -432,6 +433,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         value = float(value)
+        if not math.isfinite(value):    # NaN passes every range check: refuse it here
+            raise fail("a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise fail("a string")
@@ -618,6 +621,14 @@ def check_key(path: str, raw: str) -> Any:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw     # a bare word: take it as a string, the type check decides
+    return check_value(path, value)
+
+
+def check_value(path: str, value: Any) -> Any:
+    """Validate one already-typed value (a knob stored in the ledger as JSON)."""
+    fields_ = dict(key_paths())
+    if path not in fields_:
+        raise ConfigError(f"unknown key {path!r}")
     section, name = path.split(".")
     tp = get_type_hints(_section_class(section))[name]
     return _check_value(path, value, tp, dict(fields_[path].metadata))

@@ -2,9 +2,16 @@
 
     DreamdError
     ├── ConfigError                  a config file or value is wrong (names the key)
+    ├── UsageError                   a command was asked for what it does not do (`dreamd sql`
+    │                                writing, an unknown revision): says what to do instead
     ├── LedgerError                  the ledger refused a change
     │   ├── IllegalTransitionError   the edge is not in the table of legal transitions
-    │   └── StaleTransitionError     the row was not in the expected state (someone else moved it)
+    │   ├── StaleTransitionError     the row was not in the expected state (someone else moved it)
+    │   └── LedgerUnusableError      the ledger file cannot be opened or written as it is
+    │                                (garbage, damaged, read-only): names it and what to do
+
+The CLI exits 2 on ConfigError, UsageError and LedgerUnusableError (the user must change
+something first), 1 on any other DreamdError.
     ├── DaemonError                  the daemon cannot start (already running, bad data dir)
     ├── BackendError                 a keyframe backend failed
     │   ├── TransientBackendError    worth retrying: refused, reset, timeout, 5xx
@@ -30,8 +37,16 @@ class ConfigError(DreamdError):
     """The configuration is invalid."""
 
 
+class UsageError(DreamdError):
+    """This command cannot do that."""
+
+
 class LedgerError(DreamdError):
     """The ledger refused a change."""
+
+
+class LedgerUnusableError(LedgerError):
+    """The ledger file cannot be used as it is."""
 
 
 class IllegalTransitionError(LedgerError):

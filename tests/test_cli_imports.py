@@ -38,6 +38,7 @@ def test_light_commands_do_not_import_torch(dreamd_env, args):
 LEDGER_COMMANDS = [
     ["pause", "--reason", "x"], ["resume"], ["set", "generation.denoise=0.4"], ["theme", "next"],
     ["free"], ["history"], ["sql", "SELECT count(*) FROM keyframes"], ["status"],
+    ["set", "--reset", "all"], ["config", "show"],
 ]
 
 

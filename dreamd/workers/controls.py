@@ -1,12 +1,14 @@
 """Controls: requests from the CLI, the TUI or Rainmeter travel as `controls` rows
 (no surface writes any other table); this worker applies them in order.
 
-Commands: pause [reason], resume, set KEY=VALUE (a live knob), theme [NAME|next],
+Commands: pause [reason], resume, set KEY=VALUE (a live knob; or reset KEY|all back to
+the config file), theme [NAME|next],
 free (ComfyUI unloads its models and frees memory: what the game guard asks for).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from typing import Any, Callable
@@ -16,12 +18,13 @@ from sqlalchemy import Connection, select
 from dreamd import config
 from dreamd.errors import ConfigError
 from dreamd.ledger import queries, transitions
-from dreamd.ledger.models import Control, utcnow
+from dreamd.ledger.models import Control, RuntimeState, utcnow
 from dreamd.workers.context import LIVE_KNOBS, WorkerContext
 
 log = logging.getLogger("dreamd.controls")
 CT = Control.__table__
 COMMANDS = ("pause", "resume", "set", "theme", "free")
+RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
 
 
 def request(conn: Connection, command: str, args: dict[str, Any] | None = None) -> int:
@@ -33,20 +36,82 @@ def request(conn: Connection, command: str, args: dict[str, Any] | None = None) 
                               worker="surface")
 
 
-def validate_knob(key: str, raw: str) -> Any:
-    """Parse `dreamd set KEY=VALUE` the way the config file would, or raise ConfigError."""
-    if key not in LIVE_KNOBS:
+def _live_key(key: str) -> str:
+    """`key` when it is a live knob, else a ConfigError that suggests the one meant."""
+    if key in LIVE_KNOBS:
+        return key
+    known = [p for p, _ in config.key_paths()]
+    if key in known:
         raise ConfigError(f"{key} cannot be set while running: live keys are "
                           f"{', '.join(sorted(LIVE_KNOBS))}")
-    return config.check_key(key, raw)
+    hint = difflib.get_close_matches(key, sorted(LIVE_KNOBS), n=1) or \
+        difflib.get_close_matches(key, known, n=1)
+    extra = f"; did you mean {hint[0]}?" if hint else ""
+    raise ConfigError(f"unknown key {key!r}{extra} (live keys: {', '.join(sorted(LIVE_KNOBS))})")
+
+
+def validate_knob(key: str, raw: str) -> Any:
+    """Parse `dreamd set KEY=VALUE` the way the config file would, or raise ConfigError."""
+    return config.check_key(_live_key(key), raw)
+
+
+def validate_reset(key: str) -> str:
+    """`dreamd set --reset KEY`: a live knob, or `all`."""
+    return key if key == RESET_ALL else _live_key(key)
+
+
+def checked_knobs(stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Stored knobs split into those that still validate and {key: why not} for the rest
+    (a NaN an older dreamd let through, a range or a key that changed since)."""
+    good, bad = {}, {}
+    for key, value in stored.items():
+        try:
+            good[key] = config.check_value(_live_key(key), value)
+        except ConfigError as exc:
+            bad[key] = str(exc)
+    return good, bad
 
 
 def restore(ctx: WorkerContext) -> None:
-    """At start: pause state and live knobs survive a restart (they are in the ledger)."""
+    """At start: pause state and live knobs survive a restart (they are in the ledger).
+    A stored knob that no longer validates is dropped with one warning, for good:
+    starting must never depend on a value the config file itself would refuse."""
     rt = ctx.runtime()
     ctx.facts["paused"] = bool(rt.paused)
     ctx.facts["pause_reason"] = rt.pause_reason
-    ctx.set_knobs(queries.knobs(rt))
+    knobs, bad = checked_knobs(queries.knobs(rt))
+    if bad:
+        for key, why in bad.items():
+            log.warning("stored knob %s dropped: %s", key, why)
+        with ctx.engine.begin() as conn:
+            queries.update_runtime(conn, knobs=json.dumps(knobs, sort_keys=True))
+    ctx.set_knobs(knobs)
+
+
+def overrides(conn: Connection) -> tuple[dict[str, tuple[Any, str]], dict[str, str]]:
+    """What `dreamd config show` adds to the file: {key: (value, source)} for the stored
+    knobs and the `set` controls no daemon has applied yet, and {key: why} for stored
+    knobs the next start will drop."""
+    rt = RuntimeState.__table__
+    row = conn.execute(select(rt.c.knobs).where(rt.c.id == 1)).first()   # read-only: no insert
+    knobs, bad = checked_knobs(queries.knobs(row) if row is not None else {})
+    out = {k: (v, "stored by `dreamd set`") for k, v in knobs.items()}
+    pending = conn.execute(select(CT.c.id, CT.c.args).where(
+        CT.c.state == "available", CT.c.command == "set").order_by(CT.c.id)).all()
+    for row in pending:
+        try:
+            args = json.loads(row.args or "{}")
+            if "reset" in args:
+                target = validate_reset(args["reset"])
+                out = {} if target == RESET_ALL else {k: v for k, v in out.items()
+                                                       if k != target}
+            else:
+                value = validate_knob(args["key"], args["value"])
+                out[args["key"]] = (value, f"sent by `dreamd set` (control {row.id}, "
+                                           f"applied when a daemon reads it)")
+        except (ConfigError, ValueError, KeyError, TypeError):
+            continue        # the daemon will reject it too
+    return out, bad
 
 
 def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None,
@@ -89,8 +154,13 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
         ctx.facts["paused"], ctx.facts["pause_reason"] = False, None
         return {"paused": 0, "pause_reason": None}
     if command == "set":
-        key, value = args["key"], validate_knob(args["key"], args["value"])
-        knobs = {**ctx._knobs, key: value}
+        if "reset" in args:         # back to the config file's value
+            target = validate_reset(args["reset"])
+            knobs = {} if target == RESET_ALL else {k: v for k, v in ctx._knobs.items()
+                                                    if k != target}
+        else:
+            key, value = args["key"], validate_knob(args["key"], args["value"])
+            knobs = {**ctx._knobs, key: value}
         ctx.set_knobs(knobs)
         return {"knobs": json.dumps(knobs, sort_keys=True)}
     if command == "theme":
