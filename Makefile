@@ -11,7 +11,7 @@ PYTEST_MARK := -m "not slow"
 endif
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all bench bench-ledger bench-codecs clean-venv
+.PHONY: run test test-all bench bench-ledger bench-codecs bench-churn clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: $(VENV)/.installed-dev
 
 bench-ledger: $(VENV)/.installed-dev
 	$(BIN)/python bench/ledger.py
+
+bench-churn: $(VENV)/.installed-dev
+	$(BIN)/python bench/churn.py
 
 clean-venv:
 	rm -rf $(VENV)

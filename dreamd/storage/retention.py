@@ -44,7 +44,10 @@ log = logging.getLogger("dreamd.storage")
 FR, KF, EM, RT = Frame.__table__, Keyframe.__table__, Embedding.__table__, RuntimeState.__table__
 BATCH = 500                 # rows (or files) per step: a pass never holds the ledger long
 KEEP_SHOWN_MIN = 10         # shown frames the budget leaves, the current and previous among them
-FILE_GRACE = 60.0           # seconds: a file younger than this may not have its row yet
+FILE_GRACE = 10.0          # seconds: a blend younger than this may not have its row yet
+# A latent is written only while its batch is pending (so needed); one deleted just
+# after its write costs nothing (the batch holds the tensor): a short grace suffices.
+LATENT_GRACE = 2.0
 PENDING = ("available", "executing", "retryable")
 DONE = ("completed", "discarded", "cancelled")
 THUMB_SIZE = (128, 128)
@@ -270,9 +273,9 @@ def prune_thumbnails(ctx, budget_bytes: int, report: PassReport) -> int:
 
 # ---------------------------------------------------------------- latents and blends
 
-def _stale(entry: os.DirEntry, now: float) -> bool:
+def _stale(entry: os.DirEntry, now: float, grace: float = FILE_GRACE) -> bool:
     try:
-        return now - entry.stat().st_mtime > FILE_GRACE
+        return now - entry.stat().st_mtime > grace
     except OSError:
         return False
 
@@ -288,7 +291,7 @@ def prune_latents(ctx, report: PassReport) -> int:
     now, n = time.time(), 0
     with os.scandir(folder) as it:
         for e in it:
-            if e.name.split("-", 1)[0] in needed or not _stale(e, now):
+            if e.name.split("-", 1)[0] in needed or not _stale(e, now, LATENT_GRACE):
                 continue
             report.freed += _unlink(Path(e.path))
             n += 1

@@ -71,8 +71,12 @@ class Janitor:
         ctx = self.ctx
         if time.monotonic() - self.measured_at >= MEASURE_EVERY:
             self.measure()
+        started = time.perf_counter()
         report = retention.run_pass(ctx, over_budget=self.over)
         self.over = max(0, self.over - report.freed)
+        if log.isEnabledFor(logging.DEBUG):   # bench/churn.py reads these
+            log.debug("timing janitor id=0 storage_ms=%.2f freed=%d",
+                      (time.perf_counter() - started) * 1000, report.freed)
         if report.any():
             log.debug("retention: %s", report)
             if report.freed and self.over == 0 and ctx.facts.get("storage_low"):

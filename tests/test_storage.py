@@ -1,0 +1,314 @@
+"""Storage (issue 9): every file has an owner and a limit, the data dir can move, and
+reconcile never mass-deletes. Real daemons in subprocesses on real data dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests import invariants
+from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for
+
+# Short horizons and a small budget: every kind of retention happens within seconds.
+TIGHT = FAST_CONFIG + """
+max_output_frames = 10
+[storage]
+budget_gb = 0.012
+keyframe_hours = 0.0005
+frame_history_hours = 0.002
+history_days = 0.0002
+"""
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Every file under path (but the ledger, whose pages change on open) -> sha256."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.name.startswith("dreamd.db"):
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def owned_files(data_dir: Path) -> int:
+    return sum(1 for name in ("frames", "keyframes", "injections", "thumbs")
+               for p in (data_dir / name).glob("*") if p.is_file())
+
+
+def rows(data_dir: Path, sql: str):
+    con = sqlite3.connect(f"file:{data_dir / 'dreamd.db'}?mode=ro", uri=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- migration
+
+def test_migration_makes_old_absolute_paths_relative(tmp_path):
+    from dreamd.ledger import database
+
+    old_dir = "/somewhere/else/data"
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "dreamd.db"
+    database.upgrade(db, revision="0004")
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO keyframes (id, chain_index, state, backend, theme, prompt, "
+                "negative_prompt, seed, denoise, source, input_path, path, width, height, "
+                "attempt, max_attempts, scheduled_at, created_at) VALUES (1, 0, 'completed', "
+                "'procedural', 't', 'p', '', 1, 0.3, 'seed', ?, ?, 64, 64, 1, 3, "
+                "'2026-01-01', '2026-01-01')",
+                (f"{data}/seeds/mine.png", f"{old_dir}/keyframes/k000000-1.png"))
+    con.execute("INSERT INTO frames (id, chain_index, t, kind, path, state, created_at) "
+                "VALUES (1, 0, 0.0, 'keyframe', ?, 'ready', '2026-01-01')",
+                (f"{old_dir}/frames/000000-0000000.png",))
+    con.execute("INSERT INTO injections (id, keyframe_id, kind, seed_path, reason, weight, "
+                "created_at) VALUES (1, 1, 'seed', '/usr/share/seeds/a.png', 'chance', 0.5, "
+                "'2026-01-01')")
+    con.commit()
+    con.close()
+    database.upgrade(db)
+    assert rows(data, "SELECT path, input_path FROM keyframes") == [
+        ("keyframes/k000000-1.png", "seeds/mine.png")]
+    assert rows(data, "SELECT path FROM frames") == [("frames/000000-0000000.png",)]
+    # a seed outside the data dir is not the data dir's to move: it stays absolute
+    assert rows(data, "SELECT seed_path FROM injections") == [("/usr/share/seeds/a.png",)]
+    database.downgrade(db, "0004")
+    assert rows(data, "SELECT path FROM frames") == [(f"{data}/frames/000000-0000000.png",)]
+
+
+# ---------------------------------------------------------------- latents
+
+def test_a_latent_is_named_by_its_image_and_never_stands_for_another(tmp_path):
+    import torch
+
+    from dreamd.config import Config
+    from dreamd.latent.pixel import PixelCodec
+    from dreamd.latent.storage import latent_meta, save_latent
+    from dreamd.workers.interpolation import encode_keyframe, latent_path
+    from PIL import Image
+
+    cfg = Config()
+    cfg.system.data_dir = str(tmp_path)
+    ctx = SimpleNamespace(cfg=cfg)
+    codec = PixelCodec()
+    (tmp_path / "keyframes").mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "keyframes" / "k1.png")
+    data = (tmp_path / "keyframes" / "k1.png").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    row = SimpleNamespace(id=1, path="keyframes/k1.png", sha256=sha)
+    # a file at this image's name that was made from another image (a stale run, a bug)
+    path = latent_path(ctx, sha, codec)
+    path.parent.mkdir(parents=True)
+    save_latent(path, torch.zeros(3, 64, 64), latent_meta(codec, image_sha256="f" * 64))
+    latent = encode_keyframe(ctx, codec, row)
+    assert float(latent[0].mean()) > 0.4, "the stale latent was used for a red image"
+    # another image gets another name, whatever its row id
+    other = latent_path(ctx, "0" * 64, codec)
+    assert other != path and path.name.startswith(sha)
+
+
+# ---------------------------------------------------------------- retention
+
+@pytest.mark.slow
+def test_retention_keeps_every_kind_within_its_limits(dreamd_env, tmp_path):
+    d = DaemonRunner(dreamd_env, tmp_path, TIGHT)
+    samples = []
+    proc = d.start("--duration", "40")
+    from dreamd.storage import space
+    while proc.poll() is None:
+        time.sleep(2)
+        u = space.measure(d.data_dir)
+        samples.append(u.total - u.parts.get("logs", 0))
+    assert proc.returncode == 0, d.output()
+    facts = invariants.check(d.data_dir)
+    invariants.distinct_frame_files(d.data_dir)
+    assert facts["keyframes"] > 30
+    data = d.data_dir
+    # keyframe images went (thumbnails stayed), latents and blends are few
+    pruned = rows(data, "SELECT count(*) FROM keyframes WHERE pruned_at IS NOT NULL")[0][0]
+    assert pruned > 0
+    thumbs = rows(data, "SELECT thumb_path FROM keyframes WHERE thumb_path IS NOT NULL")
+    assert thumbs and all((data / t).exists() for (t,) in thumbs)
+    # latents of finished batches go within a janitor tick: a few ticks' worth stay
+    assert len(list((data / "latents").glob("*"))) < max(10, facts["keyframes"] // 4)
+    # rows past their horizon were pruned
+    made = rows(data, "SELECT max(id) FROM keyframes")[0][0]
+    kept = rows(data, "SELECT count(*) FROM keyframes")[0][0]
+    assert kept < made, "no keyframe row was pruned"
+    assert rows(data, "SELECT count(*) FROM transitions WHERE at < datetime('now', "
+                      "'-20 seconds')")[0][0] < 200
+    # the budget (12 MB) holds once retention has caught up, ledger and WAL included
+    assert max(samples[-5:]) < 12 * 1024 ** 2 * 1.2, samples
+    # no frame ahead of the playhead was deleted: every ready frame has its file
+    for (p,) in rows(data, "SELECT path FROM frames WHERE state = 'ready'"):
+        assert (data / p).exists()
+
+
+@pytest.mark.slow
+def test_kill_in_the_middle_of_a_retention_pass(dreamd_env, tmp_path):
+    d = DaemonRunner(dreamd_env, tmp_path, TIGHT)
+    proc = d.start(extra_env={"DREAMD_PAUSE_AT": "retention-rows-deleted"})
+    marker = d.data_dir / "paused-at-retention-rows-deleted"
+    wait_for(marker.exists, timeout=90, what="a retention pass between its rows and files")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    marker.unlink()
+    out = d.run(8)
+    assert out.returncode == 0, out.stdout
+    invariants.check(d.data_dir)
+    invariants.distinct_frame_files(d.data_dir)
+
+
+# ---------------------------------------------------------------- a data dir that moves
+
+@pytest.mark.slow
+def test_mv_and_cp_of_a_stopped_data_dir_play_on(dreamd_env, tmp_path):
+    d = DaemonRunner(dreamd_env, tmp_path)
+    assert d.run(6).returncode == 0
+    before = invariants.check(d.data_dir)
+    original = tree(d.data_dir)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(d.data_dir), str(copy)], check=True)
+    moved = tmp_path / "moved"
+    d.data_dir.rename(moved)
+
+    for where in (copy, moved):
+        files_before = owned_files(where)
+        env = {**dreamd_env, "DREAMD_DATA_DIR": str(where)}
+        r = DaemonRunner(env, tmp_path / where.name, FAST_CONFIG)
+        r.config = d.config
+        out = r.run(6)
+        assert out.returncode == 0, out.stdout
+        assert "moved them aside" not in out.stdout and "orphan" not in out.stdout.lower()
+        assert not list(where.glob("orphaned-*"))
+        after = invariants.check(where)
+        # it played on from its playhead, not from the start
+        assert after["shown"][:len(before["shown"])] == before["shown"]
+        assert len(after["shown"]) > len(before["shown"])
+        assert owned_files(where) >= files_before * 0.5
+    # the copy's run left the moved original alone, and vice versa
+    assert tree(copy) != original and tree(moved) != tree(copy)
+
+
+@pytest.mark.slow
+def test_a_deleted_ledger_moves_files_aside_never_deletes(dreamd_env, tmp_path):
+    d = DaemonRunner(dreamd_env, tmp_path)
+    assert d.run(6).returncode == 0
+    files = {p.name for n in ("frames", "keyframes") for p in (d.data_dir / n).glob("*.png")}
+    for p in d.data_dir.glob("dreamd.db*"):
+        p.unlink()
+    out = d.run(5)
+    assert out.returncode == 0, out.stdout
+    assert "moved them aside" in out.stdout and "nothing was deleted" in out.stdout
+    aside = list(d.data_dir.glob("orphaned-*"))
+    assert len(aside) == 1
+    kept = {p.name for p in aside[0].rglob("*.png")}
+    assert files <= kept, "a file of the old run was deleted"
+    invariants.check(d.data_dir)
+
+
+@pytest.mark.slow
+def test_a_ledger_from_another_data_dir_takes_no_file_for_its_own(dreamd_env, tmp_path):
+    a = DaemonRunner({**dreamd_env, "DREAMD_DATA_DIR": str(tmp_path / "a" / "data")},
+                     tmp_path / "a-cfg", FAST_CONFIG)
+    (tmp_path / "a-cfg").mkdir()
+    assert a.run(5).returncode == 0
+    b = DaemonRunner(dreamd_env, tmp_path)
+    assert b.run(5).returncode == 0
+    b_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in (b.data_dir / "keyframes").glob("*.png")}
+    for p in b.data_dir.glob("dreamd.db*"):
+        p.unlink()
+    shutil.copy(a.data_dir / "dreamd.db", b.data_dir / "dreamd.db")
+    out = b.run(5)
+    assert out.returncode == 0, out.stdout
+    assert "made elsewhere" in out.stdout and "moved them aside" in out.stdout
+    aside = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in next(b.data_dir.glob("orphaned-*")).rglob("keyframes/*.png")}
+    assert b_files.items() <= aside.items()
+    invariants.check(b.data_dir)
+    invariants.distinct_frame_files(b.data_dir)
+
+
+@pytest.mark.slow
+def test_a_garbage_ledger_deletes_nothing(dreamd_env, tmp_path):
+    d = DaemonRunner(dreamd_env, tmp_path)
+    assert d.run(4).returncode == 0
+    before = tree(d.data_dir)
+    for p in d.data_dir.glob("dreamd.db-*"):
+        p.unlink()
+    (d.data_dir / "dreamd.db").write_bytes(b"this is not a database" * 100)
+    out = d.run(3)
+    assert out.returncode != 0
+    assert "dreamd.db" in out.stdout
+    after = tree(d.data_dir)
+    assert {k: v for k, v in before.items() if not k.startswith(("logs", "output"))} == \
+        {k: v for k, v in after.items() if not k.startswith(("logs", "output"))}
+
+
+# ---------------------------------------------------------------- the free-space floor
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MB tmpfs of its own (root only; CI runs as root here)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_under_the_free_space_floor_generation_pauses_and_resumes(dreamd_env, tmp_path,
+                                                                  small_disk):
+    data = small_disk / "data"
+    env = {**dreamd_env, "DREAMD_DATA_DIR": str(data)}
+    d = DaemonRunner(env, tmp_path, FAST_CONFIG.replace("buffer_target_seconds = 3.0",
+                                                        "buffer_target_seconds = 8.0")
+                     + "[storage]\nmin_free_gb = 0.02\nbudget_gb = 0\n")
+    proc = d.start()
+    status = data / "output" / "status.json"
+
+    def shown() -> int:
+        try:
+            return json.loads(status.read_text())["frame_number"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    wait_for(lambda: shown() > 20, timeout=90, what="playback")
+    ballast = small_disk / "ballast"
+    free = shutil.disk_usage(small_disk).free
+    with open(ballast, "wb") as f:                       # leave ~10 MB: under the floor
+        f.write(b"\0" * max(0, free - 10 * 1024 ** 2))
+    wait_for(lambda: "low disk space" in d.output(), timeout=30, what="the floor noticed")
+    made = rows(data, "SELECT count(*) FROM keyframes")[0][0]
+    at = shown()
+    time.sleep(4)
+    assert shown() > at, "playback stopped under the floor"
+    assert rows(data, "SELECT count(*) FROM keyframes")[0][0] <= made + 1
+    st = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
+                        text=True, timeout=30)
+    assert "low disk space" in (json.loads(st.stdout)["storage"]["low"] or "")
+    ballast.unlink()
+    wait_for(lambda: "generation resumes" in d.output(), timeout=40, what="resume")
+    wait_for(lambda: rows(data, "SELECT count(*) FROM keyframes")[0][0] > made + 2,
+             timeout=40, what="new keyframes")
+    assert d.output().count("low disk space") == 1, "said more than once"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    invariants.check(data)
+    assert not rows(data, "SELECT count(*) FROM keyframes WHERE state = 'discarded'")[0][0]
