@@ -19,7 +19,9 @@ EXIT_USAGE = 2
 
 def _config(args: argparse.Namespace):
     from dreamd import config
-    return config.load(args.config, args.data_dir)
+    cfg = config.load(args.config, args.data_dir)
+    args.ledger_path = cfg.db_path      # named by main() when the file turns out unusable
+    return cfg
 
 
 # ---------------------------------------------------------------- commands
@@ -125,7 +127,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     before = database.current_revision(cfg.db_path)
-    database.upgrade(cfg.db_path, args.revision)
+    _migrate(cfg.db_path, "upgrade", args.revision)
     after = database.current_revision(cfg.db_path)
     print(f"{cfg.db_path}: {before or 'empty'} -> {after}")
     return 0
@@ -135,9 +137,51 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
     from dreamd.ledger import database
 
     cfg = _config(args)
-    database.downgrade(cfg.db_path, args.revision)
+    if _empties(database.current_revision(cfg.db_path), args.revision) and not args.yes:
+        _confirm(f"dreamd db downgrade {args.revision} empties the ledger {cfg.db_path}: "
+                 f"every keyframe, frame and control row is dropped",
+                 f"db downgrade {args.revision} empties the ledger {cfg.db_path}: add --yes "
+                 f"to do it without a terminal (nothing changed)")
+    _migrate(cfg.db_path, "downgrade", args.revision)
     print(f"{cfg.db_path}: now at {database.current_revision(cfg.db_path) or 'base'}")
     return 0
+
+
+def _migrate(db_path, direction: str, revision: str) -> None:
+    """Alembic's upgrade or downgrade, its errors (an unknown revision) as one line."""
+    from alembic.util import CommandError
+
+    from dreamd.ledger import database
+
+    try:
+        getattr(database, direction)(db_path, revision)
+    except CommandError as exc:
+        raise UsageError(f"{db_path}: cannot {direction} to {revision!r}: {exc} (the "
+                         f"revisions are listed by `dreamd db history`; nothing changed)") \
+            from None
+
+
+def _empties(current: str | None, target: str) -> bool:
+    """Does downgrading from `current` to `target` drop the whole schema?"""
+    from dreamd.ledger import database
+
+    if current is None:
+        return False
+    if target == "base":
+        return True
+    if target.startswith("-") and target[1:].isdigit():
+        order = [rev for rev, _, _ in database.revisions()]
+        return current in order and int(target[1:]) > order.index(current)
+    return False
+
+
+def _confirm(question: str, refusal: str) -> None:
+    """Ask on a terminal (typing `yes` goes on); without one, refuse with `refusal`."""
+    if not sys.stdin or not sys.stdin.isatty():
+        raise UsageError(refusal)
+    print(f"{question}. Type yes to go on: ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() != "yes":
+        raise UsageError("not confirmed: nothing changed")
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
@@ -362,9 +406,42 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the command meant, like the config file does for keys
+    (Python 3.11's says only "invalid choice"); sub-commands inherit the class."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            names = [str(c) for c in action.choices]
+            hint = _near(str(value), names)
+            if hint:
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r}; did you mean "
+                            f"{' or '.join(map(repr, hint))}? (choose from {', '.join(names)})")
+        super()._check_value(action, value)
+
+
+def _near(word: str, names: list[str]) -> list[str]:
+    """The names one or two typos away (a swap of neighbours is one typo: `stauts` is
+    as near `status` as `stats`, which difflib's ratio does not see), nearest first."""
+    def typos(a: str, b: str) -> int:             # optimal string alignment distance
+        d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                              d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+                if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                    d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+        return d[-1][-1]
+
+    limit = 1 if len(word) <= 4 else 2
+    scored = sorted((typos(word, n), abs(len(n) - len(word)), n) for n in names)
+    best = [s for s in scored if s[0] <= limit]
+    return [n for t, _, n in best if t == best[0][0]][:2] if best else []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreamd", description="Dream Window: a living AI dream "
-                                "on the desktop.")
+    p = _Parser(prog="dreamd", description="Dream Window: a living AI dream on the desktop.")
     p.add_argument("--version", action="version", version=f"dreamd {__version__}")
     p.add_argument("--config", metavar="FILE", help="config file (default: $DREAMD_CONFIG, "
                    "./dreamd.toml, then the user config dir)")
@@ -433,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("revision", nargs="?", default="head")
     down = add("downgrade", cmd_db_downgrade, "migrate the ledger down to REVISION", db_sub)
     down.add_argument("revision")
+    down.add_argument("--yes", action="store_true", help="do not ask before a downgrade that "
+                      "empties the ledger (to base)")
     add("current", cmd_db_current, "the ledger's revision", db_sub)
     add("history", cmd_db_history, "every migration, base to head", db_sub)
     return p
@@ -457,3 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # a ledger file that is garbage, damaged or in a read-only place: one line, no
+        # traceback (anything else is a bug, and keeps its traceback)
+        from dreamd.ledger.unusable import explain
+
+        problem = explain(exc, getattr(args, "ledger_path", None))
+        if problem is None:
+            raise
+        print(f"dreamd: {problem}", file=sys.stderr)
+        return EXIT_USAGE

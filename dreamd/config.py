@@ -507,18 +507,24 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("dreamd", appauthor=False))
 
 
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return f"is a directory, not a config file (did you mean {path / CONFIG_NAME}?)"
+    return "no such file"
+
+
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> tuple[Path | None, str]:
     """Where the config comes from: (path or None, how it was found)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise ConfigError(f"--config {explicit}: no such file")
+            raise ConfigError(f"--config {explicit}: {_not_a_file(path)}")
         return path, "--config"
     env = os.environ.get(CONFIG_ENV)
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise ConfigError(f"${CONFIG_ENV}={env}: no such file")
+            raise ConfigError(f"${CONFIG_ENV}={env}: {_not_a_file(path)}")
         return path, f"${CONFIG_ENV}"
     local = Path.cwd() / CONFIG_NAME
     if local.is_file():
@@ -602,7 +608,7 @@ def check_file(path: str | os.PathLike[str]) -> Config:
     """Validate one file; raises ConfigError naming the key when it is wrong."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such file")
+        raise ConfigError(f"{path}: {_not_a_file(p)}")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
