@@ -88,21 +88,22 @@ def release_pid_file(path: Path) -> None:
 # ---------------------------------------------------------------- logging
 
 def setup_logging(cfg: Config) -> None:
-    from rich.logging import RichHandler
+    # a closed terminal pipe or an unwritable log file never changes how the daemon
+    # runs or stops (dreamd/log_sinks.py)
+    from dreamd.log_sinks import LogFile, TerminalHandler
 
     cfg.logs_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(cfg.system.log_level)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = RichHandler(show_path=False, rich_tracebacks=False, log_time_format="[%X]")
+    console = TerminalHandler(show_path=False, rich_tracebacks=False, log_time_format="[%X]")
     console.setLevel(cfg.system.log_level)
     # `timing …` debug lines are for the log file (bench/pipeline.py reads them); on a
     # terminal they would scroll everything else away, and Rich rendering costs CPU
     console.addFilter(lambda record: not record.getMessage().startswith("timing "))
-    file = logging.handlers.RotatingFileHandler(cfg.logs_dir / "dreamd.log",
-                                                maxBytes=5_000_000, backupCount=3,
-                                                encoding="utf-8")
+    file = LogFile(cfg.logs_dir / "dreamd.log", maxBytes=5_000_000, backupCount=3,
+                   encoding="utf-8")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(console)
     root.addHandler(file)
@@ -338,5 +339,10 @@ class Daemon:
 
 
 def run(cfg: Config, duration: float | None = None) -> int:
+    from dreamd.log_sinks import finish_streams
+
     setup_logging(cfg)
-    return Daemon(cfg).run(duration)
+    try:
+        return Daemon(cfg).run(duration)
+    finally:
+        finish_streams()
