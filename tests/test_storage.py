@@ -182,8 +182,12 @@ def test_mv_and_cp_of_a_stopped_data_dir_play_on(dreamd_env, tmp_path):
     subprocess.run(["cp", "-a", str(d.data_dir), str(copy)], check=True)
     moved = tmp_path / "moved"
     d.data_dir.rename(moved)
+    assert tree(moved) == original
 
     for where in (copy, moved):
+        if where is moved:
+            # the copy's run left the original alone
+            assert tree(moved) == original
         files_before = owned_files(where)
         env = {**dreamd_env, "DREAMD_DATA_DIR": str(where)}
         r = DaemonRunner(env, tmp_path / where.name, FAST_CONFIG)
@@ -197,8 +201,7 @@ def test_mv_and_cp_of_a_stopped_data_dir_play_on(dreamd_env, tmp_path):
         assert after["shown"][:len(before["shown"])] == before["shown"]
         assert len(after["shown"]) > len(before["shown"])
         assert owned_files(where) >= files_before * 0.5
-    # the copy's run left the moved original alone, and vice versa
-    assert tree(copy) != original and tree(moved) != tree(copy)
+    assert tree(moved) != original      # it played on too
 
 
 @pytest.mark.slow
@@ -220,9 +223,9 @@ def test_a_deleted_ledger_moves_files_aside_never_deletes(dreamd_env, tmp_path):
 
 @pytest.mark.slow
 def test_a_ledger_from_another_data_dir_takes_no_file_for_its_own(dreamd_env, tmp_path):
+    (tmp_path / "a-cfg").mkdir()
     a = DaemonRunner({**dreamd_env, "DREAMD_DATA_DIR": str(tmp_path / "a" / "data")},
                      tmp_path / "a-cfg", FAST_CONFIG)
-    (tmp_path / "a-cfg").mkdir()
     assert a.run(5).returncode == 0
     b = DaemonRunner(dreamd_env, tmp_path)
     assert b.run(5).returncode == 0
@@ -233,7 +236,7 @@ def test_a_ledger_from_another_data_dir_takes_no_file_for_its_own(dreamd_env, tm
     shutil.copy(a.data_dir / "dreamd.db", b.data_dir / "dreamd.db")
     out = b.run(5)
     assert out.returncode == 0, out.stdout
-    assert "made elsewhere" in out.stdout and "moved them aside" in out.stdout
+    assert "moved them aside" in out.stdout and "nothing was deleted" in out.stdout
     aside = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
              for p in next(b.data_dir.glob("orphaned-*")).rglob("keyframes/*.png")}
     assert b_files.items() <= aside.items()
@@ -301,7 +304,7 @@ def test_under_the_free_space_floor_generation_pauses_and_resumes(dreamd_env, tm
     assert shown() > at, "playback stopped under the floor"
     assert rows(data, "SELECT count(*) FROM keyframes")[0][0] <= made + 1
     st = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
-                        text=True, timeout=30)
+                        text=True, timeout=120)
     assert "low disk space" in (json.loads(st.stdout)["storage"]["low"] or "")
     ballast.unlink()
     wait_for(lambda: "generation resumes" in d.output(), timeout=40, what="resume")

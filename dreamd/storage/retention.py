@@ -201,8 +201,12 @@ def thumbnail(ctx, row) -> str | None:
     except (OSError, ValueError) as exc:
         log.warning("keyframe %d: no thumbnail (%s)", row.chain_index, exc)
         return None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dst, buf.getvalue(), fsync=True)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, buf.getvalue(), fsync=True)
+    except OSError as exc:      # a full disk: the image still goes (that frees space)
+        log.debug("keyframe %d: no thumbnail (%s)", row.chain_index, exc)
+        return None
     return stored(ctx.cfg.data_dir, dst)
 
 
@@ -407,8 +411,12 @@ def ensure_incremental_vacuum(db_path: Path) -> bool:
         if con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
             return False
         con.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        con.execute("VACUUM")
+        con.execute("VACUUM")       # needs room for a copy of the ledger
         return True
+    except sqlite3.Error as exc:    # no room, or busy: pruning still works, the file stays
+        log.warning("%s: could not turn on incremental vacuum (%s); will try at the next "
+                    "start", db_path, exc)
+        return False
     finally:
         con.close()
 

@@ -91,7 +91,7 @@ class Janitor:
         low = None
         if u.floor and u.free is not None:
             # hysteresis: generation resumes a little above the floor, not at it
-            resume = u.floor + max(u.floor // 20, 32 * space.MB)
+            resume = u.floor + max(u.floor // 10, space.MB)
             was_low = bool(ctx.facts.get("storage_low"))
             if u.free < u.floor or (was_low and u.free < resume):
                 deficit = resume - u.free
