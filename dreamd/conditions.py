@@ -45,6 +45,9 @@ if hasattr(errno, "EDQUOT"):
 _SQLITE = (("database is locked", LEDGER_BUSY), ("database is busy", LEDGER_BUSY),
            ("database table is locked", LEDGER_BUSY), ("disk is full", DISK_FULL),
            ("readonly database", READ_ONLY))
+_WRAPPED = (("no space left on device", DISK_FULL), ("os error 28", DISK_FULL),
+            ("read-only file system", READ_ONLY), ("os error 30", READ_ONLY),
+            ("os error 13", PERMISSION))
 
 
 def classify(exc: BaseException | None) -> str | None:
@@ -62,6 +65,12 @@ def classify(exc: BaseException | None) -> str | None:
         if isinstance(exc, sqlite3.Error):
             text = str(exc).lower()
             for needle, kind in _SQLITE:
+                if needle in text:
+                    return kind
+        elif not isinstance(exc, OSError):
+            # libraries that wrap the OS error in their own (safetensors, Rust's io)
+            text = str(exc).lower()
+            for needle, kind in _WRAPPED:
                 if needle in text:
                     return kind
         exc = exc.__cause__ or exc.__context__
@@ -187,3 +196,40 @@ def environment_recovered(ctx: Any) -> None:
     conditions = getattr(ctx, "conditions", None)
     if conditions is not None and conditions.active():
         conditions.clear(*FILE_CONDITIONS)
+
+
+# ---------------------------------------------------------------- the stop's reserve
+# A little space kept in the data dir from the start, given back at a stop on a full
+# disk so the ledger can still record the stop and release the leases.
+RESERVE_NAME = ".stop-reserve"
+RESERVE_BYTES = 1 << 20
+
+
+def make_reserve(data_dir: Any) -> None:
+    from pathlib import Path
+
+    path = Path(data_dir) / RESERVE_NAME
+    try:
+        if path.exists() and path.stat().st_size >= RESERVE_BYTES:
+            return
+        with open(path, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+            f.flush()
+            import os
+            os.fsync(f.fileno())
+    except OSError:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def release_reserve(data_dir: Any) -> bool:
+    """Give the reserve back to the disk; True when there was one."""
+    from pathlib import Path
+
+    try:
+        (Path(data_dir) / RESERVE_NAME).unlink()
+        return True
+    except OSError:
+        return False

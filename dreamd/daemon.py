@@ -24,7 +24,8 @@ from typing import Any, Callable
 from sqlalchemy import insert, update
 
 from dreamd import __version__
-from dreamd.conditions import begin_retrying, classify, watch_ledger
+from dreamd.conditions import (DISK_FULL, begin_retrying, classify, make_reserve,
+                               release_reserve, watch_ledger)
 from dreamd.config import Config
 from dreamd.errors import DaemonError
 from dreamd.ledger import database, queries, transitions
@@ -237,6 +238,7 @@ class Daemon:
         log.info("dreamd %s run %d (pid %d): data dir %s, backend %s, torch threads %d",
                  __version__, run_id, pid, cfg.data_dir, cfg.generation.backend, threads)
 
+        make_reserve(cfg.data_dir)    # so a stop on a full disk can still be recorded
         janitor.rescue_all(ctx, everything=True)
         janitor.reconcile(ctx)
         controls.restore(ctx)
@@ -302,21 +304,28 @@ class Daemon:
             time.sleep(0.05)
         stuck = self.in_flight()
         display.flush(timeout=2.0)            # frames shown while the ledger was busy
-        try:
-            with begin_retrying(ctx, "stop", give_up_after=STOP_RECORD_SECONDS,
-                                stopping_too=True) as conn:
-                for entity in JOB_ENTITIES:
-                    released = transitions.release(conn, entity, ctx.lease_owner(entity),
-                                                   detail=self.stop_reason)
-                    if released:
-                        log.info("released %s %s", entity, released)
-                conn.execute(update(DR).where(DR.c.id == ctx.run_id).values(
-                    stopped_at=utcnow(), heartbeat_at=utcnow(), exit_reason=self.stop_reason))
-        except Exception as exc:
-            # the stop is still clean: the next start finds this run without a stop,
-            # records it as died and rescues its leases (the attempts they used count)
-            log.error("could not record the stop in the ledger (%s): %s", classify(exc)
-                      or "error", str(getattr(exc, "orig", exc)).splitlines()[0])
+        for last_try in (False, True):
+            try:
+                with begin_retrying(ctx, "stop", give_up_after=STOP_RECORD_SECONDS,
+                                    stopping_too=True) as conn:
+                    for entity in JOB_ENTITIES:
+                        released = transitions.release(conn, entity, ctx.lease_owner(entity),
+                                                       detail=self.stop_reason)
+                        if released:
+                            log.info("released %s %s", entity, released)
+                    conn.execute(update(DR).where(DR.c.id == ctx.run_id).values(
+                        stopped_at=utcnow(), heartbeat_at=utcnow(),
+                        exit_reason=self.stop_reason))
+                break
+            except Exception as exc:
+                if (not last_try and classify(exc) == DISK_FULL
+                        and release_reserve(ctx.cfg.data_dir)):
+                    continue      # the space kept for this moment lets the ledger write
+                # the stop is still clean: the next start finds this run without a stop,
+                # records it as died and rescues its leases (the attempts they used count)
+                log.error("could not record the stop in the ledger (%s): %s", classify(exc)
+                          or "error", str(getattr(exc, "orig", exc)).splitlines()[0])
+                break
         try:
             with ctx.reader.connect() as conn:
                 ahead = display.buffered(conn)

@@ -55,6 +55,7 @@ def test_playback_goes_on_while_another_process_holds_the_write_lock(ctx, db_pat
         st = status(ctx)
         assert st["status"] == "playing" and "ledger busy" in (st["problem"] or "")
         assert st["frame_number"] == 7
+        assert st["stale_after_seconds"] >= 10          # readers judge liveness by it
         assert shown(ctx) == [(0, 0.0), (0, 0.2)]     # the ledger could not know yet
     assert len(set(seen)) == 5                        # five new frames on screen
     time.sleep(RECORD_RETRY + 0.1)
