@@ -210,10 +210,14 @@ class Daemon:
         from dreamd.memory.embedder import Embedders
         from dreamd.workers.context import WorkerContext
         from dreamd.display.writer import DisplayWriter
+        from dreamd.storage.reconcile import reconcile
+        from dreamd.storage.retention import ensure_incremental_vacuum
 
         cfg = self.cfg
         tame_malloc()
         database.upgrade(cfg.db_path)
+        if ensure_incremental_vacuum(cfg.db_path):   # once per ledger: pruning gives space back
+            log.info("ledger %s: incremental vacuum turned on", cfg.db_path)
         engine, reader = database.writer(cfg.db_path), database.reader(cfg.db_path)
         threads = configure_torch_threads(cfg.system.torch_threads or None)
         # The display thread must get the GIL back promptly for low jitter.
@@ -240,7 +244,7 @@ class Daemon:
 
         make_reserve(cfg.data_dir)    # so a stop on a full disk can still be recorded
         janitor.rescue_all(ctx, everything=True)
-        janitor.reconcile(ctx)
+        reconcile(ctx)
         controls.restore(ctx)
         backend = make_backend(cfg, ctx)
         codecs = interpolation.Codecs(ctx)

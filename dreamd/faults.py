@@ -4,7 +4,9 @@
 point, create `<data_dir>/paused-at-<point>` and sleep. Unset (always, in real use)
 this costs one dict lookup. Points: keyframe-written (file on disk, row not yet
 completed), frames-written (a batch's files on disk, rows not yet created),
-frame-displayed (current_frame.png replaced, frame not yet marked shown).
+frame-displayed (current_frame.png replaced, frame not yet marked shown),
+retention-frames-evicted, retention-images-pruned, retention-rows-pruned (a retention
+pass's rows committed, its files not yet deleted).
 
 `DREAMD_HOLD_AT=keyframe-written` lets a test line up a fault with that moment: when
 the test has created `<data_dir>/arm-<point>`, the next daemon to reach the point

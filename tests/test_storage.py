@@ -156,16 +156,20 @@ def test_retention_keeps_every_kind_within_its_limits(dreamd_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_in_the_middle_of_a_retention_pass(dreamd_env, tmp_path):
+@pytest.mark.parametrize("point", ["retention-frames-evicted", "retention-images-pruned"])
+def test_kill_in_the_middle_of_a_retention_pass(dreamd_env, tmp_path, point):
     d = DaemonRunner(dreamd_env, tmp_path, TIGHT)
-    proc = d.start(extra_env={"DREAMD_PAUSE_AT": "retention-rows-deleted"})
-    marker = d.data_dir / "paused-at-retention-rows-deleted"
+    proc = d.start(extra_env={"DREAMD_PAUSE_AT": point})
+    marker = d.data_dir / f"paused-at-{point}"
     wait_for(marker.exists, timeout=90, what="a retention pass between its rows and files")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     marker.unlink()
     out = d.run(8)
     assert out.returncode == 0, out.stdout
+    # what the killed pass left (files of rows it had retired) is deleted, not moved aside
+    assert "retired_files" in out.stdout
+    assert not list(d.data_dir.glob("orphaned-*")), out.stdout
     invariants.check(d.data_dir)
     invariants.distinct_frame_files(d.data_dir)
 

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from dreamd.conditions import classify, watch_ledger
 from dreamd.display import status as status_json
 from dreamd.storage.files import place_atomic, sweep_temps
+from dreamd.storage.paths import resolve
 from dreamd.faults import pause_point
 from dreamd.errors import StaleTransitionError
 from dreamd.ledger import database, queries, transitions
@@ -134,7 +135,7 @@ class DisplayWriter:
 
     def show(self, frame) -> None:
         timings: dict[str, float] = {}
-        path = Path(frame.path)
+        path = resolve(self.ctx.cfg.data_dir, frame.path)
         with timed(timings, "write"):
             if self.current is not None and self.current.exists():
                 place_atomic(self.current, self.out / "previous_frame.png")

@@ -21,12 +21,12 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Frame, Keyframe, RuntimeState, utcnow
 from dreamd.storage.files import is_temp
-from dreamd.storage.paths import resolve
+from dreamd.storage.paths import resolve, stored
 from dreamd.storage.space import ORPHANED_PREFIX
 
 log = logging.getLogger("dreamd.storage")
@@ -47,6 +47,22 @@ def known_files(conn, data_dir: Path) -> set[Path]:
         "SELECT input_path FROM keyframes WHERE source = 'injection' "
         "AND input_path IS NOT NULL")).scalars()
     return {resolve(data_dir, v) for v in values if v}
+
+
+def retired_files(conn, data_dir: Path, files: list[Path]) -> set[Path]:
+    """Those of `files` that rows name as gone: evicted frames, pruned keyframe images,
+    blends of keyframes no longer pending."""
+    out: set[Path] = set()
+    values = [stored(data_dir, f) for f in files]
+    for i in range(0, len(values), 500):
+        chunk = values[i:i + 500]
+        q = text("SELECT path FROM frames WHERE state = 'evicted' AND path IN :v UNION ALL "
+                 "SELECT path FROM keyframes WHERE pruned_at IS NOT NULL AND path IN :v "
+                 "UNION ALL SELECT input_path FROM keyframes WHERE source = 'injection' "
+                 "AND state NOT IN ('available','executing','retryable') "
+                 "AND input_path IN :v").bindparams(bindparam("v", expanding=True))
+        out.update(resolve(data_dir, p) for p in conn.execute(q, {"v": chunk}).scalars())
+    return out
 
 
 def _identity(ctx) -> tuple[str, bool]:
@@ -91,8 +107,8 @@ def move_aside(data_dir: Path, files: list[Path]) -> Path:
 def reconcile(ctx) -> dict[str, int]:
     """At start, with no worker running yet. Returns what it did, by kind."""
     data_dir = ctx.cfg.data_dir
-    stats = {"rows_missing_file": 0, "keyframe_files_missing": 0, "orphan_files": 0,
-             "moved_aside": 0, "temp_files": 0}
+    stats = {"rows_missing_file": 0, "keyframe_files_missing": 0, "retired_files": 0,
+             "orphan_files": 0, "moved_aside": 0, "temp_files": 0}
     ident, mismatch = _identity(ctx)
 
     with ctx.reader.connect() as conn:
@@ -113,6 +129,15 @@ def reconcile(ctx) -> dict[str, int]:
             n_files += 1
             if f not in known:
                 unknown.append(f)
+    if unknown and not mismatch:
+        # named by rows that say the file should be gone (a retention pass killed between
+        # its rows and its files): the ledger's own garbage, deleted whatever the count
+        with ctx.reader.connect() as conn:
+            garbage = retired_files(conn, data_dir, unknown)
+        for f in garbage:
+            f.unlink(missing_ok=True)
+        stats["retired_files"] = len(garbage)
+        unknown = [f for f in unknown if f not in garbage]
     if unknown:
         few = (len(unknown) <= ORPHANS_DELETED_MAX
                or len(unknown) <= ORPHANS_DELETED_SHARE * n_files)

@@ -176,7 +176,7 @@ def evict_frames(ctx, *, budget_bytes: int = 0, report: PassReport | None = None
             for r in rows:
                 transitions.transition(conn, "frame", r.id, r.state, "evicted", worker="janitor",
                                        now=now, values={"evicted_at": now}, detail=why)
-        pause_point("retention-rows-deleted", data_dir)
+        pause_point("retention-frames-evicted", data_dir)
         for r in rows:
             report.freed += _unlink(resolve(data_dir, r.path))
         evicted += len(rows)
@@ -244,7 +244,7 @@ def prune_keyframe_images(ctx, now: datetime, *, budget_bytes: int = 0,
         for r in chosen:
             conn.execute(update(KF).where(KF.c.id == r.id, KF.c.pruned_at.is_(None))
                          .values(pruned_at=now, thumb_path=thumbs[r.id]))
-    pause_point("retention-rows-deleted", data_dir)
+    pause_point("retention-images-pruned", data_dir)
     for r in chosen:
         report.freed += _unlink(resolve(data_dir, r.path))
     report.keyframe_images += len(chosen)
@@ -382,7 +382,8 @@ def prune_rows(ctx, now: datetime, report: PassReport) -> int:
                 conn.execute(text("DELETE FROM keyframes WHERE id IN :ids")
                              .bindparams(bindparam("ids", expanding=True)), {"ids": ids})
             rows["keyframes"] = rows.get("keyframes", 0) + len(ids)
-        pause_point("retention-rows-deleted", ctx.cfg.data_dir)
+        if old:
+            pause_point("retention-rows-pruned", ctx.cfg.data_dir)
         for r in old:
             if r.pruned_at is None:
                 report.freed += _unlink(resolve(ctx.cfg.data_dir, r.path))

@@ -73,6 +73,11 @@ class WorkerContext:
     def may_claim(self) -> bool:
         return not self.stopping.is_set() and not self.paused()
 
+    def may_generate(self) -> bool:
+        """Keyframes and in-betweens write files: not below the free-space floor (the
+        janitor sets `storage_low`; playback goes on from the buffer meanwhile)."""
+        return self.may_claim() and not self.facts.get("storage_low")
+
     # ------------------------------------------------------------ leases
     @contextmanager
     def lease(self, entity: str, row_id: int, owner: str) -> Iterator[None]:
@@ -135,7 +140,8 @@ def drain(ctx: WorkerContext, entity: str, work: Callable[[Any, str], int], *,
     tick costs one read on the read-only connection, never the write lock."""
     done = 0
     owner = ctx.lease_owner(entity)
-    while ctx.may_claim() and not blocked():
+    allowed = ctx.may_generate if entity in ("keyframe", "interpolation") else ctx.may_claim
+    while allowed() and not blocked():
         with ctx.reader.connect() as conn:
             if not transitions.has_due(conn, entity):
                 break

@@ -10,7 +10,9 @@ every keyframe; the raw keyframe stays the img2img input.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
+from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 
 log = logging.getLogger("dreamd.interpolation")
@@ -36,8 +39,15 @@ def frame_path(ctx: WorkerContext, chain_index: int, t: float) -> Path:
     return ctx.cfg.frames_dir / f"{chain_index:06d}-{round(t * 1_000_000):07d}.png"
 
 
-def latent_path(ctx: WorkerContext, keyframe_id: int) -> Path:
-    return ctx.cfg.data_dir / "latents" / f"k{keyframe_id}.safetensors"
+def latent_path(ctx: WorkerContext, image_sha256: str, codec) -> Path:
+    """Named by what it is the latent of: the image's content hash and the codec's
+    identity (name, divisor, weights). A latent can never stand for another image,
+    whatever became of row ids (a deleted ledger, a copied data dir); retention
+    (dreamd/storage/retention.py) deletes it once no pending batch needs it."""
+    from dreamd.latent.storage import latent_meta
+
+    space = hashlib.sha256(json.dumps(latent_meta(codec), sort_keys=True).encode())
+    return ctx.cfg.data_dir / "latents" / f"{image_sha256}-{space.hexdigest()[:12]}.safetensors"
 
 
 def positions(n: int) -> list[float]:
@@ -86,21 +96,24 @@ def encode_keyframe(ctx: WorkerContext, codec, row):
     from dreamd.latent.images import to_tensor
     from dreamd.latent.storage import latent_meta, load_latent, reusable, save_latent
 
-    path = latent_path(ctx, row.id)
+    image_file = resolve(ctx.cfg.data_dir, row.path)
+    sha = row.sha256 or hashlib.sha256(image_file.read_bytes()).hexdigest()
+    path = latent_path(ctx, sha, codec)
     if path.exists():
         try:
             latent, meta = load_latent(path)
-            if reusable(meta, codec):
+            if reusable(meta, codec) and meta.get("image_sha256") == sha:
                 return latent.to(codec.device)
         except CodecError as exc:
             log.warning("ignoring stored latent %s: %s", path, exc)
-    with Image.open(row.path) as im:
+    with Image.open(image_file) as im:
         image = im.convert("RGB")
     with torch.inference_mode():
         # float32 in: the codec casts to its own precision; a bf16 image would round pixels
         latent = codec.encode(to_tensor(image, codec.device, torch.float32))[0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_latent(path, latent, latent_meta(codec, width=image.width, height=image.height))
+    save_latent(path, latent, latent_meta(codec, width=image.width, height=image.height,
+                                          image_sha256=sha))
     return latent
 
 
@@ -175,7 +188,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                     "chain_index": batch.chain_index, "t": t,
                     "kind": "keyframe" if i == 0 else "inbetween",
                     "keyframe_id": a.id if i == 0 else None, "interpolation_id": batch.id,
-                    "path": str(path)}, worker=owner)
+                    "path": stored(ctx.cfg.data_dir, path)}, worker=owner)
     except StaleTransitionError as exc:
         log.warning("interpolation %d: %s (lease lost; it will be redone)", batch.id, exc)
         return 0

@@ -23,6 +23,7 @@ from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
+from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 
 log = logging.getLogger("dreamd.keyframe")
@@ -34,11 +35,11 @@ def keyframe_path(ctx: WorkerContext, chain_index: int, row_id: int) -> Path:
     return ctx.cfg.keyframes_dir / f"k{chain_index:06d}-{row_id}.png"
 
 
-def load_input(row, width: int, height: int) -> Image.Image | None:
+def load_input(row, width: int, height: int, data_dir: Path) -> Image.Image | None:
     if not row.input_path:
         return None
     try:
-        with Image.open(row.input_path) as im:
+        with Image.open(resolve(data_dir, row.input_path)) as im:
             im = im.convert("RGB")
             if im.size != (width, height):
                 im = im.resize((width, height), Image.Resampling.LANCZOS)
@@ -73,7 +74,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             denoise=row.denoise, steps=ctx.knob("generation.steps"),
             cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
             scheduler=ctx.cfg.generation.scheduler,
-            image=load_input(row, row.width, row.height), prompt_id=prompt_id,
+            image=load_input(row, row.width, row.height, ctx.cfg.data_dir), prompt_id=prompt_id,
             server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
         with ctx.lease("keyframe", row.id, owner), timed(timings, "generate"):
             result = backend.generate(request)
@@ -105,7 +106,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         # the image is on disk: a busy ledger is waited out, not left to the lease
         with timed(timings, "ledger"), begin_retrying(ctx, f"keyframe {row.id}") as conn:
             transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
-                                 values={"path": str(path), "sha256": hashlib.sha256(data)
+                                 values={"path": stored(ctx.cfg.data_dir, path), "sha256": hashlib.sha256(data)
                                          .hexdigest(), "generation_ms": ms,
                                          "server": result.info.get("server"),
                                          # a fallback backend may have made it
