@@ -273,25 +273,6 @@ def _reader(cfg):
     return database.reader(cfg.db_path)
 
 
-def _print_rows(columns: list[str], rows: list[Any], fmt: str) -> None:
-    if fmt == "json":
-        print(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
-    elif fmt == "tsv":
-        print("\t".join(columns))
-        for r in rows:
-            print("\t".join("" if v is None else str(v) for v in r))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(show_edge=False)
-        for c in columns:
-            table.add_column(c)
-        for r in rows:
-            table.add_row(*("" if v is None else str(v) for v in r))
-        Console().print(table)
-
-
 def cmd_history(args: argparse.Namespace) -> int:
     from sqlalchemy import text
 
@@ -308,58 +289,53 @@ def cmd_history(args: argparse.Namespace) -> int:
             columns = list(result.keys())
     finally:
         engine.dispose()
-    _print_rows(columns, list(reversed(rows)), args.format)
+    from dreamd.ledger.sql import write
+    write(columns, reversed(rows), args.format, sys.stdout, max_rows=0)
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     import sqlite3
 
+    from dreamd.ledger.sql import TIMEOUT_SECONDS, Shell, statements, write
+
     cfg = _config(args)
     if not cfg.db_path.exists():
         from dreamd.errors import LedgerError
         raise LedgerError(f"no ledger at {cfg.db_path} yet: start the daemon first")
-    uri = f"file:{cfg.db_path.resolve()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=5)
+    shell = Shell(cfg.db_path)
+    worst = 0
     try:
-        queries = [args.query] if args.query else None
-        if queries is None:
+        if args.query:
+            queries: Any = [args.query]
+        else:
             if sys.stdin.isatty():
                 print(f"read-only SQL on {cfg.db_path}; end each statement with ';', "
                       f"Ctrl-D to leave. Tables: keyframes, interpolations, frames, "
                       f"embeddings, injections, controls, transitions, daemon_runs, "
                       f"runtime_state; views: frame_history, keyframe_timing, injection_log")
-            queries = _statements(sys.stdin)
+            queries = statements(sys.stdin)
         for q in queries:
             try:
-                cur = conn.execute(q)
-            except sqlite3.Error as exc:
-                print(f"dreamd sql: {exc}", file=sys.stderr)
+                columns, rows = shell.execute(
+                    q, timeout=TIMEOUT_SECONDS if args.timeout is None else args.timeout)
+                if columns:
+                    write(columns, rows, args.format, sys.stdout, max_rows=args.max_rows,
+                          notes=sys.stderr)
+                else:
+                    for _ in rows:      # a statement without columns: run it to the end
+                        pass
+            except (sqlite3.Error, UsageError) as exc:
+                print(f"dreamd sql: {exc}" if isinstance(exc, sqlite3.Error) else str(exc),
+                      file=sys.stderr)
+                code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
                 if args.query:
-                    return EXIT_ERROR
-                continue
-            if cur.description:
-                _print_rows([d[0] for d in cur.description], cur.fetchall(), args.format)
+                    return code
+                worst = max(worst, code)
+            sys.stdout.flush()
     finally:
-        conn.close()
-    return 0
-
-
-def _statements(stream):
-    """Split input into complete SQL statements (a ';' inside a string does not count)."""
-    import sqlite3
-    buf = ""
-    for line in stream:
-        buf += line
-        start = 0
-        for i, ch in enumerate(buf):
-            if ch == ";" and sqlite3.complete_statement(buf[start:i + 1]):
-                if buf[start:i + 1].strip(" \n;"):
-                    yield buf[start:i + 1].strip()
-                start = i + 1
-        buf = buf[start:]
-    if buf.strip():
-        yield buf.strip()
+        shell.close()
+    return worst
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -440,6 +416,18 @@ def _near(word: str, names: list[str]) -> list[str]:
     return [n for t, _, n in best if t == best[0][0]][:2] if best else []
 
 
+def _at_least_zero(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dreamd", description="Dream Window: a living AI dream on the desktop.")
     p.add_argument("--version", action="version", version=f"dreamd {__version__}")
@@ -481,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     sq = add("sql", cmd_sql, "query the ledger read-only (a statement, or statements on stdin)")
     sq.add_argument("query", nargs="?")
     sq.add_argument("--format", choices=("table", "tsv", "json"), default="table")
+    sq.add_argument("--max-rows", type=_at_least_zero(int), metavar="N", help="rows shown at most (default: "
+                    "1000 in a table, all of them streamed in tsv and json; 0 = all)")
+    sq.add_argument("--timeout", type=_at_least_zero(float), metavar="SECONDS",
+                    help="stop a statement after this long (default 30; 0 = never)")
     sa = add("stats", cmd_stats, "the aesthetic memory over the ledger: keyframe similarity "
              "(consecutive and recent), cache size and hits, injections by reason")
     sa.add_argument("--window", type=int, metavar="W", help="keyframes per recent window "

@@ -72,7 +72,7 @@ def test_read_only_data_dir_with_a_ledger(dreamd_env, data):
 # ---------------------------------------------------------------- a broken ledger file
 
 @pytest.mark.parametrize("args", [("status",), ("run", "--duration", "1"), ("pause",),
-                                  ("db", "upgrade"), ("config", "show")],
+                                  ("db", "upgrade"), ("sql", "SELECT 1"), ("config", "show")],
                          ids=" ".join)
 def test_garbage_ledger(dreamd_env, data, args):
     db = data / "dreamd.db"

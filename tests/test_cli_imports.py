@@ -39,6 +39,8 @@ LEDGER_COMMANDS = [
     ["pause", "--reason", "x"], ["resume"], ["set", "generation.denoise=0.4"], ["theme", "next"],
     ["free"], ["history"], ["sql", "SELECT count(*) FROM keyframes"], ["status"],
     ["set", "--reset", "all"], ["config", "show"],
+    ["sql", "SELECT * FROM frame_history", "--format", "json", "--max-rows", "5"],
+    ["history", "--format", "tsv"],
 ]
 
 
