@@ -86,7 +86,18 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     where, how = (str(cfg.file), "") if cfg.file else ("(none)", "")
     print(f"# config file: {where}{how}")
     print(f"# data dir:    {cfg.data_dir}  ({cfg.sources.get('system.data_dir')})")
-    for key, why in _stored_knobs(cfg).items():
+    try:
+        bad = _stored_knobs(cfg)
+    except Exception as exc:
+        # the config is worth seeing even when the ledger is not readable: say why not
+        from dreamd.ledger.unusable import explain
+
+        problem = explain(exc, cfg.db_path)
+        if problem is None:
+            raise
+        bad = {}
+        print(f"dreamd: stored knobs not read: {problem}", file=sys.stderr)
+    for key, why in bad.items():
         print(f"# stored knob {key} is invalid ({why}): the next start drops it; "
               f"`dreamd set --reset {key}` clears it")
     print(config.to_toml(cfg), end="")
