@@ -343,12 +343,26 @@ class Daemon:
             except Exception:
                 log.exception("closing")
         display.close()
+        checkpoint_truncate(ctx)
         ctx.engine.dispose()
         ctx.reader.dispose()
         if stuck:
             log.warning("still running after %.0f s: %s", GRACE_SECONDS, ", ".join(stuck))
         log.info("stopped (%s)", self.stop_reason)
         return not stuck
+
+
+def checkpoint_truncate(ctx) -> None:
+    """Fold the WAL into dreamd.db at a clean stop, so the file alone holds the whole
+    ledger (a user copying just dreamd.db, a backup tool) and the WAL's space goes back."""
+    try:
+        raw = ctx.engine.raw_connection()
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            raw.close()
+    except Exception as exc:    # busy or full: the WAL is still valid, the next start reads it
+        log.debug("final checkpoint skipped: %s", exc)
 
 
 def run(cfg: Config, duration: float | None = None) -> int:

@@ -159,6 +159,20 @@ def test_heartbeat_release_and_rescue(engine):
         assert last.event == "abandoned"
 
 
+def test_rescue_spares_rows_a_live_worker_still_holds(engine):
+    """A busy ledger can keep a live worker from renewing its lease; the janitor of the
+    same process must not take the row from under it when the ledger frees up."""
+    ids = make_keyframes(engine, 2)
+    now = utcnow()
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=5, limit=2, now=now)
+    with engine.begin() as conn:
+        result = tr.rescue(conn, "keyframe", now=now + timedelta(seconds=10), spare=[ids[0]])
+    assert result == {"available": [ids[1]], "discarded": []}
+    with engine.connect() as conn:
+        assert conn.execute(select(KF.c.state).where(KF.c.id == ids[0])).scalar() == "executing"
+
+
 def test_release_gives_back_the_attempt(engine):
     (kid,) = make_keyframes(engine, 1)
     with engine.begin() as conn:

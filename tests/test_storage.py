@@ -310,6 +310,7 @@ def test_under_the_free_space_floor_generation_pauses_and_resumes(dreamd_env, tm
     st = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
                         text=True, timeout=120)
     assert "low disk space" in (json.loads(st.stdout)["storage"]["low"] or "")
+    assert "low disk space" in (json.loads(status.read_text())["problem"] or "")
     ballast.unlink()
     wait_for(lambda: "generation resumes" in d.output(), timeout=40, what="resume")
     wait_for(lambda: rows(data, "SELECT count(*) FROM keyframes")[0][0] > made + 2,

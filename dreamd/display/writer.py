@@ -250,7 +250,9 @@ class DisplayWriter:
             daemon_status=daemon_status,
             comfyui_status=facts.get("comfyui_status", "n/a"),
             last_update=status_json.now_iso(),
-            problem=ctx.conditions.summary(),
+            # a condition of the machine, or generation paused under the free-space floor
+            problem="; ".join(p for p in (ctx.conditions.summary(),
+                                          ctx.facts.get("storage_low")) if p) or None,
             stale_after_seconds=status_json.stale_after(fps),
         ))
 

@@ -267,17 +267,22 @@ def release(conn: Connection, entity: str, owner: str, *, now: datetime | None =
 
 
 def rescue(conn: Connection, entity: str, *, now: datetime | None = None,
-           worker: str | None = "janitor", every_lease: bool = False) -> dict[str, list[int]]:
+           worker: str | None = "janitor", every_lease: bool = False,
+           spare: Sequence[int] = ()) -> dict[str, list[int]]:
     """Expired leases: back to available, or discarded when attempts are used up.
 
     Both are recorded with the event `abandoned` (their worker died or hung). With
     `every_lease`, unexpired leases too: for a daemon that knows no other is alive.
+    `spare`: rows a live worker of this process still works on (its lease could not be
+    renewed while the ledger was busy; the work is not abandoned).
     """
     table = _table(entity)
     now = now or utcnow()
     expired = table.c.state == J.executing
     if not every_lease:
         expired = expired & (table.c.lease_expires_at < now)
+    if spare:
+        expired = expired & table.c.id.not_in(list(spare))
     back = conn.execute(update(table)
                         .where(expired, table.c.attempt < table.c.max_attempts)
                         .values(state=J.available, lease_owner=None, lease_expires_at=None,

@@ -48,6 +48,9 @@ class WorkerContext:
     # without): the codec (injection blends in latent space) and the embedder.
     codecs: Any = None                          # dreamd.workers.interpolation.Codecs
     embedders: Any = None                       # dreamd.memory.embedder.Embedders
+    # Rows a worker of this process has claimed and not yet finished: the janitor never
+    # rescues them, even when a busy ledger kept their lease from being renewed.
+    in_hand: set[tuple[str, int]] = field(default_factory=set)
     _knobs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -150,5 +153,9 @@ def drain(ctx: WorkerContext, entity: str, work: Callable[[Any, str], int], *,
                                      lease_seconds=ctx.cfg.generation.lease_seconds)
         if not rows:
             break
-        done += work(rows[0], owner)
+        ctx.in_hand.add((entity, rows[0].id))
+        try:
+            done += work(rows[0], owner)
+        finally:
+            ctx.in_hand.discard((entity, rows[0].id))
     return done

@@ -29,7 +29,8 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
     n = 0
     with ctx.engine.begin() as conn:
         for entity in JOB_ENTITIES:
-            result = transitions.rescue(conn, entity, every_lease=everything,
+            mine = [] if everything else [i for e, i in list(ctx.in_hand) if e == entity]
+            result = transitions.rescue(conn, entity, every_lease=everything, spare=mine,
                                         worker="startup" if everything else "janitor")
             for state, ids in result.items():
                 if ids:
