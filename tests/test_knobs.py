@@ -132,8 +132,10 @@ def test_config_show_names_stored_knobs_and_set_reset_clears_them(dreamd_env, tm
     assert stored_knobs(db) == {}
     assert "fps = 8.0  # file:" in run(dreamd_env, *cli, "config", "show").stdout
 
-    store_knobs(db, '{"display.fps": 5.0, "generation.denoise": 0.5}')
+    store_knobs(db, '{"display.fps": 5.0, "generation.denoise": NaN}')
     assert run(dreamd_env, *cli, "set", "--reset", "all").returncode == 0
+    show = run(dreamd_env, *cli, "config", "show").stdout
+    assert "stored by" not in show and "invalid" not in show     # pending: both go
     apply_pending_controls(db, config.load(f))
     assert stored_knobs(db) == {}
 

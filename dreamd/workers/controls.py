@@ -105,6 +105,8 @@ def overrides(conn: Connection) -> tuple[dict[str, tuple[Any, str]], dict[str, s
                 target = validate_reset(args["reset"])
                 out = {} if target == RESET_ALL else {k: v for k, v in out.items()
                                                        if k != target}
+                bad = {} if target == RESET_ALL else {k: v for k, v in bad.items()
+                                                      if k != target}
             else:
                 value = validate_knob(args["key"], args["value"])
                 out[args["key"]] = (value, f"sent by `dreamd set` (control {row.id}, "
