@@ -320,3 +320,16 @@ def test_under_the_free_space_floor_generation_pauses_and_resumes(dreamd_env, tm
     assert proc.wait(timeout=30) == 0
     invariants.check(data)
     assert not rows(data, "SELECT count(*) FROM keyframes WHERE state = 'discarded'")[0][0]
+
+
+def test_comfyuis_log_is_rotated_when_the_supervisor_starts(tmp_path, monkeypatch):
+    from dreamd.backends.comfyui import supervisor
+
+    monkeypatch.setattr(supervisor, "LOG_MAX_BYTES", 1000)
+    log = tmp_path / "comfyui.log"
+    log.write_bytes(b"old run\n" * 200)
+    supervisor.rotate_log(log)
+    assert not log.exists() and (tmp_path / "comfyui.log.1").read_bytes().startswith(b"old run")
+    log.write_bytes(b"small")
+    supervisor.rotate_log(log)
+    assert log.read_bytes() == b"small"

@@ -28,6 +28,19 @@ from dreamd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+LOG_MAX_BYTES = 20_000_000   # ComfyUI's output is appended; at start a bigger log moves to .1
+
+
+def rotate_log(path: Path) -> None:
+    """Keep ComfyUI's log bounded: the child writes straight to the file (so it outlives
+    a killed daemon), so it is rotated when the supervisor starts, one old copy kept."""
+    try:
+        if path.stat().st_size > LOG_MAX_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
+
+
 @dataclass(frozen=True)
 class SupervisorStatus:
     state: str                 # stopped | starting | running | restarting | gave_up
@@ -79,6 +92,7 @@ class ComfyUISupervisor:
             raise RuntimeError("supervisor already started")
         self._stopping.clear()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         self._log = open(self.log_path, "ab")
         self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="comfyui-supervisor", daemon=True)
