@@ -120,3 +120,57 @@ class DaemonRunner:
 @pytest.fixture
 def daemon(dreamd_env, tmp_path) -> DaemonRunner:
     return DaemonRunner(dreamd_env, tmp_path)
+
+
+# ---------------------------------------------------------------- faults of the machine
+
+import sqlite3  # noqa: E402
+
+
+class WriteLock:
+    """Another process's `sqlite3` session holding the ledger's write lock."""
+
+    def __init__(self, db_path: Path, timeout: float = 30) -> None:
+        self.conn = sqlite3.connect(db_path, isolation_level=None, timeout=timeout)
+
+    def __enter__(self):
+        self.conn.execute("BEGIN EXCLUSIVE")
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def mount_tmpfs(path: Path, size: str):
+    """A small file system of its own at `path` (root only; CI runs as root here), or a
+    skip that says why; unmounted after the test."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): "
+                    f"{done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def worker_context(db_path: Path, config_text: str):
+    """A WorkerContext on a real ledger file, for tests that drive a worker in-process."""
+    from dreamd import config
+    from dreamd.ledger import database, queries
+    from dreamd.workers.context import WorkerContext
+
+    cfg = config.parse(config_text)
+    cfg.system.data_dir = str(db_path.parent)
+    engine, reader = database.writer(db_path), database.reader(db_path)
+    with engine.begin() as conn:
+        queries.runtime(conn)
+    c = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=1, owner="test")
+    try:
+        yield c
+    finally:
+        engine.dispose()
+        reader.dispose()

@@ -11,26 +11,17 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from dreamd import config
-from dreamd.storage import files
 from dreamd.display.status import KEYS
 from dreamd.display.writer import DisplayWriter
-from dreamd.ledger import database, queries, transitions as tr
-from dreamd.workers.context import WorkerContext
+from dreamd.ledger import transitions as tr
+from dreamd.storage import files
+from tests.conftest import worker_context
 
 
 @pytest.fixture
 def ctx(db_path, tmp_path):
-    cfg = config.parse("[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
-                       "buffer_target_seconds = 5.0\n")
-    cfg.system.data_dir = str(db_path.parent)
-    engine, reader = database.writer(db_path), database.reader(db_path)
-    with engine.begin() as conn:
-        queries.runtime(conn)
-    c = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=1, owner="test")
-    yield c
-    engine.dispose()
-    reader.dispose()
+    yield from worker_context(db_path, "[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
+                                       "buffer_target_seconds = 5.0\n")
 
 
 def add_segment(ctx, chain: int, n: int, *, batch_state: str = "completed") -> None:

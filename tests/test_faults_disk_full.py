@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,20 +15,12 @@ import pytest
 from sqlalchemy import text
 
 from tests import invariants
-from tests.conftest import FAST_CONFIG, DaemonRunner, wait_for
+from tests.conftest import FAST_CONFIG, DaemonRunner, mount_tmpfs, wait_for
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "data"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): "
-                    f"{done.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from mount_tmpfs(tmp_path / "data", "40m")
 
 
 def fill(disk: Path) -> Path:

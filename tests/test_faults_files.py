@@ -9,13 +9,13 @@ real hard links; the ledger case holds the write lock from a real second connect
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from dreamd.storage import files
+from tests.conftest import WriteLock, worker_context
 
 
 def digest(path: Path) -> str:
@@ -93,39 +93,14 @@ def test_the_copy_fallback_writes_a_fresh_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- through the display
 
-class WriteLock:
-    """Another process's `sqlite3` session holding the ledger's write lock."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.conn = sqlite3.connect(db_path, isolation_level=None, timeout=10)
-
-    def __enter__(self):
-        self.conn.execute("BEGIN EXCLUSIVE")
-        return self
-
-    def __exit__(self, *exc):
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
-
-
 @pytest.fixture
 def short_busy_ctx(db_path, monkeypatch):
     """The display test context, with engines that give up on a busy ledger quickly."""
-    from dreamd import config
-    from dreamd.ledger import database, queries
-    from dreamd.workers.context import WorkerContext
+    from dreamd.ledger import database
 
     monkeypatch.setattr(database, "BUSY_TIMEOUT_MS", 300)
-    cfg = config.parse("[display]\nfps = 10.0\nmin_buffer_seconds = 0.1\n"
-                       "buffer_target_seconds = 5.0\n")
-    cfg.system.data_dir = str(db_path.parent)
-    engine, reader = database.writer(db_path), database.reader(db_path)
-    with engine.begin() as conn:
-        queries.runtime(conn)
-    c = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=1, owner="test")
-    yield c
-    engine.dispose()
-    reader.dispose()
+    yield from worker_context(db_path, "[display]\nfps = 10.0\nmin_buffer_seconds = 0.1\n"
+                                       "buffer_target_seconds = 5.0\n")
 
 
 def test_a_failed_display_commit_overwrites_no_frame(short_busy_ctx, db_path):

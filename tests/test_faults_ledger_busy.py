@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -17,23 +16,8 @@ from sqlalchemy import text
 
 from dreamd.display.writer import RECORD_RETRY
 from tests import invariants
-from tests.conftest import FAST_CONFIG, wait_for
+from tests.conftest import FAST_CONFIG, WriteLock, wait_for
 from tests.test_display import add_segment, ctx, shown, status  # noqa: F401 (fixture)
-
-
-class WriteLock:
-    """Another process's `sqlite3` session holding the ledger's write lock."""
-
-    def __init__(self, db_path: Path) -> None:
-        self.conn = sqlite3.connect(db_path, isolation_level=None, timeout=30)
-
-    def __enter__(self):
-        self.conn.execute("BEGIN EXCLUSIVE")
-        return self
-
-    def __exit__(self, *exc):
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
 
 
 def test_playback_goes_on_while_another_process_holds_the_write_lock(ctx, db_path):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests import invariants
-from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for
+from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, mount_tmpfs, wait_for
 
 # Short horizons and a small budget: every kind of retention happens within seconds.
 TIGHT = FAST_CONFIG + """
@@ -268,15 +268,7 @@ def test_a_garbage_ledger_deletes_nothing(dreamd_env, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 48 MB tmpfs of its own (root only; CI runs as root here)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from mount_tmpfs(tmp_path / "disk", "48m")
 
 
 @pytest.mark.slow

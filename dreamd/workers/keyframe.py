@@ -17,7 +17,7 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from dreamd.backend import KeyframeBackend, KeyframeRequest
-from dreamd.conditions import begin_retrying, environment_recovered, postpone_for
+from dreamd.conditions import begin_retrying, classify, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
@@ -45,6 +45,8 @@ def load_input(row, width: int, height: int, data_dir: Path) -> Image.Image | No
                 im = im.resize((width, height), Image.Resampling.LANCZOS)
             return im
     except (OSError, ValueError) as exc:
+        if classify(exc):   # permission denied, a read-only mount: waits, never discarded
+            raise
         raise PermanentBackendError(f"input image {row.input_path}: {exc}") from exc
 
 
