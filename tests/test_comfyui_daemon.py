@@ -124,7 +124,7 @@ def test_keyframes_come_from_comfyui_and_free_reaches_it(daemon, double):
     assert done and all(r.server == double.url and r.backend == "comfyui" for r in done)
     # one POST per keyframe, under the prompt_id the ledger recorded first
     assert [double.posts_for(r.prompt_id) for r in done] == [1] * len(done)
-    with Image.open(done[0].path) as im:
+    with Image.open(daemon.data_dir / done[0].path) as im:
         assert im.size == (128, 64)
     assert rows(daemon, "SELECT command, state FROM controls")[0] == ("free", "applied")
     assert report["comfyui"]["status"] == "ok"

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from dreamd.memory import collapse, descriptor
 from dreamd.memory.scale import DESCRIPTOR_SCALE
+from dreamd.storage.paths import resolve
 from tests.memory_chain import REPO, Chain, CollapsingBackend, close, make_ctx
 
 WARMUP, COOLDOWN, WINDOW, LINKS = 8, 4, 6, 30
@@ -53,7 +54,7 @@ def keyframe_vectors(ctx) -> dict[int, np.ndarray]:
     with ctx.reader.connect() as conn:
         rows = conn.execute(text("SELECT chain_index, path FROM keyframes "
                                  "WHERE state = 'completed' ORDER BY chain_index")).all()
-    return {k: descriptor.describe(Image.open(p)) for k, p in rows}
+    return {k: descriptor.describe(Image.open(resolve(ctx.cfg.data_dir, p))) for k, p in rows}
 
 
 def injections(ctx):
@@ -144,7 +145,7 @@ def test_the_decision_is_in_the_ledger(on):
         assert detail["collapse_level"] >= THRESHOLD
         assert detail["blend"] == "pixels"            # the pixel codec has no latent space
         assert tuple(view) == (row.reason, row.kind)
-        assert Image.open(row.input_path).size == (128, 64)
+        assert Image.open(resolve(on.cfg.data_dir, row.input_path)).size == (128, 64)
 
 
 def test_memory_keeps_recent_keyframes_apart(on, ledger_template, tmp_path):
