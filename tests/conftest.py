@@ -86,6 +86,21 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """A test that fails half-way must not leave its daemon running (eating the CPU of
+    every later test)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 class DaemonRunner:
     """Start `dreamd run` as a real subprocess on one data dir, with a config file."""
 
@@ -100,9 +115,11 @@ class DaemonRunner:
         log = self.data_dir.parent / f"daemon-{len(self.logs)}.out"
         self.logs.append(log)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(dreamd_cmd("--config", str(self.config), "run", *args),
+        proc = subprocess.Popen(dreamd_cmd("--config", str(self.config), "run", *args),
                                 env={**self.env, **(extra_env or {}), "COLUMNS": "200"},
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
+        _STARTED.append(proc)
+        return proc
 
     def run(self, seconds: float, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = self.start("--duration", str(seconds), *args)

@@ -280,36 +280,41 @@ def test_under_the_free_space_floor_generation_pauses_and_resumes(dreamd_env, tm
                                                         "buffer_target_seconds = 8.0")
                      + "[storage]\nmin_free_gb = 0.02\nbudget_gb = 0\n")
     proc = d.start()
-    status = data / "output" / "status.json"
+    try:
+        status = data / "output" / "status.json"
 
-    def shown() -> int:
-        try:
-            return json.loads(status.read_text())["frame_number"]
-        except (OSError, ValueError, KeyError):
-            return 0
+        def shown() -> int:
+            try:
+                return json.loads(status.read_text())["frame_number"]
+            except (OSError, ValueError, KeyError):
+                return 0
 
-    wait_for(lambda: shown() > 20, timeout=90, what="playback")
-    ballast = small_disk / "ballast"
-    free = shutil.disk_usage(small_disk).free
-    with open(ballast, "wb") as f:                       # leave ~10 MB: under the floor
-        f.write(b"\0" * max(0, free - 10 * 1024 ** 2))
-    wait_for(lambda: "low disk space" in d.output(), timeout=30, what="the floor noticed")
-    made = rows(data, "SELECT count(*) FROM keyframes")[0][0]
-    at = shown()
-    time.sleep(4)
-    assert shown() > at, "playback stopped under the floor"
-    assert rows(data, "SELECT count(*) FROM keyframes")[0][0] <= made + 1
-    st = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
-                        text=True, timeout=120)
-    assert "low disk space" in (json.loads(st.stdout)["storage"]["low"] or "")
-    assert "low disk space" in (json.loads(status.read_text())["problem"] or "")
-    ballast.unlink()
-    wait_for(lambda: "generation resumes" in d.output(), timeout=40, what="resume")
-    wait_for(lambda: rows(data, "SELECT count(*) FROM keyframes")[0][0] > made + 2,
-             timeout=40, what="new keyframes")
-    assert d.output().count("low disk space") == 1, "said more than once"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+        wait_for(lambda: shown() > 20, timeout=90, what="playback")
+        ballast = small_disk / "ballast"
+        free = shutil.disk_usage(small_disk).free
+        with open(ballast, "wb") as f:                       # leave ~10 MB: under the floor
+            f.write(b"\0" * max(0, free - 10 * 1024 ** 2))
+        wait_for(lambda: "low disk space" in d.output(), timeout=30, what="the floor noticed")
+        made = rows(data, "SELECT count(*) FROM keyframes")[0][0]
+        at = shown()
+        time.sleep(4)
+        assert shown() > at, "playback stopped under the floor"
+        assert rows(data, "SELECT count(*) FROM keyframes")[0][0] <= made + 1
+        st = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
+                            text=True, timeout=120)
+        assert "low disk space" in (json.loads(st.stdout)["storage"]["low"] or "")
+        assert "low disk space" in (json.loads(status.read_text())["problem"] or "")
+        ballast.unlink()
+        wait_for(lambda: "generation resumes" in d.output(), timeout=40, what="resume")
+        wait_for(lambda: rows(data, "SELECT count(*) FROM keyframes")[0][0] > made + 2,
+                 timeout=40, what="new keyframes")
+        assert d.output().count("low disk space") == 1, "said more than once"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:      # a failed assertion must not leave a daemon behind
+            proc.kill()
+            proc.wait(timeout=30)
     invariants.check(data)
     assert not rows(data, "SELECT count(*) FROM keyframes WHERE state = 'discarded'")[0][0]
 
