@@ -52,6 +52,7 @@ PENDING = ("available", "executing", "retryable")
 DONE = ("completed", "discarded", "cancelled")
 THUMB_SIZE = (128, 128)
 EMBEDDINGS_KEPT = 512       # the newest embeddings stay whatever their age (collapse window)
+ROWS_SECONDS = 1.0          # the most one pass spends pruning rows
 
 
 @dataclass
@@ -203,7 +204,9 @@ def thumbnail(ctx, row) -> str | None:
         return None
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dst, buf.getvalue(), fsync=True)
+        # no fsync: a thumbnail lost to a power cut is only history (reconcile clears
+        # the row's thumb_path), and an fsync each cost more than the rest of the pass
+        write_atomic(dst, buf.getvalue())
     except OSError as exc:      # a full disk: the image still goes (that frees space)
         log.debug("keyframe %d: no thumbnail (%s)", row.chain_index, exc)
         return None
@@ -329,11 +332,12 @@ def _delete_batch(conn: Connection, table: str, where: str, params: dict) -> int
         f"ORDER BY id LIMIT {BATCH})"), params).rowcount
 
 
-def prune_rows(ctx, now: datetime, report: PassReport) -> int:
-    """History past its horizon, in batches, children before parents (foreign keys)."""
+def prune_rows(ctx, now: datetime, report: PassReport) -> bool:
+    """One batch of each kind of history past its horizon, children before parents
+    (foreign keys). True when a batch was full: there is more to prune."""
     s = ctx.cfg.storage
     rows = report.rows
-    total = 0
+    before = dict(rows)
     if s.frame_history_hours:
         cut = now - timedelta(hours=s.frame_history_hours)
         with ctx.engine.begin() as conn:
@@ -388,8 +392,7 @@ def prune_rows(ctx, now: datetime, report: PassReport) -> int:
             if r.pruned_at is None:
                 report.freed += _unlink(resolve(ctx.cfg.data_dir, r.path))
             report.freed += _unlink(resolve(ctx.cfg.data_dir, r.thumb_path))
-    total = sum(rows.values())
-    return total
+    return any(rows.get(k, 0) - before.get(k, 0) >= BATCH for k in rows)
 
 
 def give_back_space(ctx) -> None:
@@ -436,6 +439,11 @@ def run_pass(ctx, *, over_budget: int = 0, now: datetime | None = None) -> PassR
     prune_keyframe_images(ctx, now, budget_bytes=need, report=report)
     need = max(0, over_budget - report.freed)
     prune_thumbnails(ctx, need, report)
-    if prune_rows(ctx, now, report):
+    # batches until the history is caught up (a fast dream makes ~15 transitions per
+    # keyframe), each its own short transaction, within ROWS_SECONDS a pass
+    deadline = time.monotonic() + ROWS_SECONDS
+    while prune_rows(ctx, now, report) and time.monotonic() < deadline:
+        pass
+    if any(report.rows.values()):
         give_back_space(ctx)
     return report
