@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select, text
@@ -40,6 +42,82 @@ def replay_all(conn) -> None:
             assert tr.replay(entries) == state, (entity, rid)
 
 
+# A frame the display passed over must have become visible after the display read the
+# ledger to choose the next frame, which it did after showing the previous one. Its
+# row carries the time its transaction began, a moment before it became visible: this
+# much is allowed for that moment on a loaded machine. A frame really skipped had been
+# ready for the buffer's length (the tests' are seconds).
+MADE_LATE_SLACK = timedelta(seconds=0.5)
+
+
+def _time(value) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value)
+
+
+def no_gap(conn) -> None:
+    """Nothing vanished unseen. In playback order, every frame between two shown ones
+    was shown, or a transition explains why not: its file was missing at a start
+    (reconcile), or its segment was made only after the playhead had passed its place
+    (the display never waits behind it; the janitor evicts it "behind the playhead").
+    Retention evicts shown frames only, so no row goes ready -> evicted "retention";
+    and a frame evicted "behind the playhead" was behind a shown frame already.
+
+    Rows pruned whole (`storage.frame_history_hours`) are not judged, and nothing is
+    judged against them: only frames newer than every pruned one (ids above the last
+    hole), whose eviction is still in the history."""
+    frames = conn.execute(text(
+        "SELECT id, chain_index, t AS pos, state, created_at, shown_at, evicted_at "
+        "FROM frames ORDER BY chain_index, t")).all()
+    why = {r.entity_id: r.detail for r in conn.execute(text(
+        "SELECT entity_id, detail, from_state FROM transitions "
+        "WHERE entity = 'frame' AND to_state = 'evicted'")).all()}
+    unseen = conn.execute(text(
+        "SELECT entity_id FROM transitions WHERE entity = 'frame' AND from_state = 'ready' "
+        "AND to_state = 'evicted' AND detail = 'retention'")).scalars().all()
+    assert not unseen, f"retention deleted ready frames, never shown: {unseen[:10]}"
+    if not frames:
+        return
+    # ids are handed out in creation order; a hole is a row pruned whole
+    ids = sorted(f.id for f in frames)
+    pruned_up_to = max([ids[0] - 1] + [b - 1 for a, b in zip(ids, ids[1:]) if b != a + 1])
+    # and nothing at or before the place of an older frame that is left
+    old = [(f.chain_index, f.pos) for f in frames if f.id <= pruned_up_to]
+    judged_after = max(old) if old else None
+
+    shown = [f for f in frames if f.shown_at is not None]
+    places = [(f.chain_index, f.pos) for f in shown]
+    for f in frames:
+        place = (f.chain_index, f.pos)
+        if f.shown_at is not None or f.id <= pruned_up_to or (
+                judged_after is not None and place <= judged_after):
+            continue
+        # the first shown frame after this one: the playhead passed it there
+        i = bisect.bisect_right(places, place)
+        passed_by = shown[i] if i < len(shown) else None
+        if f.state == "evicted":
+            if f.id not in why:
+                continue                    # its eviction left the history: not judged
+            if why[f.id] == "file missing at start":
+                continue
+            assert why[f.id] == "behind the playhead", \
+                f"frame {f.id} {place} evicted unseen ({why[f.id]!r})"
+            assert passed_by is not None and _time(passed_by.shown_at) < _time(f.evicted_at), (
+                f"frame {f.id} {place} evicted 'behind the playhead' at {f.evicted_at} "
+                f"before the playhead passed it")
+        if i == 0 or passed_by is None:
+            continue                        # not between two shown frames
+        # between two shown frames and not shown: it must have been made too late, after
+        # the display had shown the frame before it and read the ledger for the next
+        before = shown[i - 1]
+        made, seen = _time(f.created_at), _time(before.shown_at)
+        assert made >= seen - MADE_LATE_SLACK, (
+            f"gap: frame {f.id} {place} ({f.state}) was made at {made}, before the display "
+            f"showed frame {before.id} {places[i - 1]} at {seen}, but the display went on to "
+            f"frame {passed_by.id} {places[i]} without showing it")
+
+
 def check(data_dir: Path) -> dict:
     """Assert the invariants; return a few facts for further assertions."""
     engine = database.reader(Path(data_dir) / "dreamd.db")
@@ -71,6 +149,7 @@ def check(data_dir: Path) -> dict:
             assert order == sorted(order) and len(order) == len(set(order)), \
                 "frames were shown out of order"
             replay_all(conn)
+            no_gap(conn)
             keyframe_files = {resolve(data_dir, p) for p in conn.execute(text(
                 "SELECT path FROM keyframes WHERE path IS NOT NULL")).scalars()}
             on_disk_k = set((Path(data_dir) / "keyframes").glob("*.png"))
