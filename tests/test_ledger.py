@@ -78,14 +78,75 @@ def test_happy_path_and_replay(engine):
         assert tr.replay(hist) == row.state
 
 
-@pytest.mark.parametrize("entity", sorted(TRANSITIONS))
+# The lifecycle as the README's "States" tables write it, by hand, not read from the
+# code: the contract the code's table must equal, edge for edge.
+_JOBS = """
+    (created)  -> available
+    available  -> executing
+    executing  -> completed
+    executing  -> retryable
+    retryable  -> available
+    executing  -> discarded
+    executing  -> available
+    available  -> cancelled
+    executing  -> cancelled
+    retryable  -> cancelled
+    retryable  -> discarded
+"""
+LIFECYCLE = {
+    "keyframe": _JOBS, "interpolation": _JOBS, "embedding": _JOBS,
+    "frame": """
+    (created)  -> ready
+    ready      -> shown
+    shown      -> evicted
+    ready      -> evicted
+    """,
+    "control": """
+    (created)  -> available
+    available  -> applied
+    available  -> rejected
+    """,
+}
+STATES = {
+    "job": {"available", "executing", "completed", "retryable", "discarded", "cancelled"},
+    "frame": {"ready", "shown", "evicted"},
+    "control": {"available", "applied", "rejected"},
+}
+
+
+def edges(text_: str) -> set[tuple[str | None, str]]:
+    out = set()
+    for line in text_.strip().splitlines():
+        a, b = (x.strip() for x in line.split("->"))
+        out.add((None if a == "(created)" else a, b))
+    return out
+
+
+def test_the_code_table_is_the_readme_lifecycle_exactly():
+    from dreamd.ledger.states import INITIAL, ControlState, FrameState, JobState
+
+    assert set(TRANSITIONS) == set(LIFECYCLE)
+    for entity, written in LIFECYCLE.items():
+        code = {(a if a is None else str(a), str(b)) for a, b in TRANSITIONS[entity]}
+        want = edges(written)
+        assert code == want, (f"{entity}: extra edges {sorted(code - want, key=str)}, "
+                              f"missing edges {sorted(want - code, key=str)}")
+        (created,) = [b for a, b in want if a is None]
+        assert INITIAL[entity] == created
+    assert {s.value for s in JobState} == STATES["job"]
+    assert {s.value for s in FrameState} == STATES["frame"]
+    assert {s.value for s in ControlState} == STATES["control"]
+
+
+@pytest.mark.parametrize("entity", sorted(LIFECYCLE))
 def test_illegal_transitions_raise_and_change_nothing(engine, entity):
-    states = {s for e in TRANSITIONS[entity] for s in e if s}
+    legal = edges(LIFECYCLE[entity])
+    states = STATES["job" if entity in ("keyframe", "interpolation", "embedding") else entity]
     (kid,) = make_keyframes(engine, 1)
     before = snapshot(engine)
     for a in states:
         for b in states:
-            if (a, b) in TRANSITIONS[entity]:
+            if (a, b) in legal:
                 continue
             with pytest.raises(IllegalTransitionError):
                 with engine.begin() as conn:
