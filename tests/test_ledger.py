@@ -281,15 +281,28 @@ def test_eight_threads_claim_each_row_exactly_once(engine):
 
 
 def test_two_processes_claim_each_row_exactly_once(engine, db_path, tmp_path):
+    """Two processes claim from one ledger at once. Deterministic: each waits after its
+    first claim until the other has made its own (a process that starts late would
+    otherwise find the rows all claimed), then both claim one at a time, pausing after
+    each, so their claims interleave on the write lock."""
     make_keyframes(engine, 1000)
+    meet = tmp_path / "meet"
+    meet.mkdir()
     outs = [tmp_path / f"p{i}.txt" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.ledger_worker", str(db_path),
-                               f"p{i}", str(out)]) for i, out in enumerate(outs)]
+                               f"p{i}", str(out), "--meet", str(meet), "2"])
+             for i, out in enumerate(outs)]
     for p in procs:
         assert p.wait(timeout=300) == 0
     ids = [int(x) for out in outs for x in out.read_text().split()]
-    assert len(ids) == 1000 and len(set(ids)) == 1000
-    assert all(out.read_text().strip() for out in outs)         # both processes got work
+    assert len(ids) == 1000 and len(set(ids)) == 1000       # no row claimed twice
+    assert all(out.read_text().strip() for out in outs)     # both processes got work
+    with engine.connect() as conn:
+        owners = conn.execute(text("SELECT worker FROM transitions WHERE event = 'claimed' "
+                                   "ORDER BY id")).scalars().all()
+    assert set(owners) == {"p0", "p1"}
+    # each claimed under its own name, and the claims took turns at least once
+    assert sum(a != b for a, b in zip(owners, owners[1:])) >= 1
     with engine.connect() as conn:
         states = dict(conn.execute(select(KF.c.state, func.count()).group_by(KF.c.state)).all())
     assert states == {"completed": 1000}
