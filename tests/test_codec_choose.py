@@ -188,7 +188,6 @@ def test_resolve_device_falls_back_to_cpu(monkeypatch):
 # ---------------------------------------------------------------- the pixel fallback, last
 
 def test_nothing_found_falls_back_to_pixel(tmp_path):
-    pytest.importorskip("dreamd.latent.pixel")
     models = _comfy(tmp_path)
     codec, reason = choose_codec(models_dir=models, checkpoint="dream.safetensors")
     assert codec.name == "pixel"
@@ -196,7 +195,6 @@ def test_nothing_found_falls_back_to_pixel(tmp_path):
 
 
 def test_pixel_honours_the_divisor(tmp_path):
-    pytest.importorskip("dreamd.latent.pixel")
     images = torch.rand(1, 3, 64, 96)
     for divisor in (2.0, 4 / 3):
         codec, reason = choose_codec("pixel", divisor=divisor)

@@ -10,6 +10,7 @@ import json
 import socket
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from sqlalchemy import text
@@ -22,8 +23,6 @@ from dreamd.memory.scale import OPEN_CLIP_SCALE, scale_for
 from dreamd.workers.embedding import EmbeddingWorker
 from tests.memory_chain import close, make_ctx
 from tests.test_memory import add_keyframe, picture
-
-open_clip = pytest.importorskip("open_clip")
 
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
