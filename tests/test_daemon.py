@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 
+import pytest
 from PIL import Image
 from sqlalchemy import text
 
 from dreamd.display.status import KEYS
 from tests import invariants
-from tests.conftest import FAST_CONFIG, dreamd_cmd, wait_for
+from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for
 
 
 def status(daemon) -> dict:
@@ -153,3 +156,108 @@ def test_sigterm_during_startup_is_a_clean_stop(daemon):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, daemon.output()
     assert not (daemon.data_dir / "dreamd.pid").exists()
+
+
+# ---------------------------------------------------------------- the README's claims
+
+def ledger_rows(data_dir, sql: str, *params):
+    con = sqlite3.connect(f"file:{data_dir / 'dreamd.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+# one statement, so one snapshot: frames ready after the playhead, frames the pending
+# batches will make, keyframes planned and not yet made
+BUFFER = """SELECT
+  (SELECT count(*) FROM frames f LEFT JOIN runtime_state r ON r.id = 1
+   WHERE f.state = 'ready' AND (r.playhead_chain_index IS NULL
+     OR f.chain_index > r.playhead_chain_index
+     OR (f.chain_index = r.playhead_chain_index AND f.t > r.playhead_t))),
+  (SELECT coalesce(sum(n_frames + 1), 0) FROM interpolations
+   WHERE state IN ('available', 'executing', 'retryable')),
+  (SELECT count(*) FROM keyframes WHERE state IN ('available', 'executing', 'retryable'))"""
+
+
+@pytest.mark.slow
+def test_the_planner_stays_within_the_buffer_target_one_keyframe_in_flight(daemon):
+    """README: the planner keeps the chain ahead of the playhead by
+    `display.buffer_target_seconds`, one keyframe in flight at a time. It plans when
+    the frames ready and coming fall under the target; the keyframe it plans brings
+    N + 1 more: never more than one keyframe's worth beyond the target."""
+    n, target = 4, 3.0 * 10             # FAST_CONFIG: N = 4; 3 s at 10 fps
+    proc = daemon.start("--duration", "8")
+    samples = []
+    while proc.poll() is None:
+        try:
+            samples.append(ledger_rows(daemon.data_dir, BUFFER)[0])
+        except sqlite3.OperationalError:
+            pass                        # no ledger (or no tables) yet
+        time.sleep(0.05)
+    assert proc.wait() == 0, daemon.output()
+    samples.append(ledger_rows(daemon.data_dir, BUFFER)[0])
+    assert len(samples) > 20
+    for ahead, coming, planned in samples:
+        assert planned <= 1, f"{planned} keyframes in flight"
+        assert ahead + coming + planned * (n + 1) <= target + 2 * (n + 1), \
+            f"{ahead} frames ahead, {coming} coming, {planned} keyframe planned"
+    assert ledger_rows(daemon.data_dir, "SELECT count(*) FROM keyframes "
+                       "WHERE state = 'completed'")[0][0] >= 3
+    invariants.check(daemon.data_dir)
+
+
+def test_a_segment_is_frames_at_i_over_n_plus_one_from_zero(dreamd_env, tmp_path):
+    """README: a batch writes frames t = 0, 1/(N+1), ..., N/(N+1); the one at t = 0 is
+    the keyframe (as decoded), the rest in-betweens. N = 3 here: quarters."""
+    d = DaemonRunner(dreamd_env, tmp_path,
+                     FAST_CONFIG.replace("interpolation_frames = 4", "interpolation_frames = 3"))
+    assert d.run(5).returncode == 0, d.output()
+    batches = ledger_rows(d.data_dir, "SELECT id, chain_index, from_keyframe_id, n_frames "
+                          "FROM interpolations WHERE state = 'completed'")
+    assert len(batches) >= 2
+    for bid, chain, start, n in batches:
+        assert n == 3
+        frames = ledger_rows(d.data_dir, "SELECT chain_index, t, kind, keyframe_id FROM frames "
+                             "WHERE interpolation_id = ? ORDER BY t", bid)
+        assert frames == [(chain, 0.0, "keyframe", start), (chain, 0.25, "inbetween", None),
+                          (chain, 0.5, "inbetween", None), (chain, 0.75, "inbetween", None)]
+
+
+@pytest.mark.slow
+def test_a_stop_releases_the_leases_it_holds(daemon):
+    """README: a stop lets in-flight work finish for up to 5 s, then releases what is
+    still leased (event `released`, the attempt given back); nothing stays executing,
+    and the next start makes what was released."""
+    daemon.data_dir.mkdir(parents=True, exist_ok=True)
+    (daemon.data_dir / "arm-keyframe-written").touch()
+    held = daemon.data_dir / "held-at-keyframe-written"
+    proc = daemon.start(extra_env={"DREAMD_HOLD_AT": "keyframe-written"})
+    try:
+        wait_for(held.exists, timeout=60, what=f"a keyframe held:\n{daemon.output()[-2000:]}")
+        executing = ledger_rows(daemon.data_dir, "SELECT id, attempt FROM keyframes "
+                                "WHERE state = 'executing'")
+        assert len(executing) == 1
+        (kid, attempt), = executing
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, daemon.output()
+    finally:
+        held.unlink(missing_ok=True)
+    for table in ("keyframes", "interpolations", "embeddings"):
+        assert ledger_rows(daemon.data_dir,
+                           f"SELECT id FROM {table} WHERE state = 'executing'") == [], table
+    last = ledger_rows(daemon.data_dir, "SELECT from_state, to_state, event FROM transitions "
+                       "WHERE entity = 'keyframe' AND entity_id = ? ORDER BY id DESC LIMIT 1",
+                       kid)
+    assert last == [("executing", "available", "released")]
+    assert ledger_rows(daemon.data_dir, "SELECT attempt, lease_owner FROM keyframes "
+                       "WHERE id = ?", kid) == [(attempt - 1, None)]
+    (stopped,), = ledger_rows(daemon.data_dir, "SELECT stopped_at FROM daemon_runs")
+    assert stopped is not None
+    assert f"released keyframe [{kid}]" in daemon.output()
+    # the next start makes it, with no rescue needed
+    assert daemon.run(3).returncode == 0, daemon.output()
+    assert "abandoned by a dead worker" not in daemon.output()
+    assert ledger_rows(daemon.data_dir, "SELECT state FROM keyframes WHERE id = ?",
+                       kid) == [("completed",)]
+    invariants.check(daemon.data_dir)
