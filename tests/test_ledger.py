@@ -336,3 +336,77 @@ def test_sigkilled_holder_is_rescued_after_expiry(engine, db_path, tmp_path):
         for i in held:
             assert tr.history(conn, "keyframe", i)[-1].event == "abandoned"
     replay_all(engine)
+
+
+# ---------------------------------------------------------------- the no-gap invariant
+
+def frames_at(engine, t0, *made: float) -> list[int]:
+    """Frames at (0, 0), (0, 0.5), (1, 0), made `made[i]` seconds after t0."""
+    places = [(0, 0.0), (0, 0.5), (1, 0.0)]
+    with engine.begin() as conn:
+        return [tr.create(conn, "frame", {
+            "chain_index": c, "t": t, "kind": "keyframe" if t == 0 else "inbetween",
+            "path": f"frames/{c}-{t}.png", "created_at": t0 + timedelta(seconds=s)})
+            for (c, t), s in zip(places, made)]
+
+
+def frame_to(engine, fid, a, b, at, detail=None):
+    column = "shown_at" if b == "shown" else "evicted_at"
+    with engine.begin() as conn:
+        tr.transition(conn, "frame", fid, a, b, now=at, values={column: at}, detail=detail)
+
+
+def no_gap(engine):
+    with engine.connect() as conn:
+        invariants.no_gap(conn)
+
+
+@pytest.mark.parametrize("made, evicted, why, fails", [
+    (0.0, 3.0, "behind the playhead", "gap"),          # ready all along, passed over
+    (1.5, 3.0, "behind the playhead", None),           # made after the one before was shown
+    (0.0, 3.0, "file missing at start", None),         # reconcile found its file gone
+    (1.5, 1.8, "behind the playhead", "before the playhead passed it"),
+    (0.0, 0.5, "retention", "retention deleted ready frames"),
+    (0.0, None, None, "gap"),                          # still ready, passed over
+    (1.5, None, None, None),                           # made too late, not yet evicted
+])
+def test_no_gap_judges_each_frame_the_playhead_passed(engine, made, evicted, why, fails):
+    t0 = utcnow()
+    a, f, b = frames_at(engine, t0, 0.0, made, 0.0)
+    frame_to(engine, a, "ready", "shown", t0 + timedelta(seconds=1))
+    frame_to(engine, b, "ready", "shown", t0 + timedelta(seconds=2))
+    if evicted is not None:
+        frame_to(engine, f, "ready", "evicted", t0 + timedelta(seconds=evicted), why)
+    if fails is None:
+        no_gap(engine)
+    else:
+        with pytest.raises(AssertionError, match=fails):
+            no_gap(engine)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_no_gap_does_not_judge_what_was_pruned(engine, prune):
+    """Retention prunes old rows whole, and old history: a frame whose eviction left
+    the history, or older than a row pruned whole, is not judged."""
+    t0 = utcnow()
+    with engine.begin() as conn:
+        a, f, x, b = (tr.create(conn, "frame", {
+            "chain_index": c, "t": t, "kind": "keyframe" if t == 0 else "inbetween",
+            "path": f"frames/{c}-{t}.png", "created_at": t0})
+            for c, t in ((0, 0.0), (0, 0.5), (0, 0.75), (1, 0.0)))
+    frame_to(engine, a, "ready", "shown", t0 + timedelta(seconds=1))
+    frame_to(engine, x, "ready", "shown", t0 + timedelta(seconds=1.5))
+    frame_to(engine, b, "ready", "shown", t0 + timedelta(seconds=2))
+    frame_to(engine, x, "shown", "evicted", t0 + timedelta(seconds=4), "retention")
+    frame_to(engine, f, "ready", "evicted", t0 + timedelta(seconds=5), "behind the playhead")
+    if prune:
+        with engine.begin() as conn:   # x pruned whole: f is older than the hole
+            conn.execute(text("DELETE FROM frames WHERE id = :x"), {"x": x})
+        no_gap(engine)
+        return
+    with pytest.raises(AssertionError, match="gap"):
+        no_gap(engine)
+    with engine.begin() as conn:       # f's eviction pruned from the history
+        conn.execute(text("DELETE FROM transitions WHERE entity = 'frame' "
+                          "AND entity_id = :f AND to_state = 'evicted'"), {"f": f})
+    no_gap(engine)
