@@ -51,7 +51,8 @@ LATENT_GRACE = 2.0
 PENDING = ("available", "executing", "retryable")
 DONE = ("completed", "discarded", "cancelled")
 THUMB_SIZE = (128, 128)
-EMBEDDINGS_KEPT = 512       # the newest embeddings stay whatever their age (collapse window)
+EMBEDDINGS_KEPT = 16        # the newest embeddings stay whatever their age: this many more
+                            # than four collapse windows (dreamd/memory/collapse.py reads them)
 ROWS_SECONDS = 1.0          # the most one pass spends pruning rows
 
 
@@ -347,7 +348,7 @@ def prune_rows(ctx, now: datetime, report: PassReport) -> bool:
                 conn, "embeddings",
                 "in_cache = 0 AND state IN ('completed','discarded','cancelled') "
                 "AND created_at < :cut AND id <= (SELECT MAX(id) FROM embeddings) - :kept",
-                {"cut": cut, "kept": EMBEDDINGS_KEPT})
+                {"cut": cut, "kept": EMBEDDINGS_KEPT + 4 * ctx.cfg.cache.collapse_window})
             rows["frames"] = rows.get("frames", 0) + _delete_batch(
                 conn, "frames",
                 "state = 'evicted' AND created_at < :cut "
