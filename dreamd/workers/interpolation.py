@@ -165,21 +165,21 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
     except Exception as exc:
         if postpone_for(ctx, "interpolation", batch.id, owner, exc):
             return 0      # a full disk, a read-only one: waits without using an attempt
-        log.exception("interpolation %d (chain %d) failed", batch.id, batch.chain_index)
+        log.exception("in-betweens of keyframe %d failed (batch %d)", batch.chain_index, batch.id)
         try:
             with ctx.engine.begin() as conn:
                 transitions.fail(conn, "interpolation", batch.id, owner,
                                  f"{type(exc).__name__}: {exc}",
                                  permanent=isinstance(exc, CodecError))
         except StaleTransitionError as stale:
-            log.warning("interpolation %d: %s", batch.id, stale)
+            log.warning("in-betweens of keyframe %d: %s", batch.chain_index, stale)
         return 0
     environment_recovered(ctx)
 
     ms = (time.perf_counter() - started) * 1000
     try:
         # the frames are on disk: a busy ledger is waited out, not left to the lease
-        with timed(timings, "ledger"), begin_retrying(ctx, f"interpolation {batch.id}") as conn:
+        with timed(timings, "ledger"), begin_retrying(ctx, f"in-betweens of keyframe {batch.chain_index}") as conn:
             transitions.complete(conn, "interpolation", batch.id, owner,
                                  values={"duration_ms": ms, "codec": codec.name},
                                  detail={"ms": round(ms, 1), "frames": len(written)})
@@ -190,10 +190,11 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                     "keyframe_id": a.id if i == 0 else None, "interpolation_id": batch.id,
                     "path": stored(ctx.cfg.data_dir, path)}, worker=owner)
     except StaleTransitionError as exc:
-        log.warning("interpolation %d: %s (lease lost; it will be redone)", batch.id, exc)
+        log.warning("in-betweens of keyframe %d: %s (lease lost; it will be redone)",
+                    batch.chain_index, exc)
         return 0
     ctx.facts["interpolation_ms_per_frame"] = ms / max(1, len(written))
     log_timing(log, "interpolation", batch.id, timings, frames=len(written))
-    log.info("interpolation %d ready (chain %d, %d frames, %.0f ms)", batch.id,
-             batch.chain_index, len(written), ms)
+    log.info("in-betweens of keyframe %d ready (%d frames, %.0f ms; batch %d)",
+             batch.chain_index, len(written), ms, batch.id)
     return 1

@@ -98,7 +98,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
     except Exception as exc:  # a bug or an unexpected failure: retry, attempts bound it
         if postpone_for(ctx, "keyframe", row.id, owner, exc):
             return 0      # a full disk, a read-only one: waits without using an attempt
-        log.exception("keyframe %d (chain %d) failed", row.id, row.chain_index)
+        log.exception("keyframe %d failed (row %d)", row.chain_index, row.id)
         _fail(ctx, row, owner, f"{type(exc).__name__}: {exc}", permanent=False)
         return 0
     environment_recovered(ctx)
@@ -106,7 +106,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
     ms = (time.perf_counter() - started) * 1000
     try:
         # the image is on disk: a busy ledger is waited out, not left to the lease
-        with timed(timings, "ledger"), begin_retrying(ctx, f"keyframe {row.id}") as conn:
+        with timed(timings, "ledger"), begin_retrying(ctx, f"keyframe {row.chain_index}") as conn:
             transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
                                  values={"path": stored(ctx.cfg.data_dir, path), "sha256": hashlib.sha256(data)
                                          .hexdigest(), "generation_ms": ms,
@@ -126,13 +126,13 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
                     "max_attempts": ctx.cfg.generation.max_attempts}, worker=owner)
     except StaleTransitionError as exc:
         log.warning("keyframe %d: %s (its lease was lost; another attempt will redo it)",
-                    row.id, exc)
+                    row.chain_index, exc)
         return 0
     for stage in ("interpolation", "planner", "embedding"):
         ctx.wake(stage)
     ctx.facts["generation_time"] = ms / 1000
     log_timing(log, "keyframe", row.id, timings)
-    log.info("keyframe %d ready (chain %d, %s, %.0f ms)", row.id, row.chain_index, row.theme, ms)
+    log.info("keyframe %d ready (%s, %.0f ms; row %d)", row.chain_index, row.theme, ms, row.id)
     return 1
 
 
@@ -150,7 +150,7 @@ def _fail(ctx: WorkerContext, row, owner: str, error: str, permanent: bool) -> N
     try:
         with ctx.engine.begin() as conn:
             state = transitions.fail(conn, "keyframe", row.id, owner, error, permanent=permanent)
-        log.warning("keyframe %d (chain %d) failed, now %s: %s", row.id, row.chain_index, state,
+        log.warning("keyframe %d (row %d) failed, now %s: %s", row.chain_index, row.id, state,
                     error)
     except StaleTransitionError as exc:
-        log.warning("keyframe %d: %s", row.id, exc)
+        log.warning("keyframe %d: %s", row.chain_index, exc)
