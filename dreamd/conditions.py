@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger("dreamd")
@@ -206,8 +208,6 @@ RESERVE_BYTES = 1 << 20
 
 
 def make_reserve(data_dir: Any) -> None:
-    from pathlib import Path
-
     path = Path(data_dir) / RESERVE_NAME
     try:
         if path.exists() and path.stat().st_size >= RESERVE_BYTES:
@@ -215,7 +215,6 @@ def make_reserve(data_dir: Any) -> None:
         with open(path, "wb") as f:
             f.write(b"\0" * RESERVE_BYTES)
             f.flush()
-            import os
             os.fsync(f.fileno())
     except OSError:
         try:
@@ -226,8 +225,6 @@ def make_reserve(data_dir: Any) -> None:
 
 def release_reserve(data_dir: Any) -> bool:
     """Give the reserve back to the disk; True when there was one."""
-    from pathlib import Path
-
     try:
         (Path(data_dir) / RESERVE_NAME).unlink()
         return True

@@ -356,11 +356,7 @@ def checkpoint_truncate(ctx) -> None:
     """Fold the WAL into dreamd.db at a clean stop, so the file alone holds the whole
     ledger (a user copying just dreamd.db, a backup tool) and the WAL's space goes back."""
     try:
-        raw = ctx.engine.raw_connection()
-        try:
-            raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        finally:
-            raw.close()
+        database.pragma(ctx.engine, "PRAGMA wal_checkpoint(TRUNCATE)")
     except Exception as exc:    # busy or full: the WAL is still valid, the next start reads it
         log.debug("final checkpoint skipped: %s", exc)
 

@@ -73,6 +73,16 @@ def reader(path: str | Path, *, pool: bool = True) -> Engine:
     return engine
 
 
+def pragma(engine: Engine, statement: str) -> list:
+    """Run a PRAGMA outside any transaction (checkpoints, incremental vacuum): the raw
+    connection is in autocommit mode, where BEGIN IMMEDIATE would get in the way."""
+    raw = engine.raw_connection()
+    try:
+        return raw.driver_connection.execute(statement).fetchall()
+    finally:
+        raw.close()
+
+
 # ---------------------------------------------------------------- migrations
 
 def migrations_dir() -> Path:

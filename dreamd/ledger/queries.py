@@ -130,6 +130,7 @@ def status(conn: Connection, data_dir: str, database: str, revision: str | None,
 
 
 def _json_object(raw: Any) -> dict[str, Any] | None:
+    """A JSON column holding an object, parsed; None when empty or not an object."""
     try:
         value = json.loads(raw) if raw else None
     except (TypeError, json.JSONDecodeError):
@@ -139,12 +140,7 @@ def _json_object(raw: Any) -> dict[str, Any] | None:
 
 def comfyui_health(row: Row | None) -> dict[str, Any] | None:
     """runtime_state.comfyui_health, parsed (None when ComfyUI was not the backend)."""
-    raw = getattr(row, "comfyui_health", None) if row is not None else None
-    try:
-        value = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+    return _json_object(getattr(row, "comfyui_health", None) if row is not None else None)
 
 
 # ---------------------------------------------------------------- playback order

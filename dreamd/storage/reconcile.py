@@ -76,8 +76,9 @@ def _identity(ctx) -> tuple[str, bool]:
     with ctx.reader.connect() as conn:
         in_ledger = conn.execute(select(RT.c.data_dir_id).where(RT.c.id == 1)).scalar()
     mismatch = on_disk is not None and on_disk != in_ledger
-    ident = in_ledger or on_disk if not mismatch else (in_ledger or str(uuid.uuid4()))
-    ident = ident or str(uuid.uuid4())
+    # the ledger's own id wins; the file's only when the two agree (or the ledger has none
+    # yet and nothing disagrees); a fresh one when neither can be trusted
+    ident = in_ledger or (None if mismatch else on_disk) or str(uuid.uuid4())
     if mismatch:
         why = ("this ledger was made elsewhere (data dir id " + in_ledger + ")"
                if in_ledger else "the ledger was replaced or deleted")

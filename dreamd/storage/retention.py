@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy import Connection, and_, bindparam, or_, select, text, update
 
 from dreamd.faults import pause_point
-from dreamd.ledger import transitions
+from dreamd.ledger import database, transitions
 from dreamd.ledger.models import Embedding, Frame, Keyframe, RuntimeState, utcnow
 from dreamd.storage.files import write_atomic
 from dreamd.storage.paths import resolve, stored
@@ -399,11 +399,7 @@ def prune_rows(ctx, now: datetime, report: PassReport) -> bool:
 def give_back_space(ctx) -> None:
     """Return the pages pruning freed to the OS (auto_vacuum = INCREMENTAL), a bounded
     number at a time so the write lock is held briefly."""
-    raw = ctx.engine.raw_connection()
-    try:
-        raw.driver_connection.execute("PRAGMA incremental_vacuum(2000)").fetchall()
-    finally:
-        raw.close()
+    database.pragma(ctx.engine, "PRAGMA incremental_vacuum(2000)")
 
 
 def ensure_incremental_vacuum(db_path: Path) -> bool:

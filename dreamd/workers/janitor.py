@@ -11,7 +11,7 @@ import time
 
 from sqlalchemy import update
 
-from dreamd.ledger import queries, transitions
+from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
 from dreamd.storage import retention, space
@@ -51,19 +51,13 @@ class Janitor:
         self.last_checkpoint = time.monotonic()
         self.measured_at = float("-inf")
         self.over = 0                   # bytes over the budget (or under the floor) to free
-        self.usage: space.Usage | None = None
 
     def tick(self) -> None:
         rescue_all(self.ctx)
         self.storage()
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_EVERY:
             self.last_checkpoint = time.monotonic()
-            # outside any transaction (the raw connection is in autocommit mode)
-            raw = self.ctx.engine.raw_connection()
-            try:
-                raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            finally:
-                raw.close()
+            database.pragma(self.ctx.engine, "PRAGMA wal_checkpoint(PASSIVE)")
 
 
     # ------------------------------------------------------------ storage
@@ -87,7 +81,6 @@ class Janitor:
         ctx, s = self.ctx, self.ctx.cfg.storage
         self.measured_at = time.monotonic()
         u = space.measure(ctx.cfg.data_dir, budget_gb=s.budget_gb, floor_gb=s.min_free_gb)
-        self.usage = u
         deficit = 0
         low = None
         if u.floor and u.free is not None:
