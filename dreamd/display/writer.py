@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from dreamd.conditions import classify, watch_ledger
+from dreamd.conditions import LEDGER_BUSY, classify, watch_ledger
 from dreamd.display import status as status_json
 from dreamd.storage.files import place_atomic, sweep_temps
 from dreamd.storage.paths import resolve
@@ -36,6 +36,10 @@ STATUS_EVERY = 0.5   # seconds between status.json writes, unless the state chan
 COUNT_EVERY = 0.5    # seconds between recounts of the buffer (decremented in between)
 BUSY_TIMEOUT_MS = 150  # the display's write connection: it has frames to show, not to wait
 RECORD_RETRY = 0.5   # seconds between tries to record shown frames on a busy ledger
+# The display gives up on the lock after 150 ms so that playback never waits, but the
+# daemon's own writers can hold it that long (a retention batch, the catch-up after a
+# lock): the ledger is called busy only when recording has failed for this long.
+BUSY_AFTER = 3.0
 
 
 class DisplayWriter:
@@ -64,6 +68,7 @@ class DisplayWriter:
         self.pending: list[tuple[int, int, float, object]] = []
         self.pending_underruns = 0
         self.next_record = 0.0
+        self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
 
     # ------------------------------------------------------------ queries
@@ -184,12 +189,17 @@ class DisplayWriter:
             kind = classify(exc)
             if kind is None:
                 raise
-            self.ctx.conditions.report(kind, "display", exc)
-            self.next_record = time.monotonic() + RECORD_RETRY
+            now = time.monotonic()
+            if self.record_failing_since is None:
+                self.record_failing_since = now
+            if kind != LEDGER_BUSY or now - self.record_failing_since >= BUSY_AFTER:
+                self.ctx.conditions.report(kind, "display", exc)
+            self.next_record = now + RECORD_RETRY
             return False
         del self.pending[:len(pending)]
         self.pending_underruns -= underruns
         self.next_record = 0.0
+        self.record_failing_since = None
         return True
 
     def flush(self, timeout: float) -> bool:
