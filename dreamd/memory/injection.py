@@ -40,7 +40,7 @@ PNG_LEVEL = 3
 @dataclass
 class Injection:
     kind: str                       # cache | seed
-    reason: str                     # collapse | chance | bootstrap | forced
+    reason: str                     # collapse | chance | bootstrap | forced | requested
     weight: float                   # share of the injected picture in the blend
     input_path: Path                # the blended image the keyframe starts from
     method: str                     # "latent:<codec>" or "pixels"
@@ -86,26 +86,30 @@ def decide(ctx, last, k: int) -> Injection | None:
     """Whether keyframe k starts from something besides keyframe k-1 (`last`), and from
     what; the blended input is on disk when an Injection is returned."""
     c = ctx.cfg.cache
+    # `dreamd inject` / the dashboard's key: no warm-up, cooldown or chance applies
+    requested = bool(ctx.facts.get("inject_requested"))
     if (not c.enabled or not c.injections or last is None or not last.path
-            or k < c.warmup_keyframes):
+            or (k < c.warmup_keyframes and not requested)):
         return None
     rng = rng_for(ctx.cfg.generation.seed, k)
     with ctx.reader.connect() as conn:
         hist = history(conn)
-        if hist.last_chain is not None and k - hist.last_chain < c.cooldown_keyframes:
+        if (hist.last_chain is not None and k - hist.last_chain < c.cooldown_keyframes
+                and not requested):
             return None
         model = collapse.current_model(conn)
         scale = scale_for(model or "", c)
         win = collapse.window(conn, c.collapse_window, scale.collapse, model)
         p = c.collapse_probability if win.collapsing else c.injection_probability
-        if rng.random() >= p:
+        if rng.random() >= p and not requested:   # drawn anyway: later draws stay the same
             return None
-        reason = "collapse" if win.collapsing else "chance"
+        ctx.facts.pop("inject_requested", None)
+        reason = "requested" if requested else "collapse" if win.collapsing else "chance"
         forced = hist.cache_run >= c.seed_force_after
         p_seed = c.seed_probability + (1 - c.seed_probability) * min(
             1.0, hist.cache_run / c.seed_force_after)
         kind = "seed" if forced or rng.random() < p_seed else "cache"
-        if forced:
+        if forced and not requested:
             reason = "forced"
         pick = None
         if kind == "cache":
@@ -114,7 +118,7 @@ def decide(ctx, last, k: int) -> Injection | None:
                 before_chain=win.chain[0] if win.chain else None, data_dir=ctx.cfg.data_dir)
             pick = cache.pick(found, rng)
             if pick is None:
-                kind, reason = "seed", "bootstrap"
+                kind, reason = "seed", "requested" if requested else "bootstrap"
     size = (last.width, last.height)
     if kind == "cache":
         image, method = blend(ctx, resolve(ctx.cfg.data_dir, last.path),

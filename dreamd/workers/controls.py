@@ -3,7 +3,8 @@
 
 Commands: pause [reason], resume, set KEY=VALUE (a live knob; or reset KEY|all back to
 the config file), theme [NAME|next],
-free (ComfyUI unloads its models and frees memory: what the game guard asks for).
+free (ComfyUI unloads its models and frees memory: what the game guard asks for),
+inject (the next keyframe the planner makes is an injection, whatever the chance).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dreamd.workers.context import LIVE_KNOBS, WorkerContext
 
 log = logging.getLogger("dreamd.controls")
 CT = Control.__table__
-COMMANDS = ("pause", "resume", "set", "theme", "free")
+COMMANDS = ("pause", "resume", "set", "theme", "free", "inject")
 RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
 
 
@@ -148,6 +149,8 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
     """Act on one control; returns the runtime_state columns to change."""
     if command == "free":
         return free(backend, ctx)
+    if command == "inject":
+        return inject(ctx)
     if command == "pause":
         reason = str(args.get("reason") or "paused by user")
         ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
@@ -184,6 +187,20 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
         rotation = ctx.knob("prompts.rotation_interval")
         return {"theme_index": (names.index(target) - k_next // rotation) % len(names)}
     raise ValueError(f"unknown control {command!r}")
+
+
+def inject(ctx: WorkerContext) -> dict[str, Any]:
+    """Ask for an injection at the next keyframe the planner makes (reason `requested`:
+    no warm-up, cooldown or chance stands in its way). Rejected when the memory cannot
+    inject at all, with the key that says so."""
+    c = ctx.cfg.cache
+    if not c.enabled:
+        raise ValueError("the aesthetic memory is off (cache.enabled = false): nothing "
+                         "to inject")
+    if not c.injections:
+        raise ValueError("injections are off (cache.injections = false)")
+    ctx.facts["inject_requested"] = True
+    return {}
 
 
 def free(backend: Any, ctx: WorkerContext | None = None) -> dict[str, Any]:
