@@ -36,8 +36,8 @@ log = logging.getLogger("dreamd")
 DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
 STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
-WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "janitor",
-           "controls", "heartbeat")
+WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "status",
+           "janitor", "controls", "heartbeat")
 
 
 # ---------------------------------------------------------------- pid file
@@ -209,7 +209,7 @@ class Daemon:
         from dreamd.workers.embedding import EmbeddingWorker
         from dreamd.memory.embedder import Embedders
         from dreamd.workers.context import WorkerContext
-        from dreamd.display.writer import DisplayWriter
+        from dreamd.display.writer import STATUS_EVERY, DisplayWriter
         from dreamd.storage.reconcile import reconcile
         from dreamd.storage.retention import ensure_incremental_vacuum
 
@@ -252,6 +252,9 @@ class Daemon:
         memory = EmbeddingWorker(ctx, ctx.embedders)
         display = DisplayWriter(ctx)
         jan = janitor.Janitor(ctx)
+        # controls written while no daemon ran (a pause, a theme, a knob) act before the
+        # planner plans anything: otherwise its first keyframes ignore them
+        self._job("controls", lambda: controls.tick(ctx, None, backend))()
 
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=len(WORKERS) + 1)},
@@ -282,6 +285,7 @@ class Daemon:
         every("interpolation", 2.0, lambda: interpolation.tick(ctx, codecs))
         every("embedding", 2.0, memory.tick)
         every("display", 1.0 / ctx.knob("display.fps"), display.tick)
+        every("status", STATUS_EVERY, display.status_heartbeat)
         every("janitor", 5.0, jan.tick)
         every("controls", 1.0, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))

@@ -155,6 +155,7 @@ def check(data_dir: Path) -> dict:
             on_disk_k = set((Path(data_dir) / "keyframes").glob("*.png"))
             assert on_disk_k <= keyframe_files, \
                 f"keyframe files without rows: {sorted(on_disk_k - keyframe_files)[:5]}"
+            kept_keyframes(conn, data_dir)
             rt = conn.execute(text("SELECT * FROM runtime_state WHERE id = 1")).first()
             return {"frames": len(frames), "shown": order,
                     "playhead": (rt.playhead_chain_index, rt.playhead_t) if rt else None,
@@ -162,6 +163,30 @@ def check(data_dir: Path) -> dict:
                                                    "state='completed'")).scalar()}
     finally:
         engine.dispose()
+
+
+def kept_keyframes(conn, data_dir: Path) -> None:
+    """Keyframe images are kept while the README's policy says so: a completed keyframe
+    that retention has not marked pruned still has its image, and none that is still
+    needed was pruned - the chain's head (the next img2img input), the parent of a
+    keyframe not yet made, either end of a batch not yet made. Written from the README,
+    not from retention's own query."""
+    for r in conn.execute(text("SELECT chain_index, path FROM keyframes WHERE state = "
+                               "'completed' AND pruned_at IS NULL AND path IS NOT NULL")):
+        assert resolve(data_dir, r.path).exists(), \
+            f"keyframe {r.chain_index}: image deleted, but its row says it is kept"
+    pending = "('available', 'executing', 'retryable')"
+    needed = conn.execute(text(
+        "SELECT id FROM (SELECT id FROM keyframes WHERE state = 'completed' "
+        "                ORDER BY chain_index DESC LIMIT 1) "
+        f"UNION SELECT parent_id FROM keyframes WHERE state IN {pending} "
+        f"UNION SELECT from_keyframe_id FROM interpolations WHERE state IN {pending} "
+        f"UNION SELECT to_keyframe_id FROM interpolations WHERE state IN {pending}")
+    ).scalars().all()
+    pruned = conn.execute(text(
+        "SELECT chain_index FROM keyframes WHERE pruned_at IS NOT NULL AND id IN "
+        f"({','.join(str(i) for i in needed if i is not None) or 'NULL'})")).scalars().all()
+    assert not pruned, f"keyframes pruned while still needed: {pruned}"
 
 
 def distinct_frame_files(data_dir: Path) -> None:

@@ -216,6 +216,14 @@ class DisplayWriter:
     def close(self) -> None:
         self.engine.dispose()
 
+    def status_heartbeat(self) -> None:
+        """status.json at least once a second even when the display ticks slower (below
+        1 fps a tick comes every 1/fps seconds) or a tick is slow: readers judge the
+        daemon's liveness, and see a pause or a problem, by it. The daemon calls this
+        every STATUS_EVERY seconds; it writes only when the ticks have not."""
+        if time.monotonic() - self.last_status >= STATUS_EVERY:
+            self._status_maybe(self.ctx.knob("display.fps"), force=True)
+
     # ------------------------------------------------------------ status.json
     def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None) -> None:
         now = time.monotonic()
