@@ -316,6 +316,23 @@ class Storage:
                                    "0 = keep everything", min=0.0, max=1_000_000.0)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+@dataclass
+class Web:
+    # dreamd/web/: the viewer `dreamd run` serves (README "The web viewer")
+    enabled: bool = key(True, "serve the web viewer while the daemon runs")
+    host: str = key("127.0.0.1", "address the viewer listens on; anything but 127.0.0.1 or "
+                                 "localhost also needs web.expose = true")
+    port: int = key(8719, "the viewer's port (0 = any free port, said at start)",
+                    min=0, max=65535)
+    expose: bool = key(False, "allow a web.host other than loopback: every control then "
+                              "needs the token stored in <data_dir>/web-token")
+    controls: bool = key(True, "offer pause, resume, theme, denoise, fps and interpolation "
+                               "frames on the page (false = a page that only shows)")
+
+
 @dataclass
 class Config:
     system: System = field(default_factory=System)
@@ -326,6 +343,7 @@ class Config:
     comfyui: ComfyUI = field(default_factory=ComfyUI)
     guard: Guard = field(default_factory=Guard)
     storage: Storage = field(default_factory=Storage)
+    web: Web = field(default_factory=Web)
     # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     file: Path | None = field(default=None, compare=False, repr=False)
@@ -495,6 +513,11 @@ def _cross_checks(cfg: Config) -> None:
     if dupes:
         raise ConfigError(f"prompts.themes: the name {dupes[0]!r} is used twice: expected "
                           f"unique names")
+    w = cfg.web
+    if w.host not in LOOPBACK_HOSTS and not w.expose:
+        raise ConfigError(f"web.host = {w.host!r} is invalid: expected 127.0.0.1 or localhost, "
+                          f"or set web.expose = true to serve the viewer beyond this machine "
+                          f"(every control then needs the token in <data_dir>/web-token)")
 
 
 # ---------------------------------------------------------------- loading

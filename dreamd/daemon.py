@@ -252,6 +252,10 @@ class Daemon:
         memory = EmbeddingWorker(ctx, ctx.embedders)
         display = DisplayWriter(ctx)
         jan = janitor.Janitor(ctx)
+        from dreamd.web import server as web      # the viewer: its own thread, no torch
+        self.viewer = web.start(cfg)
+        if self.viewer is not None:
+            display.on_shown = self.viewer.announce
         # controls written while no daemon ran (a pause, a theme, a knob) act before the
         # planner plans anything: otherwise its first keyframes ignore them
         self._job("controls", lambda: controls.tick(ctx, None, backend))()
@@ -341,6 +345,8 @@ class Daemon:
                                  state="stopped")
         except Exception:
             log.exception("final status.json")
+        if getattr(self, "viewer", None) is not None:
+            self.viewer.stop()          # after the final status: pages hear "stopped"
         for closer in (backend.close, codecs.release, ctx.embedders.release):
             try:
                 closer()

@@ -70,6 +70,9 @@ class DisplayWriter:
         self.next_record = 0.0
         self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
+        # the web viewer's hook (dreamd/web/server.py): told of each frame on screen; it
+        # only hands the news to the viewer's own thread, so it cannot hold playback up
+        self.on_shown = None
 
     # ------------------------------------------------------------ queries
     def next_frame(self, conn):
@@ -145,6 +148,8 @@ class DisplayWriter:
             if self.current is not None and self.current.exists():
                 place_atomic(self.current, self.out / "previous_frame.png")
             place_atomic(path, self.out / "current_frame.png")
+        if self.on_shown is not None:
+            self.on_shown(frame.id, frame.chain_index, frame.pos, path, time.time())
         pause_point("frame-displayed", self.ctx.cfg.data_dir)
         # on screen now: the playhead moves in memory at once, the ledger records it
         # now or, while it is busy, as soon as it is free

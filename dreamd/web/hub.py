@@ -1,0 +1,91 @@
+"""Between the display writer and the open pages: the writer announces each frame it
+swaps onto the screen; the hub reads and hashes that file once, keeps the last few
+frames in memory under their content address (`/frames/<sha256>.png`), and tells every
+page through a small queue of its own.
+
+`announce` is called on the display thread: it only hands the event to the server's
+event loop (`call_soon_threadsafe`) and never raises or waits, so however many pages
+are open, or however slow they are, the display writer is not held up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dreamd.web")
+KEEP_FRAMES = 16        # frames kept in memory (about a second at 15 fps): a late page
+                        # asks for the newest one, never for an old one
+QUEUE_SIZE = 8          # events waiting per page; a stalled page loses the oldest
+MAX_SUBSCRIBERS = 32    # open event streams at once; more get 503
+
+
+class FrameHub:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.frames: OrderedDict[str, bytes] = OrderedDict()
+        self.current: dict[str, Any] | None = None        # the last frame event
+        self.subscribers: set[asyncio.Queue] = set()
+        self.closing: asyncio.Event | None = None
+
+    # ------------------------------------------------------------ any thread
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.closing = asyncio.Event()
+
+    def announce(self, frame_id: int, chain_index: int, t: float, path: Path,
+                 swapped_at: float) -> None:
+        """The display writer put this frame on screen at `swapped_at` (epoch seconds)."""
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._admit, frame_id, chain_index, t, path, swapped_at)
+        except RuntimeError:        # the server's loop is closed: the viewer has stopped
+            pass
+
+    # ------------------------------------------------------------ the event loop
+    def _admit(self, frame_id: int, chain_index: int, t: float, path: Path,
+               swapped_at: float) -> None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:      # deleted meanwhile (retention): the next one will do
+            log.debug("frame %d not announced: %s", frame_id, exc)
+            return
+        sha = hashlib.sha256(data).hexdigest()
+        self.frames[sha] = data
+        self.frames.move_to_end(sha)
+        while len(self.frames) > KEEP_FRAMES:
+            self.frames.popitem(last=False)
+        self.current = {"id": frame_id, "url": f"/frames/{sha}.png", "chain": chain_index,
+                        "t": round(t, 6), "swapped_at": round(swapped_at * 1000.0, 1)}
+        self.publish("frame", self.current)
+
+    def frame(self, sha: str) -> bytes | None:
+        return self.frames.get(sha)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        for queue in self.subscribers:
+            if queue.full():
+                queue.get_nowait()          # a page that is behind loses the oldest event
+            queue.put_nowait((kind, data))
+
+    def subscribe(self) -> asyncio.Queue | None:
+        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+            return None
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self.subscribers.discard(queue)
+
+    def close(self) -> None:
+        """The daemon stops: say so to every page and end their streams."""
+        self.publish("bye", {"reason": "the daemon is stopping"})
+        if self.closing is not None:
+            self.closing.set()

@@ -1,0 +1,248 @@
+// The Dream Window page: frames announced by server-sent events, each loaded and
+// decoded out of sight, then crossfaded in over the whole frame interval. All state is
+// bounded (three <img> layers reused, a fixed ring of latency samples), so a page left
+// open for days does not grow.
+"use strict";
+(() => {
+  const params = new URLSearchParams(location.search);
+  const kiosk = params.get("kiosk") === "1";
+  const $ = (id) => document.getElementById(id);
+  const layers = Array.from(document.querySelectorAll("#stage img"));
+  const LATENCY_SAMPLES = 600;
+
+  // the exposed viewer's token comes once in the URL, then lives in this browser only
+  let token = params.get("token");
+  if (token) {
+    localStorage.setItem("dreamd-token", token);
+    params.delete("token");
+    history.replaceState(null, "", location.pathname + (params.size ? "?" + params : ""));
+  } else {
+    token = localStorage.getItem("dreamd-token");
+  }
+
+  // what tests and bench/web.py read: counts and swap-to-screen latencies (ms)
+  const stats = { shown: 0, failed: 0, frameId: null, url: null, connected: false,
+                  latencies: new Array(LATENCY_SAMPLES).fill(null), latencyNext: 0 };
+  window.dreamdViewer = stats;
+
+  // ------------------------------------------------------------ frames
+  let front = null;       // the layer fully on screen
+  let fading = null;      // {el, anim}: the layer fading in over it
+  let loading = null;     // the layer loading the next frame, out of sight
+  let pending = null;     // the newest announced frame not yet loading
+  let fps = 4;
+
+  function onFrame(frame) {
+    if (frame.url === stats.url) return;      // a reconnect repeats the current frame
+    pending = frame;
+    pump();
+  }
+
+  async function pump() {
+    if (loading || !pending) return;
+    const frame = pending;
+    pending = null;
+    const el = layers.find((l) => l !== front && (!fading || l !== fading.el));
+    loading = el;
+    el.style.opacity = "0";
+    el.style.zIndex = "0";
+    el.src = frame.url;
+    try {
+      await el.decode();                      // on screen only once it can paint at once
+    } catch (err) {
+      stats.failed += 1;                      // gone already (a page far behind): skip it
+      loading = null;
+      pump();
+      return;
+    }
+    loading = null;
+    fadeIn(el, frame);
+    pump();
+  }
+
+  function fadeIn(el, frame) {
+    finishFade();                             // a frame still fading is shown whole first
+    el.style.zIndex = "3";
+    const duration = Math.max(0, 1000 / fps);  // the fade lasts the whole frame interval
+    const anim = el.animate([{ opacity: 0 }, { opacity: 1 }], { duration, fill: "forwards" });
+    fading = { el, anim };
+    anim.onfinish = () => { if (fading && fading.anim === anim) finishFade(); };
+    stats.shown += 1;
+    stats.frameId = frame.id;
+    stats.url = frame.url;
+    stats.latencies[stats.latencyNext] = Date.now() - frame.swapped_at;
+    stats.latencyNext = (stats.latencyNext + 1) % LATENCY_SAMPLES;
+  }
+
+  function finishFade() {
+    if (!fading) return;
+    const { el, anim } = fading;
+    el.style.opacity = "1";
+    anim.cancel();                            // the style holds it now; the animation goes
+    if (front && front !== el) {
+      front.style.opacity = "0";
+      front.style.zIndex = "0";
+    }
+    el.style.zIndex = "2";
+    front = el;
+    fading = null;
+  }
+
+  // ------------------------------------------------------------ status
+  let status = null;
+  let statusAt = 0;       // performance.now() when the last status arrived
+  let lostAt = null;      // when the event stream dropped
+  let stopped = false;    // the daemon said it stops
+  let historyKey = null;
+
+  function text(id, value) {
+    const el = $(id);
+    const s = value === null || value === undefined || value === "" ? "–" : String(value);
+    if (el.textContent !== s) el.textContent = s;
+  }
+
+  function onStatus(s) {
+    status = s;
+    statusAt = performance.now();
+    if (s.fps) fps = s.fps;
+    const state = s.status === "paused" ? "paused" : s.status;
+    text("f-state", s.daemon_status === "running" ? state : `${state} (${s.daemon_status})`);
+    text("f-buffer", s.buffer_seconds === undefined ? null :
+         `${s.buffer_seconds} s of ${s.buffer_target_seconds} s` + (s.is_buffering ? " (buffering)" : ""));
+    text("f-theme", s.theme);
+    text("f-keyframe", s.keyframe_index);
+    text("f-paused", s.paused ? `yes: ${s.pause_reason || "paused"}` : "no");
+    text("f-backend", s.backend ? s.backend + (s.comfyui_status && s.comfyui_status !== "n/a" ?
+         ` (ComfyUI ${s.comfyui_status})` : "") + (s.codec ? `, codec ${s.codec}` : "") : null);
+    text("f-problem", s.problem || "none");
+    $("exposed").hidden = !(s.web && s.web.exposed);
+    $("controls").hidden = kiosk || !(s.web && s.web.controls);
+    text("c-pause", s.paused ? "resume" : "pause");
+    for (const [id, out] of [["k-denoise", "o-denoise"], ["k-fps", "o-fps"], ["k-frames", "o-frames"]]) {
+      const input = $(id);
+      const value = s.knobs ? s.knobs[input.dataset.key] : undefined;
+      if (value !== undefined && document.activeElement !== input) {
+        input.value = value;
+        text(out, value);
+      }
+    }
+    const key = `${s.keyframe_index}`;
+    if (key !== historyKey && !kiosk && !$("overlay").classList.contains("hidden")) {
+      historyKey = key;
+      loadHistory();
+    }
+  }
+
+  async function loadHistory() {
+    try {
+      const r = await fetch("/api/history");
+      if (!r.ok) return;
+      const { keyframes } = await r.json();
+      const imgs = keyframes.map((k) => {
+        const img = document.createElement("img");
+        img.src = k.url;
+        img.alt = `keyframe ${k.keyframe} (${k.theme})`;
+        img.title = img.alt;
+        return img;
+      });
+      $("history").replaceChildren(...imgs);   // the old ones go: a fixed handful at most
+    } catch (err) { /* the daemon is away: the next status retries */ }
+  }
+
+  // ------------------------------------------------------------ the connection
+  let source = null;
+
+  function connect() {
+    source = new EventSource("/api/events");
+    source.addEventListener("status", (e) => {
+      lostAt = null;
+      stopped = false;
+      stats.connected = true;
+      onStatus(JSON.parse(e.data));
+      notice();
+    });
+    source.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
+    source.addEventListener("bye", () => { stopped = true; });
+    source.onerror = () => {
+      stats.connected = false;
+      if (lostAt === null) lostAt = performance.now();
+      notice();
+      if (source.readyState === EventSource.CLOSED) {   // refused for good: start over
+        source.close();
+        setTimeout(connect, 2000);
+      }
+    };
+  }
+
+  function staleAfter() {
+    return 1000 * ((status && status.stale_after_seconds) || 10);
+  }
+
+  // "reconnecting" while the stream is down, "not running" once the daemon said it stops
+  // or has been away longer than status.json's stale_after_seconds
+  function notice() {
+    const now = performance.now();
+    let say = null;
+    if (lostAt !== null || !stats.connected) {
+      const away = lostAt === null ? 0 : now - lostAt;
+      say = stopped || away > staleAfter() ? "not running: waiting for the daemon to start"
+                                           : "reconnecting…";
+    } else if (status && now - statusAt + 1000 * (status.age_seconds || 0) > staleAfter()) {
+      say = "not responding: the daemon's status is stale";
+    }
+    const el = $("notice");
+    el.hidden = say === null;
+    if (say !== null && el.textContent !== say) el.textContent = say;
+    if (say !== null) text("f-state", say);
+  }
+  setInterval(notice, 500);
+
+  // ------------------------------------------------------------ controls
+  async function send(body) {
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers["X-Dreamd-Token"] = token;
+    let msg;
+    try {
+      const r = await fetch("/api/control", { method: "POST", headers, body: JSON.stringify(body) });
+      const answer = await r.json().catch(() => ({}));
+      msg = r.ok ? `control ${answer.control} sent` : (answer.error || `refused (${r.status})`);
+    } catch (err) {
+      msg = "not sent: the daemon is not reachable";
+    }
+    text("message", msg);
+  }
+
+  $("c-pause").addEventListener("click", () =>
+    send(status && status.paused ? { command: "resume" } : { command: "pause" }));
+  $("c-theme").addEventListener("click", () => send({ command: "theme", name: "next" }));
+  for (const [id, out] of [["k-denoise", "o-denoise"], ["k-fps", "o-fps"], ["k-frames", "o-frames"]]) {
+    const input = $(id);
+    input.addEventListener("input", () => text(out, input.value));
+    input.addEventListener("change", () => {
+      send({ command: "set", key: input.dataset.key, value: Number(input.value) });
+      input.blur();
+    });
+  }
+
+  // ------------------------------------------------------------ the overlay
+  function showOverlay(visible) {
+    $("overlay").classList.toggle("hidden", !visible);
+    $("show").hidden = visible;
+    localStorage.setItem("dreamd-overlay", visible ? "shown" : "hidden");
+    if (visible) { historyKey = null; if (status) onStatus(status); }
+  }
+  $("hide").addEventListener("click", () => showOverlay(false));
+  $("show").addEventListener("click", () => showOverlay(true));
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "h" && !kiosk && !(e.target instanceof HTMLInputElement)) {
+      showOverlay($("overlay").classList.contains("hidden"));
+    }
+  });
+
+  if (kiosk) {
+    document.body.classList.add("kiosk");
+  } else {
+    showOverlay(localStorage.getItem("dreamd-overlay") !== "hidden");
+  }
+  connect();
+})();
