@@ -276,7 +276,33 @@ def cmd_theme(args: argparse.Namespace) -> int:
 
 
 def cmd_free(args: argparse.Namespace) -> int:
-    return _control(args, "free", {})
+    code = _control(args, "free", {})
+    note = _free_note(_config(args))
+    if note:
+        print(note)
+    return code
+
+
+def _free_note(cfg) -> str | None:
+    """While the daemon generates, a free lasts until the next keyframe loads the model
+    again (seconds on ComfyUI): say so, and how to keep the memory free."""
+    from sqlalchemy import select
+
+    from dreamd.ledger import queries
+    from dreamd.ledger.models import RuntimeState
+    engine = _reader(cfg)
+    try:
+        with engine.connect() as conn:
+            alive = queries.run_alive(queries.last_run(conn))
+            t = RuntimeState.__table__
+            paused = conn.execute(select(t.c.paused).where(t.c.id == 1)).scalar()
+    finally:
+        engine.dispose()
+    if not alive or paused or cfg.generation.backend != "comfyui":
+        return None
+    return ("note: the dream is generating, so the next keyframe loads the model again "
+            "within seconds; to keep the memory free, `dreamd pause` first (then `dreamd "
+            "free`; `dreamd resume` when done)")
 
 
 def _reader(cfg):

@@ -269,6 +269,12 @@ class ComfyUI:
                                          max=120.0)
     read_timeout_seconds: float = key(30.0, "HTTP read timeout per request", min=0.5,
                                       max=3600.0)
+    lookup_timeout_seconds: float = key(5.0, "deadline of a health check or a /history or "
+                                             "/queue look-up (never retried on a timeout: a "
+                                             "server that accepts and never answers is "
+                                             "benched after one)", min=0.5, max=120.0)
+    push: bool = key(True, "follow each prompt over ComfyUI's websocket (/ws) and read "
+                           "/history when it says the prompt ended; false = poll /history")
     tries: int = key(4, "tries per HTTP request before a server counts as down (POST /prompt "
                         "is retried only when nothing was sent)", min=1, max=20)
     bench_seconds_max: float = key(300.0, "longest a failing server is benched (the bench "
@@ -279,7 +285,11 @@ class ComfyUI:
     start_cwd: str = key("", "working directory of `start_command` (relative paths are "
                              "relative to the config file); empty = the daemon's")
     start_env: dict[str, str] = key({}, "extra environment for `start_command` "
-                                        "(CUDA_VISIBLE_DEVICES is set from system.gpu)")
+                                        "(CUDA_VISIBLE_DEVICES is set from system.gpu "
+                                        "unless given here: an explicit one wins)")
+    start_argv: list[str] = key([], "the command as a list, one argument each, never split "
+                                    "(wins over start_command; no quoting to get right on "
+                                    "Windows)")
     max_restarts_per_hour: int = key(10, "restarts of a dying `start_command` per hour before "
                                          "the daemon gives up on it", min=0, max=1000)
     log_file: str = key("", "where the output of `start_command` is appended; empty = "

@@ -1,7 +1,8 @@
 """`dreamd doctor`: what this machine and config will actually use, and why.
 
 It builds what the daemon would build (the latent codec, the embedder), asks each
-ComfyUI server for /system_stats when the backend is ComfyUI, counts the seeds,
+ComfyUI server for /system_stats and /object_info when the backend is ComfyUI (can it run
+the workflows: checkpoint, sampler, scheduler, nodes), counts the seeds,
 and reads the GPU. Slow-ish (it loads torch and weights), so `status` stays light.
 """
 
@@ -101,21 +102,8 @@ def _seeds(cfg: Config):
 def _backend(cfg: Config):
     if cfg.generation.backend == "procedural":
         return "ok", "procedural (embedded, no GPU or weights needed)"
-    import requests
-    lines, up = [], 0
-    for url in cfg.comfyui.urls:
-        try:
-            r = requests.get(url.rstrip("/") + "/system_stats", timeout=3)
-            r.raise_for_status()
-            version = r.json().get("system", {}).get("comfyui_version", "?")
-            lines.append(f"{url} ok (ComfyUI {version})")
-            up += 1
-        except Exception as exc:
-            lines.append(f"{url} DOWN ({type(exc).__name__})")
-    fallback = cfg.comfyui.fallback
-    verdict = "ok" if up else ("warning" if fallback == "procedural" else "problem")
-    tail = "" if up else f"; fallback = {fallback}"
-    return verdict, "comfyui: " + "; ".join(lines) + tail
+    from dreamd.backends.comfyui.doctor import check_servers
+    return check_servers(cfg)
 
 
 def diagnose(cfg: Config) -> list[tuple[str, str, str]]:

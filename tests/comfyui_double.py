@@ -2,7 +2,15 @@
 answers the way ../shared/comfyui/api_transcript.md shows (same routes, `/api` prefix too,
 JSON shapes, status codes and validation errors), runs prompts one at a time by writing a
 real PNG (deterministic from the seed) after a configurable delay, keeps queue and history,
-records every request, and injects the faults the backend must survive.
+records every request, and injects the faults the backend must survive. It speaks the
+websocket (`/ws?clientId=…`, through wsproto) as sections 33, 43, 46, 51 and 52 show: a
+`status` frame with the sid on connect, then per prompt execution_start, execution_cached,
+executing per node, progress per sampler step, executed, execution_success (or
+execution_error / execution_interrupted), status, and `executing` with node null after the
+history entry is written. Like ComfyUI it keeps one socket per clientId.
+
+Beside it: `SilentServer` (accepts TCP, never answers) and `NotComfyUIServer` (an HTTP
+server that answers HTML 404s), for the faults that are not a ComfyUI at all.
 
     python -m tests.comfyui_double --port 8188 [--delay 0.5] [--exit-after 2] [--ignore-sigterm]
 """
@@ -81,6 +89,28 @@ class Faults:
     view_garbage: bool = False              # /view answers bytes that are not an image
     output_override: dict[str, str] | None = None   # filename/subfolder written into history
     output_size: tuple[int, int] | None = None      # produce this size instead of the right one
+    ws_drop_after: int | None = None        # close the clientId socket after N more prompt frames
+    ws_silent: bool = False                 # accept websocket upgrades, then never send a frame
+    ws_refuse: bool = False                 # /ws answers 404 (a proxy without websockets)
+
+
+@dataclass
+class _Socket:
+    """One websocket: the connection, wsproto's state and a lock for writes."""
+
+    sid: str
+    sock: socket.socket
+    conn: Any
+    silent: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, event: Any) -> bool:
+        with self.lock:
+            try:
+                self.sock.sendall(self.conn.send(event))
+                return True
+            except Exception:  # the peer is gone; its reader cleans up
+                return False
 
 
 class _Server(ThreadingHTTPServer):
@@ -138,6 +168,8 @@ class ComfyUIDouble:
         self._counters: dict[str, int] = {}
         self._generation = 0      # bumped by forget(): a run in flight is dropped
         self._interrupt = False
+        self.sockets: dict[str, _Socket] = {}     # sid -> socket, as ComfyUI's server.sockets
+        self.frames: list[tuple[str, str, dict[str, Any]]] = []   # (sid, type, data) sent
         self._cond = threading.Condition()
         self._stopped = False
         self._server = _Server(("127.0.0.1", port), _Handler, self)
@@ -223,23 +255,58 @@ class ComfyUIDouble:
                 item = self.pending.pop(0)
                 self.running, self._interrupt, generation = item, False, self._generation
                 self._cond.notify_all()
-                end = time.monotonic() + self.delay
-                while not (self._stopped or self._interrupt or generation != self._generation):
-                    left = end - time.monotonic()
-                    if left <= 0:
+            cid, pid, prompt = item.extra.get("client_id"), item.prompt_id, item.prompt
+            order = _execution_order(prompt, item.outputs)
+            sampler = next((n for n in order if prompt[n]["class_type"] in ("KSampler", "KSamplerAdvanced")), None)
+            steps = max(1, int(prompt[sampler]["inputs"].get("steps", 1))) if sampler else 1
+            self._status()
+            self.send(cid, "execution_start", {"prompt_id": pid, "timestamp": _ms()})
+            self.send(cid, "execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()})
+            start = time.monotonic()
+            for node in order + ([None] if sampler is None else []):
+                if node is not None:
+                    self.send(cid, "progress_state", {"prompt_id": pid, "nodes": {node: {
+                        "value": 0.0, "max": 1.0, "state": "running", "node_id": node, "prompt_id": pid,
+                        "display_node_id": node, "parent_node_id": None, "real_node_id": node}}})
+                    self.send(cid, "executing", {"node": node, "display_node": node, "prompt_id": pid})
+                if node != sampler:
+                    continue
+                # The sampler takes the delay, one progress frame per step.
+                for step in range(1, steps + 1):
+                    with self._cond:
+                        end = start + self.delay * step / steps
+                        while not (self._stopped or self._interrupt or generation != self._generation):
+                            left = end - time.monotonic()
+                            if left <= 0:
+                                break
+                            self._cond.wait(left)
+                        if self._stopped or self._interrupt or generation != self._generation:
+                            break
+                    self.send(cid, "progress", {"value": step, "max": steps, "prompt_id": pid, "node": node})
+                with self._cond:
+                    if self._interrupt:
                         break
-                    self._cond.wait(left)
+            with self._cond:
                 if self._stopped or generation != self._generation:
                     continue
                 interrupted = self._interrupt
                 error = self.faults.execution_errors.pop(0) if self.faults.execution_errors else None
             entry = self._run(item, interrupted, error)
+            kind, data = entry["status"]["messages"][-1]
+            if kind == "execution_success":
+                for node, out in entry["outputs"].items():
+                    self.send(cid, "executed", {"node": node, "display_node": node, "output": out,
+                                                "prompt_id": pid})
+            self.send(cid, kind, data)
             with self._cond:
-                if generation == self._generation:
-                    self.history[item.prompt_id] = entry
-                    self.finished_at[item.prompt_id] = time.monotonic()
-                    self.running = None
-                    self._cond.notify_all()
+                if generation != self._generation:
+                    continue
+                self.history[item.prompt_id] = entry
+                self.finished_at[item.prompt_id] = time.monotonic()
+                self.running = None
+                self._cond.notify_all()
+            self._status()
+            self.send(cid, "executing", {"node": None, "prompt_id": pid})
 
     def _run(self, item: Item, interrupted: bool, error: dict[str, Any] | None) -> dict[str, Any]:
         pid, prompt = item.prompt_id, item.prompt
@@ -334,6 +401,93 @@ class ComfyUIDouble:
         if self.faults.output_override:
             ref.update(self.faults.output_override)
         return [ref]
+
+    # -- the websocket -----------------------------------------------------------------------
+
+    def send(self, sid: str | None, kind: str, data: dict[str, Any]) -> None:
+        """One JSON frame to the socket of `sid` (None: to every socket), like server.send_sync."""
+        with self._cond:
+            targets = list(self.sockets.values()) if sid is None else (
+                [self.sockets[sid]] if sid in self.sockets else [])
+            drop = None
+            if sid is not None and targets and self.faults.ws_drop_after is not None:
+                self.faults.ws_drop_after -= 1
+                if self.faults.ws_drop_after < 0:
+                    self.faults.ws_drop_after, drop = None, targets[0]
+        if drop is not None:   # mid-prompt: the connection breaks, no close frame
+            try:
+                drop.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        from wsproto.events import TextMessage
+        text = json.dumps({"type": kind, "data": data})
+        for ws in targets:
+            if not ws.silent:
+                with self._cond:
+                    self.frames.append((ws.sid, kind, data))
+                ws.send(TextMessage(data=text))
+
+    def _status(self) -> None:
+        with self._cond:
+            left = len(self.pending) + (1 if self.running else 0)
+        self.send(None, "status", {"status": {"exec_info": {"queue_remaining": left}}})
+
+    def websocket(self, h: _Handler, query: dict[str, list[str]]) -> None:
+        """GET /ws: upgrade, then read frames until the peer goes; ComfyUI's websocket_handler."""
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping,
+                                    Request, TextMessage)
+        if self.faults.ws_refuse:
+            return h.reply(404, b"404: Not Found", "text/plain; charset=utf-8")
+        h.close_connection = True
+        conn = WSConnection(ConnectionType.SERVER)
+        head = h.requestline + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.headers.items()) + "\r\n"
+        conn.receive_data(head.encode("latin-1"))
+        if not any(isinstance(e, Request) for e in conn.events()):
+            return h.reply(400, b"not a websocket upgrade", "text/plain")
+        h.wfile.flush()
+        h.connection.sendall(conn.send(AcceptConnection()))
+        sid = query.get("clientId", [""])[0] or uuid.uuid4().hex
+        ws = _Socket(sid, h.connection, conn, silent=self.faults.ws_silent)
+        with self._cond:
+            self.sockets.pop(sid, None)      # reusing a session: the old socket is dropped
+            self.sockets[sid] = ws
+            left = len(self.pending) + (1 if self.running else 0)
+        if not ws.silent:
+            ws.send(TextMessage(data=json.dumps({"type": "status", "data": {
+                "status": {"exec_info": {"queue_remaining": left}}, "sid": sid}})))
+        try:
+            while True:
+                try:
+                    data = h.rfile.read1(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                conn.receive_data(data)
+                closed = False
+                for event in conn.events():
+                    if isinstance(event, TextMessage):
+                        try:
+                            msg = json.loads(event.data)
+                        except ValueError:
+                            continue
+                        if isinstance(msg, dict) and msg.get("type") == "feature_flags" and not ws.silent:
+                            ws.send(TextMessage(data=json.dumps({"type": "feature_flags", "data": {
+                                "supports_preview_metadata": True, "max_upload_size": 104857600}})))
+                    elif isinstance(event, Ping):
+                        ws.send(event.response())
+                    elif isinstance(event, CloseConnection):
+                        ws.send(event.response())
+                        closed = True
+                    elif isinstance(event, BytesMessage):
+                        pass
+                if closed:
+                    break
+        finally:
+            with self._cond:
+                self.sockets.pop(sid, None)      # as ComfyUI does, whichever socket holds the sid
 
     # -- validation, as ComfyUI's execution.validate_prompt answers --------------------------
 
@@ -483,6 +637,8 @@ class ComfyUIDouble:
                 if (m is None or m == method) and (p is None or path.startswith(p)):
                     del self.faults.fail[i]
                     return h.reply(status, b"500 Internal Server Error: injected", "text/plain")
+        if method == "GET" and path.rstrip("/") == "/ws":
+            return self.websocket(h, query)
         route = getattr(self, f"_{method.lower()}_{path.strip('/').split('/')[0]}", None)
         if route is None:
             return h.reply(404, b"404: Not Found", "text/plain; charset=utf-8")
@@ -534,6 +690,7 @@ class ComfyUIDouble:
                 self.faults.forget_after_accept -= 1
                 self.forget()
         self._json(h, {"prompt_id": pid, "number": item.number, "node_errors": {}})
+        self._status()
 
     def _get_queue(self, h: _Handler, *_: Any) -> None:
         with self._cond:
@@ -609,6 +766,90 @@ class ComfyUIDouble:
         if garbage:
             data = b"<html>this is not an image</html>"
         h.reply(200, data, "image/png", {"Content-Disposition": f'filename="{filename}"'})
+
+
+def _execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
+    """The nodes the outputs need, each after its inputs (ComfyUI's order is like this)."""
+    order: list[str] = []
+
+    def visit(node: str) -> None:
+        if node in order or node not in prompt:
+            return
+        for value in prompt[node]["inputs"].values():
+            if _is_link(value):
+                visit(value[0])
+        order.append(node)
+    for out in outputs:
+        visit(out)
+    return order
+
+
+class SilentServer:
+    """Accepts TCP connections (the kernel's backlog and an accept loop) and never answers."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, name="silent-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(conn)   # held open, never read, never answered
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
+class NotComfyUIServer:
+    """Some other web app on the port: every path answers an HTML 404 page."""
+
+    PAGE = (b"<!DOCTYPE html>\n<html>\n<head><title>404 Not Found</title></head>\n<body>\n"
+            b"<h1>Not Found</h1>\n<p>The requested URL was not found on this server.</p>\n"
+            b"<hr>\n<address>Apache/2.4.57 (Debian)</address>\n</body>\n</html>\n")
+
+    def __init__(self) -> None:
+        page = self.PAGE
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Type", "text/html; charset=iso-8859-1")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+            do_POST = do_GET
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def __enter__(self) -> NotComfyUIServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 class _Injected(Exception):

@@ -63,9 +63,16 @@ def _print_comfyui(health: dict[str, Any] | None, console: Console) -> None:
         console.print(f"  [red]stopped:[/] {health['error']}")
     for s in health.get("servers") or []:
         mark = "[green]healthy[/]" if s.get("healthy") else "[red]unhealthy[/]"
+        if s.get("set_aside"):
+            mark = "[red]set aside[/]"
         text = f"  {s.get('url')}  {mark}"
         if s.get("supervised"):
             text += " (supervised)"
+        if s.get("set_aside"):      # answers, but cannot run the workflow; the others dream
+            have = ", ".join(s.get("checkpoints") or []) or "none"
+            console.print(text + f": {s['set_aside']} (its checkpoints: {have})",
+                          highlight=False)
+            continue
         if not s.get("healthy"):
             if s.get("failures"):
                 text += f", {s['failures']} failures"

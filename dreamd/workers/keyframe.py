@@ -93,6 +93,11 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             write_atomic(path, data, fsync=True)
         pause_point("keyframe-written", ctx.cfg.data_dir)
     except (TransientBackendError, PermanentBackendError) as exc:
+        if ctx.stopping.is_set() and isinstance(exc, TransientBackendError):
+            # the stop cut the wait short: the daemon releases the lease, the next start
+            # re-attaches to the prompt (no failure recorded, no backoff)
+            log.info("keyframe %d: %s", row.chain_index, exc)
+            return 0
         _fail(ctx, row, owner, str(exc), permanent=isinstance(exc, PermanentBackendError))
         return 0
     except Exception as exc:  # a bug or an unexpected failure: retry, attempts bound it

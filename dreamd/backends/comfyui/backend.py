@@ -1,5 +1,16 @@
 """The ComfyUI keyframe backend: the keyframe worker calls `generate`, this module turns it
-into upload -> POST /prompt -> poll /history -> GET /view on one of the configured servers.
+into upload -> POST /prompt -> wait -> GET /view on one of the configured servers.
+
+Waiting is pushed, not polled: the server's websocket (`events.py`) says when the prompt is
+done, and /history, the source of truth, is read then (and every queue_check_interval as a
+safety net). Without a socket (refused, silent, dropped) /history is polled every
+poll_interval. Look-ups (history, queue) have a short deadline of their own
+(`lookup_timeout`) and are not retried on a timeout, so a server that accepts connections
+and never answers is benched within seconds and the keyframe moves on.
+
+One server that cannot run the workflow (a checkpoint, node, sampler it lacks, or a
+rejection of the workflow) is set aside and the keyframe tried on the next; only when every
+server is set aside is the misfit a PermanentBackendError.
 
 Crash safety: the worker commits `request.prompt_id` to the ledger before calling, and
 `generate` looks that id up (history, then queue) on every reachable server before it posts
@@ -25,6 +36,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -39,15 +51,17 @@ from dreamd.backend import KeyframeRequest, KeyframeResult
 from dreamd.backends.comfyui.client import (DEFAULT_MAX_PIXELS, ComfyUIClient, OutputRef,
                                             PromptRejectedError, ServerUnreachableError,
                                             check_output_ref, local_path)
+from dreamd.backends.comfyui.events import EventsLostError, Progress, ServerEvents
 from dreamd.backends.comfyui.servers import ServerHealth, ServerPool
 from dreamd.backends.comfyui.workflow import (InputPath, Workflow, WorkflowError, check_against,
-                                              fill, load_workflow, output_node, require,
-                                              resolve_mapping)
+                                              checkpoints_in, fill, load_workflow, output_node,
+                                              require, resolve_mapping)
 from dreamd.errors import PermanentBackendError, TransientBackendError
 
 log = logging.getLogger(__name__)
 
 PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
+STOP_CHECK = 0.25       # seconds: how soon a wait on the socket notices that dreamd stops
 
 TRANSIENT_EXECUTION = re.compile(
     r"out ?of ?memory|outofmemory|\boom\b|cuda|cudnn|cublas|hip error|memoryerror|"
@@ -112,11 +126,14 @@ class _Job:
     upload: str | None = None
     entry: dict[str, Any] | None = None
     told: str | None = None           # the server last reported through request.on_server
+    pushed: bool = False              # followed over the websocket to the end
 
 
 @dataclass
 class _Server:
-    client: ComfyUIClient
+    client: ComfyUIClient             # uploads, POST /prompt, /object_info, /view
+    lookup: ComfyUIClient             # history and queue look-ups: short deadline, no retry on timeout
+    events: ServerEvents | None       # None: push is off, /history is polled
     object_info: dict[str, Any] | None = None
 
 
@@ -136,11 +153,15 @@ class ComfyUIBackend:
                  connect_timeout: float = 3.0, read_timeout: float = 30.0, tries: int = 4,
                  poll_interval: float = 0.25, queue_check_interval: float = 1.0,
                  deadline: float = 300.0, bench_base: float = 2.0, bench_cap: float = 300.0,
+                 recent_bench_cap: float = 10.0, lookup_timeout: float = 5.0,
+                 push: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, client_id: str | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stopping: threading.Event | None = None) -> None:
         urls = [urls] if isinstance(urls, str) else list(urls)
-        self.pool = ServerPool(urls, bench_base=bench_base, bench_cap=bench_cap, clock=clock)
+        self.pool = ServerPool(urls, bench_base=bench_base, bench_cap=bench_cap,
+                               recent_cap=recent_bench_cap, clock=clock)
         self.img2img = Template.load(workflow, mapping, ("image", "prompt", "seed"))
         self.txt2img = Template.load(txt2img_workflow, txt2img_mapping,
                                      ("prompt", "seed", "width", "height"))
@@ -154,10 +175,23 @@ class ComfyUIBackend:
         self.poll_interval, self.queue_check_interval = poll_interval, queue_check_interval
         self.deadline = deadline
         self._sleep, self._clock = sleep, clock
+        # Set when the daemon stops: a wait on the socket ends within STOP_CHECK seconds.
+        self.stopping = stopping or threading.Event()
+        # Called with {"prompt_id", "node", "node_type", "step", "steps"} while a prompt
+        # runs and with None when it ends (the daemon shows it in status.json).
+        self.on_progress: Callable[[dict[str, Any] | None], None] | None = None
         self.client_id = client_id or f"dreamd-{uuid.uuid4().hex[:8]}"
-        self._servers = {u: _Server(ComfyUIClient(
-            u, client_id=self.client_id, connect_timeout=connect_timeout,
-            read_timeout=read_timeout, tries=tries, sleep=sleep, max_pixels=max_pixels))
+        lookup_timeout = min(lookup_timeout, read_timeout)
+        self._servers = {u: _Server(
+            ComfyUIClient(u, client_id=self.client_id, connect_timeout=connect_timeout,
+                          read_timeout=read_timeout, tries=tries, sleep=sleep,
+                          max_pixels=max_pixels),
+            ComfyUIClient(u, client_id=self.client_id, connect_timeout=connect_timeout,
+                          read_timeout=lookup_timeout, tries=tries, sleep=sleep,
+                          retry_read_timeouts=False),
+            ServerEvents(u, self.client_id, connect_timeout=connect_timeout,
+                         first_frame_timeout=min(2.0, lookup_timeout), clock=clock)
+            if push else None)
             for u in self.pool.urls}
         # prompt_id -> server it was last posted to by this process (a retry asks it first).
         self._placements: OrderedDict[str, str] = OrderedDict()
@@ -166,19 +200,45 @@ class ComfyUIBackend:
 
     def validate(self, urls: Sequence[str] | None = None) -> list[ServerHealth]:
         """Check both workflows against every reachable server's /object_info (node types,
-        checkpoint, sampler, scheduler), or only against `urls`. Raises
-        PermanentBackendError on the first misfit; unreachable servers are benched and left
-        for later."""
+        checkpoint, sampler, scheduler), or only against `urls`. A server that cannot run
+        them is set aside (with the reason and the checkpoints it has), one that can is put
+        back; raises PermanentBackendError only when every server is set aside.
+        Unreachable servers are benched and left for later."""
+        last: PermanentBackendError | None = None
         for url in self.pool.urls if urls is None else urls:
             try:
+                self._servers[url].object_info = None    # read it fresh: models come and go
                 info = self._object_info(url)
             except ServerUnreachableError as exc:
                 self._failed(url, exc)
                 continue
-            for t in (self.img2img, self.txt2img):
-                filled = fill(t.workflow, t.mapping, {"checkpoint": self.checkpoint})
-                check_against(filled, info, source=t.source, server=url)
+            except PermanentBackendError as exc:   # /object_info answered, but not JSON of nodes
+                self.set_aside(url, exc)
+                last = exc
+                continue
+            try:
+                for t in (self.img2img, self.txt2img):
+                    filled = fill(t.workflow, t.mapping, {"checkpoint": self.checkpoint})
+                    check_against(filled, info, source=t.source, server=url)
+            except WorkflowError as exc:
+                self.set_aside(url, exc, checkpoints_in(info))
+                last = exc
+                continue
+            if self.pool.fit(url):
+                log.info("ComfyUI at %s can run the workflow now; it takes keyframes again", url)
+        if last is not None and self.pool.all_unfit():
+            raise last
         return self.health()
+
+    def set_aside(self, url: str, error: Exception, checkpoints: Sequence[str] | None = None) -> None:
+        """`url` cannot run the workflow: no keyframe goes there until it validates again."""
+        if checkpoints is None:
+            info = self._servers[url].object_info
+            checkpoints = checkpoints_in(info) if info else []
+        if self.pool.set_aside(url, str(error), checkpoints):
+            others = [u for u in self.pool.urls if not self.pool.is_unfit(u)]
+            log.error("ComfyUI at %s is set aside: %s%s", url, error,
+                      f" (keyframes go to {', '.join(others)})" if others else "")
 
     def generate(self, request: KeyframeRequest, *, server_hint: str | None = None) -> KeyframeResult:
         """Make one keyframe. `server_hint` (default: request.server_hint) is info["server"] of
@@ -187,16 +247,21 @@ class ComfyUIBackend:
         server_hint = server_hint or request.server_hint
         started = self._clock()
         job = self._job(request)
-        url = self._reattach(job, server_hint)
-        if url is None:
-            url = self._submit_somewhere(job)
+        self._check_stop()
         try:
-            entry = job.entry or self._wait(url, job)
-            return self._result(url, job, entry, started)
-        except ServerUnreachableError as exc:
-            self._failed(url, exc)
-            raise TransientBackendError(f"lost ComfyUI at {url} while waiting for prompt "
-                                        f"{job.prompt_id} (it is re-attached on retry): {exc}") from exc
+            url = self._reattach(job, server_hint)
+            if url is None:
+                url = self._submit_somewhere(job)
+            try:
+                entry = job.entry or self._wait(url, job)
+                return self._result(url, job, entry, started)
+            except ServerUnreachableError as exc:
+                self._failed(url, exc)
+                raise TransientBackendError(f"lost ComfyUI at {url} while waiting for prompt "
+                                            f"{job.prompt_id} (it is re-attached on retry): "
+                                            f"{exc}") from exc
+        finally:
+            self._progress(None)
 
     def free(self) -> dict[str, str | None]:
         """POST /free (unload models, free memory) on every server not benched: the guard's
@@ -239,6 +304,9 @@ class ComfyUIBackend:
     def close(self) -> None:
         for server in self._servers.values():
             server.client.close()
+            server.lookup.close()
+            if server.events is not None:
+                server.events.close()
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -271,7 +339,7 @@ class ComfyUIBackend:
         """Find the prompt on a server; act on what is found. None = nobody has it."""
         pid = job.prompt_id
         for url in self._lookup_order(pid, hint):
-            client = self._servers[url].client
+            client = self._servers[url].lookup
             try:
                 entry, number = client.history(pid), None
                 if entry is None:
@@ -304,12 +372,18 @@ class ComfyUIBackend:
 
     def _submit_somewhere(self, job: _Job) -> str:
         for url in self.pool.candidates():
+            self._check_stop()
             try:
                 self._post(url, job)
                 return url
             except ServerUnreachableError as exc:
                 self._failed(url, exc)
                 if exc.sent:  # it may be queued there; the retry's re-attach will see
+                    raise
+            except (WorkflowError, PromptRejectedError) as exc:
+                # This server cannot run it (a model it lacks, an old node pack); another may.
+                self.set_aside(url, exc)
+                if self.pool.all_unfit():
                     raise
         raise TransientBackendError(f"every ComfyUI server is down: {self.pool.describe_down()}")
 
@@ -323,6 +397,9 @@ class ComfyUIBackend:
     def _post(self, url: str, job: _Job) -> None:
         client = self._servers[url].client
         filled = self._prepare(url, job)
+        events = self._servers[url].events
+        if events is not None:
+            events.ready()    # open before the POST, so no frame of this prompt is missed
         self._tell(job, url)  # before posting: a crash mid-POST leaves the right hint
         try:
             number = client.queue_prompt(filled, job.prompt_id)
@@ -384,24 +461,65 @@ class ComfyUIBackend:
         return entry
 
     def _wait(self, url: str, job: _Job) -> dict[str, Any]:
-        client, pid = self._servers[url].client, job.prompt_id
-        deadline_at = self._clock() + self.deadline
-        next_queue_check = self._clock() + self.queue_check_interval
+        """Until the prompt's history entry is there: pushed (the socket says when to look)
+        or, without a socket, polled. Either way /history decides."""
+        server, pid = self._servers[url], job.prompt_id
+        events = server.events if server.events is not None and server.events.ready() else None
+        now = self._clock()
+        deadline_at = now + self.deadline
+        # Just posted over a live socket: nothing to look at before the socket speaks.
+        next_look = now + self.queue_check_interval if events is not None and job.posts else now
+        next_queue_check = now + self.queue_check_interval
+        node_types = {n: v.get("class_type") for n, v in job.template.workflow.items()}
+
+        def progress(p: Progress) -> None:
+            self._progress({"prompt_id": pid, "node": p.node, "node_type": node_types.get(p.node),
+                            "step": p.step, "steps": p.steps})
         while True:
-            entry = self._fresh(client.history(pid), job)
-            if entry is not None:
-                return entry
+            self._check_stop()
             now = self._clock()
+            if now >= next_look:
+                entry = self._fresh(server.lookup.history(pid), job)
+                if entry is not None:
+                    return entry
+                next_look = now + (self.queue_check_interval if events is not None
+                                   else self.poll_interval)
+                if now >= next_queue_check:
+                    next_queue_check = now + self.queue_check_interval
+                    if server.lookup.queue().number_of(pid) is None:
+                        entry = self._fresh(server.lookup.history(pid), job)
+                        if entry is not None:
+                            return entry
+                        self._forgotten(url, job)
+                continue
             if now >= deadline_at:
                 return self._give_up(url, job)
-            if now >= next_queue_check:
-                next_queue_check = now + self.queue_check_interval
-                if client.queue().number_of(pid) is None:
-                    entry = self._fresh(client.history(pid), job)
-                    if entry is not None:
-                        return entry
-                    self._forgotten(url, job)
-            self._sleep(max(0.0, min(self.poll_interval, deadline_at - now)))
+            left = min(next_look, deadline_at) - now
+            if events is None:
+                self._sleep(max(0.0, min(left, STOP_CHECK)))
+                continue
+            try:
+                said = events.wait(pid, min(left, STOP_CHECK), progress)
+            except EventsLostError as exc:
+                log.info("prompt %s: the websocket of %s is gone (%s); polling /history", pid,
+                         url, exc)
+                events, next_look = None, self._clock()
+                continue
+            if said is not None:     # ended: the history entry is there (or about to be)
+                job.pushed = True
+                next_look = self._clock()
+
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise TransientBackendError("dreamd is stopping (the prompt is re-attached at the "
+                                        "next start)")
+
+    def _progress(self, value: dict[str, Any] | None) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(value)
+            except Exception:  # a status to show, never a reason to fail the keyframe
+                log.exception("publishing the progress of a prompt failed")
 
     def _forgotten(self, url: str, job: _Job) -> None:
         """Neither queued nor in history: the server restarted. Post it once more."""
@@ -414,7 +532,7 @@ class ComfyUIBackend:
         self._post_or_bench(url, job)
 
     def _give_up(self, url: str, job: _Job) -> dict[str, Any]:
-        client, pid = self._servers[url].client, job.prompt_id
+        client, pid = self._servers[url].lookup, job.prompt_id
         queue = client.queue()
         if pid in queue.running:
             client.interrupt(pid)
@@ -444,6 +562,7 @@ class ComfyUIBackend:
             "output": str(ref.relative_path), "saved": str(saved) if saved else None,
             "workflow": job.template.source, "upload": job.upload, "posts": job.posts,
             "resubmissions": job.resubmissions, "reattached": job.reattached,
+            "pushed": job.pushed,
             "elapsed_s": round(self._clock() - started, 3)})
 
     def _output_ref(self, url: str, job: _Job, entry: dict[str, Any]) -> OutputRef:

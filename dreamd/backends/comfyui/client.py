@@ -8,6 +8,8 @@ Exceptions, drawn the way httpx draws its own:
     TransientBackendError            (dreamd.errors) worth retrying later
     └── ServerUnreachableError       transport failed (refused, reset, timeout) or a 5xx,
                                      after this client's own bounded retries: bench the server
+        └── NotComfyUIError          the port answers, but not as ComfyUI does (another app,
+                                     a proxy's error page): bench it, say so in one line
     PermanentBackendError            (dreamd.errors) retrying cannot help
     ├── PromptRejectedError          400 from POST /prompt; names node id, class_type, input, reason
     └── UnsafeOutputError            what ComfyUI returned is not safe to use (a filename that
@@ -57,6 +59,10 @@ class ServerUnreachableError(TransientBackendError):
         # True when a non-idempotent request may have reached the server (POST /prompt timed
         # out after sending): the caller must look before sending it anywhere else.
         self.sent = sent
+
+
+class NotComfyUIError(ServerUnreachableError):
+    """Something answers at this URL, but it is not ComfyUI; check the port in [comfyui] urls."""
 
 
 class PromptRejectedError(PermanentBackendError):
@@ -202,7 +208,8 @@ class ComfyUIClient:
                  backoff_cap: float = 4.0, sleep: Callable[[float], None] = time.sleep,
                  jitter: Callable[[], float] = random.random,
                  max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES) -> None:
+                 max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+                 retry_read_timeouts: bool = True) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self.timeout = (connect_timeout, read_timeout)
@@ -210,6 +217,9 @@ class ComfyUIClient:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self._sleep, self._jitter = sleep, jitter
         self.max_pixels, self.max_download_bytes = max_pixels, max_download_bytes
+        # False for look-ups and health checks: a GET that answers in milliseconds and did
+        # not within its deadline means a hung server; asking again only doubles the wait.
+        self.retry_read_timeouts = retry_read_timeouts
         self._session = requests.Session()
         # sha name -> LoadImage reference ("subfolder/name"); what this process already uploaded.
         self._uploaded: OrderedDict[str, str] = OrderedDict()
@@ -227,46 +237,61 @@ class ComfyUIClient:
             try:
                 resp = self._session.request(method, url, timeout=self.timeout, **kwargs)
             except requests.ConnectionError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = describe_transport(exc)
                 # A refused or unconnectable socket never carried the request.
                 if not idempotent and not _never_sent(exc):
                     raise ServerUnreachableError(f"{method} {url} failed after sending: {last}",
                                                  sent=True) from exc
             except requests.Timeout as exc:  # read timeouts (connect ones are ConnectionErrors)
-                last = f"timed out after {self.timeout[1]}s"
+                last = f"timed out (no answer within {self.timeout[1]:g}s)"
                 if not idempotent:
-                    raise ServerUnreachableError(f"{method} {url} {last}", sent=True) from exc
+                    raise ServerUnreachableError(f"{method} {url}: {last}", sent=True) from exc
+                if not self.retry_read_timeouts:
+                    raise ServerUnreachableError(f"{method} {url}: {last}") from exc
             except requests.RequestException as exc:  # chunked encoding, content decoding
-                last = f"{type(exc).__name__}: {exc}"
+                last = describe_transport(exc)
                 if not idempotent:
                     raise ServerUnreachableError(f"{method} {url} failed: {last}", sent=True) from exc
             else:
                 if resp.status_code < 500:
                     return resp
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                last = f"HTTP {resp.status_code}: {snippet(resp.text)}"
                 resp.close()
                 if not idempotent:
                     raise ServerUnreachableError(f"{method} {url} answered {last}", sent=True)
             if attempt + 1 < self.tries:
                 self._sleep(self._backoff(attempt))
+        if self.tries == 1:
+            raise ServerUnreachableError(f"{method} {url}: {last}")
         raise ServerUnreachableError(f"{method} {url} failed {self.tries} times; last: {last}")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self._request(method, path, **kwargs)
         if resp.status_code != 200:
             raise PermanentBackendError(f"{method} {self.base_url}{path} answered HTTP "
-                                        f"{resp.status_code}: {resp.text[:200]}")
+                                        f"{resp.status_code}: {snippet(resp.text)}")
         try:
             return resp.json()
         except ValueError as exc:
             # A proxy's error page or a half-started server; worth another try later.
             raise ServerUnreachableError(f"{method} {self.base_url}{path} did not answer JSON: "
-                                         f"{resp.text[:120]!r}") from exc
+                                         f"{snippet(resp.text)!r}") from exc
 
     # -- the API -----------------------------------------------------------------------------
 
     def system_stats(self) -> dict[str, Any]:
-        return self._json("GET", "/system_stats")
+        """The health check. An answer that is not ComfyUI's (a 404 page, another JSON
+        API) is NotComfyUIError, described in one line, never the page itself."""
+        resp = self._request("GET", "/system_stats")
+        try:
+            body = resp.json() if resp.status_code == 200 else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("system"), dict):
+            ctype = resp.headers.get("Content-Type", "no content type").split(";")[0]
+            raise NotComfyUIError(f"{self.base_url} is not a ComfyUI server (GET /system_stats "
+                                  f"answered HTTP {resp.status_code}, {ctype})")
+        return body
 
     def object_info(self) -> dict[str, Any]:
         return self._json("GET", "/object_info")
@@ -385,6 +410,35 @@ class ComfyUIClient:
 
     def close(self) -> None:
         self._session.close()
+
+
+def snippet(text: str, limit: int = 120) -> str:
+    """A response body in one short line: an HTML error page must not fill the log."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+def describe_transport(exc: BaseException) -> str:
+    """A transport failure in a few words ("connection refused", "connection reset"), not
+    urllib3's nested repr of the pool, the url and the socket object."""
+    seen: list[BaseException] = [exc]
+    for cause in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, (requests.ConnectTimeout, TimeoutError)) or \
+                type(cause).__name__ == "ConnectTimeoutError":
+            return "connect timed out"
+        if type(cause).__name__ == "RemoteDisconnected":
+            return "closed the connection without answering"
+        if type(cause).__name__ in ("NameResolutionError", "gaierror"):
+            return "host name not found"
+        for nxt in (getattr(cause, "reason", None), cause.__cause__, cause.__context__,
+                    *[a for a in cause.args if isinstance(a, BaseException)]):
+            if isinstance(nxt, BaseException) and nxt not in seen and len(seen) < 16:
+                seen.append(nxt)
+    return f"{type(exc).__name__}: {snippet(str(exc).splitlines()[0] if str(exc) else '')}"
 
 
 def _never_sent(exc: requests.ConnectionError) -> bool:

@@ -7,9 +7,12 @@ workflows against a server's /object_info the first time it answers, and publish
 knows in `ctx.facts` and in the ledger (runtime_state.comfyui_health, read by `dreamd status`):
 
     comfyui_status    ok | starting | down | fallback | error     (status.json)
-    backend_error     a permanent configuration failure (a workflow or checkpoint the server
-                      cannot run): the backend stops, once, with that message, until the
-                      daemon is restarted
+    backend_error     a permanent configuration failure (a workflow or checkpoint that NO
+                      server can run): the backend stops, once, with that message, until the
+                      daemon is restarted. One server that cannot run it is only set aside
+                      (listed in `dreamd status` with the reason and the checkpoints it
+                      has) and validated again every UNFIT_RECHECK seconds
+    keyframe_progress the running prompt's step and node, from the websocket (status.json)
     backend_unusable  why no keyframe can be made right now (error, every server down, the
                       supervised ComfyUI still starting), or None: while set, the planner plans
                       nothing and the keyframe worker claims nothing, so waiting for a server
@@ -24,8 +27,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from dreamd.backend import KeyframeRequest, KeyframeResult
 from dreamd.backends.comfyui.backend import ComfyUIBackend
 from dreamd.backends.comfyui.client import (ComfyUIClient, PromptRejectedError,
                                             ServerUnreachableError)
-from dreamd.backends.comfyui.supervisor import ComfyUISupervisor
+from dreamd.backends.comfyui.supervisor import ComfyUISupervisor, stop_process_tree
 from dreamd.backends.comfyui.workflow import WorkflowError
 from dreamd.errors import ConfigError, PermanentBackendError, TransientBackendError
 
@@ -45,6 +46,7 @@ TICK = 0.5                  # seconds between passes of the health thread
 HEALTH_EVERY = 5.0          # seconds between checks of a server that answers
 PERSIST_EVERY = 60.0        # the ledger copy is rewritten at least this often (last_ok moves)
 PERMANENT_IN_A_ROW = 3      # keyframes failing for good in a row: the backend stops
+UNFIT_RECHECK = 30.0        # seconds between validations of a server that was set aside
 STATUSES = ("ok", "starting", "down", "fallback", "error")
 
 
@@ -72,8 +74,11 @@ class DaemonBackend:
         self._stopping = stopping or threading.Event()
         self._probers = {u: ComfyUIClient(u, client_id=comfy.client_id,
                                           connect_timeout=probe_timeouts[0],
-                                          read_timeout=probe_timeouts[1], tries=1)
+                                          read_timeout=probe_timeouts[1], tries=1,
+                                          retry_read_timeouts=False)
                          for u in comfy.pool.urls}
+        self._chain_index: int | None = None
+        comfy.on_progress = self._on_progress
         self._lock = threading.RLock()
         self._validated: set[str] = set()
         self._checked_at: dict[str, float] = {}
@@ -95,11 +100,16 @@ class DaemonBackend:
             raise TransientBackendError(f"the ComfyUI backend is stopped: {self._error}")
         if self.fallback is not None and self._all_down():
             return self._fall_back(request)
+        self._chain_index = request.chain_index
         try:
             result = self.comfy.generate(request)
         except (WorkflowError, PromptRejectedError) as exc:
-            self._stop_backend(str(exc))
-            raise
+            if self.comfy.pool.all_unfit():
+                self._stop_backend(str(exc))
+                raise
+            self.publish()   # one server was set aside; the others take the retry
+            raise TransientBackendError(f"{exc} (that server is set aside; the keyframe is "
+                                        "retried on another)") from exc
         except PermanentBackendError as exc:
             with self._lock:
                 self._permanent += 1
@@ -123,7 +133,11 @@ class DaemonBackend:
 
     def free(self) -> dict[str, str | None]:
         """Unload models and free memory on every server that answers (the guard's call when
-        a game starts); url -> None or that server's error."""
+        a game starts); url -> None or that server's error. While keyframes are being made
+        the next one loads the model again: pause first to keep the memory free."""
+        if not self.facts.get("paused"):
+            log.info("free while generating: the next keyframe loads the model again "
+                     "(pause first to keep the memory free)")
         return self.comfy.free()
 
     def close(self) -> None:
@@ -176,6 +190,9 @@ class DaemonBackend:
                     continue
             elif url in self._validated and now - self._checked_at.get(url, 0) < HEALTH_EVERY:
                 continue
+            elif (pool.is_unfit(url) and url not in self._validated
+                  and now - self._checked_at.get(url, -UNFIT_RECHECK) < UNFIT_RECHECK):
+                continue      # set aside: validated again now and then, not every pass
             self._checked_at[url] = now
             try:
                 self._probers[url].system_stats()
@@ -190,9 +207,10 @@ class DaemonBackend:
             pool.mark_ok(url)
             if url not in self._validated and not self._error:
                 try:
-                    self.comfy.validate([url])
-                    self._validated.add(url)
-                except PermanentBackendError as exc:
+                    self.comfy.validate([url])   # sets it aside when it cannot run the workflow
+                    if not pool.is_unfit(url):
+                        self._validated.add(url)
+                except PermanentBackendError as exc:   # no server can run it
                     self._stop_backend(str(exc))
                 except TransientBackendError as exc:
                     log.warning("ComfyUI at %s answered but its /object_info did not: %s", url, exc)
@@ -201,13 +219,13 @@ class DaemonBackend:
 
     def _all_down(self) -> bool:
         pool = self.comfy.pool
-        return all(pool.is_benched(u) or not h.healthy
+        return all(pool.is_benched(u) or not h.healthy or h.unfit
                    for u, h in zip(pool.urls, pool.health()))
 
     def status(self) -> str:
         if self._error:
             return "error"
-        if any(h.healthy for h in self.comfy.pool.health()):
+        if any(h.healthy and not h.unfit for h in self.comfy.pool.health()):
             return "ok"
         if self.fallback is not None:
             return "fallback"
@@ -235,7 +253,7 @@ class DaemonBackend:
 
     def _log_change(self, before: str | None, now: str) -> None:
         if now == "ok" and before is not None:
-            up = [h.url for h in self.comfy.pool.health() if h.healthy]
+            up = [h.url for h in self.comfy.pool.health() if h.healthy and not h.unfit]
             log.info("ComfyUI is available again at %s", ", ".join(up))
         elif now in ("down", "fallback"):
             what = ("dreaming on the procedural fallback until one is back" if now == "fallback"
@@ -255,7 +273,8 @@ class DaemonBackend:
             "servers": [{"url": h.url, "healthy": h.healthy, "failures": h.failures,
                          "last_error": h.last_error, "last_ok": _iso(h.last_ok),
                          "benched_until": _iso(h.benched_until),
-                         "supervised": h.url == self.supervised}
+                         "supervised": h.url == self.supervised,
+                         "set_aside": h.unfit, "checkpoints": list(h.checkpoints)}
                         for h in self.comfy.pool.health()],
             "supervisor": None if sup is None else {
                 "state": sup.state, "pid": sup.pid, "restarts_last_hour": sup.restarts,
@@ -268,7 +287,8 @@ class DaemonBackend:
         record = self.health()
         # what matters for a reader; timestamps alone do not make a write
         key = json.dumps([status, record["error"], record["supervisor"],
-                          [(s["url"], s["healthy"], s["failures"], s["last_error"])
+                          [(s["url"], s["healthy"], s["failures"], s["last_error"],
+                            s["set_aside"])
                            for s in record["servers"]]], sort_keys=True)
         if key == self._persisted[0] and time.monotonic() - self._persisted[1] < PERSIST_EVERY:
             return
@@ -288,6 +308,19 @@ class DaemonBackend:
         log.error("ComfyUI backend stopped: %s -- no more keyframes are planned; fix the "
                   "[comfyui] configuration or the server, then restart dreamd", message)
         self.publish()
+
+    def _on_progress(self, value: dict[str, Any] | None) -> None:
+        """The running prompt's progress for status.json: keyframe k, step i of n, node."""
+        if value is None:
+            self.facts["keyframe_progress"] = None
+            return
+        previous = self.facts.get("keyframe_progress") or {}
+        step, steps = value.get("step"), value.get("steps")
+        if step is None and previous.get("node") == value.get("node"):
+            step, steps = previous.get("step"), previous.get("steps")
+        self.facts["keyframe_progress"] = {
+            "keyframe": self._chain_index, "step": step, "steps": steps,
+            "node": value.get("node"), "node_type": value.get("node_type")}
 
     # -- fallback and supervision --------------------------------------------------------------
 
@@ -310,38 +343,22 @@ class DaemonBackend:
 
 
 def stop_orphan(pid_path: Path, argv: list[str], timeout: float = 10.0) -> None:
-    """A ComfyUI this data dir's daemon started before it was killed still runs (it has its
-    own process group): stop it, so exactly one supervised ComfyUI exists. Its queue is lost,
-    which costs one resubmission; the ledger's prompt_id keeps it from running twice."""
+    """A ComfyUI this data dir's daemon started before it was killed still runs (where no
+    parent-death signal tied it to the daemon): stop it and its whole process tree, so
+    exactly one supervised ComfyUI exists. Its queue is lost, which costs one resubmission;
+    the ledger's prompt_id keeps it from running twice."""
     try:
         pid = int(pid_path.read_text().strip())
     except (OSError, ValueError):
         return
-    try:
-        import psutil
-        proc = psutil.Process(pid)
+
+    def ours(proc) -> bool:   # the pid may have been reused by something else
         if proc.cmdline() != argv:
-            return  # the pid was reused by something else
-    except Exception:
-        return
-    log.warning("stopping the ComfyUI (pid %d) a previous dreamd started and left behind", pid)
-
-    def gone() -> bool:  # a zombie is gone too: its parent died, whoever reaps it is not us
-        try:
-            return proc.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except OSError:  # gone already, or not ours to signal
-            break
-        end = time.monotonic() + timeout
-        while not gone() and time.monotonic() < end:
-            time.sleep(0.1)
-        if gone():
-            break
+            return False
+        log.warning("stopping the ComfyUI (pid %d) a previous dreamd started and left "
+                    "behind", pid)
+        return True
+    stop_process_tree(pid, timeout, expect=ours)
     pid_path.unlink(missing_ok=True)
 
 
@@ -361,7 +378,9 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
     """The daemon's ComfyUI backend from the config; `ctx` (a WorkerContext) gives it the
     facts to publish, the ledger to record health in and the stop flag."""
     c = cfg.comfyui
-    stopping = threading.Event()
+    # The daemon's own stop flag: a SIGTERM reaches a keyframe's wait at once, so the stop
+    # does not sit out the grace and the prompt is re-attached at the next start.
+    stopping = getattr(ctx, "stopping", None) or threading.Event()
 
     def sleep(seconds: float) -> None:
         # Backoff and polling end when the daemon stops; the lease is released by then.
@@ -375,7 +394,8 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
             checkpoint=c.checkpoint or None, upload_subfolder=c.upload_subfolder,
             connect_timeout=c.connect_timeout_seconds, read_timeout=c.read_timeout_seconds,
             tries=c.tries, poll_interval=c.poll_interval_seconds,
-            deadline=c.deadline_seconds, bench_cap=c.bench_seconds_max, sleep=sleep)
+            deadline=c.deadline_seconds, bench_cap=c.bench_seconds_max, sleep=sleep,
+            lookup_timeout=c.lookup_timeout_seconds, push=c.push, stopping=stopping)
     except WorkflowError as exc:  # a file or mapping that cannot work with any server
         raise ConfigError(f"[comfyui]: {exc}") from None
     fallback = None
@@ -384,9 +404,9 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
         fallback = ProceduralBackend()
 
     supervisor, pid_path = None, cfg.data_dir / "comfyui.pid"
-    if c.start_command:
+    if c.start_argv or c.start_command:
         supervisor = ComfyUISupervisor(
-            c.start_command, cwd=c.start_cwd or None, env=c.start_env, gpu_index=cfg.system.gpu,
+            c.start_argv or c.start_command, cwd=c.start_cwd or None, env=c.start_env, gpu_index=cfg.system.gpu,
             log_path=c.log_file or cfg.logs_dir / "comfyui.log", health_url=comfy.pool.urls[0],
             max_restarts_per_hour=c.max_restarts_per_hour)
         stop_orphan(pid_path, supervisor.argv)
@@ -403,6 +423,7 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
         comfy, facts=ctx.facts if ctx is not None else None,
         engine=ctx.engine if ctx is not None else None, fallback=fallback,
         supervisor=supervisor, pid_path=pid_path if supervisor is not None else None,
-        probe_timeouts=(c.connect_timeout_seconds, min(5.0, c.read_timeout_seconds)),
+        probe_timeouts=(c.connect_timeout_seconds,
+                        min(c.lookup_timeout_seconds, c.read_timeout_seconds)),
         stopping=stopping)
     return backend.start()

@@ -1,26 +1,42 @@
 """A ComfyUI process the daemon was told to start (`[comfyui] start_command`): start it,
 wait for /system_stats, restart it with backoff when it dies, stop it on the way out.
 
-The command is split like a shell would split it but never run by one. The child gets its
-own process group, so stopping it (SIGTERM, then SIGKILL after a timeout) reaches whatever
-it started and nothing else. Its output goes to `log_path`, appended, one header per start.
+The command is split like a shell would split it but never run by one (on Windows by the
+rules of CommandLineToArgvW, so a quoted path with spaces is one argument), or given as a
+list and not split at all. The child gets its own process group, so stopping it (SIGTERM,
+then SIGKILL after a timeout) reaches whatever it started and nothing else. Its output goes
+to `log_path`, appended, one header per start.
+
+The child's life is tied to the daemon's: on Linux it asks the kernel for SIGKILL when its
+parent dies (prctl PR_SET_PDEATHSIG, through ctypes), so a SIGKILLed dreamd leaves no
+ComfyUI holding GPU memory. Elsewhere (no such signal) a ComfyUI left behind is found by
+the pid file at the next start and stopped with its whole process tree (psutil), which works
+on Windows too. The parent-death signal follows the *thread* that started the child: the
+first start runs on the daemon's main thread, restarts on the watcher, which lives until
+stop().
+
+`CUDA_VISIBLE_DEVICES` comes from system.gpu unless start_env sets it: the explicit setting
+wins (logged at start when the two differ).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import psutil
 import requests
 
 from dreamd.errors import ConfigError
@@ -29,6 +45,126 @@ log = logging.getLogger(__name__)
 
 
 LOG_MAX_BYTES = 20_000_000   # ComfyUI's output is appended; at start a bigger log moves to .1
+PR_SET_PDEATHSIG = 1         # linux/prctl.h
+
+
+def split_command(command: str | Sequence[str], *, windows: bool = os.name == "nt") -> list[str]:
+    """`start_command` as argv: a list is taken as it is; a string is split like a POSIX
+    shell would, or on Windows like CommandLineToArgvW (what a Windows program itself does
+    with its command line), so `"C:\\Users\\John Doe\\python.exe" main.py` is two
+    arguments, quotes gone, backslashes kept."""
+    if not isinstance(command, str):
+        return [str(a) for a in command]
+    return _split_windows(command) if windows else shlex.split(command)
+
+
+def _split_windows(line: str) -> list[str]:
+    """The Microsoft C runtime's rules: whitespace separates; "..." groups; 2n backslashes
+    before a quote are n backslashes and the quote toggles grouping, 2n+1 are n and a
+    literal quote; other backslashes are literal; "" inside a group is a literal quote. The
+    program name (first argument) knows no escapes: quotes only group."""
+    args: list[str] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in " \t":
+            i += 1
+        if i >= n:
+            return args
+        buf: list[str] = []
+        quoted = False
+        if not args:          # argv[0]
+            while i < n and (quoted or line[i] not in " \t"):
+                if line[i] == '"':
+                    quoted = not quoted
+                else:
+                    buf.append(line[i])
+                i += 1
+            args.append("".join(buf))
+            continue
+        while i < n and (quoted or line[i] not in " \t"):
+            c = line[i]
+            if c == "\\":
+                j = i
+                while j < n and line[j] == "\\":
+                    j += 1
+                if j < n and line[j] == '"':
+                    buf.append("\\" * ((j - i) // 2))
+                    if (j - i) % 2:
+                        buf.append('"')
+                        i = j + 1
+                    else:
+                        i = j            # the quote is handled below
+                    continue
+                buf.append("\\" * (j - i))
+                i = j
+                continue
+            if c == '"':
+                if quoted and i + 1 < n and line[i + 1] == '"':
+                    buf.append('"')      # "" inside a group
+                    i += 2
+                    continue
+                quoted = not quoted
+                i += 1
+                continue
+            buf.append(c)
+            i += 1
+        args.append("".join(buf))
+
+
+def _parent_death_hook() -> Callable[[], None] | None:
+    """Linux: a preexec_fn asking for SIGKILL when the parent dies; None elsewhere. libc is
+    loaded here, in the parent: the child between fork and exec only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:    # the parent died before the prctl: follow it now
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def stop_process_tree(pid: int, timeout: float = 10.0, *,
+                      expect: Callable[[psutil.Process], bool] | None = None) -> bool:
+    """Terminate a process and every descendant (psutil: Linux, macOS and Windows alike),
+    then kill what is left after `timeout`. `expect` may refuse a pid reused by something
+    else. Returns whether anything was stopped. A zombie counts as gone: its parent died,
+    and whoever reaps it is not us."""
+    try:
+        root = psutil.Process(pid)
+        if expect is not None and not expect(root):
+            return False
+        tree = [root, *root.children(recursive=True)]
+    except (psutil.Error, OSError):
+        return False
+
+    def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+        out = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+            except psutil.Error:
+                pass
+        return out
+    for kill in (False, True):
+        for proc in alive(tree):
+            try:
+                proc.kill() if kill else proc.terminate()
+            except psutil.Error:
+                pass
+        end = time.monotonic() + timeout
+        while alive(tree) and time.monotonic() < end:
+            time.sleep(0.05)
+        if not alive(tree):
+            break
+    return True
 
 
 def rotate_log(path: Path) -> None:
@@ -53,20 +189,27 @@ class SupervisorStatus:
 class ComfyUISupervisor:
     """One supervised ComfyUI process. `start()`, then `stop()`; `status()` for the TUI."""
 
-    def __init__(self, command: str, cwd: str | Path | None = None,
+    def __init__(self, command: str | Sequence[str], cwd: str | Path | None = None,
                  env: Mapping[str, str] | None = None, gpu_index: int | None = None,
                  log_path: str | Path = "comfyui.log", health_url: str = "http://127.0.0.1:8188",
                  *, start_timeout: float = 180.0, stop_timeout: float = 10.0,
                  max_restarts_per_hour: int = 10, backoff_base: float = 2.0,
                  backoff_cap: float = 120.0, check_interval: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.argv = shlex.split(command, posix=os.name != "nt")
+        try:
+            self.argv = split_command(command)
+        except ValueError as exc:    # shlex: an unclosed quote
+            raise ConfigError(f"[comfyui] start_command = {command!r} cannot be split: {exc}") from None
         if not self.argv:
             raise ConfigError("[comfyui] start_command is empty")
-        self.command = command
+        self.command = command if isinstance(command, str) else shlex.join(self.argv)
         self.cwd = Path(cwd) if cwd else None
         self.env = dict(env or {})
         self.gpu_index = gpu_index
+        explicit = self.env.get("CUDA_VISIBLE_DEVICES")
+        if explicit is not None and gpu_index is not None and explicit != str(gpu_index):
+            log.info("ComfyUI gets CUDA_VISIBLE_DEVICES=%s from [comfyui] start_env; it wins "
+                     "over system.gpu = %s", explicit, gpu_index)
         self.log_path = Path(log_path)
         self.health_url = health_url.rstrip("/")
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
@@ -144,14 +287,17 @@ class ComfyUISupervisor:
     def _spawn(self) -> None:
         env = dict(os.environ)
         env.update(self.env)
-        if self.gpu_index is not None:
+        if self.gpu_index is not None and "CUDA_VISIBLE_DEVICES" not in self.env:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_index)
         assert self._log is not None
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"--- {stamp} dreamd starts ComfyUI: {self.command}\n".encode())
         self._log.flush()
-        group = ({"start_new_session": True} if os.name != "nt"
-                 else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})  # type: ignore[attr-defined]
+        group: dict = ({"start_new_session": True} if os.name != "nt"
+                       else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})  # type: ignore[attr-defined]
+        hook = _parent_death_hook()
+        if hook is not None:
+            group["preexec_fn"] = hook
         try:
             self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                                           stdout=self._log, stderr=subprocess.STDOUT, **group)
@@ -218,8 +364,8 @@ class ComfyUISupervisor:
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], *, graceful: bool) -> None:
-        if os.name == "nt":
-            proc.terminate() if graceful else proc.kill()
+        if os.name == "nt":   # no process groups to signal: the tree, through psutil
+            stop_process_tree(proc.pid, timeout=0.0)
             return
         try:  # the group we created at spawn: the child and what it started
             os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)

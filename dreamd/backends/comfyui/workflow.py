@@ -239,7 +239,18 @@ def _combo(conf: list[Any]) -> list[Any] | None:
     return None
 
 
+def checkpoints_in(object_info: dict[str, Any]) -> list[str]:
+    """The checkpoint names a server offers (CheckpointLoaderSimple's list), or []."""
+    try:
+        conf = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
+    except (KeyError, TypeError):
+        return []
+    return [str(c) for c in (_combo(conf) or [])]
+
+
 def _listing(options: list[Any], limit: int = 30) -> str:
+    if not options:
+        return "none"
     shown = ", ".join(map(str, options[:limit]))
     return shown + (f", … ({len(options)} in all)" if len(options) > limit else "")
 

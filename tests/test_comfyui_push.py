@@ -1,0 +1,186 @@
+"""Push, not poll: the double speaks ComfyUI's websocket as the shared transcript shows, and
+the backend follows each prompt over it, with /history as the truth and the fallback when
+the socket is refused, silent or drops mid-prompt; progress is reported; a stop reaches
+the wait. Real HTTP and websocket servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+
+import pytest
+import requests
+import websocket
+from PIL import Image
+
+from dreamd.backend import KeyframeRequest
+from dreamd.backends.comfyui import ComfyUIBackend
+from dreamd.errors import PermanentBackendError, TransientBackendError
+from tests.comfyui_double import ComfyUIDouble, shared_file
+
+CKPT = "random-sd15.safetensors"
+
+
+@pytest.fixture
+def double():
+    with ComfyUIDouble(checkpoints=[CKPT]) as d:
+        yield d
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def build(url: str, **kw) -> ComfyUIBackend:
+        kw = {"checkpoint": CKPT, "poll_interval": 0.01, "queue_check_interval": 5.0,
+              "tries": 2, "read_timeout": 5.0, **kw}
+        backend = ComfyUIBackend(url, **kw)
+        made.append(backend)
+        return backend
+    yield build
+    for backend in made:
+        backend.close()
+
+
+def request(steps: int = 4, **kw) -> KeyframeRequest:
+    fields = dict(chain_index=3, width=64, height=32, seed=11, theme="ethereal", prompt="a window",
+                  negative_prompt="", denoise=0.3, steps=steps, cfg=6.0, sampler="euler",
+                  scheduler="normal", prompt_id=str(uuid.uuid4()),
+                  image=Image.new("RGB", (64, 32), (30, 60, 90)))
+    return KeyframeRequest(**{**fields, **kw})
+
+
+def history_gets(double: ComfyUIDouble, prompt_id: str) -> int:
+    return double.count("GET", f"/history/{prompt_id}")
+
+
+# -- the double's websocket, against the transcript ------------------------------------------
+
+def test_connect_greets_with_status_and_answers_feature_flags(double):
+    ws = websocket.create_connection(double.url.replace("http", "ws") + "/ws?clientId=ff-probe",
+                                     timeout=10)
+    try:
+        first = json.loads(ws.recv())
+        assert first == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                    "sid": "ff-probe"}}   # transcript 51
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": False}}))
+        assert json.loads(ws.recv()) == {"type": "feature_flags", "data": {
+            "supports_preview_metadata": True, "max_upload_size": 104857600}}
+    finally:
+        ws.close()
+
+
+def test_one_prompt_sends_the_transcripts_sequence(double):
+    """Section 33's (type, node) sequence without progress_state frames: status twice, then
+    execution_start, execution_cached, executing per node, progress per step on the
+    sampler, executed on the output, execution_success, status, executing null."""
+    ws = websocket.create_connection(double.url.replace("http", "ws") + "/ws?clientId=seq",
+                                     timeout=10)
+    try:
+        json.loads(ws.recv())
+        workflow = json.loads(shared_file("example_txt2img_api.json").read_text())
+        sampler = next(n for n, v in workflow.items() if v["class_type"] == "KSampler")
+        workflow[sampler]["inputs"]["steps"] = 3
+        body = requests.post(double.url + "/prompt", json={"prompt": workflow, "client_id": "seq"},
+                             timeout=10).json()
+        seen = []
+        while not seen or seen[-1] != ("executing", None):
+            frame = json.loads(ws.recv())
+            if frame["type"] != "progress_state":
+                seen.append((frame["type"], frame["data"].get("node")))
+                if frame["type"] not in ("status",):
+                    assert frame["data"]["prompt_id"] == body["prompt_id"]
+    finally:
+        ws.close()
+    kinds = [k for k, _ in seen]
+    # two status frames first, as in section 33: the POST queued it, the executor took it
+    assert kinds[:4] == ["status", "status", "execution_start", "execution_cached"]
+    assert kinds[-4:] == ["executed", "execution_success", "status", "executing"]
+    assert [n for k, n in seen if k == "progress"] == [sampler] * 3
+    executing = [n for k, n in seen if k == "executing"]
+    assert executing[-1] is None and sampler in executing
+    # the history entry exists when `executing` null arrives (ComfyUI writes it first)
+    assert body["prompt_id"] in requests.get(f"{double.url}/history/{body['prompt_id']}",
+                                             timeout=10).json()
+
+
+# -- the backend follows prompts by push ---------------------------------------------------------
+
+def test_a_keyframe_is_pushed_not_polled(double, make):
+    double.delay = 0.5
+    backend = make(double.url)
+    req = request()
+    result = backend.generate(req)
+    assert result.info["pushed"] is True and result.image.size == (64, 32)
+    # at a 10 ms poll, polling would have asked ~50 times during the 0.5 s prompt
+    assert history_gets(double, req.prompt_id) <= 4
+
+
+def test_polling_when_push_is_off(double, make):
+    double.delay = 0.3
+    backend = make(double.url, push=False)
+    req = request()
+    assert backend.generate(req).info["pushed"] is False
+    assert history_gets(double, req.prompt_id) > 5
+
+
+def test_progress_is_reported_step_by_step_then_cleared(double, make):
+    backend = make(double.url)
+    seen: list = []
+    backend.on_progress = seen.append
+    req = request(steps=5)
+    backend.generate(req)
+    steps = [(p["node"], p["node_type"], p["step"], p["steps"]) for p in seen if p and p["step"]]
+    assert steps == [("6", "KSampler", i, 5) for i in range(1, 6)]
+    assert {"node": "8", "node_type": "SaveImage"}.items() <= next(
+        p for p in seen if p and p["node"] == "8").items()
+    assert seen[-1] is None
+
+
+def test_an_execution_error_arrives_by_push_and_history_decides(double, make):
+    double.faults.execution_errors = [{"exception_type": "ValueError",
+                                       "exception_message": "bad latent"}]
+    backend = make(double.url)
+    with pytest.raises(PermanentBackendError, match="ValueError: bad latent"):
+        backend.generate(request())
+
+
+@pytest.mark.parametrize("fault", ["ws_drop_after", "ws_silent", "ws_refuse"])
+def test_without_a_working_socket_the_keyframe_is_polled(double, make, fault, caplog):
+    """A socket that drops mid-prompt, one that sends nothing, a server without one: the
+    keyframe still comes, from /history."""
+    double.delay = 0.3
+    setattr(double.faults, fault, 3 if fault == "ws_drop_after" else True)
+    backend = make(double.url)
+    req = request(steps=8)
+    with caplog.at_level(logging.INFO, logger="dreamd.backends.comfyui"):
+        result = backend.generate(req)
+    assert result.image.size == (64, 32) and result.info["pushed"] is False
+    assert double.posts_for(req.prompt_id) == 1
+    assert "polling" in caplog.text
+    # the next keyframe does not wait on a dead socket either
+    assert backend.generate(request(seed=12)).image.size == (64, 32)
+
+
+def test_a_stop_reaches_the_wait(double, make):
+    double.delay = 120.0
+    stopping = threading.Event()
+    backend = make(double.url, stopping=stopping)
+    req = request()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            backend.generate(req)
+        except Exception as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert double.wait_running(req.prompt_id, timeout=30)
+    stopping.set()
+    thread.join(timeout=30)   # generous: the wait checks the flag every 0.25 s
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], TransientBackendError) and "stopping" in str(outcome[0])
+    assert double.posts_for(req.prompt_id) == 1   # left running: re-attached at the next start
