@@ -107,9 +107,16 @@ DEFAULT_THEMES = [
           "blurry, lowres, text, watermark"),
 ]
 
+# Process names of common games (the executable that holds the GPU, not the launcher:
+# Steam, Epic and Battle.net idle in the background all day). Matched case-insensitively,
+# with or without ".exe", so Proton and native Linux builds match too.
 DEFAULT_GAMES = [
-    "eldenring.exe", "cs2.exe", "dota2.exe", "valorant.exe", "fortniteclient-win64-shipping.exe",
-    "overwatch.exe", "cyberpunk2077.exe", "bg3.exe", "witcher3.exe", "rdr2.exe",
+    "eldenring.exe", "cs2.exe", "dota2.exe", "valorant-win64-shipping.exe",
+    "fortniteclient-win64-shipping.exe", "overwatch.exe", "cyberpunk2077.exe", "bg3.exe",
+    "bg3_dx11.exe", "witcher3.exe", "rdr2.exe", "gta5.exe", "r5apex.exe",
+    "league of legends.exe", "destiny2.exe", "starfield.exe", "helldivers2.exe",
+    "cod.exe", "rocketleague.exe", "minecraft.windows.exe", "palworld-win64-shipping.exe",
+    "marvel-win64-shipping.exe", "ffxiv_dx11.exe", "wow.exe",
 ]
 
 
@@ -296,14 +303,31 @@ class ComfyUI:
                             "<data_dir>/logs/comfyui.log")
 
 
+def _process_names(value: list[str]) -> str | None:
+    bad = [n for n in value if not n.strip() or "/" in n or "\\" in n]
+    return (f"process names like \"eldenring.exe\", not paths or empty strings "
+            f"({bad[0]!r} is not one)") if bad else None
+
+
 @dataclass
 class Guard:
-    enabled: bool = key(True, "pause generation and free VRAM while a known game runs (the "
-                                   "guard is not built yet: validated, no effect)")
+    # dreamd/guard/ and dreamd/workers/guard.py: the game guard
+    enabled: bool = key(True, "pause generation and free VRAM (ComfyUI's /free, local models "
+                              "off the GPU) while a known game runs; resume after it ends")
     known_games: list[str] = key(DEFAULT_GAMES, "process names that pause the dream "
-                                                "(case-insensitive)")
-    check_interval_seconds: float = key(5.0, "how often the process list is read",
+                                                "(case-insensitive, \".exe\" optional)",
+                                 check=_process_names)
+    check_interval_seconds: float = key(2.0, "how often the process list (and the GPU) is read",
                                         min=0.5, max=3600.0)
+    resume_after_seconds: float = key(60.0, "how long the game must have been gone before "
+                                            "generation resumes by itself", min=0.0,
+                                      max=86_400.0)
+    gpu_vram_gb: float = key(0.0, "pause while another process holds more than this much "
+                                  "memory on the generation GPU (system.gpu; pynvml, NVIDIA "
+                                  "only); 0 = off", min=0.0, max=1024.0)
+    gpu_utilization_percent: float = key(0.0, "pause while another process uses more than "
+                                              "this share of the generation GPU's compute; "
+                                              "0 = off", min=0.0, max=100.0)
 
 
 @dataclass

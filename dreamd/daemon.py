@@ -37,7 +37,7 @@ DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
 STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
 WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "status",
-           "janitor", "controls", "heartbeat")
+           "janitor", "controls", "heartbeat", "guard")
 
 
 # ---------------------------------------------------------------- pid file
@@ -293,6 +293,8 @@ class Daemon:
         every("janitor", 5.0, jan.tick)
         every("controls", 1.0, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
+        from dreamd.workers.guard import Guard       # the game guard: pause, free, resume
+        every("guard", cfg.guard.check_interval_seconds, Guard(ctx).tick)
 
         scheduler.start()
         try:

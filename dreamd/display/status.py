@@ -39,6 +39,8 @@ KEYS = (
     "last_update",            # ISO 8601 UTC
     "problem",                # null, or what is wrong now: ledger busy, disk full, …
     "stale_after_seconds",    # last_update older than this: the daemon is gone or hung
+    "theme",                  # the theme of the keyframe on screen
+    "paused_by",              # null | user | guard (the game guard; it resumes by itself)
 )
 STALE_AFTER_MIN = 10.0        # seconds; status.json is written at least once a second
 

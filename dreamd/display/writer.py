@@ -57,6 +57,7 @@ class DisplayWriter:
         self.underruns = rt.underruns
         self.current: Path | None = None
         self.prompt: str | None = None
+        self.theme: str | None = None
         self.buffering = True
         self.in_underrun = False
         self.state = "starting"
@@ -139,7 +140,8 @@ class DisplayWriter:
         self.show(nxt)
         self.ahead = max(0, ahead - 1)
         self.state = "playing"
-        self._status_maybe(fps, force=False, ahead=self.ahead)
+        # at every frame: the Rainmeter skin crossfades when frame_number changes
+        self._status_maybe(fps, force=True, ahead=self.ahead)
 
     def show(self, frame) -> None:
         timings: dict[str, float] = {}
@@ -161,9 +163,10 @@ class DisplayWriter:
             self.record()
         if new_chain:
             with self.ctx.reader.connect() as conn:
-                self.prompt = conn.execute(select(KF.c.prompt).where(
+                row = conn.execute(select(KF.c.prompt, KF.c.theme).where(
                     KF.c.chain_index == frame.chain_index, KF.c.state == "completed")
-                    .limit(1)).scalar()
+                    .limit(1)).first()
+                self.prompt, self.theme = (row.prompt, row.theme) if row else (None, None)
         log_timing(log, "display", frame.id, timings)
 
     # ------------------------------------------------------------ the ledger's record
@@ -277,6 +280,8 @@ class DisplayWriter:
             problem="; ".join(p for p in (ctx.conditions.summary(),
                                           ctx.facts.get("storage_low")) if p) or None,
             stale_after_seconds=status_json.stale_after(fps),
+            theme=self.theme,
+            paused_by=facts.get("paused_by") if paused else None,
         ))
 
 

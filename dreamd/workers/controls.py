@@ -18,6 +18,7 @@ from sqlalchemy import Connection, select
 
 from dreamd import config
 from dreamd.errors import ConfigError
+from dreamd.guard import GUARD, source_of
 from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Control, RuntimeState, utcnow
 from dreamd.workers.context import LIVE_KNOBS, WorkerContext
@@ -28,13 +29,27 @@ COMMANDS = ("pause", "resume", "set", "theme", "free", "inject")
 RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
 
 
-def request(conn: Connection, command: str, args: dict[str, Any] | None = None) -> int:
-    """Write a control row (what every surface calls)."""
+def request(conn: Connection, command: str, args: dict[str, Any] | None = None, *,
+            worker: str = "surface") -> int:
+    """Write a control row (what every surface calls; the game guard too, with
+    worker="guard" and `"source": "guard"` in its args)."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown control {command!r}: expected one of {', '.join(COMMANDS)}")
     return transitions.create(conn, "control", {"command": command,
                                                 "args": json.dumps(args or {})},
-                              worker="surface")
+                              worker=worker)
+
+
+def pause_source(conn: Connection) -> str | None:
+    """Who made the pause in force: "guard" when the last applied pause came from the game
+    guard, else "user" (dreamd/guard/__init__.py: the rule, and `dreamd status`'s copy)."""
+    rt = RuntimeState.__table__
+    if not conn.execute(select(rt.c.paused).where(rt.c.id == 1)).scalar():
+        return None
+    args = conn.execute(select(CT.c.args).where(CT.c.command == "pause",
+                                               CT.c.state == "applied")
+                        .order_by(CT.c.id.desc()).limit(1)).first()
+    return source_of(args.args) if args else "user"
 
 
 def _live_key(key: str) -> str:
@@ -80,6 +95,8 @@ def restore(ctx: WorkerContext) -> None:
     rt = ctx.runtime()
     ctx.facts["paused"] = bool(rt.paused)
     ctx.facts["pause_reason"] = rt.pause_reason
+    with ctx.reader.connect() as conn:
+        ctx.facts["paused_by"] = pause_source(conn)
     knobs, bad = checked_knobs(queries.knobs(rt))
     if bad:
         for key, why in bad.items():
@@ -154,9 +171,15 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
     if command == "pause":
         reason = str(args.get("reason") or "paused by user")
         ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
+        ctx.facts["paused_by"] = GUARD if args.get("source") == GUARD else "user"
         return {"paused": 1, "pause_reason": reason}
     if command == "resume":
+        if args.get("source") == GUARD and ctx.facts.get("paused_by") != GUARD:
+            # a pause the user made (before or during the game) is theirs to lift
+            raise ValueError("the dream was paused by the user, not by the game guard: "
+                             "the guard never undoes that (`dreamd resume` does)")
         ctx.facts["paused"], ctx.facts["pause_reason"] = False, None
+        ctx.facts["paused_by"] = None
         return {"paused": 0, "pause_reason": None}
     if command == "set":
         if "reset" in args:         # back to the config file's value
