@@ -60,6 +60,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             finally:
                 engine.dispose()
     report["storage"] = _storage_report(cfg, report)
+    from dreamd.web.server import running_url      # the viewer the live daemon serves
+    run = report.get("last_run") or {}
+    report["web_url"] = running_url(cfg.data_dir, run.get("pid")) if report.get("alive") else None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -305,6 +308,24 @@ def _free_note(cfg) -> str | None:
             "free`; `dreamd resume` when done)")
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from dreamd.errors import DaemonError
+    from dreamd.web.server import live_url
+
+    cfg = _config(args)
+    url = live_url(cfg)
+    if url is None:
+        raise DaemonError(f"no web viewer is running for {cfg.data_dir}: start the daemon "
+                          f"(`dreamd run`; the viewer is on unless web.enabled = false)")
+    url += "?kiosk=1" if args.kiosk else ""
+    print(url)
+    if not webbrowser.open(url):
+        raise DaemonError(f"no browser could be started here: open {url} yourself")
+    return 0
+
+
 def _reader(cfg):
     from dreamd.ledger import database
     return database.reader(cfg.db_path)
@@ -487,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = add("status", cmd_status, "data dir, ledger revision, rows per state, daemon liveness")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    op = add("open", cmd_open, "open the web viewer of the running daemon in the default "
+             "browser")
+    op.add_argument("--kiosk", action="store_true", help="no overlay, no controls, no cursor "
+                    "(for wallpaper apps)")
 
     ps = add("pause", cmd_pause, "pause the dream (generation and playback)")
     ps.add_argument("--reason", help="shown in the status (default: paused by user)")

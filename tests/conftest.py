@@ -65,6 +65,8 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 FAST_CONFIG = """
+[web]
+port = 0    # any free port: the daemons of tests run side by side never collide
 [generation]
 resolution = [128, 64]
 interpolation_frames = 4

@@ -29,6 +29,8 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
                          if run.get("stopped_at") else ""))
     else:
         console.print("[bold]daemon[/]     never run")
+    if report.get("web_url"):
+        console.print(f"[bold]viewer[/]     {report['web_url']}  (`dreamd open`)", highlight=False)
     if report.get("paused"):
         console.print("[bold]paused[/]     yes")
     playhead = report.get("playhead")

@@ -177,3 +177,15 @@ def running_url(data_dir: Path, pid: int | None) -> str | None:
     except (OSError, ValueError):
         return None
     return info.get("url") if isinstance(info, dict) and info.get("pid") == pid else None
+
+
+def live_url(cfg: Config) -> str | None:
+    """The viewer's URL when a daemon runs on this data dir (its pid file names a live
+    process, and web.json is that process's); else None. No ledger, no SQLAlchemy."""
+    import psutil
+
+    try:
+        pid = int(cfg.pid_path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return running_url(cfg.data_dir, pid) if pid and psutil.pid_exists(pid) else None
