@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from sqlalchemy import insert, update
 
-from dreamd import __version__
+from dreamd import __version__, platform
 from dreamd.conditions import (DISK_FULL, begin_retrying, classify, make_reserve,
                                release_reserve, watch_ledger)
 from dreamd.config import Config
@@ -189,7 +189,13 @@ class Daemon:
             self.stop_reason = f"signal {signal.Signals(signum).name}"
             self.stop_event.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        def on_close(why: str) -> None:      # Windows: the console closed, a logoff
+            self.stop_reason = why
+            self.stop_event.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in platform.stop_signals()}
+        stopped = threading.Event()           # the close handler holds Windows off until set
+        console = platform.ConsoleClose(on_close, stopped)
         try:
             acquire_pid_file(self.cfg.pid_path)
             try:
@@ -197,6 +203,8 @@ class Daemon:
             finally:
                 release_pid_file(self.cfg.pid_path)
         finally:
+            stopped.set()
+            console.remove()
             for s, h in previous.items():
                 signal.signal(s, h)
 

@@ -7,7 +7,6 @@ torch: these answer in milliseconds on a read-only connection.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,17 +39,9 @@ def last_run(conn: Connection) -> Row | None:
 
 
 def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    # psutil (dreamd/platform.py): on Windows os.kill(pid, 0) ends the process it asks about
+    from dreamd.platform import pid_alive as alive
+    return alive(pid)
 
 
 def run_alive(run: Row | None, now: datetime | None = None) -> bool:
