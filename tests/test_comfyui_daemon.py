@@ -173,6 +173,36 @@ def test_the_procedural_fallback_dreams_while_every_server_is_down(daemon):
     invariants.check(daemon.data_dir)
 
 
+def test_sigterm_during_a_keyframe_stops_at_once_and_cleans_up(daemon, double):
+    """The stop reaches the wait on the websocket: no grace sat out, the lease released (the
+    prompt is left to ComfyUI and re-attached at the next start), dreamd.pid removed; and
+    while it ran, status.json showed the prompt's progress."""
+    double.delay = 300.0
+    # the aesthetic memory off: its first tick imports open_clip, slow enough on a loaded
+    # machine to sit out the grace on its own, which is not what this test is about
+    daemon.config.write_text(comfy_config([double.url], deadline_seconds=600.0)
+                             + "[cache]\nenabled = false\n")
+    proc = daemon.start()
+    try:
+        wait_for(lambda: double.running is not None, timeout=90,
+                 what=f"a prompt running on ComfyUI:\n{daemon.output()[-3000:]}")
+        prompt_id = double.running.prompt_id
+        progress = wait_for(lambda: (status(daemon).get("keyframe_progress") or {}).get(
+            "node_type") == "KSampler" and status(daemon)["keyframe_progress"], timeout=30,
+            what="the prompt's progress in status.json")
+        assert progress["node"] == "6" and progress["keyframe"] is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = daemon_log(daemon)
+    assert "still running after" not in log and "stopped (signal SIGTERM)" in log
+    assert not (daemon.data_dir / "dreamd.pid").exists()
+    (row,) = rows(daemon, "SELECT state, attempt FROM keyframes WHERE prompt_id = :p", p=prompt_id)
+    assert row.state == "available" and row.attempt == 0      # released, not failed
+    assert double.posts_for(prompt_id) == 1
+    assert status(daemon)["keyframe_progress"] is None
+
+
 # -- crash safety, failover, supervision (slow) --------------------------------------------------
 
 @pytest.mark.slow

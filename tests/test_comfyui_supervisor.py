@@ -1,17 +1,21 @@
-"""The ComfyUI supervisor with a real child process: the test double run as a server."""
+"""The ComfyUI supervisor with a real child process: the test double run as a server; the
+command split as Windows splits it; the child's life tied to the daemon's (a SIGKILLed
+parent takes it along on Linux; an orphan is stopped with its process tree)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from dreamd.backends.comfyui.supervisor import ComfyUISupervisor
+from dreamd.backends.comfyui.supervisor import ComfyUISupervisor, split_command, stop_process_tree
 from dreamd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +112,108 @@ def test_a_command_that_cannot_run_is_a_config_error(tmp_path):
     sup.stop()
     with pytest.raises(ConfigError, match="empty"):
         ComfyUISupervisor("  ")
+
+
+# -- the command: Windows splitting, the list form ------------------------------------------------
+
+@pytest.mark.parametrize("line, argv", [
+    (r'"C:\Users\John Doe\ComfyUI\python_embeded\python.exe" -s ComfyUI\main.py --port 8188',
+     [r"C:\Users\John Doe\ComfyUI\python_embeded\python.exe", "-s", r"ComfyUI\main.py", "--port", "8188"]),
+    (r'C:\ComfyUI\python.exe main.py --output-directory "D:\dream out\\"',
+     [r"C:\ComfyUI\python.exe", "main.py", "--output-directory", "D:\\dream out\\"]),
+    (r'python.exe main.py --extra-model-paths-config "C:\a b\extra.yaml" --x a\\\"b "" c',
+     ["python.exe", "main.py", "--extra-model-paths-config", r"C:\a b\extra.yaml", "--x", 'a\\"b', "", "c"]),
+    (r'python.exe -c "say ""hi"" now"', ["python.exe", "-c", 'say "hi" now']),
+    ('  python.exe\tmain.py  ', ["python.exe", "main.py"]),
+])
+def test_windows_splitting_keeps_a_quoted_path_with_spaces_whole(line, argv):
+    assert split_command(line, windows=True) == argv
+
+
+def test_posix_splitting_and_the_list_form():
+    assert split_command("python main.py --listen '127.0.0.1'", windows=False) == [
+        "python", "main.py", "--listen", "127.0.0.1"]
+    listed = [r"C:\Users\John Doe\python.exe", "main.py"]
+    assert split_command(listed, windows=True) == listed == split_command(listed, windows=False)
+    with pytest.raises(ConfigError, match="cannot be split"):
+        ComfyUISupervisor("python 'main.py")
+
+
+def test_an_explicit_cuda_visible_devices_wins_over_system_gpu(tmp_path):
+    port = free_port()
+    sup = ComfyUISupervisor([sys.executable, "-m", "tests.comfyui_double", "--port", str(port)],
+                            cwd=REPO, env={"CUDA_VISIBLE_DEVICES": "1"}, gpu_index=0,
+                            log_path=tmp_path / "c.log", health_url=f"http://127.0.0.1:{port}",
+                            check_interval=0.05)
+    try:
+        assert sup.start()
+    finally:
+        sup.stop()
+    assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "c.log").read_text()
+
+
+# -- the child's life is tied to the daemon's ------------------------------------------------------
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+PARENT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from dreamd.backends.comfyui.supervisor import ComfyUISupervisor
+sup = ComfyUISupervisor([sys.executable, "-m", "tests.comfyui_double", "--port", "{port}"],
+                        cwd={repo!r}, log_path={log!r}, health_url="http://127.0.0.1:{port}")
+assert sup.start()
+print(sup.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sigkilled_daemon_takes_its_comfyui_with_it(tmp_path):
+    port = free_port()
+    script = PARENT.format(repo=str(REPO), port=port, log=str(tmp_path / "c.log"))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    assert until(lambda: gone(child), timeout=30)
+
+
+def test_stop_process_tree_stops_the_child_and_its_children():
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); print(p.pid, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = int(proc.stdout.readline())
+    try:
+        assert stop_process_tree(proc.pid, expect=lambda p: False) is False   # not ours: untouched
+        assert not gone(proc.pid) and not gone(grandchild)
+        assert stop_process_tree(proc.pid, timeout=10) is True
+        assert gone(proc.pid) and until(lambda: gone(grandchild), timeout=10)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_an_orphan_from_a_previous_daemon_is_stopped_by_its_pid_file(tmp_path):
+    from dreamd.backends.comfyui.daemon_backend import stop_orphan
+    argv = [sys.executable, "-m", "tests.comfyui_double", "--port", str(free_port())]
+    orphan = subprocess.Popen(argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
+    pid_path = tmp_path / "comfyui.pid"
+    try:
+        pid_path.write_text(f"{orphan.pid}\n")
+        stop_orphan(pid_path, argv[:-1] + ["1"])     # another command line: a reused pid, left alone
+        assert not gone(orphan.pid) and not pid_path.exists()   # the stale file is gone
+        pid_path.write_text(f"{orphan.pid}\n")
+        stop_orphan(pid_path, argv)
+        assert gone(orphan.pid) and not pid_path.exists()
+    finally:
+        orphan.kill()
+        orphan.wait(timeout=10)

@@ -41,6 +41,7 @@ KEYS = (
     "stale_after_seconds",    # last_update older than this: the daemon is gone or hung
     "theme",                  # the theme of the keyframe on screen
     "paused_by",              # null | user | guard (the game guard; it resumes by itself)
+    "keyframe_progress",      # null, or the ComfyUI prompt running: keyframe, step, steps, node
 )
 STALE_AFTER_MIN = 10.0        # seconds; status.json is written at least once a second
 

@@ -282,6 +282,7 @@ class DisplayWriter:
             stale_after_seconds=status_json.stale_after(fps),
             theme=self.theme,
             paused_by=facts.get("paused_by") if paused else None,
+            keyframe_progress=facts.get("keyframe_progress"),
         ))
 
 
