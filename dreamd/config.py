@@ -310,6 +310,26 @@ def _process_names(value: list[str]) -> str | None:
 
 
 @dataclass
+class Governor:
+    # dreamd/governor.py: keeps production ahead of playback without tuning
+    enabled: bool = key(True, "choose the interpolation frames N and the interpolation size "
+                              "from measured keyframe and in-between times, between your "
+                              "generation.interpolation_frames / resolution_divisor and the "
+                              "maxima below; false = exactly your settings (no stretch either)")
+    max_interpolation_frames: int = key(120, "the most in-betweens per pair it may choose "
+                                             "when keyframes are slow", min=0, max=240)
+    max_resolution_divisor: float = key(4.0, "the smallest interpolation size it may choose "
+                                             "when in-betweens are slow (4 = 1/4 size)",
+                                        min=1.0, max=8.0)
+    stretch: bool = key(True, "slow the display gently (down to min_stretch of display.fps) "
+                              "while the buffer is low, before it runs out")
+    min_stretch: float = key(0.85, "the slowest display rate while stretching, as a share of "
+                                   "display.fps", min=0.5, max=1.0)
+    dwell_seconds: float = key(30.0, "the shortest time between two changes of N or size",
+                               min=1.0, max=3600.0)
+
+
+@dataclass
 class Guard:
     # dreamd/guard/ and dreamd/workers/guard.py: the game guard
     enabled: bool = key(True, "pause generation and free VRAM (ComfyUI's /free, local models "
@@ -376,6 +396,7 @@ class Config:
     prompts: Prompts = field(default_factory=Prompts)
     comfyui: ComfyUI = field(default_factory=ComfyUI)
     guard: Guard = field(default_factory=Guard)
+    governor: Governor = field(default_factory=Governor)
     storage: Storage = field(default_factory=Storage)
     web: Web = field(default_factory=Web)
     # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).

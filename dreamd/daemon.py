@@ -37,7 +37,8 @@ DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
 STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
 WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "status",
-           "janitor", "controls", "heartbeat", "guard")
+           "janitor", "controls", "heartbeat", "guard",
+           "governor")
 
 
 # ---------------------------------------------------------------- pid file
@@ -260,6 +261,8 @@ class Daemon:
         memory = EmbeddingWorker(ctx, ctx.embedders)
         display = DisplayWriter(ctx)
         jan = janitor.Janitor(ctx)
+        from dreamd.workers.governor import GovernorWorker
+        gov = GovernorWorker(ctx)     # N and interpolation size from measured speeds
         from dreamd.web import server as web      # the viewer: its own thread, no torch
         self.viewer = web.start(cfg)
         if self.viewer is not None:
@@ -285,8 +288,11 @@ class Daemon:
         ctx.wake = wake
 
         def on_knobs(knobs: dict[str, Any]) -> None:
-            scheduler.reschedule_job("display", trigger="interval",
-                                     seconds=1.0 / ctx.knob("display.fps"))
+            # the display rate, slowed by the governor's stretch while the buffer is low
+            scheduler.reschedule_job("display", trigger="interval", seconds=1.0 / (
+                ctx.knob("display.fps") * ctx.facts.get("stretch", 1.0)))
+
+        display.pacer.on_change = lambda: on_knobs({})
 
         # Idle ticks cost CPU (measured in bench/pipeline.py): poll at the pace the
         # buffer needs, not faster. A worker with work loops until it has none.
@@ -299,6 +305,7 @@ class Daemon:
         every("display", 1.0 / ctx.knob("display.fps"), display.tick)
         every("status", STATUS_EVERY, display.status_heartbeat)
         every("janitor", 5.0, jan.tick)
+        every("governor", 2.0, gov.tick)
         every("controls", 1.0, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
         from dreamd.workers.guard import Guard       # the game guard: pause, free, resume

@@ -11,6 +11,11 @@ pass's rows committed, its files not yet deleted).
 `DREAMD_HOLD_AT=keyframe-written` lets a test line up a fault with that moment: when
 the test has created `<data_dir>/arm-<point>`, the next daemon to reach the point
 renames it `held-at-<point>` and waits until the test deletes that, then carries on.
+
+`DREAMD_SLOW=keyframe=2.5,inbetween=0.08` makes a stage slower on purpose (the governor's
+tests and bench/governor.py): every keyframe takes 2.5 s more, every in-between frame
+0.08 s more at full interpolation size (scaled by area: a quarter of it at half size,
+as a real decoder's cost is).
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ from pathlib import Path
 
 ENV = "DREAMD_PAUSE_AT"
 HOLD_ENV = "DREAMD_HOLD_AT"
+SLOW_ENV = "DREAMD_SLOW"
+
+
+def slow_down(stage: str, units: float = 1.0) -> None:
+    """Sleep `units` times the delay DREAMD_SLOW gives `stage` (nothing when unset)."""
+    spec = os.environ.get(SLOW_ENV)
+    if not spec:
+        return
+    for part in spec.split(","):
+        name, _, seconds = part.partition("=")
+        if name.strip() == stage:
+            time.sleep(max(0.0, float(seconds)) * units)
 
 
 def pause_point(name: str, data_dir: Path) -> None:

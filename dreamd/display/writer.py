@@ -28,6 +28,7 @@ from dreamd.errors import StaleTransitionError
 from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
 from dreamd.workers.context import WorkerContext, log_timing, timed
+from dreamd.workers.governor import Pacer
 
 log = logging.getLogger("dreamd.display")
 FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,
@@ -71,6 +72,7 @@ class DisplayWriter:
         self.next_record = 0.0
         self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
+        self.pacer = Pacer(ctx)             # the daemon sets pacer.on_change
         # the web viewer's hook (dreamd/web/server.py): told of each frame on screen; it
         # only hands the news to the viewer's own thread, so it cannot hold playback up
         self.on_shown = None
@@ -137,6 +139,7 @@ class DisplayWriter:
             self._status_maybe(fps, force=True, ahead=ahead)
             return
         self.in_underrun = False
+        self.pacer.pace(seconds)            # the governor's gentle slow-down on a low buffer
         self.show(nxt)
         self.ahead = max(0, ahead - 1)
         self.state = "playing"

@@ -252,6 +252,20 @@ def _pixel(divisor: float, reason: str) -> tuple[LatentCodec, str]:
     return _divided(PixelCodec(), divisor, reason)
 
 
+def at_divisor(codec: LatentCodec, divisor: float) -> LatentCodec:
+    """The same codec (same weights, device, precision) working at 1/divisor size, built
+    the way `choose_codec` builds it for that divisor (the governor changes the size per
+    batch; a latent's identity names its divisor, so sizes never mix)."""
+    base = getattr(codec, "inner", codec)            # a DivisorCodec's own codec
+    if base.name == "pixel":
+        from dreamd.latent.pixel import PixelCodec
+
+        if float(divisor).is_integer():
+            return PixelCodec(divisor=int(divisor), device=base.device, dtype=base.dtype)
+        return DivisorCodec(PixelCodec(device=base.device, dtype=base.dtype), divisor)
+    return base if divisor == 1.0 else DivisorCodec(base, divisor)
+
+
 def _divided(codec: LatentCodec, divisor: float, reason: str) -> tuple[LatentCodec, str]:
     if divisor != 1.0:
         codec = DivisorCodec(codec, divisor)

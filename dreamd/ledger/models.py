@@ -231,6 +231,36 @@ class RuntimeState(Base):
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
 
+
+class GovernorDecision(Base):
+    """A change the governor made (dreamd/governor.py): the interpolation frames N and
+    size it chose, or the display slowed or back to full rate, with why and what it
+    measured. Rows are few: a change waits at least `governor.dwell_seconds`."""
+
+    __tablename__ = "governor_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    run_id: Mapped[int | None] = mapped_column(Integer)       # daemon_runs.id
+    # slow_keyframes | fast_keyframes | slow_inbetweens | headroom | draining | bounds |
+    # off | stretch | stretch_end
+    reason: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)                # what the log said, in words
+    interpolation_frames: Mapped[int] = mapped_column(Integer)  # N from now on
+    resolution_divisor: Mapped[float] = mapped_column(Float)    # interpolation size from now on
+    stretch: Mapped[float] = mapped_column(Float, default=1.0)  # display rate / display.fps
+    previous_frames: Mapped[int | None] = mapped_column(Integer)
+    previous_divisor: Mapped[float | None] = mapped_column(Float)
+    # the measurements behind it
+    keyframe_seconds: Mapped[float | None] = mapped_column(Float)
+    inbetween_ms: Mapped[float | None] = mapped_column(Float)  # per frame, at previous_divisor
+    fps: Mapped[float] = mapped_column(Float)
+    buffer_seconds: Mapped[float | None] = mapped_column(Float)
+    buffer_trend: Mapped[float | None] = mapped_column(Float)  # buffer s gained per s
+    load: Mapped[float | None] = mapped_column(Float)           # predicted; < 1 keeps up
+    detail: Mapped[str | None] = mapped_column(Text)            # JSON: everything else
+
+    __table_args__ = (Index("ix_governor_decisions_at", "at"),)
+
 # entity name (as in `transitions.entity`) -> model
 ENTITY_MODELS: dict[str, type[Base]] = {
     "keyframe": Keyframe,

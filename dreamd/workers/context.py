@@ -25,6 +25,7 @@ LIVE_KNOBS = {
     "generation.denoise", "generation.interpolation_frames", "generation.steps",
     "generation.cfg", "display.fps", "display.buffer_target_seconds",
     "display.min_buffer_seconds", "display.max_output_frames", "prompts.rotation_interval",
+    "governor.enabled",
 }
 
 

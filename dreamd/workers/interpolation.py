@@ -23,12 +23,13 @@ from sqlalchemy import select
 
 from dreamd.conditions import begin_retrying, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
-from dreamd.faults import pause_point
+from dreamd.faults import pause_point, slow_down
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
+from dreamd.workers import governor
 
 log = logging.getLogger("dreamd.interpolation")
 KF = Keyframe.__table__
@@ -62,10 +63,23 @@ class Codecs:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self._codec = None
+        self._sized: dict[float, object] = {}   # the same codec at other divisors
         self._lock = threading.Lock()
         self.reason = ""
 
-    def get(self):
+    def get(self, divisor: float | None = None):
+        """The codec at `divisor` (a batch's, as the governor chose it); at the
+        configured one when None."""
+        codec = self._configured()
+        if divisor is None or float(divisor) == float(self.ctx.cfg.generation.resolution_divisor):
+            return codec
+        with self._lock:
+            if float(divisor) not in self._sized:
+                from dreamd.latent.choose import at_divisor
+                self._sized[float(divisor)] = at_divisor(codec, float(divisor))
+            return self._sized[float(divisor)]
+
+    def _configured(self):
         with self._lock:
             if self._codec is None:
                 from dreamd.latent.choose import choose_codec
@@ -85,8 +99,9 @@ class Codecs:
 
     def release(self) -> None:
         with self._lock:
-            if self._codec is not None:
-                self._codec.release()
+            for codec in [self._codec, *self._sized.values()]:
+                if codec is not None:
+                    codec.release()
 
 
 def encode_keyframe(ctx: WorkerContext, codec, row):
@@ -143,6 +158,7 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    batch = governor.at_claim(ctx, batch, owner)    # N and size as the governor says now
     ts = positions(batch.n_frames)
     try:
         with ctx.reader.connect() as conn:
@@ -150,7 +166,8 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                 [batch.from_keyframe_id, batch.to_keyframe_id]))).all()}
         a, b = pair[batch.from_keyframe_id], pair[batch.to_keyframe_id]
         with ctx.lease("interpolation", batch.id, owner):
-            codec = codecs.get()
+            with timed(timings, "codec"):     # built once: not the batch's own time
+                codec = codecs.get(batch.divisor)
             with timed(timings, "encode"):
                 la, lb = encode_keyframe(ctx, codec, a), encode_keyframe(ctx, codec, b)
             with torch.inference_mode():
@@ -158,6 +175,8 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                     latents = slerp(la, lb, torch.tensor(ts, dtype=torch.float32))
                 with timed(timings, "decode"):
                     frames = to_images(codec.decode(latents))
+                    # a test's slow decoder (DREAMD_SLOW), by area like a real one's
+                    slow_down("inbetween", len(ts) / float(batch.divisor or 1.0) ** 2)
             with timed(timings, "write"):
                 written = [(t, write_frame(ctx, batch.chain_index, t, image, (a.width, a.height)))
                            for t, image in zip(ts, frames)]
@@ -176,7 +195,9 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
         return 0
     environment_recovered(ctx)
 
-    ms = (time.perf_counter() - started) * 1000
+    # the batch's own time: loading the codec's weights the first time is not (the
+    # governor reads duration_ms as the cost of making these frames)
+    ms = (time.perf_counter() - started) * 1000 - timings.get("codec", 0.0)
     try:
         # the frames are on disk: a busy ledger is waited out, not left to the lease
         with timed(timings, "ledger"), begin_retrying(ctx, f"in-betweens of keyframe {batch.chain_index}") as conn:

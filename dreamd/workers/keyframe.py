@@ -19,12 +19,13 @@ from sqlalchemy import select, update
 from dreamd.backend import KeyframeBackend, KeyframeRequest
 from dreamd.conditions import begin_retrying, classify, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
-from dreamd.faults import pause_point
+from dreamd.faults import pause_point, slow_down
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
+from dreamd.workers import governor
 
 log = logging.getLogger("dreamd.keyframe")
 KF = Keyframe.__table__
@@ -80,6 +81,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
         with ctx.lease("keyframe", row.id, owner), timed(timings, "generate"):
             result = backend.generate(request)
+            slow_down("keyframe")         # a test's slow backend (DREAMD_SLOW)
         image = result.image.convert("RGB")
         if image.size != (row.width, row.height):
             raise PermanentBackendError(f"{backend.name} returned {image.size[0]}x"
@@ -123,11 +125,12 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
                                        KF.c.state == "completed")
                                 .order_by(KF.c.id.desc()).limit(1)).first()
             if prev is not None:
+                # N and the interpolation size as the governor chose them now: a change
+                # lands at a segment boundary (dreamd/workers/governor.py)
+                n_frames, divisor = governor.current(ctx)
                 transitions.create(conn, "interpolation", {
                     "chain_index": prev.chain_index, "from_keyframe_id": prev.id,
-                    "to_keyframe_id": row.id,
-                    "n_frames": ctx.knob("generation.interpolation_frames"),
-                    "divisor": ctx.cfg.generation.resolution_divisor,
+                    "to_keyframe_id": row.id, "n_frames": n_frames, "divisor": divisor,
                     "max_attempts": ctx.cfg.generation.max_attempts}, worker=owner)
     except StaleTransitionError as exc:
         log.warning("keyframe %d: %s (its lease was lost; another attempt will redo it)",

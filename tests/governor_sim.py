@@ -1,0 +1,134 @@
+"""A simulated pipeline for the governor's control law: a planner, a keyframe stage and
+an interpolation stage that share a machine, and a display at a fixed rate, stepped in
+simulated time. Stage times come from functions of (time, divisor) with seeded noise,
+so a scenario is deterministic. What the governor sees is what the worker measures in
+the daemon: the median of the last keyframe times, the median ms per frame by divisor
+of the last batches, the buffer and its trend.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dreamd.governor import Bounds, Governor, Measurements
+from dreamd.workers.governor import BATCHES_MEASURED, KEYFRAMES_MEASURED, TREND_WINDOW, slope
+
+
+@dataclass
+class Run:
+    decisions: list = field(default_factory=list)        # (time, Decision)
+    underruns: list = field(default_factory=list)        # times
+    settings: list = field(default_factory=list)         # (time, N, divisor) per batch made
+    shown: int = 0
+
+    def underruns_after(self, t: float) -> int:
+        return sum(1 for u in self.underruns if u > t)
+
+    def last_change(self) -> float:
+        return self.decisions[-1][0] if self.decisions else 0.0
+
+
+def simulate(bounds: Bounds, keyframe: Callable[[float], float],
+             per_frame: Callable[[float, float], float], *, fps: float = 4.0,
+             seconds: float = 900.0, share: float = 0.5, noise: float = 0.0, seed: int = 0,
+             target: float = 30.0, min_buffer: float = 5.0, dt: float = 0.05,
+             bounds_at: Callable[[float], Bounds] | None = None) -> Run:
+    """`keyframe(t)`: seconds a keyframe takes alone; `per_frame(t, divisor)`: seconds an
+    in-between takes alone; `share`: how much the two stages slow each other when both
+    run (0 = not at all, 1 = they take turns). `noise`: relative spread of every time."""
+    rng = random.Random(seed)
+    jitter = (lambda: rng.lognormvariate(0.0, noise)) if noise else (lambda: 1.0)
+    gov = Governor(bounds)
+    run = Run()
+    t = 0.0
+    buffer = 0.0                  # frames ready
+    kf_left = None                # work left on the keyframe in flight (seconds alone)
+    kf_started = 0.0
+    have_previous = False
+    batches: list[tuple[int, float]] = []   # queued (N, divisor)
+    ip = None                     # (N, divisor, work left, started)
+    kf_times: list[float] = []
+    ip_times: list[tuple[float, float]] = []  # (divisor, ms per frame)
+    samples: list[tuple[float, float]] = []
+    playing, credit, next_gov = False, 0.0, 0.0
+    while t < seconds:
+        b = bounds_at(t) if bounds_at else bounds
+        coming = sum(n + 1 for n, _ in batches) + (ip[0] + 1 if ip else 0)
+        if kf_left is None and buffer + coming < target * fps:
+            kf_left, kf_started = keyframe(t) * jitter(), t
+        both = kf_left is not None and ip is not None
+        speed = 1.0 / (1.0 + share) if both else 1.0
+        if kf_left is not None:
+            kf_left -= dt * speed
+            if kf_left <= 0:
+                kf_times.append(t - kf_started)
+                kf_left = None
+                if have_previous:
+                    batches.append((gov.frames, gov.divisor))
+                have_previous = True
+        if ip is None and batches:
+            batches.pop(0)
+            n, d = gov.frames, gov.divisor        # read again when claimed
+            run.settings.append((t, n, d))
+            ip = (n, d, (n + 1) * per_frame(t, d) * jitter(), t)
+        if ip is not None:
+            n, d, left, started = ip
+            left -= dt * speed
+            if left <= 0:
+                buffer += n + 1
+                ip_times.append((d, (t - started) * 1000 / (n + 1)))
+                ip = None
+            else:
+                ip = (n, d, left, started)
+        # the display
+        if not playing and buffer >= max(1.0, min_buffer * fps):
+            playing = True
+        if playing:
+            credit += fps * dt
+            while credit >= 1.0:
+                credit -= 1.0
+                if buffer >= 1.0:
+                    buffer -= 1.0
+                    run.shown += 1
+                else:
+                    playing, credit = False, 0.0
+                    run.underruns.append(t)
+                    break
+        if t >= next_gov:
+            next_gov = t + 2.0
+            samples.append((t, buffer / fps))
+            window = max(TREND_WINDOW, 3 * (gov.frames + 1) / fps)
+            recent = [(s, v) for s, v in samples if t - s <= window]
+            covered = recent and t - recent[0][0] >= 0.8 * window
+            by: dict[float, list[float]] = {}
+            for d, ms in ip_times[-BATCHES_MEASURED:]:
+                by.setdefault(d, []).append(ms)
+            m = Measurements(
+                fps=fps, keyframe_seconds=(statistics.median(kf_times[-KEYFRAMES_MEASURED:])
+                                           if kf_times else None),
+                keyframe_seconds_high=max(kf_times[-KEYFRAMES_MEASURED:], default=None),
+                inbetween_ms={d: statistics.median(v) for d, v in by.items()},
+                buffer_seconds=buffer / fps, buffer_target=target,
+                trend=slope(recent) if covered else None)
+            decision = gov.update(m, b, t)
+            if decision is not None:
+                run.decisions.append((t, decision))
+        t += dt
+    return run
+
+
+def reversals(run: Run) -> int:
+    """How often N or the divisor changed direction (up then down, or down then up)."""
+    count = 0
+    if not run.decisions:
+        return 0
+    first = run.decisions[0][1]
+    for start, pick in ((first.previous_frames, lambda d: d.frames),
+                        (first.previous_divisor, lambda d: d.divisor)):
+        values = [start] + [pick(d) for _, d in run.decisions]
+        signs = [1 if b > a else -1 for a, b in zip(values, values[1:]) if b != a]
+        count += sum(1 for a, b in zip(signs, signs[1:]) if a != b)
+    return count
