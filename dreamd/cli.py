@@ -60,6 +60,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             finally:
                 engine.dispose()
     report["storage"] = _storage_report(cfg, report)
+    from dreamd.guard import paused_by_in      # "guard": the game guard resumes it itself
+    report["paused_by"] = paused_by_in(cfg.db_path) if report.get("paused") else None
     from dreamd.web.server import running_url      # the viewer the live daemon serves
     run = report.get("last_run") or {}
     report["web_url"] = running_url(cfg.data_dir, run.get("pid")) if report.get("alive") else None
@@ -426,6 +428,11 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rainmeter_install(args: argparse.Namespace) -> int:
+    from dreamd.rainmeter import run_install
+    return run_install(_config(args), args.skins_dir, autostart=not args.no_autostart)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dreamd.doctor import diagnose, print_report
 
@@ -558,6 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
         cfg_sub)
     chk = add("check", cmd_config_check, "validate a config file", cfg_sub)
     chk.add_argument("file", metavar="FILE")
+
+    rm = sub.add_parser("rainmeter", help="the Rainmeter skin (Windows)")
+    rm_sub = rm.add_subparsers(dest="rainmeter_command", metavar="ACTION", required=True)
+    ri = add("install", cmd_rainmeter_install, "copy the Dream Window skin into Rainmeter's "
+             "Skins folder, set up for this install (data dir, output dir, this python)",
+             rm_sub)
+    ri.add_argument("--skins-dir", metavar="DIR", help="Rainmeter's Skins folder (default: "
+                    "Rainmeter.ini's SkinPath, else Documents\\Rainmeter\\Skins; needed off "
+                    "Windows)")
+    ri.add_argument("--no-autostart", action="store_true", help="do not start `dreamd run` "
+                    "when the skin loads and no daemon runs")
 
     db = sub.add_parser("db", help="ledger migrations")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)

@@ -33,6 +33,9 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"[bold]viewer[/]     {report['web_url']}  (`dreamd open`)", highlight=False)
     if report.get("paused"):
         console.print("[bold]paused[/]     yes")
+    if report.get("paused_by") == "guard":
+        console.print("             by the game guard: it resumes by itself once the game "
+                      "has been gone guard.resume_after_seconds", highlight=False)
     playhead = report.get("playhead")
     if playhead and playhead.get("chain_index") is not None:
         console.print(f"[bold]playhead[/]   keyframe {playhead['chain_index']} t="

@@ -42,6 +42,7 @@ KEYS = (
     "theme",                  # the theme of the keyframe on screen
     "paused_by",              # null | user | guard (the game guard; it resumes by itself)
     "keyframe_progress",      # null, or the ComfyUI prompt running: keyframe, step, steps, node
+    "denoise",                # generation.denoise now (the skin's denoise buttons step it)
 )
 STALE_AFTER_MIN = 10.0        # seconds; status.json is written at least once a second
 

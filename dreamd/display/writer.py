@@ -286,6 +286,7 @@ class DisplayWriter:
             theme=self.theme,
             paused_by=facts.get("paused_by") if paused else None,
             keyframe_progress=facts.get("keyframe_progress"),
+            denoise=ctx.knob("generation.denoise"),
         ))
 
 

@@ -29,3 +29,16 @@ def paused_by(conn: sqlite3.Connection) -> str | None:
     args = conn.execute("SELECT args FROM controls WHERE command = 'pause' AND state = "
                         "'applied' ORDER BY id DESC LIMIT 1").fetchone()
     return source_of(args[0]) if args else "user"
+
+
+def paused_by_in(db_path) -> str | None:
+    """paused_by() on the ledger at `db_path`, opened read-only."""
+    from urllib.request import pathname2url     # a path with ?, # or % stays a path
+
+    conn = sqlite3.connect(f"file:{pathname2url(str(db_path))}?mode=ro", uri=True)
+    try:
+        return paused_by(conn)
+    except sqlite3.Error:         # no such table yet: an empty or old ledger
+        return None
+    finally:
+        conn.close()
