@@ -163,6 +163,7 @@ class ComfyUIDouble:
         self.running: Item | None = None
         self.history: dict[str, dict[str, Any]] = {}
         self.finished_at: dict[str, float] = {}   # prompt_id -> time.monotonic() it finished
+        self.started_at: dict[str, float] = {}    # prompt_id -> time.monotonic() it began running
         self.freed = 0
         self._number = 0
         self._counters: dict[str, int] = {}
@@ -254,6 +255,7 @@ class ComfyUIDouble:
                     return
                 item = self.pending.pop(0)
                 self.running, self._interrupt, generation = item, False, self._generation
+                self.started_at[item.prompt_id] = time.monotonic()
                 self._cond.notify_all()
             cid, pid, prompt = item.extra.get("client_id"), item.prompt_id, item.prompt
             order = _execution_order(prompt, item.outputs)

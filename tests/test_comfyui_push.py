@@ -184,3 +184,24 @@ def test_a_stop_reaches_the_wait(double, make):
     assert not thread.is_alive()
     assert isinstance(outcome[0], TransientBackendError) and "stopping" in str(outcome[0])
     assert double.posts_for(req.prompt_id) == 1   # left running: re-attached at the next start
+
+
+def test_a_fresh_prompt_with_a_recorder_is_posted_without_look_ups(double, make):
+    backend = make(double.url)
+    recorded: list = []
+    req = request(on_server=recorded.append)
+    backend.generate(req)
+    assert recorded == [double.url] and double.posts_for(req.prompt_id) == 1
+    assert double.count("GET", "/queue") == 0   # no re-attach look-up: nothing could have it
+    # a server on record: looked up first, found finished, fetched, not posted again
+    again = backend.generate(request(prompt_id=req.prompt_id, server_hint=double.url,
+                                     on_server=recorded.append))
+    assert again.info["reattached"] == "finished" and double.posts_for(req.prompt_id) == 1
+
+
+def test_nothing_is_posted_when_the_server_cannot_be_recorded(double, make):
+    def broken(url: str) -> None:
+        raise OSError("disk full")
+    with pytest.raises(TransientBackendError, match="was not posted: disk full"):
+        make(double.url).generate(request(on_server=broken))
+    assert double.count("POST", "/prompt") == 0

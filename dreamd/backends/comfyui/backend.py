@@ -15,7 +15,9 @@ server is set aside is the misfit a PermanentBackendError.
 Crash safety: the worker commits `request.prompt_id` to the ledger before calling, and
 `generate` looks that id up (history, then queue) on every reachable server before it posts
 anything, asking `server_hint` (info["server"] of an earlier attempt) and the server this
-process last sent it to first. Only when no server has finished or queued it is it posted,
+process last sent it to first. A caller that records the server (`on_server`, called before
+every POST, and nothing is posted when it fails) and has none on record for the prompt has
+never sent it anywhere: then the look-up is skipped (three requests less per keyframe). Only when no server has finished or queued it is it posted,
 always under that same prompt_id. A server that forgets it while we wait (it restarted) gets
 it once more; forgetting it twice is a TransientBackendError, never a third post.
 
@@ -338,6 +340,10 @@ class ComfyUIBackend:
     def _reattach(self, job: _Job, hint: str | None) -> str | None:
         """Find the prompt on a server; act on what is found. None = nobody has it."""
         pid = job.prompt_id
+        if hint is None and job.request.on_server is not None and pid not in self._placements:
+            # The caller records the server before every POST (and nothing is posted when
+            # it cannot): no server on record means no server was ever sent this prompt.
+            return None
         for url in self._lookup_order(pid, hint):
             client = self._servers[url].lookup
             try:
@@ -422,15 +428,17 @@ class ComfyUIBackend:
 
     def _tell(self, job: _Job, url: str) -> None:
         """Report the prompt's server to the caller (the keyframe worker records it in the
-        ledger); a failure there only costs the hint, never the keyframe."""
+        ledger) before the POST; when that fails the prompt is not posted (transient)."""
         callback = job.request.on_server
         if callback is None or job.told == url:
             return
         try:
             callback(url)
             job.told = url
-        except Exception:
-            log.exception("recording that prompt %s went to %s failed", job.prompt_id, url)
+        except Exception as exc:
+            # Not posted unrecorded: a retry without a server on record skips the look-up.
+            raise TransientBackendError(f"recording that prompt {job.prompt_id} goes to {url} "
+                                        f"failed, so it was not posted: {exc}") from exc
 
     def _input_lost(self, exc: PromptRejectedError, job: _Job) -> bool:
         slot = job.template.mapping.get("image")
