@@ -154,7 +154,9 @@ def start(cfg: Config, *, quiet: bool = False) -> Viewer | None:
     web_file = cfg.data_dir / WEB_FILE
     try:
         web_file.write_text(json.dumps({"url": url, "pid": os.getpid(), "host": w.host,
-                                        "port": port, "exposed": exposed}) + "\n")
+                                        "port": port, "exposed": exposed,
+                                        # for bench/web.py: the server thread's CPU
+                                        "thread_id": thread.native_id}) + "\n")
     except OSError as exc:
         log.warning("web viewer: cannot write %s (%s): `dreamd status` will not show the URL",
                     web_file, exc)
