@@ -36,29 +36,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dreamd.ledger import database, queries
+    # sqlite3 alone (dreamd/ledger/glance.py): SQLAlchemy's import was most of the time
+    from dreamd.ledger import glance
 
     cfg = _config(args)
-    head = database.head_revision()
-    if not cfg.db_path.exists():
-        report: dict[str, Any] = {"data_dir": str(cfg.data_dir), "database": str(cfg.db_path),
-                                  "revision": None, "head": head, "counts": {},
-                                  "last_run": None, "alive": False, "paused": False,
-                                  "playhead": None, "comfyui": None}
-    else:
-        revision = database.current_revision(cfg.db_path)
-        if revision is None:
-            report = {"data_dir": str(cfg.data_dir), "database": str(cfg.db_path),
-                      "revision": None, "head": head, "counts": {}, "last_run": None,
-                      "alive": False, "paused": False, "playhead": None, "comfyui": None}
-        else:
-            engine = database.reader(cfg.db_path)
-            try:
-                with engine.connect() as conn:
-                    report = queries.status(conn, str(cfg.data_dir), str(cfg.db_path),
-                                            revision, head).as_dict()
-            finally:
-                engine.dispose()
+    report: dict[str, Any] = {
+        "data_dir": str(cfg.data_dir), "database": str(cfg.db_path), "revision": None,
+        "head": glance.head_revision(), "counts": {}, "last_run": None, "alive": False,
+        "paused": False, "pause_reason": None, "playhead": None, "in_progress": None,
+        "buffer": None, "comfyui": None}
+    if cfg.db_path.exists():
+        conn = glance.connect(cfg.db_path)
+        try:
+            report["revision"] = glance.revision(conn)
+            if report["revision"] is not None:
+                report.update(glance.status(conn, fps=cfg.display.fps,
+                                            buffer_target=cfg.display.buffer_target_seconds))
+        finally:
+            conn.close()
     report["storage"] = _storage_report(cfg, report)
     from dreamd.guard import paused_by_in      # "guard": the game guard resumes it itself
     report["paused_by"] = paused_by_in(cfg.db_path) if report.get("paused") else None
@@ -74,14 +69,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _storage_report(cfg, report: dict[str, Any]) -> dict[str, Any]:
-    """The data dir's size by part, measured now, and what the daemon last said about
-    the free-space floor (only while it runs: a stopped daemon pauses nothing)."""
+    """The data dir's size by part: while a daemon runs, as its janitor last measured
+    it (walking a big data dir was a good part of a slow `dreamd status`), else measured
+    now; and what the daemon said about the free-space floor (a stopped one pauses
+    nothing)."""
     from dreamd.storage import space
 
+    recorded = report.pop("storage_recorded", None) or {}
+    if report.get("alive") and "parts" in recorded:
+        return {**recorded, "measured": "by the daemon"}
     s = cfg.storage
     usage = space.measure(cfg.data_dir, budget_gb=s.budget_gb, floor_gb=s.min_free_gb)
-    recorded = report.pop("storage_recorded", None) or {}
-    return {**usage.as_dict(), "low": recorded.get("low") if report.get("alive") else None}
+    return {**usage.as_dict(), "low": None}
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -310,6 +309,21 @@ def _free_note(cfg) -> str | None:
             "free`; `dreamd resume` when done)")
 
 
+def cmd_inject(args: argparse.Namespace) -> int:
+    return _control(args, "inject", {})
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from dreamd.tui.app import run
+    return run(cfg, graphics=args.graphics)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dreamd.export.command import export
+    return export(_config(args), args)
+
+
 def cmd_open(args: argparse.Namespace) -> int:
     import webbrowser
 
@@ -340,11 +354,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     engine = _reader(cfg)
     try:
         with engine.connect() as conn:
+            # the newest n (0 = all) created since --since, shown oldest first
+            limit = args.limit if args.limit is not None else (0 if args.since else 20)
             result = conn.execute(text(
                 "SELECT chain_index AS keyframe, state, theme, attempt, "
-                "ROUND(generation_ms) AS ms, completed_at FROM keyframe_timing "
-                "ORDER BY chain_index DESC LIMIT :n"),
-                {"n": args.limit})
+                "ROUND(generation_ms) AS ms, created_at, completed_at FROM keyframe_timing "
+                "WHERE created_at >= :since ORDER BY chain_index DESC LIMIT :n"),
+                {"n": limit or -1, "since": args.since or ""})
             rows = result.all()
             columns = list(result.keys())
     finally:
@@ -366,8 +382,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     shell = Shell(cfg.db_path)
     worst = 0
     try:
-        if args.query:
-            queries: Any = [args.query]
+        if args.query:      # one argument may hold several statements, like stdin
+            queries: Any = list(statements([args.query]))
         else:
             if sys.stdin.isatty():
                 print(f"read-only SQL on {cfg.db_path}; end each statement with ';', "
@@ -493,6 +509,30 @@ def _at_least_zero(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _since(text: str) -> str:
+    """--since: a duration back from now (90s, 10m, 2h, 1d, 1h30m) or a time (UTC unless
+    it carries an offset), as the ledger stores times."""
+    import re
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*"
+                         r"(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", text)
+    if parts and any(parts.groups()):
+        d, h, m, s_ = (float(g or 0) for g in parts.groups())
+        when = now - timedelta(days=d, hours=h, minutes=m, seconds=s_)
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a duration (90s, 10m, 2h, 1d, 1h30m) or a UTC time "
+                f"(2026-11-30 12:00)") from None
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc)
+    return when.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dreamd", description="Dream Window: a living AI dream on the desktop.")
     p.add_argument("--version", action="version", version=f"dreamd {__version__}")
@@ -531,10 +571,25 @@ def build_parser() -> argparse.ArgumentParser:
                      "the config file's value applies again")
     th = add("theme", cmd_theme, "switch the theme of the next keyframe")
     th.add_argument("name", nargs="?", default="next", help="a theme name, or next")
+    add("inject", cmd_inject, "make the next keyframe an injection from the aesthetic memory "
+        "(a cached frame or a seed), whatever the chance")
+    tu = add("tui", cmd_tui, "the dashboard: preview, buffer, pipeline, GPU, history, events, "
+             "and keys that steer the dream")
+    tu.add_argument("--graphics", choices=("auto", "kitty", "sixel", "halfcell", "unicode"),
+                    default="auto", help="how the preview is drawn (default: the best the "
+                    "terminal speaks, else half blocks)")
+    ex = add("export", cmd_export, "write a stretch of the dream as .mp4, .webp or .gif, or "
+             "a contact sheet of keyframes as .png")
+    from dreamd.export.command import add_arguments
+    add_arguments(ex)
     add("free", cmd_free, "ask ComfyUI to unload its models and free memory (what the game "
         "guard does when a game starts)")
     hi = add("history", cmd_history, "recent keyframes: theme, attempts, timing")
-    hi.add_argument("-n", "--limit", type=int, default=20)
+    hi.add_argument("-n", "--limit", type=_at_least_zero(int), metavar="N",
+                    help="the newest N keyframes (default 20, or all with --since; 0 = all)")
+    hi.add_argument("--since", type=_since, metavar="WHEN", help="keyframes created since a "
+                    "UTC time (2026-11-30 12:00, ISO 8601 with an offset is converted) or "
+                    "for a duration back from now (90s, 10m, 2h, 1d, 1h30m)")
     hi.add_argument("--format", choices=("table", "tsv", "json"), default="table")
     sq = add("sql", cmd_sql, "query the ledger read-only (a statement, or statements on stdin)")
     sq.add_argument("query", nargs="?")

@@ -32,7 +32,19 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
     if report.get("web_url"):
         console.print(f"[bold]viewer[/]     {report['web_url']}  (`dreamd open`)", highlight=False)
     if report.get("paused"):
-        console.print("[bold]paused[/]     yes")
+        console.print(f"[bold]paused[/]     yes: {report.get('pause_reason') or 'no reason given'}"
+                      f" (`dreamd resume` resumes)", highlight=False)
+    buffer = report.get("buffer")
+    if buffer:
+        console.print(f"[bold]buffer[/]     {buffer['seconds']:g} s ahead ({buffer['frames']} "
+                      f"frames at {buffer['fps']:g} fps) of a {buffer['target_seconds']:g} s "
+                      f"target", highlight=False)
+    making = report.get("in_progress")
+    if making:
+        since = f", started {making['started_at']}" if making.get("started_at") else ""
+        console.print(f"[bold]making[/]     keyframe {making['chain_index']} "
+                      f"({making['state']}, attempt {making['attempt']}, theme "
+                      f"{making['theme']}{since})", highlight=False)
     if report.get("paused_by") == "guard":
         console.print("             by the game guard: it resumes by itself once the game "
                       "has been gone guard.resume_after_seconds", highlight=False)

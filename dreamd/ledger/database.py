@@ -146,21 +146,10 @@ def current_revision(path: str | Path) -> str | None:
 
 
 def head_revision() -> str:
-    """The newest migration, read from the version files without importing Alembic
-    (which alone costs `dreamd status` a quarter of a second)."""
-    import re
+    """The newest migration (read from the version files, without Alembic)."""
+    from dreamd.ledger.glance import head_revision as head
 
-    revs: dict[str, str | None] = {}
-    for f in (migrations_dir() / "versions").glob("*.py"):
-        text_ = f.read_text(encoding="utf-8")
-        rev = re.search(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", text_, re.M)
-        down = re.search(r"^down_revision\s*=\s*(?:['\"]([^'\"]+)['\"]|None)", text_, re.M)
-        if rev:
-            revs[rev.group(1)] = down.group(1) if down else None
-    heads = set(revs) - {d for d in revs.values() if d}
-    if len(heads) != 1:
-        raise LedgerError(f"{migrations_dir()}: expected one head revision, found {sorted(heads)}")
-    return heads.pop()
+    return head()
 
 
 def revisions() -> list[tuple[str, str | None, str]]:

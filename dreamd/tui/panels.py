@@ -1,0 +1,130 @@
+"""The dashboard's panels as Rich renderables made from a Snapshot: plain functions,
+so the app only places them (and tests can read them as text)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from dreamd.tui.reading import Snapshot
+
+STATE_ORDER = ("available", "executing", "retryable", "completed", "discarded", "cancelled",
+               "ready", "shown", "evicted", "applied", "rejected")
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def gauge(value: float, top: float, width: int) -> str:
+    """A bar `width` cells wide, filled to value/top (eighths of a cell)."""
+    eighths = round(max(0.0, min(1.0, value / top if top else 0.0)) * width * 8)
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")
+    return bar + "·" * (width - len(bar))
+
+
+def sparkline(samples: list[float], top: float, width: int) -> str:
+    """The last `width` samples as block heights from 0 to `top` (not to their own
+    maximum: an empty buffer looks empty)."""
+    recent = samples[-width:]
+    if not recent:
+        return ""
+    top = top or max(recent) or 1.0
+    return "".join(SPARKS[min(7, max(0, round(v / top * 7)))] for v in recent)
+
+
+def buffer(snap: Snapshot, samples: list[float] = (), width: int = 40) -> Group:
+    ahead, target = snap.buffer_seconds, snap.buffer_target
+    if ahead is None:
+        return Group(Text("buffer: unknown", style="dim"))
+    line = Text.assemble(("ahead ", "bold"), f"{ahead:.1f} s",
+                         f" of {target:g} s target" if target else "",
+                         f" at {snap.fps:g} fps" if snap.fps else "")
+    status = snap.status.get("status") if snap.status else None
+    if status:
+        line.append(f"  ({status})", style="yellow" if status in ("underrun", "buffering",
+                                                                  "paused") else "green")
+    share = f" {min(999, round(100 * ahead / target))}%" if target else ""
+    width = max(8, width - 1)
+    bar = Text(gauge(ahead, target or ahead, max(4, width - len(share))), style="green")
+    bar.append(share)
+    spark = Text(sparkline(list(samples), target or 0.0, width), style="cyan")
+    return Group(line, bar, spark)
+
+
+def pipeline(snap: Snapshot) -> Table:
+    t = Table.grid(padding=(0, 1))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column()
+    for name, states in snap.counts.items():
+        order = sorted(states, key=lambda s: (STATE_ORDER.index(s) if s in STATE_ORDER
+                                              else 99, s))
+        t.add_row(name, ", ".join(f"{s} {states[s]}" for s in order) or "-")
+    rate = "-" if snap.keyframes_per_minute is None else f"{snap.keyframes_per_minute:g}"
+    t.add_row("keyframes", f"{rate} a minute (last 10 min)")
+    produced = "-" if snap.produced_fps is None else f"{snap.produced_fps:g}"
+    shown = "-" if snap.shown_fps is None else f"{snap.shown_fps:g}"
+    t.add_row("frames/s", f"produced {produced} (last min), shown {shown}")
+    t.add_row("underruns", "-" if snap.underruns is None else str(snap.underruns))
+    t.add_row("backend", f"{snap.backend or '-'}, codec {snap.codec or '-'}")
+    if snap.in_progress:
+        p = snap.in_progress
+        t.add_row("making", f"keyframe {p['chain_index']} ({p['state']}, attempt "
+                            f"{p['attempt']}, {p['theme']})")
+    progress = (snap.status or {}).get("progress")
+    if progress:
+        t.add_row("progress", progress if isinstance(progress, str)
+                  else json.dumps(progress, default=str))
+    for line in comfyui_lines(snap.comfyui):
+        t.add_row("comfyui", line)
+    return t
+
+
+def comfyui_lines(health: dict[str, Any] | None) -> list[Text]:
+    if not health:
+        return []
+    out = [Text(f"{health.get('status')}" + (f": {health['error']}" if health.get("error")
+                                              else ""))]
+    for s in health.get("servers") or []:
+        ok = s.get("healthy")
+        line = Text(f"{s.get('url')} ")
+        line.append("healthy" if ok else "down", style="green" if ok else "red")
+        if not ok and s.get("last_error"):
+            line.append(f": {s['last_error']}")
+        out.append(line)
+    return out
+
+
+def gpu(snap: Snapshot) -> Table | Text:
+    reading = snap.gpu
+    if reading is None:
+        return Text("GPU: not read yet", style="dim")
+    if not reading.devices:
+        return Text(reading.problem or "no NVIDIA GPU", style="dim")
+    t = Table.grid(padding=(0, 1))
+    for d in reading.devices:
+        util = "-" if d.utilisation is None else f"{d.utilisation}%"
+        temp = "-" if d.temperature is None else f"{d.temperature}°C"
+        t.add_row(f"[bold]{d.index}[/] {d.name}",
+                  f"VRAM {d.used_mb / 1024:.1f}/{d.total_mb / 1024:.1f} GB, util {util}, {temp}")
+    return t
+
+
+def history_row(h: dict[str, Any]) -> tuple[str, ...]:
+    source = h["source"] or "-"
+    if h.get("injection"):
+        source = f"{h['injection']} ({h['injection_reason']})"
+    ms = "-" if h["generation_ms"] is None else f"{h['generation_ms']:.0f}"
+    return (str(h["chain_index"]), h["theme"] or "-", f"{h['denoise']:.2f}", source,
+            h["backend"] or "-", ms, h["state"])
+
+
+def event_row(e: dict[str, Any]) -> tuple[str, ...]:
+    at = str(e["at"])[11:19]
+    change = f"{e['from_state'] or '(new)'} → {e['to_state']}"
+    return (at, f"{e['entity']} {e['entity_id']}", change, e["event"] or "",
+            (e["detail"] or "")[:60])

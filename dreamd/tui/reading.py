@@ -1,0 +1,271 @@
+"""The dashboard's read side: one `Snapshot` of the dream from the ledger (read-only),
+status.json and the GPU, taken in a worker thread. Nothing here touches a widget; a
+locked or missing ledger becomes a `problem` line, never an exception.
+
+Liveness is judged the way the README asks every reader to: status.json is stale
+when `last_update` is older than `stale_after_seconds`, and the ledger's last
+`daemon_runs` row must have a fresh heartbeat and no `stopped_at`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from dreamd.tui import gpu
+
+HISTORY_ROWS = 40
+EVENT_ROWS = 40
+COUNTS_EVERY = 5.0          # seconds between the (dearer) rows-per-state counts
+RATE_WINDOW = timedelta(seconds=60)
+KEYFRAME_WINDOW = timedelta(minutes=10)
+
+
+@dataclass
+class Daemon:
+    alive: bool
+    line: str                       # said plainly: running, stopped, not answering, never
+    run: dict[str, Any] | None = None
+
+
+@dataclass
+class Snapshot:
+    taken_at: datetime
+    daemon: Daemon
+    status: dict[str, Any] | None   # status.json while fresh, else None
+    problem: str | None = None      # the ledger could not be read: why
+    paused: bool = False
+    pause_reason: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    fps: float | None = None        # display rate (status.json, or knob/config)
+    buffer_seconds: float | None = None
+    buffer_target: float | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    keyframes_per_minute: float | None = None
+    produced_fps: float | None = None
+    shown_fps: float | None = None
+    underruns: int | None = None
+    frames_shown: int | None = None
+    backend: str | None = None
+    codec: str | None = None
+    comfyui: dict[str, Any] | None = None
+    in_progress: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    controls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    gpu: gpu.Reading | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Reader:
+    """Takes snapshots of one data dir. Keeps what rates need between two snapshots
+    (frames shown then and now) and a pooled read-only engine; one thread uses it."""
+
+    def __init__(self, cfg, *, now: Callable[[], datetime] = utcnow,
+                 gpu_reader: Callable[[], gpu.Reading] = gpu.read,
+                 host: str | None = None) -> None:
+        self.cfg = cfg
+        self.now = now
+        self.gpu_reader = gpu_reader
+        self.host = host or socket.gethostname()
+        self.engine = None
+        self._counts: dict[str, dict[str, int]] = {}
+        self._counted_at = float("-inf")
+        self._shown: tuple[float, int] | None = None     # (monotonic, frames_shown)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+    # ------------------------------------------------------------ status.json
+    def status_json(self, now: datetime) -> tuple[dict[str, Any] | None, str | None]:
+        """(status.json when fresh, else None; its age said in words when stale)."""
+        path = self.cfg.output_dir / "status.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            updated = datetime.fromisoformat(data["last_update"]).astimezone(timezone.utc)
+        except FileNotFoundError:
+            return None, "no status.json yet"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"status.json unreadable ({exc})"
+        age = (now - updated.replace(tzinfo=None)).total_seconds()
+        limit = float(data.get("stale_after_seconds") or 10.0)
+        if age > limit:
+            return None, f"status.json {_ago(age)} old (stale after {limit:g} s)"
+        return data, None
+
+    # ------------------------------------------------------------ the snapshot
+    def read(self, controls: set[int] | frozenset[int] = frozenset(),
+             with_gpu: bool = True) -> Snapshot:
+        now = self.now()
+        status, stale = self.status_json(now)
+        snap = Snapshot(taken_at=now, daemon=Daemon(False, "no daemon running"), status=status)
+        if with_gpu:
+            snap.gpu = self.gpu_reader()
+        if status:
+            snap.fps, snap.buffer_seconds = status.get("fps"), status.get("buffer_seconds")
+            snap.buffer_target = status.get("buffer_target_seconds")
+            snap.backend, snap.codec = status.get("backend"), status.get("codec")
+        try:
+            self._read_ledger(snap, controls, now)
+        except Exception as exc:       # locked, damaged, being replaced: said, not raised
+            from dreamd.ledger.unusable import explain
+
+            why = explain(exc, self.cfg.db_path)
+            snap.problem = str(why) if why else f"the ledger cannot be read now: {exc}"
+            self.close()
+        snap.daemon = self._daemon(snap.daemon.run, status, stale, now)
+        return snap
+
+    def _read_ledger(self, snap: Snapshot, controls, now: datetime) -> None:
+        from sqlalchemy import text
+
+        from dreamd.ledger import database
+
+        if not self.cfg.db_path.exists():
+            snap.problem = f"no ledger at {self.cfg.db_path} yet: start the daemon (`dreamd run`)"
+            return
+        if self.engine is None:
+            self.engine = database.reader(self.cfg.db_path)
+        with self.engine.connect() as conn:
+            q = lambda sql, **kw: conn.execute(text(sql), kw)   # noqa: E731
+            if q("SELECT 1 FROM sqlite_master WHERE name = 'runtime_state'").first() is None:
+                snap.problem = f"{self.cfg.db_path} has no tables yet: start the daemon"
+                return
+            run = q("SELECT * FROM daemon_runs ORDER BY id DESC LIMIT 1").mappings().first()
+            snap.daemon.run = dict(run) if run else None
+            rt = q("SELECT * FROM runtime_state WHERE id = 1").mappings().first()
+            if rt:
+                snap.paused, snap.pause_reason = bool(rt["paused"]), rt["pause_reason"]
+                snap.underruns, snap.frames_shown = rt["underruns"], rt["frames_shown"]
+                try:
+                    knobs = json.loads(rt["knobs"] or "{}")
+                except ValueError:
+                    knobs = {}
+                snap.knobs = knobs if isinstance(knobs, dict) else {}
+                snap.comfyui = _json_object(rt.get("comfyui_health"))
+                self._shown_rate(snap, rt["frames_shown"])
+            if snap.fps is None:
+                snap.fps = self.knob(snap, "display.fps")
+                snap.buffer_target = self.knob(snap, "display.buffer_target_seconds")
+                if rt and rt["playhead_chain_index"] is not None:
+                    c, t = rt["playhead_chain_index"], rt["playhead_t"]
+                else:
+                    c, t = -1, -1.0
+                ahead = q("SELECT count(*) FROM frames WHERE state = 'ready' AND "
+                          "(chain_index > :c OR (chain_index = :c AND t > :t))",
+                          c=c, t=t).scalar_one()
+                snap.buffer_seconds = round(ahead / snap.fps, 2)
+            if snap.backend is None:
+                snap.backend = (run["backend"] if run else None) or self.cfg.generation.backend
+            if snap.codec is None:
+                snap.codec = q("SELECT codec FROM interpolations WHERE codec IS NOT NULL "
+                               "ORDER BY id DESC LIMIT 1").scalar()
+            mono = time.monotonic()
+            if mono - self._counted_at >= COUNTS_EVERY:
+                from dreamd.ledger.queries import state_counts
+                self._counts, self._counted_at = state_counts(conn), mono
+            snap.counts = self._counts
+            since = now - RATE_WINDOW
+            made = q("SELECT count(*) FROM frames WHERE created_at > :s", s=_db(since)).scalar_one()
+            snap.produced_fps = round(made / RATE_WINDOW.total_seconds(), 2)
+            snap.history = [dict(r) for r in q(
+                "SELECT k.id, k.chain_index, k.theme, k.denoise, k.source, k.backend, "
+                "k.generation_ms, k.state, k.path, k.thumb_path, k.completed_at, "
+                "i.kind AS injection, i.reason AS injection_reason "
+                "FROM keyframes k LEFT JOIN injections i ON i.keyframe_id = k.id "
+                "ORDER BY k.chain_index DESC, k.id DESC LIMIT :n", n=HISTORY_ROWS).mappings()]
+            recent = [h for h in snap.history if h["completed_at"] is not None
+                      and _dt(h["completed_at"]) > now - KEYFRAME_WINDOW]
+            snap.keyframes_per_minute = round(
+                len(recent) / (KEYFRAME_WINDOW.total_seconds() / 60), 2)
+            making = q("SELECT chain_index, state, theme, started_at, attempt FROM keyframes "
+                       "WHERE state IN ('available', 'executing', 'retryable') "
+                       "ORDER BY chain_index DESC LIMIT 1").mappings().first()
+            snap.in_progress = dict(making) if making else None
+            snap.events = [dict(r) for r in q(
+                "SELECT id, at, entity, entity_id, from_state, to_state, event, worker, detail "
+                "FROM transitions ORDER BY id DESC LIMIT :n", n=EVENT_ROWS).mappings()]
+            if controls:
+                ids = ",".join(str(int(i)) for i in controls)
+                snap.controls = {r["id"]: dict(r) for r in q(
+                    f"SELECT id, command, args, state, error, created_at, applied_at "
+                    f"FROM controls WHERE id IN ({ids})").mappings()}
+
+    def _shown_rate(self, snap: Snapshot, shown: int) -> None:
+        mono = time.monotonic()
+        if self._shown is not None and mono - self._shown[0] > 0.5:
+            then, before = self._shown
+            snap.shown_fps = round(max(0, shown - before) / (mono - then), 2)
+            self._shown = (mono, shown)
+        elif self._shown is None:
+            self._shown = (mono, shown)
+
+    def knob(self, snap: Snapshot, path: str) -> Any:
+        """A live knob's effective value: stored by `dreamd set`, else the config's."""
+        if path in snap.knobs:
+            return snap.knobs[path]
+        section, name = path.split(".")
+        return getattr(getattr(self.cfg, section), name)
+
+    def _daemon(self, run: dict[str, Any] | None, status: dict[str, Any] | None,
+                stale: str | None, now: datetime) -> Daemon:
+        from dreamd.ledger.queries import HEARTBEAT_STALE, pid_alive
+
+        if run is None:
+            if status:
+                return Daemon(True, "a daemon is writing status.json (its ledger is "
+                              "not readable)")
+            return Daemon(False, "no daemon has run on this data dir yet: start one with "
+                          "`dreamd run`")
+        beat = _dt(run["heartbeat_at"])
+        age = (now - beat).total_seconds()
+        label = f"run {run['id']}, pid {run['pid']} on {run['host']}"
+        if run.get("stopped_at") is not None:
+            return Daemon(False, f"no daemon running: the last one ({label}) stopped "
+                          f"{_ago((now - _dt(run['stopped_at'])).total_seconds())} ago"
+                          f" ({run.get('exit_reason') or 'stopped'})", run)
+        local = run["host"] == self.host
+        if age >= HEARTBEAT_STALE.total_seconds() or (local and not pid_alive(run["pid"])):
+            return Daemon(False, f"no daemon running: the last one ({label}) died; its "
+                          f"heartbeat is {_ago(age)} old", run)
+        if stale and stale != "no status.json yet":
+            return Daemon(False, f"the daemon ({label}) is not answering: {stale}", run)
+        return Daemon(True, f"daemon running ({label}), heartbeat {_ago(age)} ago", run)
+
+
+def _json_object(raw: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw) if raw else None
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _dt(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def _db(value: datetime) -> str:
+    """A time as the ledger stores it (text compares in order)."""
+    return value.isoformat(sep=" ", timespec="microseconds")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
