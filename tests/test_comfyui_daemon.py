@@ -310,7 +310,8 @@ def test_a_supervised_comfyui_is_started_restarted_and_stopped(daemon):
     assert log.count("dreamd starts ComfyUI") == 2, log
     assert "CUDA_VISIBLE_DEVICES=0" in log and "stopped cleanly" in log, log
 
-    # a daemon killed outright leaves its ComfyUI behind; the next one stops that one first
+    # a daemon killed outright takes its ComfyUI along (Linux: the parent-death signal; the
+    # re-adoption of one left behind elsewhere is tested in test_comfyui_supervisor.py)
     made, orphan = completed_on(daemon, url), None
     proc = daemon.start()
     try:
@@ -318,11 +319,11 @@ def test_a_supervised_comfyui_is_started_restarted_and_stopped(daemon):
                           timeout=60, what=f"ComfyUI again:\n{daemon.output()[-3000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        assert alive(orphan)
+        if sys.platform.startswith("linux"):
+            wait_for(lambda: not alive(orphan), timeout=30, what="ComfyUI to die with its daemon")
         proc = daemon.start()
         fresh = wait_for(lambda: (p := _child_pid(daemon)) not in (None, orphan) and p,
                          timeout=60, what=f"a fresh supervised ComfyUI:\n{daemon.output()[-3000:]}")
-        wait_for(lambda: not alive(orphan), timeout=20, what="the orphan to be stopped")
         made = completed_on(daemon, url)
         # running (not still starting: a SIGTERM before the handlers are set kills it outright)
         wait_for(lambda: completed_on(daemon, url) > made, timeout=60,
@@ -335,7 +336,6 @@ def test_a_supervised_comfyui_is_started_restarted_and_stopped(daemon):
         for pid in {orphan, _child_pid(daemon)} - {None}:  # never leak a double
             if alive(pid):
                 os.killpg(pid, signal.SIGKILL)
-    assert "a previous dreamd started and left behind" in daemon_log(daemon)
     invariants.check(daemon.data_dir)
 
 

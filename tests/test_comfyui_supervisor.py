@@ -4,6 +4,7 @@ parent takes it along on Linux; an orphan is stopped with its process tree)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -214,6 +215,41 @@ def test_an_orphan_from_a_previous_daemon_is_stopped_by_its_pid_file(tmp_path):
         pid_path.write_text(f"{orphan.pid}\n")
         stop_orphan(pid_path, argv)
         assert gone(orphan.pid) and not pid_path.exists()
+    finally:
+        orphan.kill()
+        orphan.wait(timeout=10)
+
+
+def test_a_healthy_orphan_is_re_adopted_not_killed(tmp_path):
+    """Where no parent-death signal tied it to the daemon (not Linux), a killed dreamd
+    leaves its ComfyUI running: the next start keeps it if it answers, watches it, and
+    stops its tree at the end; nothing is started twice."""
+    from dreamd import config
+    from dreamd.backends.comfyui.daemon_backend import build_backend
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.comfyui_double", "--port", str(port),
+            "--checkpoint", "random-sd15.safetensors"]
+    orphan = subprocess.Popen(argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "comfyui.pid").write_text(f"{orphan.pid}\n")
+    cfg = config.parse(
+        f'[generation]\nbackend = "comfyui"\n[system]\ndata_dir = "{data}"\n'
+        f'[comfyui]\nurls = ["http://127.0.0.1:{port}"]\ncheckpoint = "random-sd15.safetensors"\n'
+        f"start_argv = {json.dumps(argv)}\nstart_cwd = {json.dumps(str(REPO))}\n")
+    try:
+        assert until(lambda: ComfyUISupervisor(argv, health_url=f"http://127.0.0.1:{port}")
+                     .healthy(), timeout=30)
+        backend = build_backend(cfg)
+        try:
+            assert backend.supervisor.pid == orphan.pid
+            assert backend.supervisor.status().state == "running"
+            assert backend.health()["supervisor"]["pid"] == orphan.pid
+        finally:
+            backend.close()
+        assert orphan.wait(timeout=30) is not None      # stopped with the daemon
+        log = (data / "logs" / "comfyui.log").read_text() if (data / "logs" / "comfyui.log").exists() else ""
+        assert "dreamd starts ComfyUI" not in log       # never started a second one
     finally:
         orphan.kill()
         orphan.wait(timeout=10)

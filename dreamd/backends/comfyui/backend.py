@@ -509,9 +509,12 @@ class ComfyUIBackend:
             try:
                 said = events.wait(pid, min(left, STOP_CHECK), progress)
             except EventsLostError as exc:
-                log.info("prompt %s: the websocket of %s is gone (%s); polling /history", pid,
-                         url, exc)
-                events, next_look = None, self._clock()
+                # Reconnect once (a restarted server); frames may have been missed in
+                # between, so /history is read at once either way.
+                events = server.events if server.events.ready() else None
+                log.info("prompt %s: the websocket of %s dropped (%s); %s", pid, url, exc,
+                         "reconnected" if events is not None else "polling /history")
+                next_look = self._clock()
                 continue
             if said is not None:     # ended: the history entry is there (or about to be)
                 job.pushed = True

@@ -342,6 +342,20 @@ class DaemonBackend:
             self._pid_written = pid
 
 
+def find_orphan(pid_path: Path, argv: list[str]):
+    """The ComfyUI (a psutil.Process) a previous daemon of this data dir started and left
+    running, by the pid file and the same command line; None when there is none."""
+    try:
+        pid = int(pid_path.read_text().strip())
+        import psutil
+        proc = psutil.Process(pid)
+        if proc.cmdline() == argv and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except Exception:   # no file, garbage, gone, not ours to inspect
+        pass
+    return None
+
+
 def stop_orphan(pid_path: Path, argv: list[str], timeout: float = 10.0) -> None:
     """A ComfyUI this data dir's daemon started before it was killed still runs (where no
     parent-death signal tied it to the daemon): stop it and its whole process tree, so
@@ -409,13 +423,21 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
             c.start_argv or c.start_command, cwd=c.start_cwd or None, env=c.start_env, gpu_index=cfg.system.gpu,
             log_path=c.log_file or cfg.logs_dir / "comfyui.log", health_url=comfy.pool.urls[0],
             max_restarts_per_hour=c.max_restarts_per_hour)
-        stop_orphan(pid_path, supervisor.argv)
-        if _answers(comfy.pool.urls[0]):
-            log.warning("a ComfyUI already answers at %s, so start_command is not run (dreamd "
-                        "neither restarts nor stops that one)", comfy.pool.urls[0])
-            supervisor = None
+        orphan, url = find_orphan(pid_path, supervisor.argv), comfy.pool.urls[0]
+        if orphan is not None and _answers(url):
+            # a previous dreamd's ComfyUI, healthy: keep it (its prompt finishes, no cold
+            # start) rather than kill it mid-prompt and compute that keyframe twice
+            supervisor.adopt(orphan)
         else:
-            supervisor.start(wait=False)
+            if orphan is not None:
+                stop_orphan(pid_path, supervisor.argv)
+            if _answers(url):
+                log.warning("a ComfyUI already answers at %s, so start_command is not run "
+                            "(dreamd neither restarts nor stops that one)", url)
+                supervisor = None
+            else:
+                supervisor.start(wait=False)
+        if supervisor is not None:
             # stopped by close(), even when the daemon fails before its own shutdown runs
             atexit.register(supervisor.stop)
 

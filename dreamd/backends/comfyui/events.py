@@ -139,10 +139,13 @@ class ServerEvents:
                 return ENDED
 
     def drop(self, reason: str) -> None:
-        """Close the socket; polling until RECONNECT_AFTER has passed."""
+        """Close the socket. The next `ready()` reconnects at once (the server may have
+        restarted); only a failed connect waits RECONNECT_AFTER."""
         with self._lock:
             ws, self._ws = self._ws, None
-            self._failed(reason)
+            if reason != self.last_error:
+                log.info("%s", reason)
+            self.last_error, self._retry_at = reason, 0.0
         if ws is not None:
             try:
                 ws.close(timeout=0.2)

@@ -8,10 +8,12 @@ then SIGKILL after a timeout) reaches whatever it started and nothing else. Its 
 to `log_path`, appended, one header per start.
 
 The child's life is tied to the daemon's: on Linux it asks the kernel for SIGKILL when its
-parent dies (prctl PR_SET_PDEATHSIG, through ctypes), so a SIGKILLed dreamd leaves no
-ComfyUI holding GPU memory. Elsewhere (no such signal) a ComfyUI left behind is found by
-the pid file at the next start and stopped with its whole process tree (psutil), which works
-on Windows too. The parent-death signal follows the *thread* that started the child: the
+parent dies (prctl PR_SET_PDEATHSIG, through ctypes), and on Windows it joins a job object
+that kills it when the daemon's handle closes (untested here: no Windows machine), so a
+killed dreamd leaves no ComfyUI holding GPU memory. Where neither took, a ComfyUI left
+behind is found by the pid file at the next start: one that answers is re-adopted
+(`adopt()`: kept, watched, stopped at the end, its prompt finishes) instead of being killed
+mid-prompt; one that does not is stopped with its whole process tree (psutil). The parent-death signal follows the *thread* that started the child: the
 first start runs on the daemon's main thread, restarts on the watcher, which lives until
 stop().
 
@@ -130,6 +132,60 @@ def _parent_death_hook() -> Callable[[], None] | None:
     return hook
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_on_close_job(proc: subprocess.Popen[bytes]) -> object | None:
+    """Windows: put the child in a job object that kills it (and what it starts) when the
+    last handle to the job closes, i.e. when the daemon dies however it dies. The handle is
+    kept by the supervisor and never closed by hand. Failing here only loses the tie (the
+    next start then finds the orphan by its pid file), so it warns and goes on."""
+    try:
+        from ctypes import wintypes
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+
+        class IoCounters(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_ulonglong) for n in (
+                "ReadOperationCount", "WriteOperationCount", "OtherOperationCount",
+                "ReadTransferCount", "WriteTransferCount", "OtherTransferCount")]
+
+        class BasicLimits(ctypes.Structure):
+            _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64),
+                        ("PerJobUserTimeLimit", ctypes.c_int64), ("LimitFlags", wintypes.DWORD),
+                        ("MinimumWorkingSetSize", ctypes.c_size_t),
+                        ("MaximumWorkingSetSize", ctypes.c_size_t),
+                        ("ActiveProcessLimit", wintypes.DWORD), ("Affinity", ctypes.c_size_t),
+                        ("PriorityClass", wintypes.DWORD), ("SchedulingClass", wintypes.DWORD)]
+
+        class ExtendedLimits(ctypes.Structure):
+            _fields_ = [("BasicLimitInformation", BasicLimits), ("IoInfo", IoCounters),
+                        ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
+                        ("PeakProcessMemoryUsed", ctypes.c_size_t),
+                        ("PeakJobMemoryUsed", ctypes.c_size_t)]
+
+        kernel32.CreateJobObjectW.restype = wintypes.HANDLE
+        job = kernel32.CreateJobObjectW(None, None)
+        if not job:
+            raise OSError(ctypes.get_last_error(), "CreateJobObjectW")
+        info = ExtendedLimits()
+        info.BasicLimitInformation.LimitFlags = 0x2000   # JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        if not kernel32.SetInformationJobObject(wintypes.HANDLE(job), 9,  # ExtendedLimitInformation
+                                                ctypes.byref(info), ctypes.sizeof(info)):
+            raise OSError(ctypes.get_last_error(), "SetInformationJobObject")
+        handle = wintypes.HANDLE(int(proc._handle))  # type: ignore[attr-defined]
+        if not kernel32.AssignProcessToJobObject(wintypes.HANDLE(job), handle):
+            raise OSError(ctypes.get_last_error(), "AssignProcessToJobObject")
+        return job
+    except Exception as exc:
+        log.warning("could not tie ComfyUI (pid %s) to dreamd's life with a job object (%s); "
+                    "a killed dreamd leaves it running until the next start", proc.pid, exc)
+        return None
+
+
 def stop_process_tree(pid: int, timeout: float = 10.0, *,
                       expect: Callable[[psutil.Process], bool] | None = None) -> bool:
     """Terminate a process and every descendant (psutil: Linux, macOS and Windows alike),
@@ -218,6 +274,8 @@ class ComfyUISupervisor:
         self.check_interval = check_interval
         self._clock = clock
         self._proc: subprocess.Popen[bytes] | None = None
+        self._adopted: psutil.Process | None = None   # a previous daemon's child, kept
+        self._job: object | None = None               # Windows: the job object's handle
         self._log: IO[bytes] | None = None
         self._restarts: collections.deque[float] = collections.deque()
         self._state, self._last_exit, self._last_error = "stopped", None, None
@@ -226,6 +284,20 @@ class ComfyUISupervisor:
         self._lock = threading.Lock()
 
     # -- surface -----------------------------------------------------------------------------
+
+    def adopt(self, proc: psutil.Process) -> None:
+        """Take over a ComfyUI a previous daemon started (same command line, answering):
+        watch it like a child, restart it when it dies, stop its tree at the end."""
+        if self._watcher is not None:
+            raise RuntimeError("supervisor already started")
+        self._stopping.clear()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self._adopted, self._state = proc, "running"
+        log.info("re-adopted the ComfyUI (pid %s) a previous dreamd started: it answers, so "
+                 "it is kept, not restarted", proc.pid)
+        self._watcher = threading.Thread(target=self._watch, name="comfyui-supervisor", daemon=True)
+        self._watcher.start()
 
     def start(self, wait: bool = True) -> bool:
         """Start the child and its watcher; with `wait`, block until /system_stats answers
@@ -260,6 +332,8 @@ class ComfyUISupervisor:
 
     @property
     def pid(self) -> int | None:
+        if self._adopted is not None:
+            return self._adopted.pid if _running(self._adopted) else None
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
@@ -271,11 +345,14 @@ class ComfyUISupervisor:
     def stop(self) -> int | None:
         """SIGTERM the child's process group, SIGKILL it after stop_timeout. Returns its exit code."""
         self._stopping.set()
+        # The child first, the watcher after: a child the watcher started (a restart) gets
+        # its parent-death signal when the watcher thread ends, which would SIGKILL it.
+        with self._lock:
+            code = self._terminate()
         if self._watcher is not None:
             self._watcher.join(timeout=self.stop_timeout + 5)
             self._watcher = None
         with self._lock:
-            code = self._terminate()
             self._state = "stopped"
             if self._log is not None:
                 self._log.close()
@@ -306,12 +383,19 @@ class ComfyUISupervisor:
             raise ConfigError(f"[comfyui] start_command: cannot run {self.argv[0]!r} "
                               f"(cwd {self.cwd or os.getcwd()}): {exc}") from exc
         self._state = "starting"
+        if os.name == "nt":
+            self._job = _kill_on_close_job(self._proc)
         log.info("started ComfyUI (pid %s): %s", self._proc.pid, self.command)
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
             proc = self._proc
-            code = proc.poll() if proc is not None else None
+            if self._adopted is not None:    # not our child: no exit code to read
+                code = None if _running(self._adopted) else -1
+                if code is not None:
+                    self._adopted = None
+            else:
+                code = proc.poll() if proc is not None else None
             if code is None:
                 if self._state == "starting" and self.healthy():
                     self._state = "running"
@@ -349,6 +433,10 @@ class ComfyUISupervisor:
             self._restarts.popleft()
 
     def _terminate(self) -> int | None:
+        if self._adopted is not None:
+            stop_process_tree(self._adopted.pid, self.stop_timeout)
+            self._adopted = None
+            return None
         proc = self._proc
         if proc is None:
             return None
