@@ -112,8 +112,11 @@
     text("f-theme", s.theme);
     text("f-keyframe", s.keyframe_index);
     text("f-paused", s.paused ? `yes: ${s.pause_reason || "paused"}` : "no");
+    const p = s.keyframe_progress;   // the ComfyUI prompt running now (issue 14)
     text("f-backend", s.backend ? s.backend + (s.comfyui_status && s.comfyui_status !== "n/a" ?
-         ` (ComfyUI ${s.comfyui_status})` : "") + (s.codec ? `, codec ${s.codec}` : "") : null);
+         ` (ComfyUI ${s.comfyui_status})` : "") + (s.codec ? `, codec ${s.codec}` : "") +
+         (p ? `; keyframe ${p.keyframe}: ${p.node_type || "node " + p.node}` +
+              (p.step ? ` step ${p.step} of ${p.steps}` : "") : "") : null);
     text("f-problem", s.problem || "none");
     $("exposed").hidden = !(s.web && s.web.exposed);
     $("controls").hidden = kiosk || !(s.web && s.web.controls);
