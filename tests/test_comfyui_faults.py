@@ -110,6 +110,16 @@ def test_a_server_that_comes_up_lacking_the_checkpoint_does_not_stop_the_healthy
             daemon.close()
 
 
+def test_a_server_that_rejects_the_workflow_is_set_aside_and_the_keyframe_goes_on(make):
+    with ComfyUIDouble(checkpoints=[CKPT]) as a, ComfyUIDouble(checkpoints=[CKPT]) as b:
+        backend = make([a.url, b.url])
+        a.fail_next(1, status=400, method="POST", path="/prompt")   # a model file it lacks, say
+        result = backend.generate(request())
+        assert result.info["server"] == b.url
+        assert "ComfyUI rejected the workflow" in backend.pool.unfit_reason(a.url)
+        assert backend.generate(request(seed=4)).info["server"] == b.url   # kept aside
+
+
 def test_status_lists_a_set_aside_server_with_its_checkpoints():
     from rich.console import Console
 

@@ -370,6 +370,10 @@ class ComfyUIBackend:
                     return url
                 if not outcome.transient:
                     raise PermanentBackendError(f"ComfyUI at {url}: prompt {pid} {outcome.message}")
+                if self.pool.is_unfit(url):   # cannot run it now: another server gets it
+                    log.info("prompt %s failed on %s (%s), which is set aside: posting it "
+                             "elsewhere", pid, url, outcome.message)
+                    return None
                 log.info("prompt %s failed on %s (%s): running it again", pid, url, outcome.message)
                 job.reattached, job.stale_number = "finished", _number(entry)
                 self._post_or_bench(url, job)
@@ -398,6 +402,9 @@ class ComfyUIBackend:
             self._post(url, job)
         except ServerUnreachableError as exc:
             self._failed(url, exc)
+            raise
+        except (WorkflowError, PromptRejectedError) as exc:
+            self.set_aside(url, exc)
             raise
 
     def _post(self, url: str, job: _Job) -> None:
