@@ -148,6 +148,29 @@ def test_a_checkpoint_the_server_lacks_stops_the_backend_once(daemon, double):
     invariants.check(daemon.data_dir)
 
 
+@pytest.mark.slow
+def test_a_server_lacking_the_checkpoint_is_set_aside_and_the_dream_goes_on(daemon, double):
+    """Listed first, a server without the checkpoint no longer keeps the dream from
+    starting: it is set aside, listed in `dreamd status` with the checkpoints it has."""
+    with ComfyUIDouble(checkpoints=["sdxl_base.safetensors"]) as lacking:
+        daemon.config.write_text(comfy_config([lacking.url, double.url]))
+        proc = daemon.start()
+        try:
+            wait_for(lambda: completed_on(daemon, double.url) >= 2, timeout=90,
+                     what=f"keyframes from the fit server:\n{daemon.output()[-3000:]}")
+            report = cli_status(daemon)["comfyui"]
+        finally:
+            stop(proc)
+    assert report["status"] == "ok" and report["error"] is None
+    servers = {s["url"]: s for s in report["servers"]}
+    assert "checkpoint 'random-sd15.safetensors' is not on" in servers[lacking.url]["set_aside"]
+    assert servers[lacking.url]["checkpoints"] == ["sdxl_base.safetensors"]
+    assert servers[double.url]["set_aside"] is None
+    assert lacking.count("POST", "/prompt") == 0
+    assert daemon_log(daemon).count("is set aside") == 1
+    invariants.check(daemon.data_dir)
+
+
 def test_the_procedural_fallback_dreams_while_every_server_is_down(daemon):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
