@@ -143,6 +143,7 @@ def test_the_page_and_its_assets(site):
         assert again.status == 304
     assert get(viewer, "/assets/index.html").status == 404
     assert get(viewer, "/assets/app.py").status == 404
+    assert get(viewer, "/favicon.ico").status == 204     # no icon, and no 404 in the console
 
 
 def test_status_carries_the_overlay_facts(site):

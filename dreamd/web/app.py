@@ -313,6 +313,8 @@ def build_app(state: ViewerState) -> Starlette:
         Route("/api/history", history),
         Route("/api/events", events),
         Route("/api/control", control, methods=["POST"]),
+        Route("/favicon.ico", lambda request: Response(status_code=204,
+                                                       headers=_headers("max-age=86400"))),
     ], middleware=middleware, lifespan=lifespan)
 
 

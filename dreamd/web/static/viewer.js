@@ -106,7 +106,8 @@
     statusAt = performance.now();
     if (s.fps) fps = s.fps;
     const state = s.status === "paused" ? "paused" : s.status;
-    text("f-state", s.daemon_status === "running" ? state : `${state} (${s.daemon_status})`);
+    text("f-state", s.daemon_status === "running" || s.daemon_status === state ? state
+                                                                          : `${state} (${s.daemon_status})`);
     text("f-buffer", s.buffer_seconds === undefined ? null :
          `${s.buffer_seconds} s of ${s.buffer_target_seconds} s` + (s.is_buffering ? " (buffering)" : ""));
     text("f-theme", s.theme);
