@@ -23,9 +23,12 @@ from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.guard")
 APPLY_WAIT = 10.0      # seconds the guard waits for its pause to be applied
-FREE_WAIT = 30.0       # ...and for work in flight to finish before it frees anyway
+FREE_WAIT = 30.0       # ...and for local work in flight to finish before it frees anyway
 POLL = 0.05
-GENERATING = ("keyframe", "interpolation", "embedding")
+# Work that holds the local models (the codec, the embedder). A keyframe in flight is
+# not waited for: ComfyUI acts on /free once the prompt it is running ends, so the
+# request can go at once (it went up to 10 s later while a keyframe finished)
+ON_LOCAL_MODELS = ("interpolation", "embedding")
 
 
 class Guard:
@@ -90,9 +93,13 @@ class Guard:
             log.warning("game guard: %s is running: pausing the dream and freeing the GPU",
                         reason)
             self._wait(ctx.paused, APPLY_WAIT)
-        # ComfyUI frees after the prompt it is running; the local models must not leave
-        # the device under a batch still using them
-        self._wait(lambda: not any(e in GENERATING for e, _ in list(ctx.in_hand)), FREE_WAIT)
+        # the local models must not leave the device under a batch still using them
+        waited = time.monotonic()
+        self._wait(lambda: not any(e in ON_LOCAL_MODELS for e, _ in list(ctx.in_hand)),
+                   FREE_WAIT)
+        waited = time.monotonic() - waited
+        if waited > 0.5:
+            log.info("game guard: waited %.1f s for work in flight before freeing", waited)
         self._control("free", {"reason": reason, "source": controls.GUARD})
 
     def disengage(self) -> None:
