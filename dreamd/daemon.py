@@ -306,7 +306,7 @@ class Daemon:
         every("status", STATUS_EVERY, display.status_heartbeat)
         every("janitor", 5.0, jan.tick)
         every("governor", 2.0, gov.tick)
-        every("controls", 1.0, lambda: controls.tick(ctx, on_knobs, backend))
+        every("controls", controls.EVERY, lambda: controls.tick(ctx, on_knobs, backend))
         every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
         from dreamd.workers.guard import Guard       # the game guard: pause, free, resume
         every("guard", cfg.guard.check_interval_seconds, Guard(ctx).tick)

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "keyframes with their chain index and theme instead (the range options "
                    f"choose them; default the last {SHEET_KEYFRAMES})")
     p.add_argument("--columns", type=_positive(int), default=6, help="contact sheet columns")
+    p.add_argument("--tile-width", type=_positive(int), default=256, metavar="PX",
+                   help="contact sheet: width of each keyframe's picture (default 256)")
 
 
 def export(cfg, args: argparse.Namespace) -> int:
@@ -109,7 +111,8 @@ def _sheet(cfg, conn, args) -> int:
             with Image.open(source) as opened:
                 im = opened.convert("RGB")
         tiles.append((im, f"#{k.chain_index} {k.theme}"))
-    size = writers.contact_sheet(args.contact_sheet, tiles, columns=args.columns)
+    size = writers.contact_sheet(args.contact_sheet, tiles, columns=args.columns,
+                                 tile_width=args.tile_width)
     print(f"{args.contact_sheet}: {len(tiles)} keyframes, {size[0]}x{size[1]}")
     return 0
 

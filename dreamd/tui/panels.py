@@ -79,6 +79,10 @@ def pipeline(snap: Snapshot) -> Table:
     if progress:
         t.add_row("progress", progress if isinstance(progress, str)
                   else json.dumps(progress, default=str))
+    if snap.governor:
+        g = snap.governor
+        t.add_row("governor", f"{g['message']} (N {g['interpolation_frames']}, divisor "
+                              f"{g['resolution_divisor']:g}, at {str(g['at'])[11:19]})")
     for line in comfyui_lines(snap.comfyui):
         t.add_row("comfyui", line)
     return t

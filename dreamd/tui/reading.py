@@ -58,6 +58,7 @@ class Snapshot:
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     controls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    governor: dict[str, Any] | None = None    # its last decision (ledgers from 0006 on)
     gpu: gpu.Reading | None = None
 
 
@@ -80,11 +81,13 @@ class Reader:
         self._counts: dict[str, dict[str, int]] = {}
         self._counted_at = float("-inf")
         self._shown: tuple[float, int] | None = None     # (monotonic, frames_shown)
+        self._has_governor: bool | None = None
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
+        self._has_governor = None
 
     # ------------------------------------------------------------ status.json
     def status_json(self, now: datetime) -> tuple[dict[str, Any] | None, str | None]:
@@ -195,6 +198,13 @@ class Reader:
             snap.events = [dict(r) for r in q(
                 "SELECT id, at, entity, entity_id, from_state, to_state, event, worker, detail "
                 "FROM transitions ORDER BY id DESC LIMIT :n", n=EVENT_ROWS).mappings()]
+            if self._has_governor is None:
+                self._has_governor = q("SELECT 1 FROM sqlite_master WHERE name = "
+                                       "'governor_decisions'").first() is not None
+            if self._has_governor:
+                row = q("SELECT at, reason, message, interpolation_frames, resolution_divisor "
+                        "FROM governor_decisions ORDER BY id DESC LIMIT 1").mappings().first()
+                snap.governor = dict(row) if row else None
             if controls:
                 ids = ",".join(str(int(i)) for i in controls)
                 snap.controls = {r["id"]: dict(r) for r in q(

@@ -27,6 +27,9 @@ log = logging.getLogger("dreamd.controls")
 CT = Control.__table__
 COMMANDS = ("pause", "resume", "set", "theme", "free", "inject")
 RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
+# Seconds between looks for new controls: an indexed read of an empty result, cheap
+# enough at 10 a second, so a key on the dashboard is applied within about 0.1 s.
+EVERY = 0.1
 
 
 def request(conn: Connection, command: str, args: dict[str, Any] | None = None, *,
