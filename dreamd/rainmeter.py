@@ -13,8 +13,10 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from datetime import datetime
 from pathlib import Path, PureWindowsPath
 from typing import Any, Mapping
@@ -139,3 +141,34 @@ def run_install(cfg, skins: str | None, autostart: bool) -> int:
     print("Load it: Rainmeter > Manage > Refresh all, then DreamWindow > DreamWindow.ini "
           "> Load" + (" (it starts `dreamd run` when none runs)" if autostart else ""))
     return 0
+
+
+def package(out: Path) -> Path:
+    """A .rmskin of the skin, for Rainmeter's Skin Installer (double-click): a zip with
+    RMSKIN.ini and Skins\\DreamWindow\\…, then the 16-byte footer the installer checks
+    (the zip's size, a flags byte, "RMSKIN"). Its Variables.inc is the template: after
+    installing it, run `dreamd rainmeter install` (or edit the file) for this machine's
+    paths; a later .rmskin keeps the values already installed (VariableFiles)."""
+    from dreamd import __version__
+
+    source, out = skin_source(), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = "\r\n".join([
+        "[rmskin]", "Name=Dream Window", "Author=dreamd", f"Version={__version__}",
+        "LoadType=Skin", f"Load={SKIN_NAME}\\DreamWindow.ini",
+        f"VariableFiles={SKIN_NAME}\\@Resources\\Variables.inc",
+        "MinimumRainmeter=4.5.0", "MinimumWindows=6.1", ""])
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("RMSKIN.ini", options.encode("ascii"))
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and path.suffix in (".ini", ".inc"):
+                inner = "\\".join(path.relative_to(source).parts)
+                zf.write(path, f"Skins\\{SKIN_NAME}\\{inner}")
+    size = out.stat().st_size
+    with out.open("ab") as f:
+        f.write(struct.pack("<qB7s", size, 0, b"RMSKIN\0"))
+    return out
+
+
+if __name__ == "__main__":          # make rmskin
+    print(package(Path(sys.argv[1] if len(sys.argv) > 1 else "dist/DreamWindow.rmskin")))

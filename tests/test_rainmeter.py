@@ -487,3 +487,21 @@ def test_the_windows_install_script_does_what_the_readme_says():
     from dreamd.cli import build_parser
     for argv in (["run", "--duration", "1"], ["rainmeter", "install", "--skins-dir", "x"]):
         build_parser().parse_args(argv)
+
+
+def test_make_rmskin_builds_a_package_rainmeter_accepts(tmp_path):
+    import struct
+    import zipfile
+
+    out = rainmeter.package(tmp_path / "dist" / "DreamWindow.rmskin")
+    raw = out.read_bytes()
+    size, flags, key = struct.unpack("<qB7s", raw[-16:])
+    assert (size, flags, key) == (len(raw) - 16, 0, b"RMSKIN\0")   # DialogInstall's check
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        options = zf.read("RMSKIN.ini").decode("ascii")
+        assert zf.read("Skins\\DreamWindow\\DreamWindow.ini") == INI.read_bytes()
+    assert names[0] == "RMSKIN.ini" and "Skins\\DreamWindow\\@Resources\\Variables.inc" in names
+    assert "Load=DreamWindow\\DreamWindow.ini" in options
+    assert "VariableFiles=DreamWindow\\@Resources\\Variables.inc" in options
+    assert "\nrmskin:" in (REPO / "Makefile").read_text()
