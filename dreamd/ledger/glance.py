@@ -82,17 +82,10 @@ def state_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 
 
 def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    # psutil (dreamd/platform.py), never os.kill(pid, 0): on Windows that call ends the
+    # process it asks about, so `dreamd status` would have stopped the daemon
+    from dreamd.platform import pid_alive as alive
+    return alive(pid)
 
 
 def utcnow() -> datetime:
