@@ -10,7 +10,6 @@ playback-order index, the keyframe in progress from the claim index.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
