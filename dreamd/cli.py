@@ -40,11 +40,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dreamd.ledger import glance
 
     cfg = _config(args)
+    from dreamd.display import governor as governor_report
+
     report: dict[str, Any] = {
         "data_dir": str(cfg.data_dir), "database": str(cfg.db_path), "revision": None,
         "head": glance.head_revision(), "counts": {}, "last_run": None, "alive": False,
         "paused": False, "pause_reason": None, "playhead": None, "in_progress": None,
         "buffer": None, "comfyui": None}
+    report["governor"] = governor_report.report(None, cfg, alive=False)
     if cfg.db_path.exists():
         conn = glance.connect(cfg.db_path)
         try:
@@ -52,6 +55,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if report["revision"] is not None:
                 report.update(glance.status(conn, fps=cfg.display.fps,
                                             buffer_target=cfg.display.buffer_target_seconds))
+                report["governor"] = governor_report.report(conn, cfg, report["alive"])
         finally:
             conn.close()
     report["storage"] = _storage_report(cfg, report)

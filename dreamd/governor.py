@@ -138,19 +138,28 @@ class Governor:
 
     # ------------------------------------------------------------ the model
     def per_frame(self, m: Measurements, divisor: float) -> float | None:
-        """Seconds per in-between at `divisor`: measured there, else scaled by area from
-        the nearest size measured (never below what was last seen there)."""
+        """Seconds per in-between at `divisor`: measured there; else, from two sizes
+        measured, a fixed part (writing full-size frames, the ledger) plus a part that
+        scales with the area, a + b/d²; from one, all of it scaled by area. Never below
+        what was last seen there."""
         if divisor in m.inbetween_ms:
             return m.inbetween_ms[divisor] / 1000
         seen = {d: ms for d, (ms, at) in self.seen.items() if self.now - at < SEEN_FOR}
         known = {**seen, **m.inbetween_ms}
         if not known:
             return None
-        near = min(known, key=lambda d: abs(math.log(d / divisor)))
-        scaled = known[near] * (near / divisor) ** 2
+        near = sorted(known, key=lambda d: abs(math.log(d / divisor)))
+        d1 = near[0]
+        predicted = known[d1] * (d1 / divisor) ** 2
+        if len(near) > 1 and near[1] != d1:
+            d2 = near[1]
+            b = (known[d1] - known[d2]) / (d1 ** -2 - d2 ** -2)
+            a = known[d1] - b * d1 ** -2
+            if b > 0 and a >= 0:            # a fit that makes sense (noise can break it)
+                predicted = a + b / divisor ** 2
         if divisor in seen:
-            scaled = max(scaled, seen[divisor])
-        return scaled / 1000
+            predicted = max(predicted, seen[divisor])
+        return predicted / 1000
 
     def load(self, m: Measurements, frames: int, divisor: float,
              high: bool = False) -> float | None:
@@ -263,7 +272,12 @@ class Governor:
                 return current, None
             smaller = [d for d in sizes if d > current]
             fit = [d for d in smaller if busy(d) <= DECODE_FIT]
-            return (fit[0] if fit else (smaller[-1] if smaller else current)), "slow_inbetweens"
+            if fit:
+                return fit[0], "slow_inbetweens"
+            # none fits: the smallest, if it helps at all (a fixed cost does not shrink)
+            if smaller and busy(smaller[-1]) < 0.8 * busy(current):
+                return smaller[-1], "slow_inbetweens"
+            return current, None
         larger = [d for d in sizes if d < current and busy(d) <= DECODE_HEADROOM]
         if larger and may_relax:
             return larger[-1], "headroom"

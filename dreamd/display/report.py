@@ -55,6 +55,9 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
                       f"{playhead['underruns']} underruns")
     _print_comfyui(report.get("comfyui"), console)
     _print_storage(report.get("storage"), console)
+    from dreamd.display.governor import lines as governor_lines
+    for line in governor_lines(report.get("governor")):
+        console.print(line, highlight=False)
     counts = report.get("counts") or {}
     if counts:
         table = Table(title="rows per state", show_edge=False)

@@ -29,6 +29,7 @@ GD, KF, IP = GovernorDecision.__table__, Keyframe.__table__, Interpolation.__tab
 KEYFRAMES_MEASURED = 5       # the median of the last few: one slow outlier moves nothing
 BATCHES_MEASURED = 8
 TREND_WINDOW = 30.0          # seconds of buffer samples at least (3 segments when longer)
+STRETCH_QUIET = 20.0         # a stretch ends (record, log) after this long at full rate
 
 
 # ---------------------------------------------------------------- what the others read
@@ -117,6 +118,7 @@ class GovernorWorker:
         self.ctx = ctx
         self.samples: deque[tuple[float, float]] = deque(maxlen=2000)
         self.stretch_low: float | None = None       # lowest rate of the current stretch
+        self.full_since: float | None = None        # back at full rate since
         self.since = utcnow()                       # keyframes of this run are measured
         self.law = Governor(self.bounds())
         self.restore()
@@ -172,7 +174,7 @@ class GovernorWorker:
             return None
         with ctx.reader.connect() as conn:
             m = self.measure(conn, now)
-        self._stretch(m)
+        self._stretch(m, now)
         decision = self.law.update(m, self.bounds(), now)
         if decision is not None:
             self.record(decision.reason, decision.message, m, decision)
@@ -186,10 +188,15 @@ class GovernorWorker:
             "reason": decision.reason if decision else "resumed",
             "message": decision.message if decision else "going on from the last run"}
 
-    def _stretch(self, m: Measurements) -> None:
-        """Record a stretch of the display once when it starts and once when it ends."""
+    def _stretch(self, m: Measurements, now: float) -> None:
+        """Record a stretch of the display once when it starts and once when it ends
+        (STRETCH_QUIET at full rate: a buffer that dips at every segment is one stretch)."""
         rate = self.ctx.facts.get("stretch", 1.0)
         fps = m.fps
+        if rate < 1.0:
+            self.full_since = None
+        elif self.full_since is None:
+            self.full_since = now
         if rate < 1.0 and self.stretch_low is None:
             self.stretch_low = rate
             text = (f"the buffer is low ({m.buffer_seconds:.1f} s): showing frames a little "
@@ -199,7 +206,7 @@ class GovernorWorker:
             log.info("governor: %s", text)
         elif rate < 1.0:
             self.stretch_low = min(self.stretch_low, rate)
-        elif self.stretch_low is not None:
+        elif self.stretch_low is not None and now - self.full_since >= STRETCH_QUIET:
             text = (f"the buffer refilled ({m.buffer_seconds:.1f} s): the display is back at "
                     f"{fps:g} fps (it went down to {self.stretch_low * 100:.0f} %)")
             self.record("stretch_end", text, m, None, 1.0)
@@ -248,9 +255,10 @@ class Pacer:
         ctx, g = self.ctx, self.ctx.cfg.governor
         rate = 1.0
         if ctx.knob("governor.enabled") and g.stretch:
-            # below twice the buffering mark (and at most half the target) it slows
-            low = min(2 * ctx.knob("display.min_buffer_seconds"),
-                      0.5 * ctx.knob("display.buffer_target_seconds"))
+            # below the buffering mark (at most a third of the target) it slows: an
+            # underrun would stop until that much is ready again
+            low = min(ctx.knob("display.min_buffer_seconds"),
+                      ctx.knob("display.buffer_target_seconds") / 3)
             rate = stretch(buffer_seconds, low, g.min_stretch, self.rate)
         if rate != self.rate:
             self.rate = rate

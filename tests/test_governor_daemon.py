@@ -1,0 +1,226 @@
+"""The governor in the daemon: its worker measures from a real ledger, records every
+decision in `governor_decisions`, and the next batch is made with its choice; `dreamd
+status` shows it; migration 0006 steps down and up; and a real `dreamd run` whose
+backend and decoder are slowed on purpose (DREAMD_SLOW) stops underrunning once the
+governor has settled."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import insert, inspect, select, text
+
+from dreamd.ledger import database, transitions
+from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
+from tests import invariants
+from tests.conftest import DaemonRunner, dreamd_cmd, worker_context
+
+KF, IP, GD = Keyframe.__table__, Interpolation.__table__, GovernorDecision.__table__
+
+CONFIG = """
+[generation]
+resolution = [128, 64]
+interpolation_frames = 4
+lease_seconds = 10.0
+[display]
+fps = 4.0
+buffer_target_seconds = 30.0
+min_buffer_seconds = 2.0
+[cache]
+enabled = false
+[governor]
+dwell_seconds = 5.0
+"""
+
+
+def rows(db, sql: str, *params):
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def add_keyframe(conn, k: int, ms: float) -> int:
+    now = utcnow()
+    return conn.execute(insert(KF).values(
+        chain_index=k, state="completed", backend="procedural", theme="t", prompt="p",
+        seed=k, denoise=0.3, source="seed" if k == 0 else "img2img", width=128, height=64,
+        path=f"keyframes/k{k}.png", generation_ms=ms, started_at=now, completed_at=now,
+        created_at=now, scheduled_at=now)).inserted_primary_key[0]
+
+
+@pytest.fixture
+def ctx(db_path):
+    yield from worker_context(db_path, CONFIG)
+
+
+def test_the_worker_records_its_decision_and_the_next_batch_is_made_with_it(ctx, db_path,
+                                                                           dreamd_env):
+    from dreamd.workers import governor
+
+    worker = governor.GovernorWorker(ctx)
+    assert governor.current(ctx) == (4, 1.0)            # nothing measured: the settings
+    assert worker.tick() is None
+    with ctx.engine.begin() as conn:
+        ids = [add_keyframe(conn, k, 9800.0) for k in range(4)]
+        # a batch that took 1.6 s for its 5 frames at full size: 320 ms a frame at 4 fps
+        conn.execute(insert(IP).values(
+            chain_index=0, from_keyframe_id=ids[0], to_keyframe_id=ids[1], n_frames=4,
+            divisor=1.0, state="completed", duration_ms=1600.0, codec="pixel"))
+        waiting = transitions.create(conn, "interpolation", {
+            "chain_index": 2, "from_keyframe_id": ids[2], "to_keyframe_id": ids[3],
+            "n_frames": 4, "divisor": 1.0}, worker="test")
+    decision = worker.tick()
+    assert decision is not None and decision.frames > 30 and decision.divisor == 2.0
+    assert governor.current(ctx) == (decision.frames, 2.0)
+    with ctx.reader.connect() as conn:
+        (row,) = conn.execute(select(GD)).all()
+    assert row.reason == "slow_inbetweens" and row.run_id == 1
+    assert (row.interpolation_frames, row.resolution_divisor) == (decision.frames, 2.0)
+    assert (row.previous_frames, row.previous_divisor) == (4, 1.0)
+    assert row.keyframe_seconds == 9.8 and row.inbetween_ms == 320.0 and row.fps == 4.0
+    assert "keyframes take 9.8 s: morphing over" in row.message
+    assert "interpolating at 1/2 size" in row.message
+    assert json.loads(row.detail)["inbetween_ms_by_divisor"] == {"1": 320.0}
+    assert worker.tick() is None                        # once per change
+
+    # the batch made before the decision takes it when claimed (a segment boundary)
+    with ctx.engine.begin() as conn:
+        (batch,) = transitions.claim(conn, "interpolation", "test-owner", lease_seconds=30)
+    assert batch.id == waiting
+    claimed = governor.at_claim(ctx, batch, "test-owner")
+    assert (claimed.n_frames, claimed.divisor) == (decision.frames, 2.0)
+    assert rows(db_path, "SELECT n_frames, divisor FROM interpolations WHERE id = ?",
+                waiting) == [(decision.frames, 2.0)]
+
+    # dreamd status shows it, text and JSON
+    env = {**dreamd_env, "DREAMD_DATA_DIR": str(db_path.parent)}
+    out = subprocess.run(dreamd_cmd("status", "--json"), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    g = json.loads(out.stdout)["governor"]
+    assert g["enabled"] is True and g["decisions"][0]["reason"] == "slow_inbetweens"
+    assert g["decisions"][0]["message"] == row.message
+    out = subprocess.run(dreamd_cmd("status"), env={**env, "COLUMNS": "300"},
+                         capture_output=True, text=True, timeout=60)
+    assert "governor" in out.stdout and "slow_inbetweens" in out.stdout
+
+
+def test_turned_off_live_it_gives_back_the_users_settings(ctx):
+    from dreamd.workers import governor
+
+    worker = governor.GovernorWorker(ctx)
+    with ctx.engine.begin() as conn:
+        for k in range(4):
+            add_keyframe(conn, k, 9800.0)
+    assert worker.tick().reason == "slow_keyframes"
+    assert governor.current(ctx)[0] > 4
+    ctx.set_knobs({"governor.enabled": False})           # `dreamd set governor.enabled=false`
+    assert governor.current(ctx) == (4, 1.0)             # at once, for the next batch
+    decision = worker.tick()
+    assert (decision.reason, decision.frames, decision.divisor) == ("off", 4, 1.0)
+    # a restart goes on from the last choice only while it is on
+    ctx.set_knobs({})
+    again = governor.GovernorWorker(ctx)
+    assert again.law.frames == 4
+
+
+def test_a_restart_goes_on_from_the_last_choice(ctx):
+    from dreamd.workers import governor
+
+    worker = governor.GovernorWorker(ctx)
+    with ctx.engine.begin() as conn:
+        for k in range(4):
+            add_keyframe(conn, k, 9800.0)
+    chosen = worker.tick().frames
+    ctx.facts.clear()
+    again = governor.GovernorWorker(ctx)
+    assert again.law.frames == chosen and governor.current(ctx) == (chosen, 1.0)
+
+
+def test_migration_0006_steps_down_and_up_keeping_the_other_rows(tmp_path):
+    path = tmp_path / "dreamd.db"
+    database.upgrade(path, "0005")
+    engine = database.writer(path)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO controls (command, args, state, created_at) "
+                          "VALUES ('pause', '{}', 'applied', '2026-01-01 00:00:00')"))
+    engine.dispose()
+    database.upgrade(path, "0006")
+    engine = database.writer(path)
+    with engine.begin() as conn:
+        assert "governor_decisions" in inspect(conn).get_table_names()
+        conn.execute(insert(GD).values(reason="slow_keyframes", message="m",
+                                       interpolation_frames=44, resolution_divisor=1.0,
+                                       stretch=1.0, fps=4.0, at=utcnow()))
+    engine.dispose()
+    database.downgrade(path, "0005")
+    engine = database.writer(path)
+    with engine.connect() as conn:
+        assert "governor_decisions" not in inspect(conn).get_table_names()
+        assert conn.execute(text("SELECT count(*) FROM controls")).scalar() == 1
+    engine.dispose()
+    database.upgrade(path)
+    assert rows(path, "SELECT count(*) FROM governor_decisions") == [(0,)]
+
+
+# ---------------------------------------------------------------- end to end
+
+SLOW_CONFIG = """
+[generation]
+resolution = [128, 64]
+interpolation_frames = 4
+lease_seconds = 30.0
+[display]
+fps = 5.0
+buffer_target_seconds = 12.0
+min_buffer_seconds = 2.0
+[cache]
+enabled = false
+[governor]
+dwell_seconds = 5.0
+max_interpolation_frames = 80
+"""
+
+
+def underrun_times(log: str) -> list[datetime]:
+    offset = datetime.now() - datetime.utcnow()      # the log's local time -> the ledger's UTC
+    return [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") - offset for m in re.findall(
+        r"^(\S+ \S+) INFO dreamd\.display: underrun", log, re.M)]
+
+
+@pytest.mark.slow
+def test_a_slow_backend_and_decoder_stop_underrunning_once_the_governor_settles(
+        dreamd_env, tmp_path):
+    """Keyframes 2 s slower and in-betweens 0.25 s slower a frame at full size than the
+    embedded default: at N = 4 and 5 fps that is 5 frames per ~3 s against 5 shown a
+    second. The governor must morph longer and interpolate smaller, then hold."""
+    d = DaemonRunner(dreamd_env, tmp_path, SLOW_CONFIG)
+    proc = d.start("--duration", "90", extra_env={"DREAMD_SLOW": "keyframe=2.0,inbetween=0.25"})
+    assert proc.wait(timeout=400) == 0, d.output()
+    db = d.data_dir / "dreamd.db"
+    changes = rows(db, "SELECT at, reason, interpolation_frames, resolution_divisor "
+                       "FROM governor_decisions WHERE reason NOT IN ('stretch', 'stretch_end') "
+                       "ORDER BY id")
+    # longer morphs for the slow keyframes, a smaller size for the slow decoder
+    assert changes and changes[-1][2] > 4 and changes[-1][3] > 1.0, changes
+    assert all(4 <= n <= 80 and 1.0 <= div <= 4.0 for _, _, n, div in changes)
+    started = datetime.fromisoformat(rows(db, "SELECT started_at FROM daemon_runs")[0][0])
+    settled = datetime.fromisoformat(changes[-1][0])
+    assert settled - started < timedelta(seconds=45), changes     # it settles early…
+    # …and the batches after it are made with its last choice
+    n, divisor = changes[-1][2], changes[-1][3]
+    late = rows(db, "SELECT n_frames, divisor FROM interpolations WHERE state = 'completed' "
+                    "AND created_at > ?", str(settled + timedelta(seconds=5)))
+    assert late and set(late) == {(n, divisor)}, late
+    # no underrun once what was made before the last change has played
+    log = (d.data_dir / "logs" / "dreamd.log").read_text()
+    after = [u for u in underrun_times(log) if u > settled + timedelta(seconds=20)]
+    assert after == [], (changes, underrun_times(log))
+    invariants.check(d.data_dir)
