@@ -48,5 +48,13 @@ bench-churn: $(VENV)/.installed-dev
 rmskin: $(VENV)/.installed-run
 	$(BIN)/python -m dreamd.rainmeter dist/DreamWindow.rmskin
 
+# Mutation testing of the core (by hand, not CI; hours on 2 cores for the whole core):
+# `make mutate` or `make mutate MUTANTS='dreamd.ledger.transitions*'`. Config in
+# pyproject.toml [tool.mutmut]; survivors: .venv/bin/mutmut results / mutmut show NAME.
+MUTANTS ?=
+mutate: $(VENV)/.installed-dev
+	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/mutmut results
+
 clean-venv:
 	rm -rf $(VENV)
