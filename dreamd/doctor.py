@@ -117,7 +117,29 @@ def diagnose(cfg: Config) -> list[tuple[str, str, str]]:
         _check("codec", lambda: _codec(cfg)),
         _check("embedder", lambda: _embedder(cfg)),
         _check("seeds", lambda: _seeds(cfg)),
+        _check("guard", lambda: _guard(cfg)),
     ]
+
+
+def _guard(cfg: Config):
+    """The game guard: what it watches, whether its GPU part can read the GPU, and any
+    known game running now (the daemon would be paused)."""
+    from dreamd.guard.games import GameWatch
+    from dreamd.guard.gpu import GpuWatch
+
+    g = cfg.guard
+    if not g.enabled:
+        return "ok", "off (guard.enabled = false)"
+    games = GameWatch(g.known_games)
+    running = games.running()
+    gpu = GpuWatch(cfg.system.gpu, g.gpu_vram_gb, g.gpu_utilization_percent)
+    gpu.close()
+    detail = (f"{len(games.known)} game names every {g.check_interval_seconds:g} s, resumes "
+              f"{g.resume_after_seconds:g} s after; GPU thresholds {gpu.state}")
+    if running:
+        detail += f"; running now: {', '.join(running)} (a daemon would pause)"
+    # thresholds asked for but unreadable: only the names are watched
+    return ("warning" if gpu.state.startswith("unavailable") else "ok"), detail
 
 
 def print_report(rows: list[tuple[str, str, str]], console: Any = None) -> None:

@@ -286,3 +286,20 @@ def test_a_game_pauses_and_frees_its_end_resumes_and_a_user_pause_outlives_it(
     # the guard paused before it freed: the pause was applied first
     applied = rows(daemon, "SELECT command, applied_at FROM controls ORDER BY id LIMIT 2")
     assert applied[0].applied_at <= applied[1].applied_at
+
+
+def test_doctor_says_what_the_guard_watches_and_whether_it_can_read_the_gpu(game):
+    from dreamd.doctor import _guard
+
+    cfg = config.parse(GUARD_CONFIG)
+    verdict, detail = _guard(cfg)
+    assert verdict == "ok" and "1 game names every 0.5 s" in detail and "GPU thresholds off" in detail
+    game()
+    assert f"running now: {GAME}" in wait_for(lambda: GAME in _guard(cfg)[1] and _guard(cfg)[1],
+                                              timeout=10, what="the game in doctor's line")
+    cfg.guard.gpu_vram_gb = 2.0
+    verdict, detail = _guard(cfg)
+    if "unavailable" in detail:          # no NVIDIA driver here: names only, said plainly
+        assert verdict == "warning"
+    cfg.guard.enabled = False
+    assert _guard(cfg) == ("ok", "off (guard.enabled = false)")
