@@ -74,6 +74,7 @@ class Item:
     prompt: dict[str, Any]
     extra: dict[str, Any]
     outputs: list[str]
+    started_ms: int | None = None
 
     def as_list(self) -> list[Any]:
         return [self.number, self.prompt_id, self.prompt, self.extra, self.outputs]
@@ -151,6 +152,7 @@ class ComfyUIDouble:
     def __init__(self, port: int = 0, *, delay: float = 0.0,
                  checkpoints: list[str] | None = None) -> None:
         self.delay = delay
+        self.delay_max: float | None = None   # set: each prompt takes uniform(delay, delay_max)
         self.object_info = json.loads(shared_file("object_info.json").read_text())
         self.system_stats_body = json.loads(shared_file("system_stats.json").read_text())
         if checkpoints is not None:
@@ -256,15 +258,17 @@ class ComfyUIDouble:
                 item = self.pending.pop(0)
                 self.running, self._interrupt, generation = item, False, self._generation
                 self.started_at[item.prompt_id] = time.monotonic()
+                item.started_ms = _ms()
                 self._cond.notify_all()
             cid, pid, prompt = item.extra.get("client_id"), item.prompt_id, item.prompt
             order = _execution_order(prompt, item.outputs)
             sampler = next((n for n in order if prompt[n]["class_type"] in ("KSampler", "KSamplerAdvanced")), None)
             steps = max(1, int(prompt[sampler]["inputs"].get("steps", 1))) if sampler else 1
             self._status()
-            self.send(cid, "execution_start", {"prompt_id": pid, "timestamp": _ms()})
+            self.send(cid, "execution_start", {"prompt_id": pid, "timestamp": item.started_ms})
             self.send(cid, "execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()})
             start = time.monotonic()
+            delay = random.uniform(self.delay, self.delay_max) if self.delay_max else self.delay
             for node in order + ([None] if sampler is None else []):
                 if node is not None:
                     self.send(cid, "progress_state", {"prompt_id": pid, "nodes": {node: {
@@ -276,7 +280,7 @@ class ComfyUIDouble:
                 # The sampler takes the delay, one progress frame per step.
                 for step in range(1, steps + 1):
                     with self._cond:
-                        end = start + self.delay * step / steps
+                        end = start + delay * step / steps
                         while not (self._stopped or self._interrupt or generation != self._generation):
                             left = end - time.monotonic()
                             if left <= 0:
@@ -312,7 +316,8 @@ class ComfyUIDouble:
 
     def _run(self, item: Item, interrupted: bool, error: dict[str, Any] | None) -> dict[str, Any]:
         pid, prompt = item.prompt_id, item.prompt
-        messages: list[Any] = [["execution_start", {"prompt_id": pid, "timestamp": _ms()}],
+        started = item.started_ms or _ms()   # when it left the queue, as ComfyUI stamps it
+        messages: list[Any] = [["execution_start", {"prompt_id": pid, "timestamp": started}],
                                ["execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()}]]
         entry = {"prompt": item.as_list(), "outputs": {}, "meta": {},
                  "status": {"status_str": "error", "completed": False, "messages": messages}}
@@ -899,11 +904,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A ComfyUI stand-in on 127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per prompt")
+    parser.add_argument("--delay-max", type=float, default=None,
+                        help="each prompt takes a random time between --delay and this")
     parser.add_argument("--checkpoint", action="append", help="checkpoint names it lists")
     parser.add_argument("--exit-after", type=float, default=None, help="crash (exit 3) after this many seconds")
     parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     args = parser.parse_args(argv)
-    double = ComfyUIDouble(args.port, delay=args.delay, checkpoints=args.checkpoint).start()
+    double = ComfyUIDouble(args.port, delay=args.delay, checkpoints=args.checkpoint)
+    double.delay_max = args.delay_max
+    double.start()
     done = threading.Event()
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
