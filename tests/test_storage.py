@@ -342,3 +342,31 @@ def test_comfyuis_log_is_rotated_when_the_supervisor_starts(tmp_path, monkeypatc
     log.write_bytes(b"small")
     supervisor.rotate_log(log)
     assert log.read_bytes() == b"small"
+
+
+def test_a_budget_too_small_for_what_the_dream_needs_is_said_once(db_path, caplog):
+    """Over budget with nothing left to delete (here: the ledger alone is larger): one
+    warning naming storage.budget_gb and a size that would do; nothing the dream needs
+    is deleted, and a budget raised later clears it."""
+    import logging
+
+    from dreamd.workers.janitor import Janitor
+    from tests.conftest import worker_context
+
+    gen = worker_context(db_path, "[storage]\nbudget_gb = 0.00001\n")
+    ctx = next(gen)
+    try:
+        jan = Janitor(ctx)
+        with caplog.at_level(logging.WARNING, logger="dreamd"):
+            for _ in range(4):
+                jan.measure()
+                jan.storage()
+        said = [r.getMessage() for r in caplog.records if "storage.budget_gb" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "nothing more can be deleted" in said[0] and "at least 0.1" in said[0]
+        assert db_path.exists()
+        ctx.cfg.storage.budget_gb = 2.0
+        jan.measure()
+        assert jan.stuck_over is False and jan.over == 0
+    finally:
+        gen.close()

@@ -51,6 +51,8 @@ class Janitor:
         self.last_checkpoint = time.monotonic()
         self.measured_at = float("-inf")
         self.over = 0                   # bytes over the budget (or under the floor) to free
+        self.freed = 0                  # bytes retention freed since the last measurement
+        self.stuck_over = False         # over budget with nothing left to delete: said once
 
     def tick(self) -> None:
         rescue_all(self.ctx)
@@ -69,6 +71,7 @@ class Janitor:
         started = time.perf_counter()
         report = retention.run_pass(ctx, over_budget=self.over)
         self.over = max(0, self.over - report.freed)
+        self.freed += report.freed
         if log.isEnabledFor(logging.DEBUG):   # bench/churn.py reads these
             log.debug("timing janitor id=0 storage_ms=%.2f freed=%d",
                       (time.perf_counter() - started) * 1000, report.freed)
@@ -91,6 +94,8 @@ class Janitor:
                 deficit = resume - u.free
                 low = (f"low disk space: {space.human(u.free)} free on the data dir's disk, "
                        f"below the floor of {space.human(u.floor)} (storage.min_free_gb)")
+        self.budget_check(u, freed=self.freed)
+        self.freed = 0
         self.over = max(u.over_budget(), deficit)
         self.set_low(low)
         try:
@@ -98,6 +103,24 @@ class Janitor:
                 queries.update_runtime(conn, storage=json.dumps({**u.as_dict(), "low": low}))
         except Exception:   # a busy ledger: the next measurement records it
             log.debug("storage usage not recorded", exc_info=True)
+
+    def budget_check(self, u: space.Usage, *, freed: int) -> None:
+        """Over the budget twice in a row with nothing freed in between: what is left is
+        what the dream needs (the ledger, frames not yet shown, keyframes still in use),
+        so the budget is too small for this configuration. Said once, with the size that
+        would do; the dream goes on over budget rather than delete what it needs."""
+        over = u.over_budget()
+        if over and freed == 0 and self.over > 0:
+            if not self.stuck_over:
+                log.warning("the data dir is %s, over storage.budget_gb (%s), and nothing "
+                            "more can be deleted: the rest is the ledger (%s) and what "
+                            "playback still needs; raise storage.budget_gb to at least %.1f",
+                            space.human(u.managed), space.human(u.budget),
+                            space.human(u.parts.get("ledger", 0)),
+                            max(0.1, round(u.managed * 1.5 / space.GB + 0.05, 1)))
+            self.stuck_over = True
+        elif not over:
+            self.stuck_over = False
 
     def set_low(self, reason: str | None) -> None:
         """Pause generation under the free-space floor (playback goes on from the buffer);
