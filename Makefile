@@ -11,7 +11,7 @@ PYTEST_MARK := -m "not slow"
 endif
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all bench bench-ledger bench-codecs bench-churn rmskin clean-venv
+.PHONY: run test test-all bench bench-ledger bench-codecs bench-churn bench-governor rmskin clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-ledger: $(VENV)/.installed-dev
 
 bench-churn: $(VENV)/.installed-dev
 	$(BIN)/python bench/churn.py
+
+bench-governor: $(VENV)/.installed-dev
+	$(BIN)/python bench/governor.py
 
 # The Rainmeter skin as a .rmskin package (Rainmeter's Skin Installer), in dist/
 rmskin: $(VENV)/.installed-run
