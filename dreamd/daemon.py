@@ -319,7 +319,9 @@ class Daemon:
             clean = self._stop(scheduler, ctx, display, backend, codecs)
         if not clean:
             # a job is stuck in a thread we cannot interrupt: its lease is released
-            # and the stop recorded, so exiting now loses nothing
+            # and the stop recorded, so exiting now loses nothing (but the pid file,
+            # which os._exit would skip the `finally` that removes)
+            release_pid_file(self.cfg.pid_path)
             logging.shutdown()
             os._exit(0)
         return 0
