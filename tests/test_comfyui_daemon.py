@@ -113,6 +113,9 @@ def test_keyframes_come_from_comfyui_and_free_reaches_it(daemon, double):
         free = subprocess.run(dreamd_cmd("--config", str(daemon.config), "free"),
                               env=daemon.env, capture_output=True, text=True, timeout=60)
         assert free.returncode == 0, free.stderr
+        # generating: the free lasts until the next keyframe, and the command says so
+        assert "the next keyframe loads the model again" in free.stdout
+        assert "`dreamd pause` first" in free.stdout
         wait_for(lambda: double.freed == 1, timeout=15, what="POST /free")
         report = cli_status(daemon)
     finally:
