@@ -306,8 +306,11 @@ def _free_note(cfg) -> str | None:
             paused = conn.execute(select(t.c.paused).where(t.c.id == 1)).scalar()
     finally:
         engine.dispose()
-    if not alive or paused or cfg.generation.backend != "comfyui":
+    if paused or cfg.generation.backend != "comfyui":
         return None
+    if not alive:
+        return ("note: applied when the daemon starts, it frees only until the first keyframe "
+                "loads the model again; `dreamd pause` first to keep the memory free")
     return ("note: the dream is generating, so the next keyframe loads the model again "
             "within seconds; to keep the memory free, `dreamd pause` first (then `dreamd "
             "free`; `dreamd resume` when done)")
