@@ -224,3 +224,35 @@ def test_a_slow_backend_and_decoder_stop_underrunning_once_the_governor_settles(
     after = [u for u in underrun_times(log) if u > settled + timedelta(seconds=20)]
     assert after == [], (changes, underrun_times(log))
     invariants.check(d.data_dir)
+
+
+# ---------------------------------------------------------------- every codec, every size
+
+@pytest.mark.parametrize("kind", ["pixel", "taesd", "sd-vae"])
+def test_every_codec_works_at_every_size_the_governor_may_choose(tmp_path, kind):
+    """The interpolation worker builds the chosen codec at a batch's divisor
+    (choose.at_divisor): every size of the ladder gives frames of the keyframe's size,
+    and latents of different sizes never pass for one another."""
+    import torch
+
+    from dreamd.governor import LADDER
+    from dreamd.latent.choose import at_divisor, choose_codec
+    from dreamd.latent.storage import latent_meta, reusable
+    from tests.conftest_codecs import diffusers_kl, diffusers_tiny, save, save_taesd_pair, tensors
+
+    path = None
+    if kind == "taesd":
+        path = save_taesd_pair(tmp_path, diffusers_tiny())[1]
+    elif kind == "sd-vae":
+        path = save(tmp_path / "vae.safetensors", tensors(diffusers_kl()))
+    base, _ = choose_codec(kind, path=path, device="cpu", precision="fp32")
+    images = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    metas = []
+    for divisor in LADDER[:5]:
+        codec = at_divisor(base, divisor)
+        out = codec.decode(codec.encode(images))
+        assert out.shape == images.shape, (kind, divisor)
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+        metas.append((codec, latent_meta(codec)))
+    for i, (codec, _) in enumerate(metas):
+        assert [reusable(meta, codec) for _, meta in metas] == [j == i for j in range(len(metas))]
