@@ -243,3 +243,16 @@ def test_doctor_with_start_command_says_dreamd_will_start_comfyui():
     assert detail == f"comfyui: {url}: not running; dreamd will start ComfyUI with start_command"
     verdict, detail = check_servers(doctor_config([url]))
     assert verdict == "problem" and "DOWN (connection refused" in detail
+
+
+def test_the_dashboard_shows_progress_and_a_set_aside_server():
+    from dreamd.tui.panels import comfyui_lines, progress_text
+    assert progress_text({"keyframe": 4, "step": 3, "steps": 20, "node": "6",
+                          "node_type": "KSampler"}) == "keyframe 4: KSampler, step 3 of 20"
+    assert progress_text({"keyframe": 4, "step": None, "steps": None, "node": "8",
+                          "node_type": None}) == "keyframe 4: node 8"
+    lines = [str(t) for t in comfyui_lines({"status": "ok", "servers": [
+        {"url": "http://a", "healthy": True, "set_aside": "checkpoint 'x' is not on http://a",
+         "checkpoints": []}, {"url": "http://b", "healthy": True}]})]
+    assert lines == ["ok", "http://a set aside: checkpoint 'x' is not on http://a (its "
+                     "checkpoints: none)", "http://b healthy"]

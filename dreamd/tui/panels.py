@@ -75,10 +75,9 @@ def pipeline(snap: Snapshot) -> Table:
         p = snap.in_progress
         t.add_row("making", f"keyframe {p['chain_index']} ({p['state']}, attempt "
                             f"{p['attempt']}, {p['theme']})")
-    progress = (snap.status or {}).get("progress")
+    progress = (snap.status or {}).get("keyframe_progress") or (snap.status or {}).get("progress")
     if progress:
-        t.add_row("progress", progress if isinstance(progress, str)
-                  else json.dumps(progress, default=str))
+        t.add_row("progress", progress_text(progress))
     if snap.governor:
         g = snap.governor
         t.add_row("governor", f"{g['message']} (N {g['interpolation_frames']}, divisor "
@@ -86,6 +85,19 @@ def pipeline(snap: Snapshot) -> Table:
     for line in comfyui_lines(snap.comfyui):
         t.add_row("comfyui", line)
     return t
+
+
+def progress_text(progress: Any) -> str:
+    """status.json's keyframe_progress (the ComfyUI prompt running): keyframe, node, step."""
+    if isinstance(progress, str):
+        return progress
+    if isinstance(progress, dict) and "node" in progress:
+        text = (f"keyframe {progress.get('keyframe')}: "
+                f"{progress.get('node_type') or 'node ' + str(progress.get('node'))}")
+        if progress.get("step"):
+            text += f", step {progress['step']} of {progress.get('steps')}"
+        return text
+    return json.dumps(progress, default=str)
 
 
 def comfyui_lines(health: dict[str, Any] | None) -> list[Text]:
@@ -96,6 +108,11 @@ def comfyui_lines(health: dict[str, Any] | None) -> list[Text]:
     for s in health.get("servers") or []:
         ok = s.get("healthy")
         line = Text(f"{s.get('url')} ")
+        if s.get("set_aside"):     # answers, but cannot run the workflow (issue 14)
+            line.append("set aside", style="red")
+            have = ", ".join(s.get("checkpoints") or []) or "none"
+            out.append(line.append(f": {s['set_aside']} (its checkpoints: {have})"))
+            continue
         line.append("healthy" if ok else "down", style="green" if ok else "red")
         if not ok and s.get("last_error"):
             line.append(f": {s['last_error']}")
