@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import os
 import platform
 import random
@@ -144,8 +145,12 @@ def beyond_execution(keyframes: int, push: bool, poll_interval: float, url: str 
         backend.generate(request(image, 0))  # warm: connections, socket, object_info
         overheads = []
         for k in range(1, keyframes + 1):
-            # as the keyframe worker calls it: the server recorded before each POST
-            req = dataclasses.replace(request(image, k), on_server=lambda url: None)
+            # as the keyframe worker calls it: the server recorded before each POST, the
+            # input handed over as the PNG file it wrote for the previous keyframe (level 3)
+            buf = io.BytesIO()
+            image.save(buf, "PNG", compress_level=3)
+            req = dataclasses.replace(request(image, k), on_server=lambda url: None,
+                                      image_png=buf.getvalue())
             t0 = time.monotonic()
             result = backend.generate(req)
             total = time.monotonic() - t0
@@ -176,7 +181,8 @@ loaded by parallel work ({machine()}). Against {against}: {keyframes} {SIZE[0]}x
 img2img keyframes in a chain per mode. Overhead = generate()'s wall time minus the server's
 own execution time (execution_start to execution_success in its history entry), called as
 the keyframe worker calls it (the server recorded before the POST, so a fresh prompt needs
-no re-attach look-up): PNG encode, upload, POST, the wait until the end is noticed,
+no re-attach look-up; the input handed over as the PNG file of the previous keyframe, so it
+is not encoded again): upload, POST, the wait until the end is noticed,
 /history, /view, decode and checks. The keyframe worker's own PNG write and ledger commit
 come on top (bench/pipeline.py measures the daemon end to end).
 
@@ -189,8 +195,9 @@ Push takes the wait for the next poll (half the interval on average) out of ever
 what is left is the requests and the image work. Profiled once by step (2026-12-02, load
 average ~8): of the pushed overhead, the upload (28 ms) and the POST (10 ms) were mostly
 the double's own multipart parsing and validation in Python (a real ComfyUI answered them
-in 3 ms and 1-2 ms, ../shared/comfyui/timings.json), the input's PNG encode took 14 ms,
-/view and decode 19 ms, /history 6 ms. The issue's target (under 30 ms beyond
+in 3 ms and 1-2 ms, ../shared/comfyui/timings.json), the input's PNG encode took 14 ms
+(since spared: the worker hands over the file it wrote), /view and decode 19 ms, /history
+6 ms. The issue's target (under 30 ms beyond
 ComfyUI's execution, against a real server) is not measured here: there is no ComfyUI on
 this machine (`--url http://HOST:8188 --checkpoint NAME` runs the same against one).
 """

@@ -40,6 +40,9 @@ class KeyframeRequest:
     # Called with a server's URL as soon as the backend knows that server has (or is about
     # to get) the prompt, so the ledger records it before a crash can lose it.
     on_server: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    # `image` as the PNG file it was read from, when that file already is an RGB PNG of
+    # width x height: a remote backend may upload these bytes instead of encoding again.
+    image_png: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

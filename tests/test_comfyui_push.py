@@ -207,3 +207,22 @@ def test_nothing_is_posted_when_the_server_cannot_be_recorded(double, make):
     with pytest.raises(TransientBackendError, match="was not posted: disk full"):
         make(double.url).generate(request(on_server=broken))
     assert double.count("POST", "/prompt") == 0
+
+
+def test_the_input_file_is_uploaded_as_it_is(double, make, tmp_path):
+    """The keyframe worker hands over the previous keyframe's PNG when it already fits:
+    those bytes are uploaded, no encode; anything else is left to the backend to encode."""
+    from types import SimpleNamespace
+
+    from dreamd.workers.keyframe import input_png
+    image = Image.new("RGB", (64, 32), (30, 60, 90))
+    image.save(tmp_path / "k.png", compress_level=9)
+    image.convert("RGBA").save(tmp_path / "rgba.png")
+    image.save(tmp_path / "k.jpg")
+    row = lambda name: SimpleNamespace(input_path=name)   # noqa: E731
+    png = input_png(row("k.png"), 64, 32, tmp_path)
+    assert png == (tmp_path / "k.png").read_bytes()
+    assert [input_png(row(n), w, 32, tmp_path) for n, w in
+            (("rgba.png", 64), ("k.jpg", 64), ("k.png", 128), (None, 64))] == [None] * 4
+    make(double.url).generate(request(image=image, image_png=png))
+    assert png in double.inputs.values()

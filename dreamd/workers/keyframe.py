@@ -51,6 +51,21 @@ def load_input(row, width: int, height: int, data_dir: Path) -> Image.Image | No
         raise PermanentBackendError(f"input image {row.input_path}: {exc}") from exc
 
 
+def input_png(row, width: int, height: int, data_dir: Path) -> bytes | None:
+    """The input file's bytes when it is already an RGB PNG of the keyframe's size (the
+    previous keyframe, usually): a remote backend uploads them as they are, sparing a PNG
+    encode per keyframe. None otherwise (the backend encodes `image`)."""
+    if not row.input_path:
+        return None
+    try:
+        data = resolve(data_dir, row.input_path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            fits = im.format == "PNG" and im.mode == "RGB" and im.size == (width, height)
+    except (OSError, ValueError):
+        return None
+    return data if fits else None
+
+
 def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
     """Make keyframes while there are any to make; returns how many were completed."""
     # backend_unusable: the backend cannot make keyframes now (every server down, or
@@ -78,6 +93,8 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
             scheduler=ctx.cfg.generation.scheduler,
             image=load_input(row, row.width, row.height, ctx.cfg.data_dir), prompt_id=prompt_id,
+            image_png=(input_png(row, row.width, row.height, ctx.cfg.data_dir)
+                       if backend.name != "procedural" else None),
             server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
         with ctx.lease("keyframe", row.id, owner), timed(timings, "generate"):
             result = backend.generate(request)

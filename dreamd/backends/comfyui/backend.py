@@ -318,7 +318,9 @@ class ComfyUIBackend:
                                         "multiple of 8; SD latents would crop it")
         template = self.img2img if request.image is not None else self.txt2img
         png = None
-        if request.image is not None:
+        if request.image is not None and request.image_png is not None:
+            png = request.image_png       # the input file as it is: no encode
+        elif request.image is not None:
             img = request.image.convert("RGB")
             if img.size != (request.width, request.height):
                 img = img.resize((request.width, request.height), Image.Resampling.LANCZOS)
