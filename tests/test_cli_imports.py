@@ -41,6 +41,8 @@ LEDGER_COMMANDS = [
     ["set", "--reset", "all"], ["config", "show"],
     ["sql", "SELECT * FROM frame_history", "--format", "json", "--max-rows", "5"],
     ["history", "--format", "tsv"],
+    ["inject"], ["history", "--since", "10m"],
+    ["sql", "SELECT 1; SELECT count(*) FROM frames"],
 ]
 
 

@@ -54,7 +54,8 @@ def text_of(app, selector: str) -> str:
     """What a Static shows, as plain text (its content may be a Rich renderable)."""
     from rich.console import Console
 
-    content = app.query_one(selector).content
+    widget = app.query_one(selector)
+    content = widget.content or widget.render()
     if isinstance(content, str) or not hasattr(content, "__rich_console__"):
         return str(content)
     console = Console(width=200, record=True, file=open("/dev/null", "w"))

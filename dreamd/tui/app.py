@@ -31,6 +31,10 @@ from dreamd.tui.reading import Reader, Snapshot, utcnow
 
 LEDGER_EVERY = 1.0        # seconds between snapshots of the ledger
 PREVIEW_EVERY = 0.25      # seconds between looks at current_frame.png (at most 4 redraws/s)
+# A half-block preview is drawn in Python on the event loop (about 50 ms for 90x30 cells
+# on an idle 2-core machine, 280 ms when it is loaded): it may take at most this share of
+# the loop's time, so keys and the other panels always get theirs (bench/RESULTS.md).
+PREVIEW_SHARE = 0.25
 SPARK_SAMPLES = 300       # buffer samples kept for the sparkline (5 minutes at 1 a second)
 
 
@@ -59,6 +63,23 @@ class ControlSent(Message):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__()
         self.outcome = outcome
+
+
+class BufferPanel(Static):
+    """The buffer: drawn at paint time, when its width (for the gauge and the
+    sparkline) is known."""
+
+    data: tuple[Snapshot, list[float]] | None = None
+
+    def show(self, snap: Snapshot, samples: list[float]) -> None:
+        self.data = (snap, samples)
+        self.refresh()
+
+    def render(self):
+        if self.data is None:
+            return ""
+        snap, samples = self.data
+        return panels.buffer(snap, samples, width=min(60, max(10, self.size.width - 1)))
 
 
 def image_widget(graphics: str):
@@ -134,6 +155,7 @@ class DreamApp(App):
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._history_key: tuple = ()
+        self._render_cost = 0.0                   # seconds the last preview drawing took
         self._events_key: int | None = None
 
     # ------------------------------------------------------------ layout
@@ -145,7 +167,7 @@ class DreamApp(App):
             with box:
                 yield image_widget(self.graphics)(id="preview")
             with VerticalScroll(id="side"):
-                yield self._panel("buffer", Static(id="buffer-text"))
+                yield self._panel("buffer", BufferPanel(id="buffer-text"))
                 yield self._panel("pipeline", Static(id="pipeline-text"))
                 yield self._panel("GPU", Static(id="gpu-text"))
         with Horizontal(id="bottom"):
@@ -165,6 +187,17 @@ class DreamApp(App):
         return v
 
     def on_mount(self) -> None:
+        preview = self.query_one("#preview")
+        draw = preview.render_lines
+
+        def timed(crop):                          # how dear is drawing the preview?
+            start = time.perf_counter()
+            try:
+                return draw(crop)
+            finally:
+                self._render_cost = time.perf_counter() - start
+
+        preview.render_lines = timed
         self.query_one("#history", DataTable).add_columns(
             "#", "theme", "denoise", "source", "backend", "ms", "state")
         self.query_one("#events", DataTable).add_columns("at", "row", "change", "event",
@@ -214,7 +247,8 @@ class DreamApp(App):
                         seen = mark
             else:
                 seen = "never looked"            # back to live: reload at once
-            self._stop.wait(self.preview_every)
+            # never faster than drawing allows: at most PREVIEW_SHARE of the loop's time
+            self._stop.wait(max(self.preview_every, self._render_cost / PREVIEW_SHARE))
 
     @work(thread=True, group="select", exclusive=True)
     def show_keyframe(self, row: dict[str, Any]) -> None:
@@ -243,6 +277,14 @@ class DreamApp(App):
             return
         self.post_message(ControlSent(Outcome(cid, request.label, "sent")))
 
+    @work(thread=True, group="control")
+    def warm_sender(self) -> None:
+        try:
+            with self._send_lock:
+                self.sender.warm()
+        except Exception:       # a missing or unusable ledger: the first key says why
+            pass
+
     def _waiting(self) -> list[int]:
         return [i for i, o in list(self.outcomes.items()) if o.state == "sent"]
 
@@ -259,6 +301,8 @@ class DreamApp(App):
     def _show(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.snapshots += 1
+        if self.snapshots == 1:
+            self.warm_sender()
         daemon = self.query_one("#daemon", Static)
         line = snap.daemon.line
         if snap.paused:
@@ -269,9 +313,7 @@ class DreamApp(App):
         daemon.set_class(not snap.daemon.alive, "dead")
         if snap.buffer_seconds is not None:
             self._samples.append(float(snap.buffer_seconds))
-        text = self.query_one("#buffer-text", Static)
-        text.update(panels.buffer(snap, list(self._samples),
-                                  width=min(60, max(10, text.content_region.width - 1))))
+        self.query_one("#buffer-text", BufferPanel).show(snap, list(self._samples))
         self.query_one("#pipeline-text", Static).update(panels.pipeline(snap))
         self.query_one("#gpu-text", Static).update(panels.gpu(snap))
         self._fill_history(snap)

@@ -77,16 +77,16 @@ class Reader:
         self.now = now
         self.gpu_reader = gpu_reader
         self.host = host or socket.gethostname()
-        self.engine = None
+        self.conn = None            # sqlite3, read-only: no SQLAlchemy import to wait for
         self._counts: dict[str, dict[str, int]] = {}
         self._counted_at = float("-inf")
         self._shown: tuple[float, int] | None = None     # (monotonic, frames_shown)
         self._has_governor: bool | None = None
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.dispose()
-            self.engine = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
         self._has_governor = None
 
     # ------------------------------------------------------------ status.json
@@ -130,86 +130,92 @@ class Reader:
         return snap
 
     def _read_ledger(self, snap: Snapshot, controls, now: datetime) -> None:
-        from sqlalchemy import text
-
-        from dreamd.ledger import database
+        from dreamd.ledger import glance
 
         if not self.cfg.db_path.exists():
             snap.problem = f"no ledger at {self.cfg.db_path} yet: start the daemon (`dreamd run`)"
             return
-        if self.engine is None:
-            self.engine = database.reader(self.cfg.db_path)
-        with self.engine.connect() as conn:
-            q = lambda sql, **kw: conn.execute(text(sql), kw)   # noqa: E731
-            if q("SELECT 1 FROM sqlite_master WHERE name = 'runtime_state'").first() is None:
-                snap.problem = f"{self.cfg.db_path} has no tables yet: start the daemon"
-                return
-            run = q("SELECT * FROM daemon_runs ORDER BY id DESC LIMIT 1").mappings().first()
-            snap.daemon.run = dict(run) if run else None
-            rt = q("SELECT * FROM runtime_state WHERE id = 1").mappings().first()
-            if rt:
-                snap.paused, snap.pause_reason = bool(rt["paused"]), rt["pause_reason"]
-                snap.underruns, snap.frames_shown = rt["underruns"], rt["frames_shown"]
-                try:
-                    knobs = json.loads(rt["knobs"] or "{}")
-                except ValueError:
-                    knobs = {}
-                snap.knobs = knobs if isinstance(knobs, dict) else {}
-                snap.comfyui = _json_object(rt.get("comfyui_health"))
-                self._shown_rate(snap, rt["frames_shown"])
-            if snap.fps is None:
-                snap.fps = self.knob(snap, "display.fps")
-                snap.buffer_target = self.knob(snap, "display.buffer_target_seconds")
-                if rt and rt["playhead_chain_index"] is not None:
-                    c, t = rt["playhead_chain_index"], rt["playhead_t"]
-                else:
-                    c, t = -1, -1.0
-                ahead = q("SELECT count(*) FROM frames WHERE state = 'ready' AND "
-                          "(chain_index > :c OR (chain_index = :c AND t > :t))",
-                          c=c, t=t).scalar_one()
-                snap.buffer_seconds = round(ahead / snap.fps, 2)
-            if snap.backend is None:
-                snap.backend = (run["backend"] if run else None) or self.cfg.generation.backend
-            if snap.codec is None:
-                snap.codec = q("SELECT codec FROM interpolations WHERE codec IS NOT NULL "
-                               "ORDER BY id DESC LIMIT 1").scalar()
-            mono = time.monotonic()
-            if mono - self._counted_at >= COUNTS_EVERY:
-                from dreamd.ledger.queries import state_counts
-                self._counts, self._counted_at = state_counts(conn), mono
-            snap.counts = self._counts
-            since = now - RATE_WINDOW
-            made = q("SELECT count(*) FROM frames WHERE created_at > :s", s=_db(since)).scalar_one()
-            snap.produced_fps = round(made / RATE_WINDOW.total_seconds(), 2)
-            snap.history = [dict(r) for r in q(
-                "SELECT k.id, k.chain_index, k.theme, k.denoise, k.source, k.backend, "
-                "k.generation_ms, k.state, k.path, k.thumb_path, k.completed_at, "
-                "i.kind AS injection, i.reason AS injection_reason "
-                "FROM keyframes k LEFT JOIN injections i ON i.keyframe_id = k.id "
-                "ORDER BY k.chain_index DESC, k.id DESC LIMIT :n", n=HISTORY_ROWS).mappings()]
-            recent = [h for h in snap.history if h["completed_at"] is not None
-                      and _dt(h["completed_at"]) > now - KEYFRAME_WINDOW]
-            snap.keyframes_per_minute = round(
-                len(recent) / (KEYFRAME_WINDOW.total_seconds() / 60), 2)
-            making = q("SELECT chain_index, state, theme, started_at, attempt FROM keyframes "
-                       "WHERE state IN ('available', 'executing', 'retryable') "
-                       "ORDER BY chain_index DESC LIMIT 1").mappings().first()
-            snap.in_progress = dict(making) if making else None
-            snap.events = [dict(r) for r in q(
-                "SELECT id, at, entity, entity_id, from_state, to_state, event, worker, detail "
-                "FROM transitions ORDER BY id DESC LIMIT :n", n=EVENT_ROWS).mappings()]
-            if self._has_governor is None:
-                self._has_governor = q("SELECT 1 FROM sqlite_master WHERE name = "
-                                       "'governor_decisions'").first() is not None
-            if self._has_governor:
-                row = q("SELECT at, reason, message, interpolation_frames, resolution_divisor "
-                        "FROM governor_decisions ORDER BY id DESC LIMIT 1").mappings().first()
-                snap.governor = dict(row) if row else None
-            if controls:
-                ids = ",".join(str(int(i)) for i in controls)
-                snap.controls = {r["id"]: dict(r) for r in q(
-                    f"SELECT id, command, args, state, error, created_at, applied_at "
-                    f"FROM controls WHERE id IN ({ids})").mappings()}
+        if self.conn is None:
+            self.conn = glance.connect(self.cfg.db_path)
+        conn = self.conn
+        conn.execute("BEGIN")                           # one consistent read
+        try:
+            self._read(conn, snap, controls, now)
+        finally:
+            conn.execute("ROLLBACK")
+
+    def _read(self, conn, snap: Snapshot, controls, now: datetime) -> None:
+        from dreamd.ledger import glance
+
+        def one(sql: str, **kw) -> dict[str, Any] | None:
+            row = conn.execute(sql, kw).fetchone()
+            return dict(row) if row is not None else None
+
+        def every(sql: str, **kw) -> list[dict[str, Any]]:
+            return [dict(r) for r in conn.execute(sql, kw).fetchall()]
+
+        if one("SELECT 1 FROM sqlite_master WHERE name = 'runtime_state'") is None:
+            snap.problem = f"{self.cfg.db_path} has no tables yet: start the daemon"
+            return
+        run = one("SELECT * FROM daemon_runs ORDER BY id DESC LIMIT 1")
+        snap.daemon.run = run
+        rt = one("SELECT * FROM runtime_state WHERE id = 1")
+        if rt:
+            snap.paused, snap.pause_reason = bool(rt["paused"]), rt["pause_reason"]
+            snap.underruns, snap.frames_shown = rt["underruns"], rt["frames_shown"]
+            knobs = _json_object(rt.get("knobs")) or {}
+            snap.knobs = knobs
+            snap.comfyui = _json_object(rt.get("comfyui_health"))
+            self._shown_rate(snap, rt["frames_shown"])
+        if snap.fps is None:
+            snap.fps = self.knob(snap, "display.fps")
+            snap.buffer_target = self.knob(snap, "display.buffer_target_seconds")
+            c, t = ((rt["playhead_chain_index"], rt["playhead_t"])
+                    if rt and rt["playhead_chain_index"] is not None else (-1, -1.0))
+            ahead = one("SELECT count(*) AS n FROM frames WHERE state = 'ready' AND "
+                        "(chain_index > :c OR (chain_index = :c AND t > :t))", c=c, t=t)["n"]
+            snap.buffer_seconds = round(ahead / snap.fps, 2)
+        if snap.backend is None:
+            snap.backend = (run["backend"] if run else None) or self.cfg.generation.backend
+        if snap.codec is None:
+            row = one("SELECT codec FROM interpolations WHERE codec IS NOT NULL "
+                      "ORDER BY id DESC LIMIT 1")
+            snap.codec = row["codec"] if row else None
+        mono = time.monotonic()
+        if mono - self._counted_at >= COUNTS_EVERY:
+            self._counts, self._counted_at = glance.state_counts(conn), mono
+        snap.counts = self._counts
+        made = one("SELECT count(*) AS n FROM frames WHERE created_at > :s",
+                   s=_db(now - RATE_WINDOW))["n"]
+        snap.produced_fps = round(made / RATE_WINDOW.total_seconds(), 2)
+        snap.history = every(
+            "SELECT k.id, k.chain_index, k.theme, k.denoise, k.source, k.backend, "
+            "k.generation_ms, k.state, k.path, k.thumb_path, k.completed_at, "
+            "i.kind AS injection, i.reason AS injection_reason "
+            "FROM keyframes k LEFT JOIN injections i ON i.keyframe_id = k.id "
+            "ORDER BY k.chain_index DESC, k.id DESC LIMIT :n", n=HISTORY_ROWS)
+        recent = [h for h in snap.history if h["completed_at"] is not None
+                  and _dt(h["completed_at"]) > now - KEYFRAME_WINDOW]
+        snap.keyframes_per_minute = round(len(recent) / (KEYFRAME_WINDOW.total_seconds() / 60),
+                                          2)
+        snap.in_progress = one("SELECT chain_index, state, theme, started_at, attempt "
+                               "FROM keyframes WHERE state IN ('available', 'executing', "
+                               "'retryable') ORDER BY chain_index DESC LIMIT 1")
+        snap.events = every("SELECT id, at, entity, entity_id, from_state, to_state, event, "
+                            "worker, detail FROM transitions ORDER BY id DESC LIMIT :n",
+                            n=EVENT_ROWS)
+        if self._has_governor is None:
+            self._has_governor = one("SELECT 1 FROM sqlite_master WHERE name = "
+                                     "'governor_decisions'") is not None
+        if self._has_governor:
+            snap.governor = one("SELECT at, reason, message, interpolation_frames, "
+                                "resolution_divisor FROM governor_decisions "
+                                "ORDER BY id DESC LIMIT 1")
+        if controls:
+            ids = ",".join(str(int(i)) for i in controls)
+            snap.controls = {r["id"]: r for r in every(
+                f"SELECT id, command, args, state, error, created_at, applied_at "
+                f"FROM controls WHERE id IN ({ids})")}
 
     def _shown_rate(self, snap: Snapshot, shown: int) -> None:
         mono = time.monotonic()
@@ -229,7 +235,7 @@ class Reader:
 
     def _daemon(self, run: dict[str, Any] | None, status: dict[str, Any] | None,
                 stale: str | None, now: datetime) -> Daemon:
-        from dreamd.ledger.queries import HEARTBEAT_STALE, pid_alive
+        from dreamd.ledger.glance import HEARTBEAT_STALE, pid_alive
 
         if run is None:
             if status:

@@ -69,6 +69,17 @@ class Sender:
         self.db_path = db_path
         self.engine = None
 
+    def warm(self) -> None:
+        """Import the write path and open its engine now, before the first key (importing
+        SQLAlchemy takes a good part of a second on a busy machine)."""
+        from dreamd.ledger import database
+        from dreamd.workers import controls  # noqa: F401
+
+        if self.engine is None and database.current_revision(self.db_path) is not None:
+            self.engine = database.writer(self.db_path)
+            with self.engine.connect():
+                pass
+
     def send(self, request: Request) -> int:
         """Write the control row (a short BEGIN IMMEDIATE; waits out a busy ledger for
         the writer's busy timeout). Returns its id."""
