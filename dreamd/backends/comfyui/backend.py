@@ -495,6 +495,8 @@ class ComfyUIBackend:
         while True:
             self._check_stop()
             now = self._clock()
+            if now >= deadline_at:      # first: looks slower than the interval never starve it
+                return self._give_up(url, job)
             if now >= next_look:
                 entry = self._fresh(server.lookup.history(pid), job)
                 if entry is not None:
@@ -509,8 +511,6 @@ class ComfyUIBackend:
                             return entry
                         self._forgotten(url, job)
                 continue
-            if now >= deadline_at:
-                return self._give_up(url, job)
             left = min(next_look, deadline_at) - now
             if events is None:
                 self._sleep(max(0.0, min(left, STOP_CHECK)))
