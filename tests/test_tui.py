@@ -97,8 +97,9 @@ def test_panels_show_the_ledger(data_dir):
             history = table_rows(app, "#history")
             assert [r[0] for r in history] == ["6", "5", "4", "3", "2", "1", "0"]
             assert history[2][3] == "cache (chance)" and history[0][6] == "executing"
-            events = table_rows(app, "#events")
-            assert events[0][:3] == ["12:02:01", "keyframe 7", "available → executing"]
+            events = text_of(app, "#events").splitlines()
+            assert events[0] == "12:02:01 keyframe 7 available → executing claimed"
+            assert events[1] == '12:02:00 keyframe 7 (new) → available {"theme": "signal"}'
             assert app.query_one("#preview-box").border_title == "live: current_frame.png"
     asyncio.run(go())
 

@@ -1,36 +1,20 @@
-"""Read-side questions about the ledger, as nouns: counts, last run, runtime state.
-
-Used by `dreamd status`, the display writer and the TUI. Plain SQLAlchemy Core, no
-torch: these answer in milliseconds on a read-only connection.
+"""Read-side questions about the ledger, as nouns: last run, runtime state, playback
+order. Used by the daemon's workers and the control commands. Plain SQLAlchemy Core, no
+torch. (`dreamd status` and the dashboard read with sqlite3 alone: dreamd/ledger/glance.py.)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, or_, select, update
 
 from dreamd.ledger.models import DaemonRun, Frame, Interpolation, RuntimeState, utcnow
 
-COUNTED_TABLES = ("keyframes", "interpolations", "frames", "embeddings", "controls")
 # A heartbeat older than this means the daemon is gone even if its pid was reused.
 HEARTBEAT_STALE = timedelta(seconds=30)
-
-
-def state_counts(conn: Connection) -> dict[str, dict[str, int]]:
-    """{table: {state: rows}} for every table with a state column."""
-    from dreamd.ledger.models import Base
-
-    out: dict[str, dict[str, int]] = {}
-    for name in COUNTED_TABLES:
-        table = Base.metadata.tables[name]
-        rows = conn.execute(select(table.c.state, func.count()).group_by(table.c.state)).all()
-        out[name] = {state: n for state, n in sorted(rows)}
-    return out
-
 
 
 def last_run(conn: Connection) -> Row | None:
@@ -74,64 +58,6 @@ def knobs(row: Row) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-@dataclass
-class Status:
-    """What `dreamd status` reports."""
-
-    data_dir: str
-    database: str
-    revision: str | None
-    head: str | None
-    counts: dict[str, dict[str, int]]
-    last_run: dict[str, Any] | None
-    alive: bool
-    paused: bool
-    playhead: dict[str, Any] | None
-    comfyui: dict[str, Any] | None = None   # server health as the daemon last recorded it
-    storage_recorded: dict[str, Any] | None = None  # the janitor's last measurement
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-def _iso(value: Any) -> Any:
-    return value.isoformat(sep=" ") if isinstance(value, datetime) else value
-
-
-def status(conn: Connection, data_dir: str, database: str, revision: str | None,
-           head: str | None) -> Status:
-    run = last_run(conn)
-    # SELECT *, not the model's columns: `dreamd status` must also answer for a ledger
-    # at an older revision (and say it needs `dreamd db upgrade`), not crash on it
-    rt = conn.execute(text("SELECT * FROM runtime_state WHERE id = 1")).first()
-    return Status(
-        data_dir=data_dir, database=database, revision=revision, head=head,
-        counts=state_counts(conn),
-        last_run={k: _iso(v) for k, v in run._mapping.items()} if run else None,
-        alive=run_alive(run),
-        paused=bool(rt.paused) if rt else False,
-        playhead=({"frame_id": rt.playhead_frame_id, "chain_index": rt.playhead_chain_index,
-                   "t": rt.playhead_t, "frames_shown": rt.frames_shown,
-                   "underruns": rt.underruns} if rt else None),
-        comfyui=comfyui_health(rt),
-        storage_recorded=_json_object(getattr(rt, "storage", None) if rt else None),
-    )
-
-
-def _json_object(raw: Any) -> dict[str, Any] | None:
-    """A JSON column holding an object, parsed; None when empty or not an object."""
-    try:
-        value = json.loads(raw) if raw else None
-    except (TypeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def comfyui_health(row: Row | None) -> dict[str, Any] | None:
-    """runtime_state.comfyui_health, parsed (None when ComfyUI was not the backend)."""
-    return _json_object(getattr(row, "comfyui_health", None) if row is not None else None)
 
 
 # ---------------------------------------------------------------- playback order

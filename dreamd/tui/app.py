@@ -118,7 +118,8 @@ class DreamApp(App):
     #side { width: 2fr; }
     .panel { border: round $primary; height: auto; padding: 0 1; }
     #history { width: 3fr; height: 100%; border: round $primary; }
-    #events { width: 2fr; height: 100%; border: round $primary; }
+    #events { width: 2fr; height: 100%; border: round $primary; padding: 0 1;
+              overflow: hidden; }
     #message { height: 1; padding: 0 1; background: $boost; }
     """
     BINDINGS = [
@@ -174,8 +175,10 @@ class DreamApp(App):
             history = DataTable(id="history", cursor_type="row", zebra_stripes=True)
             history.border_title = "history (enter shows a keyframe, esc the live frame)"
             yield history
-            events = DataTable(id="events", cursor_type="row", show_cursor=False)
-            events.border_title = "events"
+            # a plain text panel: a DataTable refilled every second (events change at
+            # every frame) cost more than everything else on screen together
+            events = Static(id="events")
+            events.border_title = "events (newest first)"
             yield events
         yield Static("", id="message")
         yield Footer()
@@ -189,19 +192,24 @@ class DreamApp(App):
     def on_mount(self) -> None:
         preview = self.query_one("#preview")
         draw = preview.render_lines
+        drawn: dict[str, Any] = {}
 
-        def timed(crop):                          # how dear is drawing the preview?
+        def cached(crop):
+            # The picture is drawn again only when it, its size or the crop changed: a
+            # relayout (every panel update) would otherwise redraw the half blocks in
+            # Python each time, ~0.3-1 s a time on a loaded machine, and keys would wait.
+            key = (preview.image, preview.size, crop)
+            if drawn.get("key") == key:
+                return drawn["strips"]
             start = time.perf_counter()
-            try:
-                return draw(crop)
-            finally:
-                self._render_cost = time.perf_counter() - start
+            strips = draw(crop)
+            self._render_cost = time.perf_counter() - start   # how dear is drawing it?
+            drawn.update(key=key, strips=strips)   # the key holds the image: no id reuse
+            return strips
 
-        preview.render_lines = timed
+        preview.render_lines = cached
         self.query_one("#history", DataTable).add_columns(
             "#", "theme", "denoise", "source", "backend", "ms", "state")
-        self.query_one("#events", DataTable).add_columns("at", "row", "change", "event",
-                                                          "detail")
         self.watch_ledger()
         self.watch_preview()
 
@@ -343,10 +351,7 @@ class DreamApp(App):
         if newest == self._events_key:
             return
         self._events_key = newest
-        table = self.query_one("#events", DataTable)
-        table.clear()
-        for e in snap.events:
-            table.add_row(*panels.event_row(e), key=str(e["id"]))
+        self.query_one("#events", Static).update(panels.events(snap.events))
 
     @on(Previewed)
     def _previewed(self, message: Previewed) -> None:

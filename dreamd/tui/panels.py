@@ -144,8 +144,17 @@ def history_row(h: dict[str, Any]) -> tuple[str, ...]:
             h["backend"] or "-", ms, h["state"])
 
 
-def event_row(e: dict[str, Any]) -> tuple[str, ...]:
-    at = str(e["at"])[11:19]
-    change = f"{e['from_state'] or '(new)'} → {e['to_state']}"
-    return (at, f"{e['entity']} {e['entity_id']}", change, e["event"] or "",
-            (e["detail"] or "")[:60])
+def events(rows: list[dict[str, Any]]) -> Text:
+    """One line per transition, newest first: time, row, change, event, detail."""
+    out = Text(no_wrap=True, overflow="crop")
+    for i, e in enumerate(rows):
+        if i:
+            out.append("\n")
+        out.append(str(e["at"])[11:19], style="dim")
+        out.append(f" {e['entity']} {e['entity_id']} ", style="bold")
+        out.append(f"{e['from_state'] or '(new)'} → {e['to_state']}")
+        if e["event"] and e["event"] not in ("created",):
+            out.append(f" {e['event']}", style="cyan")
+        if e["detail"]:
+            out.append(f" {e['detail'][:60]}", style="dim")
+    return out

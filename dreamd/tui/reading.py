@@ -14,13 +14,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 from dreamd.tui import gpu
 
 HISTORY_ROWS = 40
-EVENT_ROWS = 40
+EVENT_ROWS = 30
 COUNTS_EVERY = 5.0          # seconds between the (dearer) rows-per-state counts
 RATE_WINDOW = timedelta(seconds=60)
 KEYFRAME_WINDOW = timedelta(minutes=10)
@@ -163,9 +162,9 @@ class Reader:
         if rt:
             snap.paused, snap.pause_reason = bool(rt["paused"]), rt["pause_reason"]
             snap.underruns, snap.frames_shown = rt["underruns"], rt["frames_shown"]
-            knobs = _json_object(rt.get("knobs")) or {}
+            knobs = glance.json_object(rt.get("knobs")) or {}
             snap.knobs = knobs
-            snap.comfyui = _json_object(rt.get("comfyui_health"))
+            snap.comfyui = glance.json_object(rt.get("comfyui_health"))
             self._shown_rate(snap, rt["frames_shown"])
         if snap.fps is None:
             snap.fps = self.knob(snap, "display.fps")
@@ -257,14 +256,6 @@ class Reader:
         if stale and stale != "no status.json yet":
             return Daemon(False, f"the daemon ({label}) is not answering: {stale}", run)
         return Daemon(True, f"daemon running ({label}), heartbeat {_ago(age)} ago", run)
-
-
-def _json_object(raw: Any) -> dict[str, Any] | None:
-    try:
-        value = json.loads(raw) if raw else None
-    except (TypeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _dt(value: Any) -> datetime:
