@@ -280,6 +280,7 @@ class ComfyUISupervisor:
         self._restarts: collections.deque[float] = collections.deque()
         self._state, self._last_exit, self._last_error = "stopped", None, None
         self._stopping = threading.Event()
+        self._terminated = threading.Event()   # stop() has ended the child: the watcher may go
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -291,6 +292,7 @@ class ComfyUISupervisor:
         if self._watcher is not None:
             raise RuntimeError("supervisor already started")
         self._stopping.clear()
+        self._terminated.clear()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self._adopted, self._state = proc, "running"
@@ -306,6 +308,7 @@ class ComfyUISupervisor:
         if self._watcher is not None:
             raise RuntimeError("supervisor already started")
         self._stopping.clear()
+        self._terminated.clear()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self.log_path)
         self._log = open(self.log_path, "ab")
@@ -346,9 +349,11 @@ class ComfyUISupervisor:
         """SIGTERM the child's process group, SIGKILL it after stop_timeout. Returns its exit code."""
         self._stopping.set()
         # The child first, the watcher after: a child the watcher started (a restart) gets
-        # its parent-death signal when the watcher thread ends, which would SIGKILL it.
+        # its parent-death signal when the watcher thread ends, which would SIGKILL it; the
+        # watcher waits for _terminated before it returns.
         with self._lock:
             code = self._terminate()
+        self._terminated.set()
         if self._watcher is not None:
             self._watcher.join(timeout=self.stop_timeout + 5)
             self._watcher = None
@@ -388,6 +393,13 @@ class ComfyUISupervisor:
         log.info("started ComfyUI (pid %s): %s", self._proc.pid, self.command)
 
     def _watch(self) -> None:
+        try:
+            self._watch_loop()
+        finally:
+            if self._stopping.is_set():   # stay alive until stop() has ended the child
+                self._terminated.wait(2 * self.stop_timeout + 5)
+
+    def _watch_loop(self) -> None:
         while not self._stopping.is_set():
             proc = self._proc
             if self._adopted is not None:    # not our child: no exit code to read
