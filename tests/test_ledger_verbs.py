@@ -249,8 +249,113 @@ def test_details_that_are_not_json_are_stored_as_text(engine):
     when = utcnow()
     with engine.begin() as conn:
         tr.claim(conn, "keyframe", "w", lease_seconds=30)
-        tr.complete(conn, "keyframe", kid, "w", detail={"at": when, "b": 1})
+        tr.complete(conn, "keyframe", kid, "w", detail={"b": 1, "at": when})
         detail = conn.execute(text("SELECT detail FROM transitions ORDER BY id DESC LIMIT 1")
                               ).scalar()
     assert json.loads(detail) == {"at": str(when), "b": 1}
     assert detail.index('"at"') < detail.index('"b"')            # sorted keys
+
+
+def test_create_records_its_state_time_worker_and_detail(engine):
+    from dreamd.ledger.states import is_legal
+
+    at = utcnow() - timedelta(hours=1)
+    with engine.begin() as conn:
+        fid = tr.create(conn, "frame", {"chain_index": 0, "t": 0.0, "kind": "keyframe",
+                                        "path": "frames/x.png", "state": "ready",
+                                        "created_at": at}, worker="interpolation",
+                        detail={"batch": 7})
+        entry = tr.history(conn, "frame", fid)[-1]
+        with pytest.raises(IllegalTransitionError,
+                           match="a frame cannot be created 'shown': expected 'ready'"):
+            tr.create(conn, "frame", {"chain_index": 1, "t": 0.0, "kind": "keyframe",
+                                      "path": "frames/y.png", "state": "shown"})
+        with pytest.raises(IllegalTransitionError, match=r"frame \d+: ready -> executing is not "
+                                                         "a legal transition"):
+            tr.transition(conn, "frame", fid, "ready", "executing")
+    assert (entry.from_state, entry.to_state, entry.event, entry.worker, entry.at) == \
+        (None, "ready", "created", "interpolation", at)
+    assert json.loads(entry.detail) == {"batch": 7}
+    assert not is_legal("no-such-entity", None, "available")
+
+
+def test_an_unknown_entity_is_named_with_the_known_ones(engine):
+    with pytest.raises(IllegalTransitionError,
+                       match="unknown entity 'keyframes': expected one of keyframe, "):
+        with engine.begin() as conn:
+            tr.history(conn, "keyframe", 1)
+            tr.has_due(conn, "keyframes")
+
+
+def test_a_transition_without_an_owner_says_only_the_state_and_names_its_event(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        with pytest.raises(StaleTransitionError,
+                           match=f"^keyframe {kid}: expected executing, found available; "
+                                 "executing -> completed not applied$"):
+            tr.transition(conn, "keyframe", kid, "executing", "completed")
+        tr.transition(conn, "keyframe", kid, "available", "cancelled", worker="planner")
+        entry = last(conn, kid)
+    assert (entry.event, entry.worker) == ("cancelled", "planner")     # event = new state
+
+
+def test_claimed_rows_come_back_in_chain_order(engine):
+    """The rows a batch claim returns are in chain order whatever their row ids."""
+    with engine.begin() as conn:
+        ids = [tr.create(conn, "keyframe", {"chain_index": k, "backend": "procedural",
+                                            "theme": "t", "prompt": "p", "seed": k,
+                                            "denoise": 0.3, "source": "img2img", "width": 8,
+                                            "height": 8}) for k in (5, 3, 4)]
+        rows = tr.claim(conn, "keyframe", "w", lease_seconds=30, limit=3)
+    assert [r.chain_index for r in rows] == [3, 4, 5]
+    assert [r.id for r in rows] == [ids[1], ids[2], ids[0]]
+
+
+def test_a_cancelled_row_keeps_no_lease_for_heartbeat_or_release(engine):
+    """A plan dropped while it ran (executing -> cancelled) may keep its lease columns;
+    neither a heartbeat nor a stop's release may touch it again."""
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        tr.transition(conn, "keyframe", kid, "executing", "cancelled", owner="w")
+        assert tr.heartbeat(conn, "keyframe", [kid], "w", lease_seconds=30) == 0
+        assert tr.release(conn, "keyframe", "w") == []
+        assert row(conn, kid).state == "cancelled"
+
+
+def test_postponed_errors_are_cut_like_failures(engine):
+    (kid,) = make_keyframes(engine, 1)
+    long_error = "y" * 5000
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        tr.postpone(conn, "keyframe", kid, "w", long_error, delay_seconds=1)
+        r, entry = row(conn, kid), last(conn, kid)
+    assert r.error == long_error[:4000]
+    assert json.loads(entry.detail)["error"] == long_error[:500]
+
+
+def test_a_discarded_rescue_clears_the_lease_and_records_the_attempt(engine):
+    (kid,) = make_keyframes(engine, 1, max_attempts=1)
+    now = utcnow()
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=1, now=now)
+        tr.rescue(conn, "keyframe", now=now + timedelta(seconds=2))
+        r, entry = row(conn, kid), last(conn, kid)
+    assert (r.lease_owner, r.lease_expires_at) == (None, None)
+    assert json.loads(entry.detail) == {"attempt": 1}
+
+
+def test_history_is_one_rows_entries_oldest_first(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        fid = tr.create(conn, "frame", {"chain_index": 0, "t": 0.0, "kind": "keyframe",
+                                        "path": "frames/x.png"})
+        # a frame with the keyframe's id: its history is not the keyframe's
+        conn.execute(text("UPDATE frames SET id = :k WHERE id = :f"), {"k": kid, "f": fid})
+        conn.execute(text("UPDATE transitions SET entity_id = :k WHERE entity = 'frame'"),
+                     {"k": kid})
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        tr.complete(conn, "keyframe", kid, "w")
+        events = [(h.entity, h.event) for h in tr.history(conn, "keyframe", kid)]
+    assert events == [("keyframe", "created"), ("keyframe", "claimed"),
+                      ("keyframe", "completed")]

@@ -98,7 +98,7 @@ def create(conn: Connection, entity: str, values: dict[str, Any], *, worker: str
     state = values.get("state", INITIAL[entity])
     if not is_legal(entity, None, state):
         raise IllegalTransitionError(f"a {entity} cannot be created {state!r}: expected "
-                                     f"{INITIAL[entity]!r}")
+                                     f"{str(INITIAL[entity])!r}")
     now = values.get("created_at") or utcnow()
     row_id = conn.execute(insert(table).values(**{**values, "state": str(state)})
                           .returning(table.c.id)).scalar_one()
