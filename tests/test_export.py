@@ -153,3 +153,24 @@ def test_wrong_requests_are_refused(data_dir, capsys, argv, message):
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_keyframes_without_frames_yet_end_the_export_and_are_named(data_dir, tmp_path, capsys):
+    import shutil
+    import sqlite3
+
+    # keyframe 6 completes, its pair not interpolated yet: it has no frame at all
+    shutil.copy(data_dir / "keyframes/k00005.png", data_dir / "keyframes/k00006.png")
+    conn = sqlite3.connect(data_dir / "dreamd.db")
+    conn.execute("UPDATE keyframes SET state = 'completed', path = 'keyframes/k00006.png' "
+                 "WHERE chain_index = 6")
+    conn.commit()
+    conn.close()
+    out = tmp_path / "dream.webp"
+    code, said, err = run(capsys, "export", "--last", "3", "-o", str(out))
+    assert code == 0
+    assert "keyframes 6 to 6 have no frames yet (still being interpolated): the export ends " \
+           "at keyframe 5" in err
+    assert said.startswith(f"{out}: 4 frames at 4 fps (1.0 s), 128x64, keyframes 4 to 5")
+    code, _, err = run(capsys, "export", "--from", "6", "-o", str(out))
+    assert code == 2 and "have no frames yet" in err

@@ -128,6 +128,10 @@ def _video(cfg, conn, args, display_fps: float) -> int:
     remade, gaps = _resolve(cfg, p, slots)
     kept = [(seg, t) for seg, t in slots if round(t, 6) in seg.files
             or seg.start.chain_index in remade]
+    if p.unmade:
+        print(f"dreamd export: keyframes {p.unmade[0]} to {p.unmade[-1]} have no frames yet "
+              f"(still being interpolated): the export ends at keyframe "
+              f"{p.segments[-1].start.chain_index}", file=sys.stderr)
     for gap in gaps:
         print(f"dreamd export: {gap}", file=sys.stderr)
     if not kept:

@@ -37,6 +37,7 @@ class Segment:
     codec: str | None
     divisor: float
     files: dict[float, Path] = field(default_factory=dict)   # t -> frame file on disk
+    made: bool = True           # its frames were made (a completed batch or frame rows)
 
     @property
     def positions(self) -> list[float]:
@@ -56,6 +57,7 @@ class Plan:
     segments: list[Segment]
     first: tuple[int, float] | None = None     # trim: the first (chain, t) to write
     last: tuple[int, float] | None = None      # …and the last
+    unmade: list[int] = field(default_factory=list)   # newest keyframes with no frames yet
 
     def slots(self) -> list[tuple[Segment, float]]:
         out = []
@@ -107,6 +109,8 @@ def segments(conn: sqlite3.Connection, data_dir: Path, kfs: list[Keyframe]) -> l
         "SELECT chain_index, n_frames, codec, divisor FROM interpolations "
         "WHERE state = 'completed' AND chain_index BETWEEN ? AND ? ORDER BY id", (lo, hi))}
     files: dict[int, dict[float, Path]] = {}
+    rows = {r[0] for r in conn.execute("SELECT DISTINCT chain_index FROM frames "
+                                       "WHERE chain_index BETWEEN ? AND ?", (lo, hi))}
     for r in conn.execute("SELECT chain_index, t, path FROM frames WHERE state != 'evicted' "
                           "AND chain_index BETWEEN ? AND ?", (lo, hi)):
         p = resolve(data_dir, r["path"])
@@ -119,7 +123,8 @@ def segments(conn: sqlite3.Connection, data_dir: Path, kfs: list[Keyframe]) -> l
         out.append(Segment(a, b if batch else None, batch["n_frames"] if batch else 0,
                            batch["codec"] if batch else None,
                            float(batch["divisor"] or 1.0) if batch else 1.0,
-                           files.get(a.chain_index, {})))
+                           files.get(a.chain_index, {}),
+                           made=a.chain_index in batches or a.chain_index in rows))
     return out
 
 
@@ -159,6 +164,13 @@ def by_chain(conn: sqlite3.Connection, data_dir: Path, first: int | None,
         raise UsageError(f"no completed keyframe in the range asked for "
                          f"({_describe(first, last, newest)}): `dreamd history` lists them")
     plan = Plan(segments(conn, data_dir, kfs))
+    # the newest keyframes may have no frames yet (their pair is still being
+    # interpolated): the export ends before them, and says so
+    while plan.segments and not plan.segments[-1].made:
+        plan.unmade.insert(0, plan.segments.pop().start.chain_index)
+    if not plan.segments:
+        raise UsageError(f"keyframes {plan.unmade[0]} to {plan.unmade[-1]} have no frames "
+                         f"yet (still being interpolated): nothing to export")
     # the range ends at its last keyframe: the frames towards the next one are not in it
     plan.segments[-1].end, plan.segments[-1].n = None, 0
     return plan
