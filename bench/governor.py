@@ -113,6 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=180.0, help="length of each run")
     ap.add_argument("--only", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--governor", choices=("off", "on", "both"), default="both",
+                    help="which runs of each case")
     args = ap.parse_args()
     print(f"# {platform.node()}: {os.cpu_count()} cores, python {platform.python_version()}, "
           f"load {os.getloadavg()[0]:.1f}, {args.seconds:g} s per run", flush=True)
@@ -120,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = taesd_models(Path(tmp)) if any(c.startswith("taesd") for c in args.only) else Path(tmp)
         for case in args.only:
-            for enabled in (False, True):
+            for enabled in {"off": (False,), "on": (True,), "both": (False, True)}[args.governor]:
                 t0 = time.monotonic()
                 r = run(case, enabled, args.seconds, models)
                 results.append(r)

@@ -31,6 +31,7 @@ LADDER = (1.0, 1.333, 2.0, 2.667, 4.0, 5.333, 8.0)
 DECODE_SLOW = 0.8       # above this the size goes down…
 DECODE_FIT = 0.6        # …to the largest size predicted at or below this
 DECODE_HEADROOM = 0.45  # a larger size is taken only when predicted at or below this
+ONE_SAMPLE = 2.0        # a single measurement tightens only past this times the threshold
 # The whole pipeline's load (see the module doc):
 LOAD_HIGH = 0.95        # above this N goes up…
 LOAD_TARGET = 0.8       # …to the smallest N predicted at or below this
@@ -42,7 +43,7 @@ RELAX_STEP = 1 / 3      # relaxing takes N down by at most this share, the size 
 # while it is this full, relative to the target (production keeps up), and nothing
 # relaxes (N down, size up) while it is below RELAX_BELOW of it.
 FULL = 0.9
-RELAX_BELOW = 0.5
+RELAX_BELOW = 0.8
 # Sharing of the machine between the keyframe and interpolation stages. The measured
 # times already include most of it (they are wall times): a small margin to start.
 SHARE_START = 0.25
@@ -90,6 +91,9 @@ class Measurements:
     keyframe_seconds_high: float | None = None  # the slowest of the same recent ones
     # typical ms per in-between frame (whole batch / frames) by the divisor it ran at
     inbetween_ms: dict[float, float] = field(default_factory=dict)
+    # how many batches (keyframes) those are: one alone must be far off to count
+    inbetween_samples: dict[float, int] = field(default_factory=dict)
+    keyframe_samples: int | None = None
     buffer_seconds: float | None = None         # ready ahead of the playhead
     buffer_target: float | None = None          # display.buffer_target_seconds
     trend: float | None = None                  # buffer seconds gained per second, recently
@@ -267,7 +271,8 @@ class Governor:
         if p is None:               # nothing measured at this size yet: wait for it
             return current, None
         busy = lambda d: self.correction * m.fps * (self.per_frame(m, d) or 0.0)  # noqa: E731
-        if busy(current) > DECODE_SLOW:
+        lone = m.inbetween_samples.get(current, 2) < 2
+        if busy(current) > DECODE_SLOW * (ONE_SAMPLE if lone else 1.0):
             if not may_tighten:
                 return current, None
             smaller = [d for d in sizes if d > current]
@@ -293,7 +298,9 @@ class Governor:
         if b.frames == 0 or m.keyframe_seconds is None:
             return current, None       # keyframes only is the user's choice; or no data
         up, down = self._n_for(m, divisor, False), self._n_for(m, divisor, True)
-        if up > current and self.load(m, current, divisor) > LOAD_HIGH and may_tighten:
+        lone = m.keyframe_samples is not None and m.keyframe_samples < 2
+        high = LOAD_HIGH * (ONE_SAMPLE if lone else 1.0)
+        if up > current and self.load(m, current, divisor) > high and may_tighten:
             return up, "slow_keyframes"
         if down < current - max(2, LOWER_BY * current) and may_relax:
             return max(down, math.ceil(current * (1 - RELAX_STEP))), "fast_keyframes"

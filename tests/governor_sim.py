@@ -111,6 +111,8 @@ def simulate(bounds: Bounds, keyframe: Callable[[float], float],
                                            if kf_times else None),
                 keyframe_seconds_high=max(kf_times[-KEYFRAMES_MEASURED:], default=None),
                 inbetween_ms={d: statistics.median(v) for d, v in by.items()},
+                inbetween_samples={d: len(v) for d, v in by.items()},
+                keyframe_samples=len(kf_times[-KEYFRAMES_MEASURED:]),
                 buffer_seconds=buffer / fps, buffer_target=target,
                 trend=slope(recent) if covered else None)
             decision = gov.update(m, b, t)

@@ -69,10 +69,12 @@ def test_the_worker_records_its_decision_and_the_next_batch_is_made_with_it(ctx,
     assert worker.tick() is None
     with ctx.engine.begin() as conn:
         ids = [add_keyframe(conn, k, 9800.0) for k in range(4)]
-        # a batch that took 1.6 s for its 5 frames at full size: 320 ms a frame at 4 fps
-        conn.execute(insert(IP).values(
-            chain_index=0, from_keyframe_id=ids[0], to_keyframe_id=ids[1], n_frames=4,
-            divisor=1.0, state="completed", duration_ms=1600.0, codec="pixel"))
+        # batches that took 1.6 s for their 5 frames at full size: 320 ms a frame at 4
+        # fps (two: one alone would have to be twice as far off to count)
+        for k in (0, 1):
+            conn.execute(insert(IP).values(
+                chain_index=k, from_keyframe_id=ids[k], to_keyframe_id=ids[k + 1], n_frames=4,
+                divisor=1.0, state="completed", duration_ms=1600.0, codec="pixel"))
         waiting = transitions.create(conn, "interpolation", {
             "chain_index": 2, "from_keyframe_id": ids[2], "to_keyframe_id": ids[3],
             "n_frames": 4, "divisor": 1.0}, worker="test")
@@ -213,7 +215,7 @@ def test_a_slow_backend_and_decoder_stop_underrunning_once_the_governor_settles(
     assert all(4 <= n <= 80 and 1.0 <= div <= 4.0 for _, _, n, div in changes)
     started = datetime.fromisoformat(rows(db, "SELECT started_at FROM daemon_runs")[0][0])
     settled = datetime.fromisoformat(changes[-1][0])
-    assert settled - started < timedelta(seconds=45), changes     # it settles early…
+    assert settled - started < timedelta(seconds=60), changes     # it settles early…
     # …and the batches after it are made with its last choice
     n, divisor = changes[-1][2], changes[-1][3]
     late = rows(db, "SELECT n_frames, divisor FROM interpolations WHERE state = 'completed' "

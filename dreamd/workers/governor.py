@@ -73,8 +73,8 @@ def decisions(conn: Connection, limit: int = 5) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- measuring
 
-def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float | None]:
-    """The typical (median) and the slowest of the last keyframes' times, of those
+def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float | None, int]:
+    """The typical (median) and the slowest of the last keyframes' times, and how many, of those
     started since `since`, the first of them left out (a start warms up: imports, first
     calls, a model loading; it says nothing about the keyframes after it)."""
     query = select(KF.c.generation_ms).where(
@@ -88,19 +88,27 @@ def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float 
         if total <= KEYFRAMES_MEASURED + 1:
             ms = ms[:-1]                    # the run's first keyframe is among them
     ms = ms[:KEYFRAMES_MEASURED]
-    return (statistics.median(ms) / 1000, max(ms) / 1000) if ms else (None, None)
+    if not ms:
+        return None, None, 0
+    return statistics.median(ms) / 1000, max(ms) / 1000, len(ms)
 
 
-def inbetween_ms(conn: Connection) -> dict[float, float]:
-    """Median ms per frame (a batch's time over its frames) by the divisor it ran at."""
-    rows = conn.execute(select(IP.c.divisor, IP.c.duration_ms, IP.c.n_frames).where(
+def inbetween_ms(conn: Connection, since=None) -> tuple[dict[float, float], dict[float, int]]:
+    """Median ms per frame (a batch's time over its frames) by the divisor it ran at,
+    and how many batches each is; the first batch started since `since` left out (the
+    codec's first calls build its kernels: twice the time of the next ones, measured)."""
+    query = select(IP.c.id, IP.c.divisor, IP.c.duration_ms, IP.c.n_frames).where(
         IP.c.state == "completed", IP.c.duration_ms.is_not(None))
-        .order_by(IP.c.id.desc()).limit(BATCHES_MEASURED)).all()
+    rows = conn.execute(query.order_by(IP.c.id.desc()).limit(BATCHES_MEASURED + 1)).all()
+    if since is not None:
+        first = conn.execute(select(func.min(IP.c.id)).where(
+            IP.c.state == "completed", IP.c.started_at >= since)).scalar()
+        rows = [r for r in rows if r.id != first]
     by: dict[float, list[float]] = {}
-    for r in rows:
+    for r in rows[:BATCHES_MEASURED]:
         by.setdefault(round(float(r.divisor or 1.0), 3), []).append(
             r.duration_ms / (r.n_frames + 1))
-    return {d: statistics.median(v) for d, v in by.items()}
+    return ({d: statistics.median(v) for d, v in by.items()}, {d: len(v) for d, v in by.items()})
 
 
 def slope(samples: list[tuple[float, float]]) -> float | None:
@@ -158,9 +166,11 @@ class GovernorWorker:
         recent = [(t, v) for t, v in self.samples if now - t <= window]
         # a trend needs the whole window: the start of a run (filling) is not one
         covered = recent and now - recent[0][0] >= 0.8 * window
-        typical, slowest = keyframe_seconds(conn, self.since)
+        typical, slowest, count = keyframe_seconds(conn, self.since)
+        per_frame, batches = inbetween_ms(conn, self.since)
         return Measurements(fps=fps, keyframe_seconds=typical, keyframe_seconds_high=slowest,
-                            inbetween_ms=inbetween_ms(conn), buffer_seconds=buffer,
+                            keyframe_samples=count, inbetween_ms=per_frame,
+                            inbetween_samples=batches, buffer_seconds=buffer,
                             buffer_target=ctx.knob("display.buffer_target_seconds"),
                             trend=slope(recent) if covered else None)
 
