@@ -145,6 +145,7 @@ def test_contact_sheet(data_dir, tmp_path, capsys):
     (["--seconds", "-3", "-o", "x.gif"], "expected a number > 0"),
     ([], "say where: --output FILE"),
     (["--from", "40", "-o", "x.gif"], "no completed keyframe in the range"),
+    (["--last", "2", "--to", "4", "-o", "x.gif"], "--to goes with --from"),
 ])
 def test_wrong_requests_are_refused(data_dir, capsys, argv, message):
     try:

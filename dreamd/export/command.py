@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def export(cfg, args: argparse.Namespace) -> int:
     from dreamd.ledger import glance
 
-    if args.to is not None and args.first is None:
-        args.first = None            # --to alone: from the first keyframe
+    if args.to is not None and (args.last is not None or args.seconds is not None):
+        raise UsageError("--to goes with --from (chain indices; alone: from the first "
+                         "keyframe), not with --last or --seconds")
     if not args.output and not args.contact_sheet:
         raise UsageError("say where: --output FILE (.mp4, .webp, .gif) or --contact-sheet "
                          "FILE.png")
