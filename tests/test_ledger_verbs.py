@@ -359,3 +359,21 @@ def test_history_is_one_rows_entries_oldest_first(engine):
         events = [(h.entity, h.event) for h in tr.history(conn, "keyframe", kid)]
     assert events == [("keyframe", "created"), ("keyframe", "claimed"),
                       ("keyframe", "completed")]
+
+
+def test_replay_names_the_entry_that_breaks_a_history(engine):
+    (kid,) = make_keyframes(engine, 1)
+    with engine.begin() as conn:
+        tr.claim(conn, "keyframe", "w", lease_seconds=30)
+        entries = tr.history(conn, "keyframe", kid)
+    assert tr.replay(entries) == "executing"
+    with pytest.raises(StaleTransitionError,
+                       match=rf"^keyframe {kid}: history entry {entries[1].id} goes available "
+                             r"-> executing but the row was None$"):
+        tr.replay(entries[1:])
+    from types import SimpleNamespace
+    bad = SimpleNamespace(**{**entries[0]._mapping, "to_state": "completed"})  # illegal
+    with pytest.raises(IllegalTransitionError,
+                       match=rf"^keyframe {kid}: history entry {bad.id} None -> completed is "
+                             "illegal$"):
+        tr.replay([bad])
