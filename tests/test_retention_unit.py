@@ -157,8 +157,10 @@ def test_unlink_and_size(tmp_path):
 # ---------------------------------------------------------------- frames
 
 def test_evict_frames_keeps_the_newest_shown_and_everything_ahead(make_ctx):
-    ctx = make_ctx("[display]\nmax_output_frames = 11\n")
-    for c in range(6):                                   # 12 shown frames, 2 per chain
+    ctx = make_ctx("[display]\nmax_output_frames = 12\n")
+    for t in (0.5, 0.0, 0.75):                           # chain 0: written out of order
+        frame(ctx, 0, t)
+    for c in range(1, 6):                                # 13 shown frames in all
         frame(ctx, c, 0.0)
         frame(ctx, c, 0.5)
     member = frame(ctx, 0, 0.25)                         # the oldest, but a cache member
@@ -176,13 +178,13 @@ def test_evict_frames_keeps_the_newest_shown_and_everything_ahead(make_ctx):
 
     n = ret.evict_frames(ctx, report=report)
 
-    # 12 shown frames besides the one on screen and the member: the 11 newest stay (the
-    # limit falls inside chain 0: t orders a chain's frames)
+    # 13 shown frames besides the one on screen and the member: the 12 newest stay (the
+    # limit falls inside chain 0: t, not the row order, orders a chain's frames)
     gone_old = {(0, 0.0)}
     gone_behind = {(6, 0.25), (5, 0.75)}
     got = states(ctx)
     assert {k for k, s in got.items() if s == "evicted"} == gone_old | gone_behind
-    assert got[(0, 0.25)] == got[(0, 0.5)] == "shown" and got[(6, 0.5)] == "shown" and got[(1, 0.0)] == "shown"
+    assert got[(0, 0.25)] == got[(0, 0.5)] == got[(0, 0.75)] == "shown" and got[(6, 0.5)] == "shown" and got[(1, 0.0)] == "shown"
     assert got[(4, 0.75)] == got[(6, 0.75)] == got[(7, 0.0)] == "ready"
     assert n == 3 and report.frames == 3 + 3
     gone_files = {f"{c}-{t}.png" for c, t in gone_old | gone_behind}
