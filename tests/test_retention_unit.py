@@ -652,3 +652,41 @@ def test_run_pass_reaches_keyframes_then_thumbnails_and_prunes_rows(make_ctx):
     assert sorted(p.name for p in (ctx.cfg.data_dir / "thumbs").iterdir()) == ["t1.jpg"]
     assert r.rows.get("transitions", 0) >= 1
     assert sql(ctx, "SELECT COUNT(*) FROM transitions WHERE at < :c", c=str(NOW - HOUR)) == [(0,)]
+
+
+def _bulk_frames(ctx, chains, state: str) -> None:
+    """Frame rows without files (a pass finds them gone: 0 bytes each), fast."""
+    with ctx.engine.begin() as conn:
+        conn.execute(text("INSERT INTO frames (chain_index, t, kind, path, state, created_at) "
+                          "VALUES (:c, 0.0, 'inbetween', :p, :s, :at)"),
+                     [{"c": c, "p": f"frames/{c}.png", "s": state, "at": str(OLD)}
+                      for c in chains])
+
+
+def test_evict_frames_works_in_batches(make_ctx):
+    ctx = make_ctx("[display]\nmax_output_frames = 10\n")
+    _bulk_frames(ctx, range(1000, 1512), "shown")        # 502 beyond the limit
+    _bulk_frames(ctx, range(0, 501), "ready")            # 501 behind the playhead
+    _bulk_frames(ctx, [2000], "shown")
+    playhead(ctx, None, 2000, 0.5)
+
+    def evicted():
+        return {c for c, in sql(ctx, "SELECT chain_index FROM frames WHERE state='evicted'")}
+
+    assert ret.evict_frames(ctx) == 2 * ret.BATCH
+    # the newest 500 beyond the limit, and 500 of those behind: one batch of each
+    # (the newest 10 shown are 2000 and 1511..1503)
+    assert evicted() & set(range(1000, 1512)) == set(range(1003, 1503))
+    assert len(evicted() & set(range(501))) == ret.BATCH
+    assert ret.evict_frames(ctx) == 3 + 1
+    assert evicted() == set(range(501)) | set(range(1000, 1503))
+
+
+def test_evict_frames_over_budget_looks_at_four_batches(make_ctx):
+    ctx = make_ctx("[display]\nmax_output_frames = 100\n")
+    _bulk_frames(ctx, range(4 * ret.BATCH + 12), "shown")
+    # files already gone free nothing, so the budget takes all it may look at in a pass
+    assert ret.evict_frames(ctx, budget_bytes=1) == 4 * ret.BATCH
+    shown_left = {c for c, in sql(ctx, "SELECT chain_index FROM frames WHERE state='shown'")}
+    n = 4 * ret.BATCH + 12
+    assert shown_left == set(range(n - ret.KEEP_SHOWN_MIN, n)) | {0, 1}
