@@ -40,10 +40,10 @@ def make_ctx(db_path):
 
 # ---------------------------------------------------------------- building a ledger
 
-def png(ctx, rel: str, color=(10, 20, 30), size=(8, 8)) -> str:
+def png(ctx, rel: str, color=(10, 20, 30), size=(8, 8), mode="RGB") -> str:
     p = ctx.cfg.data_dir / rel
     p.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(p)
+    Image.new(mode, size, color).save(p)
     return rel
 
 
@@ -62,9 +62,9 @@ def sql(ctx, q: str, **params):
 
 def keyframe(ctx, chain: int, *, state="completed", path: str | None = "auto", at=OLD,
              completed_at="at", parent_id=None, sha256=None, source="img2img",
-             input_path=None, pruned_at=None, thumb_path=None, size=(8, 8)) -> int:
+             input_path=None, pruned_at=None, thumb_path=None, size=(8, 8), mode="RGB") -> int:
     if path == "auto":
-        path = png(ctx, f"keyframes/k{chain}.png", size=size)
+        path = png(ctx, f"keyframes/k{chain}.png", size=size, mode=mode)
     with ctx.engine.begin() as conn:
         kid = tr.create(conn, "keyframe", {
             "chain_index": chain, "backend": "test", "theme": "t", "prompt": f"p{chain}",
@@ -192,6 +192,10 @@ def test_evict_frames_keeps_the_newest_shown_and_everything_ahead(make_ctx):
     assert report.freed == 7 + sum(sizes[f] for f in gone_files)
     assert sql(ctx, "SELECT COUNT(*) FROM frames WHERE state='evicted' "
                     "AND evicted_at IS NULL")[0][0] == 0
+    # one moment: the transition's time is the row's evicted_at
+    assert sql(ctx, "SELECT COUNT(*) FROM transitions x JOIN frames f ON f.id = x.entity_id "
+                    "WHERE x.entity='frame' AND x.to_state='evicted' "
+                    "AND x.at = f.evicted_at") == [(3,)]
     logged = sql(ctx, "SELECT f.chain_index, f.t, x.from_state, x.worker, x.detail "
                       "FROM transitions x JOIN frames f ON f.id = x.entity_id "
                       "WHERE x.entity='frame' AND x.to_state='evicted'")
@@ -310,7 +314,8 @@ def test_protected_keyframes_of_an_empty_ledger(make_ctx):
 def test_prune_keyframe_images_past_the_horizon_but_never_a_protected_one(make_ctx):
     ctx = make_ctx("[storage]\nkeyframe_hours = 2\n")
     cut = NOW - 2 * HOUR
-    k = {c: keyframe(ctx, c, size=(300, 200)) for c in range(6)}       # all old
+    k = {c: keyframe(ctx, c, size=(300, 200)) for c in range(5)}       # all old
+    k[5] = keyframe(ctx, 5, size=(300, 200), mode="RGBA")             # JPEG has no alpha
     keyframe(ctx, 6, state="available", path=None, parent_id=k[1])     # k1: a parent
     batch(ctx, k[2], k[3], state="available")                          # k2, k3: batch ends
     f = frame(ctx, 0, 0.0, kind="keyframe", keyframe_id=k[0])
