@@ -353,7 +353,7 @@ def test_prune_keyframe_images_past_the_horizon_but_never_a_protected_one(make_c
     assert ret.prune_keyframe_images(ctx, NOW) == 0      # idempotent
 
 
-def test_prune_keyframe_images_without_thumbnails_and_of_a_broken_image(make_ctx):
+def test_prune_keyframe_images_without_thumbnails_and_of_a_broken_image(make_ctx, caplog):
     ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
     a = keyframe(ctx, 0)
     keyframe(ctx, 5)                                     # head
@@ -364,7 +364,10 @@ def test_prune_keyframe_images_without_thumbnails_and_of_a_broken_image(make_ctx
     ctx = make_ctx("[storage]\nkeyframe_hours = 1\n")
     b = keyframe(ctx, 1)
     (ctx.cfg.data_dir / "keyframes/k1.png").write_bytes(b"not an image")
-    assert ret.prune_keyframe_images(ctx, NOW) == 1     # the image still goes
+    with caplog.at_level("WARNING", logger="dreamd.storage"):
+        assert ret.prune_keyframe_images(ctx, NOW) == 1     # the image still goes
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("keyframe 1: no thumbnail (") and "k1.png" in m for m in said), said
     assert sql(ctx, "SELECT thumb_path, pruned_at IS NOT NULL FROM keyframes WHERE id=:i",
                i=b) == [(None, 1)]
     assert not exists(ctx, "keyframes/k1.png")
@@ -695,3 +698,18 @@ def test_evict_frames_over_budget_looks_at_four_batches(make_ctx):
     shown_left = {c for c, in sql(ctx, "SELECT chain_index FROM frames WHERE state='shown'")}
     n = 4 * ret.BATCH + 12
     assert shown_left == set(range(n - ret.KEEP_SHOWN_MIN, n)) | {0, 1}
+
+
+def test_prune_keyframe_images_works_in_batches(make_ctx):
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+    with ctx.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO keyframes (chain_index, state, backend, theme, prompt, negative_prompt,"
+            " seed, denoise, source, path, width, height, attempt, max_attempts, scheduled_at,"
+            " created_at, completed_at) VALUES (:c, 'completed', 't', 't', 'p', '', 1, 0.3,"
+            " 'img2img', :p, 8, 8, 1, 3, :at, :at, :at)"),
+            [{"c": c, "p": f"keyframes/{c}.png", "at": str(OLD)} for c in range(ret.BATCH + 2)])
+    assert ret.prune_keyframe_images(ctx, NOW) == ret.BATCH
+    left = {c for c, in sql(ctx, "SELECT chain_index FROM keyframes WHERE pruned_at IS NULL")}
+    assert left == {ret.BATCH, ret.BATCH + 1}            # oldest first; the last is the head
+    assert ret.prune_keyframe_images(ctx, NOW) == 1
