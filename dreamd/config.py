@@ -365,8 +365,9 @@ class Storage:
     frame_history_hours: float = key(24.0, "rows of frames, their embeddings (cache members "
                                            "stay) and transitions older than this are pruned; "
                                            "0 = keep everything", min=0.0, max=1_000_000.0)
-    history_days: float = key(7.0, "rows of keyframes, interpolations, injections and "
-                                   "controls (and thumbnails) older than this are pruned; "
+    history_days: float = key(7.0, "rows of keyframes, interpolations, injections, "
+                                   "controls and governor decisions (and thumbnails) older "
+                                   "than this are pruned; "
                                    "0 = keep everything", min=0.0, max=1_000_000.0)
 
 

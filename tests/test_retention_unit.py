@@ -555,7 +555,8 @@ def test_prune_rows_history_days_children_first(make_ctx):
     assert {p.name for p in (ctx.cfg.data_dir / "keyframes").iterdir()} == {
         "k1-stale.png", "k4.png", "k5.png", "k7.png", "k8.png", "k9.png"}
     assert not exists(ctx, thumb)
-    assert report.rows == {"controls": 2, "interpolations": 1, "keyframes": 4}
+    assert report.rows == {"controls": 2, "governor_decisions": 0, "interpolations": 1,
+                           "keyframes": 4}
     assert report.freed == freed
     assert sql(ctx, "SELECT COUNT(*) FROM transitions")[0][0] == n_transitions
 
@@ -713,3 +714,25 @@ def test_prune_keyframe_images_works_in_batches(make_ctx):
     left = {c for c, in sql(ctx, "SELECT chain_index FROM keyframes WHERE pruned_at IS NULL")}
     assert left == {ret.BATCH, ret.BATCH + 1}            # oldest first; the last is the head
     assert ret.prune_keyframe_images(ctx, NOW) == 1
+
+
+def test_prune_rows_takes_old_governor_decisions_but_keeps_the_newest(make_ctx):
+    """The governor's decisions are history like the rest (storage.history_days); the
+    newest stays whatever its age: it is what the governor resumes from."""
+    from dreamd.ledger.models import GovernorDecision
+
+    ctx = make_ctx("[storage]\nhistory_days = 7\n")
+    GD = GovernorDecision.__table__
+    with ctx.engine.begin() as conn:
+        for at in (OLD, OLD + HOUR, NOW - HOUR, OLD + 2 * HOUR):     # the last is newest
+            conn.execute(insert(GD).values(at=at, run_id=1, reason="slow_keyframes",
+                                           message="m", interpolation_frames=10,
+                                           resolution_divisor=1.0, fps=4.0))
+    report = PassReport()
+    ret.prune_rows(ctx, NOW, report)
+    left = sql(ctx, "SELECT id FROM governor_decisions ORDER BY id")
+    assert [r.id for r in left] == [3, 4]
+    assert report.rows["governor_decisions"] == 2
+    ctx.cfg.storage.history_days = 0                     # 0 = keep every row
+    ret.prune_rows(ctx, NOW + timedelta(days=365), PassReport())
+    assert len(sql(ctx, "SELECT id FROM governor_decisions")) == 2

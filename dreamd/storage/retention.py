@@ -363,6 +363,10 @@ def prune_rows(ctx, now: datetime, report: PassReport) -> bool:
             rows["controls"] = rows.get("controls", 0) + _delete_batch(
                 conn, "controls", "state IN ('applied','rejected') AND created_at < :cut",
                 {"cut": cut})
+            # the newest decision stays: it is what the governor resumes from
+            rows["governor_decisions"] = rows.get("governor_decisions", 0) + _delete_batch(
+                conn, "governor_decisions",
+                "at < :cut AND id != (SELECT MAX(id) FROM governor_decisions)", {"cut": cut})
             rows["interpolations"] = rows.get("interpolations", 0) + _delete_batch(
                 conn, "interpolations",
                 "state IN ('completed','discarded','cancelled') AND created_at < :cut "
