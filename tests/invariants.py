@@ -12,6 +12,7 @@ from dreamd.ledger import database, transitions as tr
 from dreamd.ledger.states import is_legal
 from dreamd.ledger.models import ENTITY_MODELS, Transition
 from dreamd.storage.paths import resolve
+from dreamd.storage.reconcile import IMAGE_MISSING
 
 
 def replay_all(conn) -> None:
@@ -183,8 +184,11 @@ def kept_keyframes(conn, data_dir: Path) -> None:
         f"UNION SELECT from_keyframe_id FROM interpolations WHERE state IN {pending} "
         f"UNION SELECT to_keyframe_id FROM interpolations WHERE state IN {pending}")
     ).scalars().all()
+    # (an image that vanished outside dreamd is marked pruned at the next start, with
+    # why: nothing else can be done with it, and that is not retention's doing)
     pruned = conn.execute(text(
-        "SELECT chain_index FROM keyframes WHERE pruned_at IS NOT NULL AND id IN "
+        "SELECT chain_index FROM keyframes WHERE pruned_at IS NOT NULL "
+        f"AND error IS NOT '{IMAGE_MISSING}' AND id IN "
         f"({','.join(str(i) for i in needed if i is not None) or 'NULL'})")).scalars().all()
     assert not pruned, f"keyframes pruned while still needed: {pruned}"
 

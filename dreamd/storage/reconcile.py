@@ -36,6 +36,7 @@ ID_FILE = ".dreamd-id"
 NAMED = ("frames", "keyframes", "injections", "thumbs")
 ORPHANS_DELETED_MAX = 64        # more unknown files than this (and than 5 % of the known)
 ORPHANS_DELETED_SHARE = 0.05    # are moved aside instead of deleted
+IMAGE_MISSING = "image missing at start"   # keyframes.error of an image that vanished
 
 
 def known_files(conn, data_dir: Path) -> set[Path]:
@@ -175,9 +176,9 @@ def reconcile(ctx) -> dict[str, int]:
                 transitions.transition(conn, "frame", r.id, r.state, "evicted", worker="startup",
                                        now=now, values={"evicted_at": now},
                                        detail="file missing at start")
-            if gone:
+            if gone:    # said in the row: retention did not prune these, they vanished
                 conn.execute(update(KF).where(KF.c.id.in_([r.id for r in gone]))
-                             .values(pruned_at=now))
+                             .values(pruned_at=now, error=IMAGE_MISSING))
             if lost_thumbs:
                 conn.execute(update(KF).where(KF.c.id.in_(lost_thumbs)).values(thumb_path=None))
         stats["rows_missing_file"] = len(missing)
