@@ -11,23 +11,8 @@ import pytest
 from PIL import Image
 
 from dreamd.cli import main
-from tests.tui_ledger import KEYFRAMES, N, picture, prepare
-
-
-@pytest.fixture
-def data_dir(tmp_path, ledger_template, monkeypatch):
-    d = tmp_path / "data"
-    prepare(d, ledger_template)
-    monkeypatch.setenv("DREAMD_DATA_DIR", str(d))
-    monkeypatch.delenv("DREAMD_CONFIG", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return d
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.test_cli_finish import data_dir, run  # noqa: F401 (a fixture: the prepared ledger)
+from tests.tui_ledger import KEYFRAMES, N, picture
 
 
 def frames_of(path) -> list[Image.Image]:
