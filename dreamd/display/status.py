@@ -82,7 +82,13 @@ def _write_in_place(path: Path, data: bytes) -> bool:
     except OSError:
         return False
     try:
-        os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+        if hasattr(os, "posix_fallocate"):
+            # a longer status needs blocks the full disk may not have: fail here, before
+            # the old content is touched (a short write would leave a torn, NUL-padded file)
+            os.posix_fallocate(fd, 0, len(data))
+        written = os.pwrite(fd, data, 0) if hasattr(os, "pwrite") else os.write(fd, data)
+        if written != len(data):
+            return False
         os.ftruncate(fd, len(data))
         return True
     except OSError:
