@@ -1,0 +1,422 @@
+"""The janitor in-process on a real ledger and real files (issue 16), against the README:
+it rescues expired leases (back to `available`, or `discarded` with the attempts used
+up, recorded as `abandoned`), enforces retention, keeps the data dir within
+`storage.budget_gb` (a budget too small is said once, with a size that would do),
+pauses generation below `storage.min_free_gb` and resumes it by itself once 10 %
+above the floor, and checkpoints the WAL. The free-space floor is tested on a small
+tmpfs of its own, where the free space is exact."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from dreamd.ledger import transitions as tr
+from dreamd.ledger.models import utcnow
+from dreamd.storage import space
+from dreamd.workers import janitor
+from dreamd.workers.janitor import CHECKPOINT_EVERY, MEASURE_EVERY, Janitor
+from tests.conftest import mount_tmpfs, worker_context
+
+GB, MB = space.GB, space.MB
+FRAME_CHAIN = itertools.count()
+NOFLOOR = "[storage]\nmin_free_gb = 0\nbudget_gb = 0\n"
+
+
+@pytest.fixture
+def make_ctx(db_path):
+    gens = []
+
+    def make(config_text: str = NOFLOOR, path=None):
+        g = worker_context(path or db_path, config_text)
+        gens.append(g)
+        return next(g)
+
+    yield make
+    for g in gens:
+        g.close()
+
+
+@pytest.fixture
+def disk(tmp_path, db_path):
+    """A 16 MB file system holding a copy of the migrated ledger: its free space is the
+    janitor's to measure, exactly."""
+    for d in mount_tmpfs(tmp_path / "disk", "16m"):
+        shutil.copy(db_path, d / "dreamd.db")
+        yield d / "dreamd.db"
+
+
+def sql(ctx, q: str, **params):
+    with ctx.reader.connect() as conn:
+        return conn.execute(text(q), params).all()
+
+
+def write(ctx, q: str, **params) -> None:
+    with ctx.engine.begin() as conn:
+        conn.execute(text(q), params)
+
+
+def job(ctx, entity: str, *, lease_left: float, attempt: int = 1, max_attempts: int = 3) -> int:
+    """An executing row of `entity` whose lease ends `lease_left` seconds from now."""
+    if entity == "interpolation":
+        a = job(ctx, "keyframe", lease_left=0)
+        write(ctx, "UPDATE keyframes SET state = 'completed' WHERE id = :i", i=a)
+    with ctx.engine.begin() as conn:
+        if entity == "keyframe":
+            rid = tr.create(conn, "keyframe", {
+                "chain_index": 0, "backend": "procedural", "theme": "t", "prompt": "p",
+                "seed": 1, "denoise": 0.3, "source": "seed", "width": 64, "height": 64,
+                "max_attempts": max_attempts})
+        elif entity == "interpolation":
+            rid = tr.create(conn, "interpolation", {"chain_index": 0, "from_keyframe_id": a,
+                                                    "to_keyframe_id": a, "n_frames": 4,
+                                                    "max_attempts": max_attempts})
+        else:
+            fid = tr.create(conn, "frame", {"chain_index": 900 + next(FRAME_CHAIN),
+                                            "t": 0.0, "kind": "keyframe", "path": "x.png"})
+            rid = tr.create(conn, "embedding", {"frame_id": fid, "model": "m",
+                                                "max_attempts": max_attempts})
+        table = {"keyframe": "keyframes", "interpolation": "interpolations",
+                 "embedding": "embeddings"}[entity]
+        conn.execute(text(f"UPDATE {table} SET state = 'executing', attempt = :a, "
+                          "lease_owner = 'dead:1:1:w', lease_expires_at = :e WHERE id = :i"),
+                     {"a": attempt, "e": utcnow() + timedelta(seconds=lease_left), "i": rid})
+    return rid
+
+
+def state(ctx, entity: str, rid: int) -> str:
+    table = {"keyframe": "keyframes", "interpolation": "interpolations",
+             "embedding": "embeddings"}[entity]
+    return sql(ctx, f"SELECT state FROM {table} WHERE id = :i", i=rid)[0][0]
+
+
+def abandoned(ctx) -> list[tuple]:
+    return [tuple(r) for r in sql(ctx, "SELECT entity, entity_id, from_state, to_state, worker "
+                                       "FROM transitions WHERE event = 'abandoned' ORDER BY id")]
+
+
+def shown_frames(ctx, n: int, size: int, first: int = 0) -> list[int]:
+    """n shown frames in playback order, each file `size` bytes."""
+    (ctx.cfg.data_dir / "frames").mkdir(exist_ok=True)
+    ids = []
+    with ctx.engine.begin() as conn:
+        for i in range(first, first + n):
+            rel = f"frames/f{i:04d}.png"
+            (ctx.cfg.data_dir / rel).write_bytes(os.urandom(size))
+            fid = tr.create(conn, "frame", {"chain_index": i // 4, "t": (i % 4) / 4,
+                                            "kind": "inbetween", "path": rel})
+            conn.execute(text("UPDATE frames SET state = 'shown' WHERE id = :i"), {"i": fid})
+            ids.append(fid)
+    return ids
+
+
+def live_frames(ctx) -> int:
+    return sql(ctx, "SELECT count(*) FROM frames WHERE state = 'shown'")[0][0]
+
+
+def recorded(ctx) -> dict:
+    return json.loads(sql(ctx, "SELECT storage FROM runtime_state WHERE id = 1")[0][0])
+
+
+# ---------------------------------------------------------------- leases
+
+def test_expired_leases_are_rescued_and_live_ones_kept(make_ctx, caplog):
+    ctx = make_ctx()
+    k_dead = job(ctx, "keyframe", lease_left=-5)
+    k_live = job(ctx, "keyframe", lease_left=300)
+    k_used = job(ctx, "keyframe", lease_left=-5, attempt=3, max_attempts=3)
+    i_dead = job(ctx, "interpolation", lease_left=-1)
+    e_dead = job(ctx, "embedding", lease_left=-1)
+    e_mine = job(ctx, "embedding", lease_left=-1)
+    ctx.in_hand.add(("embedding", e_mine))        # ours: a busy ledger kept it from renewal
+    ctx.in_hand.add(("keyframe", e_mine + 1000))  # another entity's id: spares nothing here
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    assert janitor.rescue_all(ctx) == 4
+    assert [state(ctx, "keyframe", i) for i in (k_dead, k_live, k_used)] == [
+        "available", "executing", "discarded"]
+    assert (state(ctx, "interpolation", i_dead), state(ctx, "embedding", e_dead),
+            state(ctx, "embedding", e_mine)) == ("available", "available", "executing")
+    assert abandoned(ctx) == [
+        ("keyframe", k_dead, "executing", "available", "janitor"),
+        ("keyframe", k_used, "executing", "discarded", "janitor"),
+        ("interpolation", i_dead, "executing", "available", "janitor"),
+        ("embedding", e_dead, "executing", "available", "janitor")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 keyframe row(s) abandoned by a dead worker -> available: [{k_dead}]",
+        f"1 keyframe row(s) abandoned by a dead worker -> discarded: [{k_used}]",
+        f"1 interpolation row(s) abandoned by a dead worker -> available: [{i_dead}]",
+        f"1 embedding row(s) abandoned by a dead worker -> available: [{e_dead}]"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+    assert janitor.rescue_all(ctx) == 0                   # nothing left to rescue
+
+
+def test_at_start_every_lease_is_abandoned(make_ctx):
+    """README: at start the daemon rescues every lease left by a dead run."""
+    ctx = make_ctx()
+    live = job(ctx, "keyframe", lease_left=300)
+    mine = job(ctx, "embedding", lease_left=300)
+    ctx.in_hand.add(("embedding", mine))
+    assert janitor.rescue_all(ctx, everything=True) == 2
+    assert (state(ctx, "keyframe", live), state(ctx, "embedding", mine)) == (
+        "available", "available")
+    assert [e[-1] for e in abandoned(ctx)] == ["startup", "startup"]
+
+
+def test_the_log_names_the_first_ten_rows(make_ctx, caplog):
+    ctx = make_ctx()
+    ids = [job(ctx, "embedding", lease_left=-1) for _ in range(12)]
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    assert janitor.rescue_all(ctx) == 12
+    assert [r.getMessage() for r in caplog.records] == [
+        f"12 embedding row(s) abandoned by a dead worker -> available: {ids[:10]}"]
+
+
+def test_a_tick_rescues_and_measures(make_ctx):
+    ctx = make_ctx()
+    dead = job(ctx, "interpolation", lease_left=-1)
+    Janitor(ctx).tick()
+    assert state(ctx, "interpolation", dead) == "available"
+    assert recorded(ctx)["low"] is None and recorded(ctx)["budget"] == 0
+
+
+# ---------------------------------------------------------------- retention
+
+def test_enforce_retention_evicts_shown_frames_beyond_max_output_frames(make_ctx):
+    ctx = make_ctx()
+    ctx.set_knobs({"display.max_output_frames": 3})
+    ids = shown_frames(ctx, 7, 100)
+    assert janitor.enforce_retention(ctx) == 4
+    kept = [r[0] for r in sql(ctx, "SELECT id FROM frames WHERE state = 'shown' ORDER BY id")]
+    assert kept == ids[4:]
+    assert sorted(p.name for p in (ctx.cfg.data_dir / "frames").iterdir()) == [
+        "f0004.png", "f0005.png", "f0006.png"]
+    assert janitor.enforce_retention(ctx) == 0
+
+
+# ---------------------------------------------------------------- the WAL
+
+def test_the_wal_is_checkpointed_once_a_minute(make_ctx, db_path):
+    ctx = make_ctx()
+    jan = Janitor(ctx)
+
+    def main_file() -> str:
+        return hashlib.sha256(db_path.read_bytes()).hexdigest()
+
+    jan.tick()                      # measures: writes runtime_state into the WAL
+    before = main_file()
+    jan.last_checkpoint = time.monotonic() - CHECKPOINT_EVERY / 2
+    shown_frames(ctx, 3, 10, first=0)   # more in the WAL
+    jan.tick()
+    assert main_file() == before    # half a minute: still all in the WAL
+    jan.last_checkpoint = time.monotonic() - 60.5
+    jan.tick()
+    assert main_file() != before    # copied into the database file
+    assert time.monotonic() - jan.last_checkpoint < CHECKPOINT_EVERY / 2
+    after = main_file()
+    shown_frames(ctx, 3, 10, first=100)
+    jan.tick()
+    assert main_file() == after     # the minute starts again
+
+
+def test_the_heartbeat_is_this_runs(make_ctx):
+    ctx = make_ctx()
+    old = utcnow() - timedelta(hours=1)
+    for rid in (1, 2):
+        write(ctx, "INSERT INTO daemon_runs (id, pid, host, version, started_at, heartbeat_at)"
+                   " VALUES (:i, 1, 'h', 'v', :t, :t)", i=rid, t=old)
+    start = utcnow()
+    janitor.heartbeat(ctx)
+    beats = dict(sql(ctx, "SELECT id, heartbeat_at FROM daemon_runs"))
+    assert beats[1] >= start.isoformat(sep=" ") and beats[2] == old.isoformat(sep=" ")
+
+
+# ---------------------------------------------------------------- the budget
+
+def test_the_data_dir_is_measured_every_15_seconds(make_ctx):
+    ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 1.5\n")
+    jan = Janitor(ctx)
+    jan.storage()                                          # the first tick measures
+    first = recorded(ctx)
+    assert first["budget"] == int(1.5 * GB) and first["floor"] == 0 and first["low"] is None
+    assert first["parts"]["ledger"] > 0 and "frames" not in first["parts"]
+    assert set(first) == {"total", "parts", "files", "free", "budget", "floor", "low"}
+    shown_frames(ctx, 2, 1000)
+    jan.measured_at = time.monotonic() - (MEASURE_EVERY - 2)
+    jan.storage()
+    assert "frames" not in recorded(ctx)["parts"]          # not yet
+    jan.measured_at = time.monotonic() - 15.5
+    jan.storage()
+    assert recorded(ctx)["parts"]["frames"] == 2000 and recorded(ctx)["files"]["frames"] == 2
+
+
+def test_over_budget_the_oldest_shown_frames_go_until_it_fits(make_ctx):
+    """README: over storage.budget_gb the oldest deletable files go first (shown frames
+    down to the last 10); once under, nothing more."""
+    ctx = make_ctx()
+    ids = shown_frames(ctx, 30, 10_000)
+    managed = space.measure(ctx.cfg.data_dir).managed
+    ctx.cfg.storage.budget_gb = (managed - 25_000) / GB   # 3 frames' worth over
+    jan = Janitor(ctx)
+    jan.storage()                                          # measures, then deletes
+    kept = [r[0] for r in sql(ctx, "SELECT id FROM frames WHERE state = 'shown' ORDER BY id")]
+    assert kept == ids[3:]
+    assert not (ctx.cfg.data_dir / "frames/f0002.png").exists()
+    assert (ctx.cfg.data_dir / "frames/f0003.png").exists()
+    for _ in range(3):                                     # under budget now: no more
+        jan.storage()
+    assert live_frames(ctx) == 27
+
+
+def budget_said(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "storage.budget_gb" in r.getMessage()]
+
+
+def test_a_budget_too_small_is_said_once_with_a_size_that_would_do(make_ctx, caplog):
+    """Over the budget twice in a row with nothing freed in between: said once, naming
+    the size that would do; said again only after the data dir fitted in between."""
+    ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 1\n")
+    with open(ctx.cfg.data_dir / "big.bin", "wb") as f:   # sparse: costs no disk
+        f.truncate(int(3.1 * GB))
+    shown_frames(ctx, 14, 1000)
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    jan = Janitor(ctx)
+    jan.measure()
+    assert budget_said(caplog) == []                      # the first time over: not yet
+    jan.storage()                                         # frees the 4 deletable frames
+    assert live_frames(ctx) == 10
+    jan.measure()
+    assert budget_said(caplog) == []                      # something was freed meanwhile
+    jan.storage()                                         # nothing left to free
+    jan.measure()
+    said = budget_said(caplog)
+    assert len(said) == 1
+    m = re.fullmatch(r"the data dir is 3\.1 GB, over storage\.budget_gb \(1\.0 GB\), and "
+                     r"nothing more can be deleted: the rest is the ledger \((\d+\.\d) kB\) "
+                     r"and what playback still needs; raise storage\.budget_gb to at least "
+                     r"4\.7", said[0])
+    assert m and float(m[1]) > 0, said[0]
+    for _ in range(2):
+        jan.storage()
+        jan.measure()
+    assert len(budget_said(caplog)) == 1                  # once
+    ctx.cfg.storage.budget_gb = 4.0
+    jan.measure()                                         # fits: the next time is news
+    ctx.cfg.storage.budget_gb = 1.0
+    jan.measure()
+    jan.measure()
+    assert len(budget_said(caplog)) == 2
+    assert live_frames(ctx) == 10                         # what playback needs stays
+
+
+def test_a_tiny_budget_asks_for_at_least_a_tenth_of_a_gb(make_ctx, caplog):
+    ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 0.00001\n")
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    jan = Janitor(ctx)
+    jan.measure()
+    jan.measure()
+    assert budget_said(caplog)[0].endswith("raise storage.budget_gb to at least 0.1")
+
+
+# ---------------------------------------------------------------- the free-space floor
+
+def floor_at(ctx, nbytes: int) -> None:
+    ctx.cfg.storage.min_free_gb = nbytes / GB
+
+
+def test_below_the_floor_generation_pauses_said_once(make_ctx, disk, caplog):
+    ctx = make_ctx(NOFLOOR, path=disk)
+    woken = []
+    ctx.wake = woken.append
+    jan = Janitor(ctx)
+    jan.measure()
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor_at(ctx, free + 2 * MB)
+    caplog.set_level(logging.INFO, logger="dreamd")
+    jan.measure()
+    low = ctx.facts["storage_low"]
+    m = re.fullmatch(r"low disk space: (\d+\.\d) MB free on the data dir's disk, below the "
+                     r"floor of (\d+\.\d) MB \(storage\.min_free_gb\)", low or "")
+    assert m and float(m[2]) == round((free + 2 * MB) / MB, 1), low
+    assert recorded(ctx)["low"] == low and recorded(ctx)["floor"] == int((free + 2 * MB))
+    assert ctx.may_generate() is False and ctx.may_claim() is True
+    # the deficit: back to 10 % (at least 1 MB) above the floor
+    floor = free + 2 * MB
+    assert abs(jan.over - (floor + floor // 10 - free)) < 32 * 1024
+    jan.measure()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{low}: generation paused, playback goes on from the buffer; it resumes "
+                    "by itself when there is room (free space or lower storage.min_free_gb)"]
+    assert woken == []
+
+
+def test_it_resumes_by_itself_only_once_clear_of_the_floor(make_ctx, disk, caplog):
+    """Hysteresis: generation resumes 10 % (at least 1 MB) above the floor, not at it."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    woken = []
+    ctx.wake = woken.append
+    jan = Janitor(ctx)
+    jan.measure()
+    free = space.free_bytes(ctx.cfg.data_dir)
+    assert 12 * MB < free < 16 * MB                   # a band of 1.2 - 1.6 MB over the floor
+    floor_at(ctx, free - MB)                          # above the floor, within the band
+    jan.measure()
+    assert ctx.facts["storage_low"] is None and jan.over == 0   # never low: not paused
+    floor_at(ctx, free + MB // 2)
+    jan.measure()
+    assert ctx.facts["storage_low"]
+    caplog.set_level(logging.INFO, logger="dreamd")
+    caplog.clear()
+    floor = free - MB
+    floor_at(ctx, floor)                              # above the floor, inside the band
+    jan.measure()
+    assert ctx.facts["storage_low"] and woken == []
+    assert abs(jan.over - (floor + floor // 10 - free)) < 32 * 1024
+    assert recorded(ctx)["low"] == ctx.facts["storage_low"]
+    floor_at(ctx, free - 3 * MB)                      # clear of it
+    jan.measure()
+    assert ctx.facts["storage_low"] is None and recorded(ctx)["low"] is None
+    assert woken == ["planner"] and jan.over == 0
+    assert [r.getMessage() for r in caplog.records] == ["disk space is back: generation resumes"]
+    jan.measure()
+    assert woken == ["planner"]                       # said and woken once
+
+
+def test_a_small_floor_resumes_a_megabyte_above_it(make_ctx, disk):
+    ctx = make_ctx(NOFLOOR, path=disk)
+    jan = Janitor(ctx)
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor_at(ctx, 4 * MB)
+    ctx.facts["storage_low"] = "low disk space"      # paused before
+    jan.measure()
+    assert ctx.facts["storage_low"] is None           # 4 MB + 1 MB < free
+    floor_at(ctx, free - MB // 2)
+    jan.measure()
+    assert ctx.facts["storage_low"] is None           # not low before: the floor itself
+
+
+def test_freeing_space_below_the_floor_resumes_without_waiting_for_a_walk(make_ctx, disk):
+    """Below the floor retention deletes what it may (shown frames down to the last 10);
+    once that clears the band, generation resumes in the same tick."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    woken = []
+    ctx.wake = woken.append
+    shown_frames(ctx, 16, 300 * 1024)
+    jan = Janitor(ctx)
+    jan.measure()
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor_at(ctx, free + 200 * 1024)          # deficit 1.2 MB: 5 frames (1.5 MB) clear it
+    jan.measured_at = float("-inf")
+    jan.storage()
+    assert live_frames(ctx) == 11
+    assert ctx.facts["storage_low"] is None and woken == ["planner"]
+    assert recorded(ctx)["low"] is None
