@@ -1,0 +1,389 @@
+"""The keyframe worker in-process, on a real ledger file, with the embedded procedural
+backend and with ComfyUI doubles (real HTTP servers on 127.0.0.1): a keyframe is img2img
+from the previous one, stored (file first, atomically) and completed together with the
+interpolation batch of its pair; a failure is retried with backoff, a permanent error
+discards it; ComfyUI's prompt id and server are in the ledger before they can be lost."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from PIL import Image
+from sqlalchemy import text
+
+from dreamd.backend import KeyframeRequest
+from dreamd.backends.procedural import ProceduralBackend
+from dreamd.errors import PermanentBackendError
+from dreamd.ledger import transitions as tr
+from dreamd.workers import keyframe
+from tests.comfyui_double import ComfyUIDouble
+from tests.conftest import worker_context
+
+CKPT = "random-sd15.safetensors"
+CONFIG = """
+[generation]
+interpolation_frames = 3
+steps = 4
+cfg = 6.5
+sampler = "euler"
+scheduler = "karras"
+max_attempts = 4
+"""
+W, H = 64, 32
+
+
+@pytest.fixture
+def ctx(db_path):
+    for c in worker_context(db_path, CONFIG):
+        c.woken = []
+        c.wake = c.woken.append
+        yield c
+
+
+def rows(ctx, q: str, **params) -> list:
+    with ctx.reader.connect() as conn:
+        return conn.execute(text(q), params).all()
+
+
+def plan(ctx, chain: int, *, input_path: str | None = None, backend: str = "procedural",
+         size=(W, H), denoise: float = 0.4, max_attempts: int = 4, prompt_id=None) -> int:
+    with ctx.engine.begin() as conn:
+        return tr.create(conn, "keyframe", {
+            "chain_index": chain, "backend": backend, "theme": "ethereal",
+            "prompt": "a window of light", "negative_prompt": "blurry", "seed": 100 + chain,
+            "denoise": denoise, "source": "img2img" if input_path else "seed",
+            "input_path": input_path, "width": size[0], "height": size[1],
+            "max_attempts": max_attempts, "prompt_id": prompt_id})
+
+
+def row(ctx, kid: int):
+    return rows(ctx, "SELECT * FROM keyframes WHERE id = :i", i=kid)[0]
+
+
+def png(ctx, rel: str, size=(W, H), colour=(30, 120, 200), mode="RGB", fmt="PNG") -> str:
+    path = ctx.cfg.data_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, fmt)
+    return rel
+
+
+def request_for(ctx, r, image=None) -> KeyframeRequest:
+    return KeyframeRequest(chain_index=r.chain_index, width=r.width, height=r.height,
+                           seed=r.seed, theme=r.theme, prompt=r.prompt,
+                           negative_prompt=r.negative_prompt, denoise=r.denoise,
+                           steps=4, cfg=6.5, sampler="euler", scheduler="karras", image=image)
+
+
+def make_due(ctx, kid: int) -> None:
+    """The backoff elapsed (as if time passed): the janitor's stage step is in claim."""
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET scheduled_at = '2000-01-01 00:00:00' "
+                          "WHERE id = :i"), {"i": kid})
+
+
+# ---------------------------------------------------------------- the chain
+
+def test_keyframes_are_img2img_from_the_previous_one_and_make_the_pairs_batch(ctx):
+    backend = ProceduralBackend()
+    k0 = plan(ctx, 0)
+    assert keyframe.tick(ctx, backend) == 1
+    first = row(ctx, k0)
+    assert (first.state, first.path, first.backend, first.server, first.prompt_id) == \
+        ("completed", f"keyframes/k000000-{k0}.png", "procedural", None, None)
+    data = (ctx.cfg.data_dir / first.path).read_bytes()
+    assert first.sha256 == hashlib.sha256(data).hexdigest()
+    assert first.generation_ms > 0 and first.attempt == 1 and first.error is None
+    assert rows(ctx, "SELECT count(*) FROM interpolations") == [(0,)]   # no pair yet
+    seed = ProceduralBackend().generate(request_for(ctx, first)).image
+    with Image.open(ctx.cfg.data_dir / first.path) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (W, H))
+        assert im.tobytes() == seed.tobytes()                  # txt2img: no input
+    assert ctx.woken == ["interpolation", "planner", "embedding"]
+    assert ctx.facts["generation_time"] == pytest.approx(first.generation_ms / 1000)
+
+    k1 = plan(ctx, 1, input_path=first.path)
+    assert keyframe.tick(ctx, backend) == 1
+    second = row(ctx, k1)
+    with Image.open(ctx.cfg.data_dir / first.path) as im:
+        expected = ProceduralBackend().generate(request_for(ctx, second, im.convert("RGB")))
+    with Image.open(ctx.cfg.data_dir / second.path) as im:
+        assert im.tobytes() == expected.image.tobytes()       # img2img from keyframe 0
+        assert im.tobytes() != ProceduralBackend().generate(
+            request_for(ctx, second)).image.tobytes()
+    batches = rows(ctx, "SELECT chain_index, from_keyframe_id, to_keyframe_id, n_frames, "
+                        "divisor, max_attempts, state FROM interpolations")
+    assert [tuple(b) for b in batches] == [(0, k0, k1, 3, 1.0, 4, "available")]
+    created = rows(ctx, "SELECT worker FROM transitions WHERE entity = 'interpolation'")
+    assert created == [(ctx.lease_owner("keyframe"),)]
+    done = rows(ctx, "SELECT detail, worker FROM transitions WHERE entity = 'keyframe' "
+                     "AND to_state = 'completed' ORDER BY id")
+    assert json.loads(done[1].detail)["ms"] == pytest.approx(second.generation_ms, abs=0.06)
+    assert done[1].worker == ctx.lease_owner("keyframe")
+    assert sorted(p.name for p in ctx.cfg.keyframes_dir.iterdir()) == \
+        [f"k000000-{k0}.png", f"k000001-{k1}.png"]          # no temporary left behind
+
+
+def test_the_pair_is_made_with_the_last_completed_keyframe_before_it(ctx):
+    backend = ProceduralBackend()
+    old = plan(ctx, 0)
+    keyframe.tick(ctx, backend)
+    again = plan(ctx, 0)                       # a second completed link 0 (a re-plan)
+    keyframe.tick(ctx, backend)
+    failed = plan(ctx, 0)                      # and one that never completed
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET state = 'discarded' WHERE id = :i"),
+                     {"i": failed})
+    png(ctx, "keyframes/other.png")
+    plan(ctx, 2, input_path="keyframes/other.png")      # no link 1: no pair for it
+    keyframe.tick(ctx, backend)
+    assert rows(ctx, "SELECT count(*) FROM interpolations") == [(0,)]
+    k1 = plan(ctx, 1, input_path=row(ctx, again).path)
+    ctx.set_knobs({"generation.interpolation_frames": 7})     # `dreamd set` applies here
+    keyframe.tick(ctx, backend)
+    assert rows(ctx, "SELECT from_keyframe_id, to_keyframe_id, n_frames FROM "
+                     "interpolations") == [(again, k1, 7)]
+    assert old < again
+
+
+def test_the_governors_choice_is_the_new_batchs(ctx):
+    k0 = plan(ctx, 0)
+    keyframe.tick(ctx, ProceduralBackend())
+    ctx.set_knobs({"governor.enabled": True})
+    ctx.facts["governor"] = {"interpolation_frames": 2, "resolution_divisor": 2.0}
+    k1 = plan(ctx, 1, input_path=row(ctx, k0).path)
+    keyframe.tick(ctx, ProceduralBackend())
+    assert rows(ctx, "SELECT n_frames, divisor FROM interpolations WHERE to_keyframe_id = :i",
+                i=k1) == [(2, 2.0)]
+
+
+# ---------------------------------------------------------------- the input image
+
+def test_load_input_reads_resizes_or_names_the_unusable_file(ctx, tmp_path):
+    data = ctx.cfg.data_dir
+    r = row(ctx, plan(ctx, 0))
+    assert keyframe.load_input(r, W, H, data) is None
+    rel = png(ctx, "keyframes/big.png", size=(128, 64), colour=(10, 200, 30), mode="RGBA")
+    r = row(ctx, plan(ctx, 1, input_path=rel))
+    im = keyframe.load_input(r, W, H, data)
+    assert (im.mode, im.size, im.getpixel((3, 3))) == ("RGB", (W, H), (10, 200, 30))
+    same = keyframe.load_input(r, 128, 64, data)
+    assert same.size == (128, 64)
+    missing = row(ctx, plan(ctx, 2, input_path="keyframes/gone.png"))
+    with pytest.raises(PermanentBackendError) as err:
+        keyframe.load_input(missing, W, H, data)
+    assert str(err.value).startswith("input image keyframes/gone.png: [Errno 2] No such file")
+    (data / "keyframes/bad.png").write_bytes(b"not an image")
+    bad = row(ctx, plan(ctx, 3, input_path="keyframes/bad.png"))
+    with pytest.raises(PermanentBackendError, match=r"^input image keyframes/bad.png: cannot "
+                                                    r"identify image file"):
+        keyframe.load_input(bad, W, H, data)
+
+
+def test_input_png_is_the_files_bytes_only_when_they_are_an_rgb_png_of_the_size(ctx):
+    data = ctx.cfg.data_dir
+    assert keyframe.input_png(row(ctx, plan(ctx, 0)), W, H, data) is None
+    good = png(ctx, "in/good.png")
+    r = row(ctx, plan(ctx, 1, input_path=good))
+    assert keyframe.input_png(r, W, H, data) == (data / good).read_bytes()
+    assert keyframe.input_png(r, W * 2, H, data) is None             # another width
+    assert keyframe.input_png(r, W, H * 2, data) is None             # another height
+    for rel, kw in (("in/rgba.png", {"mode": "RGBA", "colour": (1, 2, 3, 4)}),
+                    ("in/jpeg.jpg", {"fmt": "JPEG"})):
+        r = row(ctx, plan(ctx, 2, input_path=png(ctx, rel, **kw)))
+        assert keyframe.input_png(r, W, H, data) is None
+    gone = row(ctx, plan(ctx, 3, input_path="in/none.png"))
+    assert keyframe.input_png(gone, W, H, data) is None
+    (data / "in/junk.png").write_bytes(b"junk")
+    assert keyframe.input_png(row(ctx, plan(ctx, 4, input_path="in/junk.png")), W, H,
+                              data) is None
+
+
+def test_keyframe_path(ctx):
+    assert keyframe.keyframe_path(ctx, 12, 345) == ctx.cfg.keyframes_dir / "k000012-345.png"
+
+
+# ---------------------------------------------------------------- failures
+
+def test_a_permanent_error_discards_the_keyframe_at_once(ctx):
+    kid = plan(ctx, 0, size=(4, 4))            # the procedural backend's floor is 8
+    assert keyframe.tick(ctx, ProceduralBackend()) == 0
+    r = row(ctx, kid)
+    assert (r.state, r.attempt, r.path) == ("discarded", 1, None)
+    assert r.error == "procedural: size 4x4 is outside 8..8192"
+    why = json.loads(rows(ctx, "SELECT detail FROM transitions WHERE entity = 'keyframe' "
+                               "AND event = 'failed'")[0].detail)["why"]
+    assert why == "permanent"
+    assert ctx.woken == [] and "generation_time" not in ctx.facts
+
+
+def test_an_unreadable_input_image_is_permanent(ctx):
+    kid = plan(ctx, 1, input_path="keyframes/nowhere.png")
+    keyframe.tick(ctx, ProceduralBackend())
+    r = row(ctx, kid)
+    assert r.state == "discarded"
+    assert r.error.startswith("input image keyframes/nowhere.png: [Errno 2]")
+
+
+def test_an_unexpected_failure_is_retried_with_backoff_until_attempts_run_out(ctx):
+    # the keyframes folder is a file: writing the image fails (not a condition of the
+    # disk, so no postponing: a plain failure)
+    ctx.cfg.keyframes_dir.parent.mkdir(parents=True, exist_ok=True)
+    ctx.cfg.keyframes_dir.write_text("in the way")
+    kid = plan(ctx, 0, max_attempts=3)
+    waits = []
+    for attempt in (1, 2, 3):
+        assert keyframe.tick(ctx, ProceduralBackend()) == 0
+        r = row(ctx, kid)
+        assert r.attempt == attempt
+        assert r.error.startswith("FileExistsError: ") or r.error.startswith("NotADirectoryError")
+        if attempt < 3:
+            assert r.state == "retryable"
+            at = rows(ctx, "SELECT at FROM transitions WHERE entity = 'keyframe' AND "
+                           "event = 'failed' ORDER BY id DESC LIMIT 1")[0].at
+            waits.append(datetime.fromisoformat(r.scheduled_at) - datetime.fromisoformat(at))
+            assert keyframe.tick(ctx, ProceduralBackend()) == 0     # not due yet
+            assert row(ctx, kid).attempt == attempt
+            make_due(ctx, kid)
+    assert row(ctx, kid).state == "discarded"
+    assert waits == [timedelta(seconds=2), timedelta(seconds=4)]
+
+
+def test_a_transient_error_is_retried_then_succeeds(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui")
+            double.fail_next(10, status=500, method="POST", path="/prompt")
+            assert keyframe.tick(ctx, backend) == 0
+            r = row(ctx, kid)
+            assert (r.state, r.attempt) == ("retryable", 1)
+            assert "HTTP 500" in r.error
+            why = json.loads(rows(ctx, "SELECT detail FROM transitions WHERE entity = "
+                                       "'keyframe' AND event = 'failed'")[0].detail)["why"]
+            assert why == "will retry"
+            double.faults.fail.clear()
+            make_due(ctx, kid)
+            assert keyframe.tick(ctx, backend) == 1
+        finally:
+            backend.close()
+    r = row(ctx, kid)
+    assert (r.state, r.attempt, r.error) == ("completed", 2, None)
+
+
+def test_a_transient_error_during_a_stop_records_no_failure(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui")
+            with ctx.engine.begin() as conn:
+                (claimed,) = tr.claim(conn, "keyframe", ctx.lease_owner("keyframe"),
+                                      lease_seconds=30)
+            double.fail_next(10, status=500, method="POST", path="/prompt")
+            ctx.stopping.set()
+            assert keyframe.process(ctx, backend, claimed, ctx.lease_owner("keyframe")) == 0
+        finally:
+            backend.close()
+    r = row(ctx, kid)
+    assert (r.state, r.error) == ("executing", None)      # the daemon releases it
+    assert rows(ctx, "SELECT count(*) FROM transitions WHERE event = 'failed'") == [(0,)]
+
+
+def test_a_result_of_the_wrong_size_is_permanent(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui")
+            double.faults.output_size = (32, 32)
+            keyframe.tick(ctx, backend)
+        finally:
+            backend.close()
+    r = row(ctx, kid)
+    assert r.state == "discarded"
+    assert "32x32" in r.error and "64x32" in r.error
+
+
+# ---------------------------------------------------------------- ComfyUI
+
+def comfyui(ctx, urls):
+    from dreamd.backends.comfyui import ComfyUIBackend
+    return ComfyUIBackend(urls, checkpoint=CKPT, tries=1, poll_interval=0.01,
+                          queue_check_interval=0.02, deadline=20.0, connect_timeout=2.0,
+                          read_timeout=5.0, data_dir=ctx.cfg.data_dir,
+                          bench_base=0.001, recent_bench_cap=0.001, sleep=lambda s: None)
+
+
+def test_comfyui_gets_the_prompt_id_from_the_ledger_and_the_input_as_it_is(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            k0 = plan(ctx, 0, backend="comfyui")
+            assert keyframe.tick(ctx, backend) == 1
+            first = row(ctx, k0)
+            k1 = plan(ctx, 1, backend="comfyui", input_path=first.path, denoise=0.5)
+            assert keyframe.tick(ctx, backend) == 1
+        finally:
+            backend.close()
+        posted = [r.body for r in double.requests if r.path == "/prompt" and r.method == "POST"]
+        uploads = list(double.inputs.values())
+    second = row(ctx, k1)
+    assert [p["prompt_id"] for p in posted] == [first.prompt_id, second.prompt_id]
+    assert first.prompt_id != second.prompt_id and len(first.prompt_id) == 36
+    assert (first.server, second.server) == (double.url, double.url)
+    assert (first.backend, second.backend) == ("comfyui", "comfyui")
+    # the previous keyframe's file, uploaded byte for byte: no second PNG encode
+    assert uploads == [(ctx.cfg.data_dir / first.path).read_bytes()]
+    sampler = posted[1]["prompt"]["6"]["inputs"]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["denoise"],
+            sampler["sampler_name"], sampler["scheduler"]) == (101, 4, 6.5, 0.5, "euler",
+                                                              "karras")
+    assert posted[1]["prompt"]["4"]["inputs"]["text"] == "a window of light"
+    assert rows(ctx, "SELECT from_keyframe_id, to_keyframe_id FROM interpolations") == [(k0, k1)]
+
+
+def test_comfyui_reattaches_with_the_prompt_id_already_in_the_ledger(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui", prompt_id="0f0f0f0f-1111-2222-3333-444455556666")
+            ctx.set_knobs({"generation.steps": 9, "generation.cfg": 3.0})
+            assert keyframe.tick(ctx, backend) == 1
+        finally:
+            backend.close()
+        posted = [r.body for r in double.requests if r.path == "/prompt" and r.method == "POST"]
+    assert [p["prompt_id"] for p in posted] == ["0f0f0f0f-1111-2222-3333-444455556666"]
+    assert row(ctx, kid).prompt_id == "0f0f0f0f-1111-2222-3333-444455556666"
+    inputs = posted[0]["prompt"]["6"]["inputs"]
+    assert (inputs["steps"], inputs["cfg"]) == (9, 3.0)        # live knobs, not the file's
+
+
+def test_the_server_is_recorded_as_soon_as_the_backend_knows_it(ctx):
+    kid = plan(ctx, 0, backend="comfyui")
+    owner = ctx.lease_owner("keyframe")
+    with ctx.engine.begin() as conn:
+        tr.claim(conn, "keyframe", owner, lease_seconds=30)
+    keyframe._server_recorder(ctx, kid, "someone else")("http://elsewhere:8188")
+    assert row(ctx, kid).server is None                       # only by the lease holder
+    keyframe._server_recorder(ctx, kid, owner)("http://here:8188")
+    assert row(ctx, kid).server == "http://here:8188"
+
+
+def test_a_keyframe_whose_lease_was_lost_is_not_completed(ctx):
+    """Another worker took the row while the backend ran: the image stays unrecorded,
+    no batch is made, and the row is the new holder's."""
+    kid = plan(ctx, 0)
+    owner = ctx.lease_owner("keyframe")
+    with ctx.engine.begin() as conn:
+        (claimed,) = tr.claim(conn, "keyframe", owner, lease_seconds=30)
+        conn.execute(text("UPDATE keyframes SET lease_owner = 'thief' WHERE id = :i"),
+                     {"i": kid})
+    assert keyframe.process(ctx, ProceduralBackend(), claimed, owner) == 0
+    r = row(ctx, kid)
+    assert (r.state, r.lease_owner, r.path) == ("executing", "thief", None)
+    assert ctx.woken == [] and "generation_time" not in ctx.facts
+    # and a failure reported for a lost lease changes nothing either
+    keyframe._fail(ctx, claimed, owner, "boom", permanent=True)
+    assert (row(ctx, kid).state, row(ctx, kid).error) == ("executing", None)
