@@ -676,3 +676,42 @@ def test_timing_lines_are_what_the_benches_read(caplog):
     log_timing(log, "keyframe", 7, {"backend": 1.5, "write": 2.254}, server="a", n=3)
     assert [r.getMessage() for r in caplog.records] == [
         "timing keyframe id=7 backend_ms=1.50 write_ms=2.25 server=a n=3"]
+
+
+def test_a_lease_renewal_that_fails_is_reported_and_retried(make_ctx, db_path, tmp_path,
+                                                            caplog):
+    """A renewal that fails (a read-only disk, a broken ledger) never kills the work: a
+    known condition is reported for status.json, anything else logged, and the renewal
+    goes on trying."""
+    from dreamd.conditions import READ_ONLY
+    from dreamd.ledger import database
+
+    ctx = make_ctx()
+    ctx.cfg.generation.lease_seconds = 0.3
+    kid = keyframe(ctx, 0, state="available", image=False)
+    with ctx.engine.begin() as conn:
+        tr.claim(conn, "keyframe", "test:keyframe", lease_seconds=60)
+    writer = ctx.engine
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    read_only, broken = database.reader(db_path), database.writer(tmp_path / "empty.db")
+    try:
+        with ctx.lease("keyframe", kid, "test:keyframe"):
+            ctx.engine = read_only
+            wait_for(lambda: ctx.conditions.active(READ_ONLY), timeout=30,
+                     what="the read-only ledger reported")
+            ctx.engine = broken
+            wait_for(lambda: any("renewal failed" in r.getMessage() for r in caplog.records),
+                     timeout=30, what="the failed renewal logged")
+            ctx.engine = writer
+            before = sql(ctx, "SELECT lease_expires_at FROM keyframes")[0][0]
+            wait_for(lambda: sql(ctx, "SELECT lease_expires_at FROM keyframes")[0][0] != before,
+                     timeout=30, what="the lease renewed again")
+    finally:
+        ctx.engine = writer
+        read_only.dispose()
+        broken.dispose()
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith(f"keyframe {kid}: read-only file system (")
+    failed = [r for r in caplog.records if r.getMessage() == f"keyframe {kid}: lease renewal failed"]
+    assert failed and failed[0].exc_info is not None
+    assert not any("lease lost" in m for m in said)
