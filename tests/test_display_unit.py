@@ -403,3 +403,409 @@ def test_status_shows_the_governor():
     assert render(dict(BASE, governor=g))[3:] == [
         "governor   on: 6 in-betweens at full size (yours: 6 at full size; up to 120 and "
         "1/4 size)", "  no change so far: your settings keep up"]
+
+
+# ================================================================ the display writer
+
+from sqlalchemy import text  # noqa: E402
+
+from dreamd.conditions import DISK_FULL, LEDGER_BUSY  # noqa: E402
+from dreamd.display import writer as writer_mod  # noqa: E402
+from dreamd.display.writer import DisplayWriter  # noqa: E402
+from tests.conftest import WriteLock, worker_context  # noqa: E402
+from tests.test_display import add_segment, shown  # noqa: E402
+
+
+class Clock:
+    """The writer's clock, moved by the test: throttles and retries judged without
+    sleeping (wall-clock time.time() stays real: it only stamps the viewer's news)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(writer_mod, "time", c)
+    return c
+
+
+@pytest.fixture
+def wctx(db_path, clock):
+    yield from worker_context(db_path, "[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
+                                       "buffer_target_seconds = 5.0\n")
+
+
+def st(ctx) -> dict:
+    return json.loads((ctx.cfg.output_dir / "status.json").read_text())
+
+
+def gone(ctx) -> None:
+    (ctx.cfg.output_dir / "status.json").unlink()
+
+
+def written(ctx) -> bool:
+    return (ctx.cfg.output_dir / "status.json").exists()
+
+
+def set_themes(ctx) -> None:
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET theme = 'theme ' || chain_index"))
+
+
+def test_write_status_says_every_key(wctx, clock):
+    ctx = wctx
+    ctx.started_monotonic = clock.now - 3600 * 1.23456
+    ctx.facts.update(generation_time=12.34567, codec="taesd", cache_size=17,
+                     comfyui_status="ok", storage_low="free space below the floor",
+                     pause_reason="eldenring.exe", paused_by="guard",
+                     keyframe_progress={"keyframe": 3, "step": 4})
+    ctx.set_knobs({"generation.interpolation_frames": 0, "generation.denoise": 0.45,
+                   "display.buffer_target_seconds": 7.5})
+    ctx.conditions.report(LEDGER_BUSY, "test")
+    w = DisplayWriter(ctx)
+    w.write_status(3.0, 1)
+    s = st(ctx)
+    assert datetime.fromisoformat(s.pop("last_update")).tzinfo is not None
+    assert s == {
+        "status": "starting", "frame_number": 0, "keyframe_index": None,
+        "generation_time": 12.346, "current_mode": "keyframes", "backend": "procedural",
+        "codec": "taesd", "current_prompt": None, "cache_size": 17, "buffer_seconds": 0.33,
+        "buffer_target_seconds": 7.5, "is_buffering": True, "fps": 3.0, "paused": False,
+        "pause_reason": "eldenring.exe", "uptime_hours": 1.2346, "daemon_status": "running",
+        "comfyui_status": "ok",
+        "problem": "ledger busy: another process holds the ledger's write lock (a sqlite3 "
+                   "session, a backup?); playback goes on from frames already made, the "
+                   "ledger catches up when it is free; free space below the floor",
+        "stale_after_seconds": 10.0, "theme": None,
+        "paused_by": None,                 # only while paused
+        "keyframe_progress": {"keyframe": 3, "step": 4}, "denoise": 0.45}
+    ctx.facts["paused"] = True
+    ctx.set_knobs({"generation.interpolation_frames": 1})
+    w.write_status(0.1, 0)
+    s = st(ctx)
+    assert (s["status"], s["paused"], s["paused_by"], s["current_mode"]) == \
+        ("paused", True, "guard", "hybrid")
+    assert (s["fps"], s["buffer_seconds"], s["stale_after_seconds"]) == (0.1, 0.0, 50.0)
+    w.write_status(0.1, 0, daemon_status="stopped", state="stopped")
+    assert (st(ctx)["status"], st(ctx)["daemon_status"]) == ("stopped", "stopped")
+
+
+def test_write_status_defaults_before_anything_is_known(wctx):
+    ctx = wctx
+    w = DisplayWriter(ctx)
+    w.write_status(10.0, 0)
+    s = st(ctx)
+    assert list(s) == list(status_json.KEYS)
+    assert (s["generation_time"], s["codec"], s["cache_size"], s["comfyui_status"],
+            s["problem"], s["pause_reason"], s["paused_by"], s["keyframe_progress"],
+            s["current_mode"], s["denoise"]) == \
+        (0.0, None, 0, "n/a", None, None, None, None, "hybrid", 0.3)
+
+
+def test_playback_buffers_plays_and_counts_each_underrun_once(wctx, clock):
+    ctx = wctx
+    ctx.cfg.governor.stretch = False
+    w = DisplayWriter(ctx)
+    w.tick()
+    assert (st(ctx)["status"], st(ctx)["frame_number"], st(ctx)["is_buffering"]) == \
+        ("buffering", 0, True)
+    add_segment(ctx, 0, 1)                   # 2 frames: the first is shown at once
+    w.tick()
+    s = st(ctx)
+    assert (s["status"], s["frame_number"], s["buffer_seconds"]) == ("buffering", 1, 0.1)
+    assert shown(ctx) == [(0, 0.0)]
+    for _ in range(2):                       # 0.1 s ahead < 0.3 s: it waits
+        w.tick()
+        s = st(ctx)
+        assert (s["status"], s["buffer_seconds"], s["frame_number"]) == ("buffering", 0.1, 1)
+    add_segment(ctx, 1, 1)                   # 3 frames = 0.3 s: enough
+    seen = []
+    for _ in range(3):
+        w.tick()
+        s = st(ctx)
+        seen.append((s["status"], s["frame_number"], s["buffer_seconds"], s["is_buffering"]))
+    assert seen == [("playing", 2, 0.2, False), ("playing", 3, 0.1, False),
+                    ("playing", 4, 0.0, False)]
+    assert shown(ctx) == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
+    for _ in range(3):                       # one underrun, however long
+        w.tick()
+        s = st(ctx)
+        assert (s["status"], s["is_buffering"], s["buffer_seconds"]) == ("underrun", True, 0.0)
+    rt = ctx.runtime()
+    assert (rt.underruns, rt.frames_shown, rt.playhead_chain_index, rt.playhead_t) == \
+        (1, 4, 1, 0.5)
+    add_segment(ctx, 2, 0)                   # one frame: not enough, still an underrun
+    w.tick()
+    assert (st(ctx)["status"], st(ctx)["frame_number"]) == ("underrun", 1 + 3)
+    add_segment(ctx, 3, 1)                   # 3 frames ahead: playing again
+    for _ in range(3):
+        w.tick()
+    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 7
+    w.tick()
+    assert ctx.runtime().underruns == 2      # a second episode counts again
+    assert st(ctx)["status"] == "underrun"
+
+
+def test_a_ready_later_segment_is_no_buffer_while_an_earlier_one_is_made(wctx):
+    ctx = wctx
+    add_segment(ctx, 0, 3, batch_state="available")
+    add_segment(ctx, 1, 5)                   # 0.6 s counted ahead, but not playable yet
+    w = DisplayWriter(ctx)
+    for _ in range(3):
+        w.tick()
+    assert st(ctx)["status"] == "buffering" and shown(ctx) == []
+    assert ctx.runtime().underruns == 0
+
+
+def test_the_stretch_slows_playback_on_a_low_buffer(wctx):
+    ctx = wctx
+    changes = []
+    w = DisplayWriter(ctx)
+    w.pacer.on_change = lambda: changes.append(ctx.facts["stretch"])
+    add_segment(ctx, 0, 9)                   # 10 frames = 1 s ahead
+    for _ in range(4):
+        w.tick()
+    assert "stretch" not in ctx.facts        # above the low mark: full rate
+    for _ in range(5):
+        w.tick()
+    assert changes and changes[-1] < 1.0 and ctx.facts["stretch"] < 1.0
+
+
+def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx):
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    add_segment(ctx, 1, 2)
+    set_themes(ctx)
+    out = ctx.cfg.output_dir
+    news = []
+    w = DisplayWriter(ctx)
+    w.on_shown = lambda *a: news.append(a)
+    w.tick()
+    assert not (out / "previous_frame.png").exists()
+    assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
+        ("prompt 0", "theme 0", 0)
+    frames = sorted(ctx.cfg.frames_dir.glob("*.png"))
+    by_name = {p.name: p.read_bytes() for p in frames}
+    for _ in range(4):
+        w.tick()
+    assert (out / "current_frame.png").read_bytes() == by_name["1-1.png"]
+    assert (out / "previous_frame.png").read_bytes() == by_name["1-0.png"]
+    assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
+        ("prompt 1", "theme 1", 1)
+    with ctx.reader.connect() as conn:
+        ids = [r.id for r in conn.execute(text(
+            "SELECT id FROM frames ORDER BY chain_index, t"))][:5]
+    assert [(n[0], n[1], round(n[2], 4), n[3].name) for n in news] == [
+        (ids[0], 0, 0.0, "0-0.png"), (ids[1], 0, 0.3333, "0-1.png"),
+        (ids[2], 0, 0.6667, "0-2.png"), (ids[3], 1, 0.0, "1-0.png"),
+        (ids[4], 1, 0.3333, "1-1.png")]
+    assert all(abs(n[4] - time.time()) < 60 for n in news)
+    with ctx.reader.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT entity_id, from_state, to_state, worker, event FROM transitions "
+            "WHERE entity = 'frame' AND to_state = 'shown' ORDER BY id")).fetchall()
+        shown_at = conn.execute(text("SELECT count(*) FROM frames WHERE state = 'shown' "
+                                     "AND shown_at IS NOT NULL")).scalar()
+    assert [tuple(r) for r in rows] == [(i, "ready", "shown", "display", "shown") for i in ids]
+    assert shown_at == 5
+    rt = ctx.runtime()
+    assert (rt.playhead_frame_id, rt.playhead_chain_index, rt.frames_shown) == (ids[4], 1, 5)
+
+
+def test_a_restart_mid_segment_names_the_prompt_on_screen(wctx):
+    ctx = wctx
+    add_segment(ctx, 0, 5)
+    set_themes(ctx)
+    w = DisplayWriter(ctx)
+    for _ in range(2):
+        w.tick()
+    w.close()
+    again = DisplayWriter(ctx)               # same chain as the playhead, prompt unknown
+    again.tick()
+    again.tick()
+    s = st(ctx)
+    assert (s["current_prompt"], s["theme"], s["frame_number"]) == ("prompt 0", "theme 0", 4)
+    assert shown(ctx)[-1] == (0, 0.5)
+
+
+def test_a_keyframe_not_completed_names_no_prompt(wctx):
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET state = 'executing' WHERE chain_index = 0"))
+    w = DisplayWriter(ctx)
+    w.tick()
+    assert (st(ctx)["current_prompt"], st(ctx)["theme"]) == (None, None)
+
+
+def test_pause_holds_playback_and_writes_status_when_it_changes_or_twice_a_second(wctx, clock):
+    ctx = wctx
+    add_segment(ctx, 0, 4)
+    w = DisplayWriter(ctx)
+    w.tick()
+    ctx.facts.update(paused=True, pause_reason="a game")
+    w.tick()
+    assert (st(ctx)["status"], st(ctx)["paused"], st(ctx)["buffer_seconds"]) == \
+        ("paused", True, 0.4)
+    gone(ctx)
+    clock.now += 0.25
+    w.tick()
+    assert not written(ctx)                  # nothing changed, written 0.25 s ago
+    clock.now += 0.25
+    w.tick()
+    assert st(ctx)["status"] == "paused" and shown(ctx) == [(0, 0.0)]
+    gone(ctx)
+    ctx.conditions.report(DISK_FULL, "test")  # a change: written at once
+    w.tick()
+    assert st(ctx)["problem"].startswith("disk full: ")
+    ctx.facts["paused"] = False
+    w.tick()
+    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 2
+
+
+def test_the_heartbeat_writes_only_when_the_ticks_have_not_for_half_a_second(wctx, clock):
+    ctx = wctx
+    add_segment(ctx, 0, 4)
+    w = DisplayWriter(ctx)
+    w.tick()
+    gone(ctx)
+    clock.now += 0.25
+    w.status_heartbeat()
+    assert not written(ctx)
+    clock.now += 0.25
+    w.status_heartbeat()
+    s = st(ctx)                              # the buffer counted from the ledger
+    assert (s["status"], s["buffer_seconds"], s["fps"]) == ("playing", 0.4, 10.0)
+    ctx.set_knobs({"display.fps": 2.0})
+    clock.now += 0.5
+    w.status_heartbeat()
+    assert (st(ctx)["fps"], st(ctx)["buffer_seconds"]) == (2.0, 2.0)
+
+
+def test_the_buffer_is_recounted_twice_a_second_and_counted_down_between(wctx, clock):
+    ctx = wctx
+    add_segment(ctx, 0, 5)
+    w = DisplayWriter(ctx)
+    for _ in range(3):
+        w.tick()
+    assert st(ctx)["buffer_seconds"] == 0.3
+    add_segment(ctx, 1, 3)                   # 4 more frames, not counted yet
+    w.tick()
+    assert st(ctx)["buffer_seconds"] == 0.2
+    clock.now += 0.5
+    w.tick()
+    assert st(ctx)["buffer_seconds"] == 0.5  # recounted: 1 + 4 ahead after this frame
+
+
+def test_frames_shown_on_a_busy_ledger_are_recorded_when_it_is_free(wctx, clock, db_path):
+    ctx = wctx
+    add_segment(ctx, 0, 5)
+    w = DisplayWriter(ctx)
+    w.tick()
+    with WriteLock(db_path):
+        w.tick()
+        w.tick()
+        assert w.record() is False           # tried at 1000.0: the next try at 1000.5
+        clock.now += 2.5                     # busy, but not for long: not a problem yet
+        w.tick()
+        assert st(ctx)["problem"] is None and st(ctx)["frame_number"] == 4
+        clock.now += 0.5                     # failing for 3 s: now it is
+        assert w.record() is False
+        w._status_maybe(10.0, force=True)
+        assert st(ctx)["problem"].startswith("ledger busy: ")
+    assert shown(ctx) == [(0, 0.0)]
+    assert w.record() is False               # the next try waits RECORD_RETRY
+    clock.now += 0.25
+    assert w.record() is False and len(shown(ctx)) == 1
+    clock.now += 0.25
+    assert w.record() is True
+    assert shown(ctx) == [(0, 0.0), (0, 1 / 6), (0, 2 / 6), (0, 3 / 6)]
+    rt = ctx.runtime()
+    assert (rt.frames_shown, rt.playhead_chain_index, rt.playhead_t) == (4, 0, 0.5)
+    w._status_maybe(10.0, force=True)
+    assert st(ctx)["problem"] is None
+    assert w.record() is True                # nothing left: no write at all
+
+
+def test_flush_at_a_stop_tries_until_its_timeout(wctx, clock, db_path):
+    ctx = wctx
+    add_segment(ctx, 0, 3)
+    w = DisplayWriter(ctx)
+    w.tick()
+    assert w.flush(0.0) is True and clock.slept == []
+    with WriteLock(db_path):
+        w.tick()
+        assert w.flush(1.2) is False
+        assert clock.slept == [0.5, 0.5, 0.5]
+    assert w.flush(0.0) is True             # no wait for the retry time: a last try now
+    assert len(shown(ctx)) == 2
+
+
+def test_a_disk_full_output_dir_is_reported_not_raised(db_path, clock, tmp_path, caplog):
+    for disk in mount_tmpfs(tmp_path / "out", "1m"):
+        for ctx in worker_context(db_path, f"[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
+                                           f"output_dir = \"{disk}\"\n"):
+            add_segment(ctx, 0, 3)
+            w = DisplayWriter(ctx)
+            with open(disk / "ballast", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 1024)
+                except OSError:
+                    pass
+            with caplog.at_level("WARNING", logger="dreamd"):
+                w.tick()                     # the frame cannot be copied onto the disk
+            assert ctx.conditions.active(DISK_FULL)
+            assert "display: disk full" in caplog.text
+            ctx.conditions.clear()
+            caplog.clear()
+            clock.now += 0.5
+            with caplog.at_level("WARNING", logger="dreamd"):
+                w.status_heartbeat()         # status.json cannot be written either
+            assert "status.json: disk full" in caplog.text
+            (disk / "ballast").unlink()
+            ctx.conditions.clear()
+            w.tick()
+            assert shown(ctx)[-1] == (0, 0.0)
+
+
+def test_an_error_that_is_no_condition_of_the_machine_is_raised(wctx):
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    for p in ctx.cfg.frames_dir.glob("0-0.png"):
+        p.unlink()
+    w = DisplayWriter(ctx)
+    with pytest.raises(FileNotFoundError):
+        w.tick()
+
+
+def test_the_display_gives_up_on_a_busy_ledger_in_a_fraction_of_a_second(wctx, db_path):
+    ctx = wctx
+    w = DisplayWriter(ctx)
+    with w.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 150
+    w.close()
+
+
+def test_stale_temp_files_in_the_output_dir_are_swept_and_said(wctx, caplog):
+    ctx = wctx
+    out = ctx.cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".status.json.1.2.tmp").write_bytes(b"{")
+    with caplog.at_level("INFO", logger="dreamd.display"):
+        DisplayWriter(ctx)
+    assert f"removed 1 stale temp file(s) from {out}" in caplog.text
+    assert list(out.iterdir()) == []
