@@ -277,6 +277,24 @@ def test_over_budget_the_oldest_shown_frames_go_until_it_fits(make_ctx):
     assert live_frames(ctx) == 27
 
 
+def test_each_storage_pass_logs_its_timing_for_the_benches(make_ctx, caplog):
+    """bench/churn.py reads `timing janitor id=0 storage_ms=… freed=…` debug lines."""
+    ctx = make_ctx()
+    ctx.set_knobs({"display.max_output_frames": 1})
+    shown_frames(ctx, 3, 1000)
+    jan = Janitor(ctx)
+    caplog.set_level(logging.INFO, logger="dreamd")
+    jan.storage()
+    assert [r for r in caplog.records if r.getMessage().startswith("timing")] == []
+    shown_frames(ctx, 3, 1000, first=10)
+    caplog.set_level(logging.DEBUG, logger="dreamd")
+    jan.storage()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing")]
+    m = re.fullmatch(r"timing janitor id=0 storage_ms=(\d+\.\d\d) freed=(\d+)", lines[0])
+    assert len(lines) == 1 and m, lines
+    assert 0 < float(m[1]) < 600_000 and int(m[2]) == 3000
+
+
 def budget_said(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "storage.budget_gb" in r.getMessage()]
 

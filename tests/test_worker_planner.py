@@ -332,13 +332,14 @@ def test_plan_takes_the_theme_offset_it_is_given(make_ctx):
 def test_the_first_link_starts_from_the_seed_its_seed_picks(make_ctx, tmp_path):
     seeds = tmp_path / "seeds"
     files = [png(seeds / f"s{i}.png", color=(i * 60, 0, 0)) for i in range(3)]
-    base = 5
+    base = 6                                              # its seed picks s1.png
     ctx = make_ctx(PLAIN + f'[generation]\nseeds_dir = "{seeds}"\nseed = {base}\n')
     kid = planner.tick(ctx)
     row = sql(ctx, "SELECT * FROM keyframes WHERE id = :i", i=kid)[0]
     seed = planner.keyframe_seed(base, 0)
     assert (row.source, row.parent_id, row.seed) == ("seed", None, seed)
-    assert row.input_path == str(files[seed % 3])        # outside the data dir: absolute
+    assert seed % 3 == 1
+    assert row.input_path == str(files[1])                # outside the data dir: absolute
     assert json.loads(sql(ctx, "SELECT detail FROM transitions WHERE entity_id = :i AND "
                                "entity = 'keyframe'", i=kid)[0].detail) == {
         "theme": row.theme, "source": "seed"}
