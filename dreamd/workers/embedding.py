@@ -69,7 +69,14 @@ class EmbeddingWorker:
                                          lease_seconds=ctx.cfg.generation.lease_seconds)
             if not rows:
                 break
-            done += self.process(emb, rows, owner)
+            # in hand until done: the janitor never rescues them, and the game guard
+            # waits for them before it takes the embedder off the device
+            held = {("embedding", r.id) for r in rows}
+            ctx.in_hand.update(held)
+            try:
+                done += self.process(emb, rows, owner)
+            finally:
+                ctx.in_hand.difference_update(held)
         return done
 
     # ------------------------------------------------------------ finding work
@@ -87,8 +94,10 @@ class EmbeddingWorker:
                 return 0
             have = set(conn.execute(select(EM.c.frame_id).where(
                 EM.c.frame_id >= new[0].id, EM.c.model == model)).scalars())
+        # `r.t` would be the Row itself (SQLAlchemy's tuple accessor): the column by name
         wanted = [r for r in new if r.kind == "keyframe" or (
-            ctx.cfg.cache.embed_midpoints and _is_midpoint(r))]
+            ctx.cfg.cache.embed_midpoints
+            and _is_midpoint(r.kind, r._mapping["t"], r.n_frames))]
         wanted = [r for r in wanted if r.id not in have]
         if wanted:
             with ctx.engine.begin() as conn:
@@ -198,10 +207,10 @@ class EmbeddingWorker:
             log.warning("embedding %d: %s", row.id, exc)
 
 
-def _is_midpoint(r) -> bool:
+def _is_midpoint(kind: str, t: float, n_frames: int | None) -> bool:
     """The in-between nearest t = 0.5 of its pair."""
-    if r.kind != "inbetween" or not r.n_frames:
+    if kind != "inbetween" or not n_frames:
         return False
-    n = r.n_frames + 1
-    return round(r.t * n) == n // 2
+    n = n_frames + 1
+    return round(t * n) == n // 2
 

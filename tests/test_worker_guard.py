@@ -1,0 +1,268 @@
+"""The game guard's worker in-process on a real ledger, with real processes named like
+a game (a copy of `sleep`): what it pauses, frees and resumes (README "Game guard"), the
+pause a user made or lifted during a game, a guard pause left by an earlier run, the
+wait for local work in flight before the models leave the GPU, and a GPU watch that
+sees another process (a simulated NVML driver: no NVIDIA driver here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from dreamd.guard.games import GameWatch
+from dreamd.guard.gpu import GB, GpuWatch
+from dreamd.workers import controls
+from dreamd.workers.guard import Guard
+from tests.conftest import wait_for, worker_context
+from tests.test_guard import GAME, FakeNvml, game  # noqa: F401  (the fixture)
+
+CONFIG = f"""
+[guard]
+known_games = ["{GAME.capitalize()}.exe", "EldenRing.exe"]
+check_interval_seconds = 0.5
+resume_after_seconds = {{grace}}
+"""
+
+
+@pytest.fixture
+def make(db_path):
+    """A context whose controls worker applies every control the guard makes at once,
+    noting which rows were in hand each time it was woken."""
+    made = []
+
+    def _make(grace: float = 0.0, extra: str = ""):
+        gen = worker_context(db_path, CONFIG.format(grace=grace) + extra)
+        ctx = next(gen)
+        made.append(gen)
+        ctx.woken = []
+
+        def wake(name):
+            ctx.woken.append((name, sorted(ctx.in_hand)))
+            if name == "controls":
+                controls.tick(ctx)
+        ctx.wake = wake
+        return ctx
+    yield _make
+    for gen in made:
+        gen.close()
+
+
+def controls_rows(ctx) -> list[tuple[str, str, dict, str]]:
+    with ctx.reader.connect() as conn:
+        got = conn.execute(text(
+            "SELECT c.command, c.state, c.args, t.worker FROM controls c JOIN transitions t "
+            "ON t.entity = 'control' AND t.entity_id = c.id AND t.event = 'created' "
+            "ORDER BY c.id")).all()
+    return [(c, s, json.loads(a), w) for c, s, a, w in got]
+
+
+def see(guard: Guard, ctx) -> None:
+    """Tick until the guard has seen the game (the process list can lag its start)."""
+    wait_for(lambda: guard.tick() or ctx.facts["guard"]["engaged"], timeout=10,
+             what="the guard seeing the game")
+
+
+def user(ctx, command: str, **args) -> None:
+    with ctx.engine.begin() as conn:
+        controls.request(conn, command, args)
+    controls.tick(ctx)
+
+
+def test_before_a_game_it_says_what_it_watches_and_does_nothing(make, caplog):
+    ctx = make()
+    guard = Guard(ctx)
+    assert ctx.facts["guard"] == {"enabled": True, "engaged": None, "games": 2, "gpu": "off"}
+    with caplog.at_level(logging.INFO, logger="dreamd.guard"):
+        guard.tick()
+        guard.tick()
+    assert [r.getMessage() for r in caplog.records] == [
+        "game guard: on; watching 2 process names, GPU off"]
+    assert controls_rows(ctx) == [] and not ctx.paused()
+    guard.close()
+
+
+def test_a_game_pauses_then_frees_and_its_end_resumes_after_the_grace(make, game, caplog):
+    ctx = make(grace=30.0)
+    guard = Guard(ctx)
+    proc = game()
+    with caplog.at_level(logging.INFO, logger="dreamd.guard"):
+        see(guard, ctx)
+    assert ctx.paused() and ctx.facts["paused_by"] == "guard"
+    assert ctx.facts["guard"]["engaged"] == GAME
+    assert controls_rows(ctx) == [
+        ("pause", "applied", {"reason": GAME, "source": "guard"}, "guard"),
+        ("free", "applied", {"reason": GAME, "source": "guard"}, "guard")]
+    assert [n for n, _ in ctx.woken] == ["controls", "controls"]
+    assert ("game guard: dreamtestgame is running: pausing the dream and freeing the GPU"
+            in caplog.text)
+    proc.kill()
+    proc.wait()
+    guard.tick()
+    assert ctx.paused()                          # gone for less than the grace
+    guard.last_seen -= 31.0                      # …and now for longer
+    with caplog.at_level(logging.INFO, logger="dreamd.guard"):
+        guard.tick()
+    assert not ctx.paused() and ctx.facts["guard"]["engaged"] is None
+    assert controls_rows(ctx)[2:] == [
+        ("resume", "applied", {"reason": f"{GAME} ended 30 s ago", "source": "guard"},
+         "guard")]
+    assert f"game guard: {GAME} ended 30 s ago: resuming" in caplog.text
+
+
+def test_a_game_still_running_keeps_the_pause_however_long(make, game):
+    ctx = make(grace=0.0)
+    guard = Guard(ctx)
+    game()
+    see(guard, ctx)
+    guard.last_seen -= 1000.0
+    guard.tick()                                # seen again: still engaged
+    assert ctx.paused() and [c for c, *_ in controls_rows(ctx)] == ["pause", "free"]
+
+
+def test_a_pause_the_user_made_is_kept_but_the_gpu_is_still_freed(make, game, caplog):
+    ctx = make(grace=0.0)
+    user(ctx, "pause", reason="mine")
+    guard = Guard(ctx)
+    proc = game()
+    with caplog.at_level(logging.INFO, logger="dreamd.guard"):
+        see(guard, ctx)
+        assert [(c, a) for c, _, a, _ in controls_rows(ctx)] == [
+            ("pause", {"reason": "mine"}), ("free", {"reason": GAME, "source": "guard"})]
+        proc.kill()
+        proc.wait()
+        guard.tick()
+    assert ctx.paused() and ctx.facts["paused_by"] == "user"
+    assert ctx.facts["guard"]["engaged"] is None
+    assert [c for c, *_ in controls_rows(ctx)] == ["pause", "free"]      # no resume
+    assert f"{GAME} is running; the dream is already paused (mine)" in caplog.text
+    assert f"game guard: {GAME} ended; the dream stays as the user left it" in caplog.text
+
+
+def test_a_user_who_resumes_during_a_game_is_not_paused_again_for_it(make, game):
+    ctx = make(grace=0.0)
+    guard = Guard(ctx)
+    proc = game()
+    see(guard, ctx)
+    user(ctx, "resume")
+    for _ in range(3):
+        guard.tick()
+    assert not ctx.paused()
+    proc.kill()
+    proc.wait()
+    guard.tick()
+    assert [c for c, *_ in controls_rows(ctx)] == ["pause", "free", "resume"]
+    assert controls_rows(ctx)[2][3] == "surface"
+
+
+def test_turned_off_it_ignores_games(make, game):
+    ctx = make(extra="enabled = false\n")
+    guard = Guard(ctx)
+    assert ctx.facts["guard"]["enabled"] is False
+    proc = game()
+    wait_for(lambda: GameWatch([GAME]).running(), timeout=10, what="the game process")
+    guard.tick()
+    assert controls_rows(ctx) == [] and ctx.facts["guard"]["engaged"] is None
+    proc.kill()
+    proc.wait()
+
+
+def earlier_guard_pause(ctx, reason: str = "Cyberpunk2077") -> None:
+    with ctx.engine.begin() as conn:
+        controls.request(conn, "pause", {"reason": reason, "source": "guard"}, worker="guard")
+    controls.tick(ctx)
+    ctx.facts.clear()
+    controls.restore(ctx)                       # a restart, as the daemon does
+
+
+def test_a_pause_an_earlier_runs_guard_made_is_lifted_after_the_grace(make):
+    ctx = make(grace=60.0)
+    earlier_guard_pause(ctx)
+    guard = Guard(ctx)
+    guard.tick()
+    assert ctx.paused() and ctx.facts["guard"]["engaged"] == "Cyberpunk2077"
+    guard.last_seen -= 61.0
+    guard.tick()
+    assert not ctx.paused()
+    assert controls_rows(ctx)[-1][:3] == (
+        "resume", "applied", {"reason": "Cyberpunk2077 ended 60 s ago", "source": "guard"})
+
+
+def test_turned_off_since_an_earlier_runs_guard_pause_it_resumes_at_once(make):
+    ctx = make(grace=600.0, extra="enabled = false\n")
+    earlier_guard_pause(ctx)
+    ctx.facts["pause_reason"] = None            # an old row without a reason
+    guard = Guard(ctx)
+    guard.tick()
+    assert not ctx.paused()
+    assert controls_rows(ctx)[-1][2] == {"reason": "a game ended 600 s ago", "source": "guard"}
+
+
+def test_a_users_pause_from_an_earlier_run_is_not_the_guards(make):
+    ctx = make(grace=0.0)
+    user(ctx, "pause", reason="mine")
+    ctx.facts.clear()
+    controls.restore(ctx)
+    guard = Guard(ctx)
+    guard.tick()
+    assert ctx.paused() and ctx.facts["guard"]["engaged"] is None
+    assert [c for c, *_ in controls_rows(ctx)] == ["pause"]
+
+
+@pytest.mark.parametrize("local", ["interpolation", "embedding"])
+def test_the_gpu_is_freed_only_after_local_work_in_flight_not_a_keyframe(make, game, local):
+    """The codec and the embedder leave the device only once the batch using them is
+    done; a keyframe in flight is ComfyUI's business (it frees after its prompt)."""
+    ctx = make()
+    ctx.in_hand.update({(local, 7), ("keyframe", 3)})
+    guard = Guard(ctx)
+    done = threading.Event()
+
+    def finish():
+        wait_for(ctx.paused, timeout=10, what="the pause")
+        time.sleep(0.3)
+        ctx.in_hand.discard((local, 7))
+        done.set()
+    threading.Thread(target=finish, daemon=True).start()
+    game()
+    see(guard, ctx)
+    assert done.is_set()
+    pause, free = ctx.woken
+    assert pause == ("controls", sorted([("keyframe", 3), (local, 7)]))
+    assert free == ("controls", [("keyframe", 3)])
+
+
+def test_stopping_the_daemon_does_not_wait_for_the_pause_or_the_work(make, game):
+    ctx = make()
+    ctx.wake = lambda name: None                # nobody applies controls any more
+    ctx.in_hand.add(("interpolation", 1))
+    ctx.stopping.set()
+    guard = Guard(ctx)
+    game()
+    see(guard, ctx)
+    assert [c for c, s, *_ in controls_rows(ctx)] == ["pause", "free"]
+    assert not ctx.paused()
+
+
+def test_another_process_busy_on_the_gpu_pauses_like_a_game(make, game):
+    nvml = FakeNvml(graphics=[(2000, 3 * GB)])
+    ctx = make(extra="gpu_vram_gb = 2.0\n")
+    watch = GpuWatch(0, 2.0, 0.0, nvml=nvml, ours=lambda pid: False)
+    guard = Guard(ctx, gpu=watch)
+    assert ctx.facts["guard"]["gpu"] == "watching GPU 0 (NVIDIA GeForce RTX 4090)"
+    guard.tick()
+    assert ctx.paused() and ctx.facts["pause_reason"] == "GPU busy: pid 2000 uses 3.0 GB"
+    # a known game running is named first
+    nvml.graphics = []
+    guard.tick()
+    assert not ctx.paused()
+    nvml.graphics = [(2000, 3 * GB)]
+    game()
+    see(guard, ctx)
+    assert ctx.facts["pause_reason"] == GAME
+    guard.close()
+    assert watch.handle is None
