@@ -736,3 +736,159 @@ def test_prune_rows_takes_old_governor_decisions_but_keeps_the_newest(make_ctx):
     ctx.cfg.storage.history_days = 0                     # 0 = keep every row
     ret.prune_rows(ctx, NOW + timedelta(days=365), PassReport())
     assert len(sql(ctx, "SELECT id FROM governor_decisions")) == 2
+
+
+# ---------------------------------------------------------------- the survivors of `make mutate`
+# (bench/MUTATION.md): each test below pins a behaviour a mutant changed unseen.
+
+def test_evict_frames_behind_the_playhead_when_no_shown_frame_is_over_the_limit(make_ctx):
+    ctx = make_ctx("[display]\nmax_output_frames = 50\n")
+    on = frame(ctx, 3, 0.5)                              # shown: well under the limit
+    frame(ctx, 2, 0.25, "ready")                         # passed, never shown: goes
+    frame(ctx, 3, 0.25, "ready")                         # passed in the playhead's segment
+    frame(ctx, 3, 0.75, "ready")                         # ahead: stays
+    frame(ctx, 4, 0.0, "ready")
+    playhead(ctx, on, 3, 0.5)
+    report = PassReport()
+    assert ret.evict_frames(ctx, report=report) == 2
+    assert states(ctx) == {(3, 0.5): "shown", (2, 0.25): "evicted", (3, 0.25): "evicted",
+                           (3, 0.75): "ready", (4, 0.0): "ready"}
+    assert frame_files(ctx) == {"3-0.5.png", "3-0.75.png", "4-0.0.png"}
+    assert report.frames == 2
+
+
+def test_evict_frames_keeps_the_latest_positions_within_a_segment(make_ctx):
+    """Within one segment the newest shown is the highest t, whatever the ids say."""
+    ctx = make_ctx("[display]\nmax_output_frames = 10\n")
+    ts = [i / 13 for i in range(12, -1, -1)]             # ids in the reverse of t
+    for t in ts:
+        frame(ctx, 7, t)
+    assert ret.evict_frames(ctx) == 3
+    assert states(ctx) == {(7, t): "evicted" if t < 3 / 13 - 1e-9 else "shown" for t in ts}
+
+
+def test_prune_keyframe_images_goes_past_a_protected_one_and_oldest_first(make_ctx):
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+    k = {c: keyframe(ctx, c) for c in (4, 3, 2, 1, 0)}   # ids in the reverse of the chain
+    f = frame(ctx, 0, 0.0, kind="keyframe", keyframe_id=k[0])
+    embedding(ctx, f, in_cache=1)                        # k0: the oldest, but protected
+    # k4 is the head; of k1..k3, over budget and young, the oldest goes first
+    assert ret.prune_keyframe_images(ctx, NOW - 365 * 24 * HOUR,
+                                     budget_bytes=1) == 1
+    assert {i for i, in sql(ctx, "SELECT id FROM keyframes WHERE pruned_at IS NOT NULL")} == {
+        k[1]}
+    assert ret.prune_keyframe_images(ctx, NOW) == 2     # past the horizon: k2, k3
+    assert {i for i, in sql(ctx, "SELECT id FROM keyframes WHERE pruned_at IS NULL")} == {
+        k[0], k[4]}
+
+
+def _hold(ctx, monkeypatch, point: str, fn, *args, **kwargs):
+    """Run `fn` in a thread held at the fault point `point`; returns (release, join)."""
+    monkeypatch.setenv("DREAMD_HOLD_AT", point)
+    (ctx.cfg.data_dir / f"arm-{point}").touch()
+    worker = threading.Thread(target=fn, args=args, kwargs=kwargs)
+    worker.start()
+    held = ctx.cfg.data_dir / f"held-at-{point}"
+    wait_for(held.exists, timeout=60, what=f"the pass to reach {point}")
+
+    def release():
+        held.unlink()
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    return release
+
+
+def test_prune_keyframe_images_rows_before_files(make_ctx, monkeypatch):
+    """A crash between the two leaves an orphan file (reconcile removes it), never a
+    row that names an image it no longer has."""
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\n")
+    a = keyframe(ctx, 0)
+    keyframe(ctx, 1)                                     # the head
+    release = _hold(ctx, monkeypatch, "retention-images-pruned",
+                    ret.prune_keyframe_images, ctx, NOW)
+    try:
+        assert sql(ctx, "SELECT pruned_at IS NOT NULL, thumb_path FROM keyframes WHERE id=:i",
+                   i=a) == [(1, f"thumbs/k000000-{a}.jpg")]
+        assert exists(ctx, "keyframes/k0.png")           # not yet deleted
+        assert exists(ctx, f"thumbs/k000000-{a}.jpg")    # the thumbnail first of all
+    finally:
+        release()
+    assert not exists(ctx, "keyframes/k0.png") and exists(ctx, "keyframes/k1.png")
+
+
+def test_prune_rows_rows_before_files(make_ctx, monkeypatch):
+    ctx = make_ctx("[storage]\nframe_history_hours = 0\nhistory_days = 1\n")
+    a = keyframe(ctx, 0)
+    keyframe(ctx, 1)                                     # the head
+    release = _hold(ctx, monkeypatch, "retention-rows-pruned",
+                    ret.prune_rows, ctx, NOW, PassReport())
+    try:
+        assert {i for i, in sql(ctx, "SELECT id FROM keyframes")} == {a + 1}
+        assert exists(ctx, "keyframes/k0.png")
+    finally:
+        release()
+    assert not exists(ctx, "keyframes/k0.png")
+
+
+def test_prune_thumbnails_stops_when_exactly_enough_is_freed(make_ctx):
+    ctx = make_ctx()
+    assert ret.prune_thumbnails(ctx, 10 ** 9, PassReport()) == 0     # none there
+    k = {c: keyframe(ctx, c, path=None, thumb_path=png(ctx, f"thumbs/t{c}.jpg"),
+                     pruned_at=OLD) for c in range(3)}
+    report = PassReport()
+    assert ret.prune_thumbnails(ctx, fsize(ctx, "thumbs/t0.jpg"), report) == 1
+    assert {i for i, in sql(ctx, "SELECT id FROM keyframes WHERE thumb_path IS NULL")} == {k[0]}
+
+
+def test_prune_rows_adds_to_what_the_pass_already_counted(make_ctx):
+    """run_pass calls prune_rows once a batch on one report: the counts add up."""
+    ctx = make_ctx("[storage]\nframe_history_hours = 1\nhistory_days = 1\n[cache]\n"
+                   "collapse_window = 2\n")
+    f = frame(ctx, 0, 0.0, "evicted", file=False)
+    g = frame(ctx, 1, 0.0, "evicted", file=False)        # no embedding: its row can go
+    for i in range(34):                                  # the oldest 10 beyond the 24 kept
+        embedding(ctx, f, at=OLD)
+    with ctx.engine.begin() as conn:
+        for state in ("applied", "rejected"):
+            cid = tr.create(conn, "control", {"command": "pause", "created_at": OLD})
+            conn.execute(text("UPDATE controls SET state=:s WHERE id=:i"), {"s": state, "i": cid})
+    a = keyframe(ctx, 0)
+    b = keyframe(ctx, 1)
+    batch(ctx, a, b)
+    keyframe(ctx, 5)                                     # the head
+    keyframe(ctx, 2)                                     # an old keyframe nothing names
+    assert sql(ctx, "SELECT COUNT(*) FROM keyframes") == [(4,)]
+    seen = {"transitions": 1000, "embeddings": 100, "frames": 10, "controls": 7,
+            "governor_decisions": 3, "interpolations": 5, "keyframes": 2}
+    report = PassReport(rows=dict(seen))
+    ret.prune_rows(ctx, NOW, report)
+    got = {k: v - seen[k] for k, v in report.rows.items()}
+    assert got["embeddings"] == 10 and got["frames"] == 1 and got["controls"] == 2
+    assert got["interpolations"] == 1 and got["keyframes"] == 3      # the batch's ends too
+    assert got["governor_decisions"] == 0 and got["transitions"] > 0
+    assert sql(ctx, "SELECT id FROM frames") == [(f,)] and g != f
+
+
+def test_prune_rows_without_any_completed_keyframe(make_ctx):
+    """No head to keep: every old keyframe row nothing names goes, the first one too."""
+    ctx = make_ctx("[storage]\nframe_history_hours = 0\nhistory_days = 1\n")
+    ids = [keyframe(ctx, c, state=s, path=None) for c, s in enumerate(("discarded", "cancelled"))]
+    assert ids[0] == 1
+    report = PassReport()
+    ret.prune_rows(ctx, NOW, report)
+    assert sql(ctx, "SELECT id FROM keyframes") == [] and report.rows["keyframes"] == 2
+
+
+def test_run_pass_prunes_rows_in_batches_within_its_time(make_ctx, monkeypatch):
+    """Rows go one batch at a time, as many batches as ROWS_SECONDS allows a pass: one
+    when it is spent at once, all of them when there is time."""
+    ctx = make_ctx("[storage]\nframe_history_hours = 1\nhistory_days = 0\n")
+    with ctx.engine.begin() as conn:
+        conn.execute(text("INSERT INTO transitions (entity, entity_id, to_state, at) "
+                          "VALUES ('frame', :i, 'ready', :at)"),
+                     [{"i": i, "at": str(OLD)} for i in range(2 * ret.BATCH + 10)])
+    monkeypatch.setattr(ret, "ROWS_SECONDS", 0.0)
+    assert ret.run_pass(ctx, now=NOW).rows["transitions"] == ret.BATCH
+    monkeypatch.setattr(ret, "ROWS_SECONDS", 600.0)
+    assert ret.run_pass(ctx, now=NOW).rows["transitions"] == ret.BATCH + 10
+    assert sql(ctx, "SELECT COUNT(*) FROM transitions WHERE at < :c", c=str(NOW - HOUR)) == [(0,)]
