@@ -416,6 +416,11 @@ def test_cannot_write_messages(tmp_path):
         "writable, or use --data-dir DIR for another data dir")
     bare = OSError(errno.EACCES, "")
     assert "cannot write there ([Errno 13] )" in str(unusable.explain(bare, db))
+    # a folder that is not there is not called read-only
+    gone = tmp_path / "gone" / "dreamd.db"
+    assert str(unusable.explain(ro, gone)) == (
+        f"{gone}: cannot write there (attempt to write a readonly database): make "
+        f"{gone.parent} writable, or use --data-dir DIR for another data dir")
     # a file named without a ledger: its folder is the one to make writable
     err = PermissionError(errno.EACCES, "Permission denied", str(data / "x" / "f.png"))
     assert str(unusable.explain(err, None)).endswith(
@@ -723,7 +728,7 @@ def test_status_reports_what_dreamd_status_shows(engine, db_path):
         conn.execute(insert(RuntimeState.__table__).values(
             id=1, playhead_frame_id=3, playhead_chain_index=1, playhead_t=0.0,
             frames_shown=40, underruns=2, paused=1, pause_reason="game",
-            knobs=json.dumps({"display.fps": 4, "display.buffer_target_seconds": 9}),
+            knobs=json.dumps({"display.fps": 7, "display.buffer_target_seconds": 9}),
             comfyui_health='{"servers": []}', storage='{"free": 1}'))
         conn.execute(text("INSERT INTO controls (command, args, state, created_at) VALUES "
                           "('pause', '{}', 'applied', '2030-01-01 00:00:00')"))
@@ -746,7 +751,7 @@ def test_status_reports_what_dreamd_status_shows(engine, db_path):
     assert got["in_progress"] == {"chain_index": 5, "state": "retryable", "theme": "forest",
                                   "attempt": 2, "started_at": "2030-06-01 12:00:00.250000"}
     # after (1, 0.0): (1, 0.5), (2, 0.0), (3, 0.0); the knobs beat the config
-    assert got["buffer"] == {"frames": 3, "seconds": 0.75, "target_seconds": 9.0, "fps": 4.0}
+    assert got["buffer"] == {"frames": 3, "seconds": 0.43, "target_seconds": 9.0, "fps": 7.0}
     assert got["comfyui"] == {"servers": []} and got["storage_recorded"] == {"free": 1}
     with engine.begin() as conn:
         conn.execute(text("UPDATE runtime_state SET playhead_chain_index = NULL, "
@@ -849,6 +854,8 @@ def test_sql_passes_sqlites_own_errors_through(shell):
         rows_of(shell, "UPDATE sqlite_master SET sql = 'x'")
     with pytest.raises(sqlite3.OperationalError, match="syntax error"):
         rows_of(shell, "SELEC 1")
+    with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+        rows_of(shell, "SELEC 1", timeout=1e-9)     # a wrong query is not a time bound
     with pytest.raises(sqlite3.OperationalError, match="no such table: nope"):
         rows_of(shell, "SELECT * FROM nope")
 
@@ -920,7 +927,7 @@ def written(columns, rows, fmt, **kw) -> tuple[str, str]:
     return out.getvalue(), notes.getvalue(), n
 
 
-def test_write_tsv_and_json_every_row_unless_bounded():
+def test_write_tsv_and_json_every_row_unless_bounded(capsys):
     rows = [(i, f"r{i}", None) for i in range(1, 1502)]
     out, notes, n = written(["a", "b", "c"], rows, "tsv")
     lines = out.splitlines()
@@ -943,6 +950,7 @@ def test_write_tsv_and_json_every_row_unless_bounded():
     out = io.StringIO()                  # no notes stream: the count is left unsaid
     assert shell_sql.write(["a"], [(1,), (2,)], "tsv", out, max_rows=1) == 1
     assert out.getvalue() == "a\n1\n"
+    assert capsys.readouterr() == ("", "")
 
 
 def test_write_json_of_nothing_and_of_blobs_and_times():
@@ -984,6 +992,7 @@ def test_statements_split_on_complete_statements_only():
         ["SELECT ';' AS semi;", "SELECT\n 3;"]
     assert list(shell_sql.statements([";;", " ; SELECT 4", "\n"])) == ["SELECT 4"]
     assert list(shell_sql.statements(["  \n", "\n"])) == []
+    assert list(shell_sql.statements(["X;"])) == ["X;"]       # a typo is run, and told
     assert list(shell_sql.statements(["SELECT 5 -- no end"])) == ["SELECT 5 -- no end"]
     assert list(shell_sql.statements(io.StringIO("SELECT 1;\nSELECT 'a;\nb';\n"))) == \
         ["SELECT 1;", "SELECT 'a;\nb';"]

@@ -892,3 +892,30 @@ def test_run_pass_prunes_rows_in_batches_within_its_time(make_ctx, monkeypatch):
     monkeypatch.setattr(ret, "ROWS_SECONDS", 600.0)
     assert ret.run_pass(ctx, now=NOW).rows["transitions"] == ret.BATCH + 10
     assert sql(ctx, "SELECT COUNT(*) FROM transitions WHERE at < :c", c=str(NOW - HOUR)) == [(0,)]
+
+
+def test_ensure_incremental_vacuum_once_and_a_broken_ledger(tmp_path, caplog):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (x)")
+    con.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(100)])
+    con.commit()
+    con.close()
+    assert sqlite3.connect(db).execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    assert ret.ensure_incremental_vacuum(db) is True
+    check = sqlite3.connect(db)
+    assert check.execute("PRAGMA auto_vacuum").fetchone()[0] == 2          # INCREMENTAL
+    assert check.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 100    # nothing lost
+    check.close()
+    assert ret.ensure_incremental_vacuum(db) is False                       # once
+
+    broken = tmp_path / "broken.db"               # an error (here: not a database) is
+    broken.write_bytes(b"not a ledger" * 100)     # said, and the file left as it was
+    with caplog.at_level("WARNING", logger="dreamd.storage"):
+        assert ret.ensure_incremental_vacuum(broken) is False
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"{broken}: could not turn on incremental vacuum (")
+               and m.endswith("will try at the next start") for m in said), said
+    assert broken.read_bytes() == b"not a ledger" * 100

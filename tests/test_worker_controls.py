@@ -402,8 +402,8 @@ def test_inject_asks_the_planner_and_changes_no_runtime_column(ctx):
     assert control(ctx, cid).state == "applied"
     assert ctx.facts == {"inject_requested": True}
     after = runtime(ctx)
-    assert (after.paused, after.theme_index, after.knobs) == \
-        (before.paused, before.theme_index, before.knobs)
+    assert (after.paused, after.theme_index, after.knobs, after.updated_at) == \
+        (before.paused, before.theme_index, before.knobs, before.updated_at)
 
 
 @pytest.mark.parametrize("toml, error", [

@@ -125,7 +125,8 @@ def test_a_batch_becomes_frames_at_t_0_to_n_over_n_plus_1_files_before_rows(ctx)
                 w=ctx.lease_owner("interpolation")) == [(4,)]
     assert ctx.facts["codec"] == "pixel"
     assert ctx.facts["codec_reason"] == "pixel codec as configured"
-    assert 0 < ctx.facts["interpolation_ms_per_frame"] <= ms / 4 + 1e-6
+    assert ctx.facts["interpolation_ms_per_frame"] == pytest.approx(ms / 4)
+    assert json.loads(detail[0].detail)["ms"] == round(ms, 1)
     assert interpolation.tick(ctx, codecs) == 0      # nothing left to do
 
 
@@ -136,6 +137,8 @@ def test_a_segment_without_in_betweens_is_the_keyframe_alone(ctx):
     assert interpolation.tick(ctx, interpolation.Codecs(ctx)) == 1
     assert rows(ctx, "SELECT t, kind, keyframe_id, path FROM frames") == \
         [(0.0, "keyframe", a, "frames/000004-0000000.png")]
+    (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations")[0]
+    assert ctx.facts["interpolation_ms_per_frame"] == pytest.approx(ms)   # one frame
 
 
 def test_the_governors_choice_at_claim_sets_how_many_frames_and_their_size(ctx):
@@ -257,3 +260,77 @@ def test_a_codec_that_cannot_load_discards_the_batch_for_good(db_path):
         assert (state, attempt) == ("discarded", 1)
         assert error.startswith("CodecError: codec taesd: no usable weights")
         assert not ctx.cfg.frames_dir.exists() or not any(ctx.cfg.frames_dir.iterdir())
+
+
+# ---------------------------------------------------------------- files before rows
+
+def held(ctx, monkeypatch, point: str, work):
+    """Run `work` in a thread that stops at the crash-test hook `point` (DREAMD_HOLD_AT);
+    returns (the thread's result holder, a function that lets it go on)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("DREAMD_HOLD_AT", point)
+    ctx.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.cfg.data_dir / f"arm-{point}").touch()
+    marker = ctx.cfg.data_dir / f"held-at-{point}"
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"never reached {point}"
+        assert thread.is_alive(), f"finished without reaching {point}"
+        time.sleep(0.01)
+
+    def release():
+        marker.unlink()
+        thread.join(timeout=60)
+        return out[0]
+    return release
+
+
+def test_the_frames_are_on_disk_before_any_row_names_them(ctx, monkeypatch):
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    release = held(ctx, monkeypatch, "frames-written",
+                   lambda: interpolation.tick(ctx, interpolation.Codecs(ctx)))
+    assert len(list(ctx.cfg.frames_dir.iterdir())) == 4
+    assert rows(ctx, "SELECT count(*) FROM frames") == [(0,)]
+    assert rows(ctx, "SELECT state FROM interpolations WHERE id = :i", i=bid) == \
+        [("executing",)]
+    assert release() == 1
+    assert rows(ctx, "SELECT count(*) FROM frames") == [(4,)]
+
+
+def test_a_batch_whose_lease_was_lost_creates_no_frames(ctx, monkeypatch):
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    release = held(ctx, monkeypatch, "frames-written",
+                   lambda: interpolation.tick(ctx, interpolation.Codecs(ctx)))
+    with ctx.engine.begin() as conn:            # the janitor gave it to another worker
+        conn.execute(text("UPDATE interpolations SET lease_owner = 'other' WHERE id = :i"),
+                     {"i": bid})
+    assert release() == 0
+    assert rows(ctx, "SELECT count(*) FROM frames") == [(0,)]
+    assert rows(ctx, "SELECT state, lease_owner FROM interpolations WHERE id = :i", i=bid) == \
+        [("executing", "other")]
+    assert "interpolation_ms_per_frame" not in ctx.facts
+
+
+def test_the_batchs_time_is_in_ms_and_counts_its_frames(ctx, monkeypatch):
+    # DREAMD_SLOW: a decoder that takes 0.05 s per frame at full size (a quarter of it at
+    # half size): the recorded time is at least that, in ms
+    monkeypatch.setenv("DREAMD_SLOW", "inbetween=0.05")
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    full = batch(ctx, a, b, 3)
+    interpolation.tick(ctx, interpolation.Codecs(ctx))
+    (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations WHERE id = :i", i=full)[0]
+    assert ms >= 200 and ctx.facts["interpolation_ms_per_frame"] >= 50
+    c = keyframe(ctx, 2, RED)
+    ctx.set_knobs({"governor.enabled": True})
+    ctx.facts["governor"] = {"interpolation_frames": 1, "resolution_divisor": 2.0}
+    half = batch(ctx, b, c, 1, chain=1)
+    interpolation.tick(ctx, interpolation.Codecs(ctx))
+    (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations WHERE id = :i", i=half)[0]
+    assert ms >= 2 * 0.05 / 4 * 1000

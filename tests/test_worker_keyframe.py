@@ -387,3 +387,65 @@ def test_a_keyframe_whose_lease_was_lost_is_not_completed(ctx):
     # and a failure reported for a lost lease changes nothing either
     keyframe._fail(ctx, claimed, owner, "boom", permanent=True)
     assert (row(ctx, kid).state, row(ctx, kid).error) == ("executing", None)
+
+
+def test_the_image_is_on_disk_before_the_row_is_completed(ctx, monkeypatch):
+    from tests.test_worker_interpolation import held
+
+    k0 = plan(ctx, 0)
+    keyframe.tick(ctx, ProceduralBackend())
+    k1 = plan(ctx, 1, input_path=row(ctx, k0).path)
+    release = held(ctx, monkeypatch, "keyframe-written",
+                   lambda: keyframe.tick(ctx, ProceduralBackend()))
+    assert (ctx.cfg.keyframes_dir / f"k000001-{k1}.png").is_file()
+    assert (row(ctx, k1).state, row(ctx, k1).path) == ("executing", None)
+    assert rows(ctx, "SELECT count(*) FROM interpolations") == [(0,)]
+    assert release() == 1
+    assert row(ctx, k1).state == "completed"
+    assert rows(ctx, "SELECT count(*) FROM interpolations") == [(1,)]
+
+
+def test_comfyui_has_the_prompt_id_and_server_in_the_ledger_before_completion(ctx, monkeypatch):
+    from tests.test_worker_interpolation import held
+
+    with ComfyUIDouble(checkpoints=[CKPT], delay=0.2) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui")
+            release = held(ctx, monkeypatch, "keyframe-written",
+                           lambda: keyframe.tick(ctx, backend))
+            r = row(ctx, kid)
+            assert (r.state, r.server) == ("executing", double.url)
+            assert [b.body["prompt_id"] for b in double.requests
+                    if b.path == "/prompt" and b.method == "POST"] == [r.prompt_id]
+            assert release() == 1
+        finally:
+            backend.close()
+    r = row(ctx, kid)
+    # the double takes 0.2 s per prompt: the keyframe's time includes it, in ms
+    assert r.generation_ms >= 200 and ctx.facts["generation_time"] >= 0.2
+    assert ctx.facts["generation_time"] == pytest.approx(r.generation_ms / 1000)
+
+
+def test_a_prompt_id_is_never_written_over_another_workers_lease(ctx):
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            kid = plan(ctx, 0, backend="comfyui")
+            owner = ctx.lease_owner("keyframe")
+            with ctx.engine.begin() as conn:
+                (claimed,) = tr.claim(conn, "keyframe", owner, lease_seconds=30)
+                conn.execute(text("UPDATE keyframes SET lease_owner = 'thief' WHERE id = :i"),
+                             {"i": kid})
+            assert keyframe.process(ctx, backend, claimed, owner) == 0
+        finally:
+            backend.close()
+    r = row(ctx, kid)
+    assert (r.prompt_id, r.server, r.state) == (None, None, "executing")
+
+
+def test_the_backend_that_made_it_is_recorded(ctx):
+    """A fallback backend may stand in: the row says which one made the image."""
+    kid = plan(ctx, 0, backend="comfyui")
+    keyframe.tick(ctx, ProceduralBackend())
+    assert (row(ctx, kid).backend, row(ctx, kid).prompt_id) == ("procedural", None)
