@@ -16,7 +16,6 @@ from dreamd.ledger import transitions as tr
 from dreamd.ledger.models import utcnow
 from dreamd.memory import cache, descriptor
 from dreamd.memory.scale import scale_for
-from dreamd.workers import embedding
 from dreamd.workers.embedding import EmbeddingWorker, _is_midpoint
 from tests.memory_chain import close, make_ctx
 from tests.test_memory import add_keyframe, picture, rows
