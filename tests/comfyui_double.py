@@ -42,10 +42,12 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "comfyui"
 FALLBACK = HERE / "data" / "comfyui"
+# mutmut's copy of the tests (mutants/tests/) is one folder deeper than the checkout's
+MUTANTS_SHARED = HERE.parents[2] / "shared" / "comfyui"
 
 
 def shared_file(name: str) -> Path:
-    for base in (SHARED, FALLBACK):
+    for base in (SHARED, FALLBACK, MUTANTS_SHARED):
         if (base / name).is_file():
             return base / name
     raise FileNotFoundError(f"{name} is in neither {SHARED} nor {FALLBACK}")
