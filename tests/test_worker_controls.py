@@ -275,14 +275,15 @@ def test_checked_knobs_keeps_the_valid_and_says_why_for_the_rest():
 def test_restore_keeps_the_pause_and_the_knobs_and_drops_a_bad_one_for_good(ctx, caplog):
     send(ctx, "pause", {"reason": "night", "source": "guard"})
     controls.tick(ctx)
-    store(ctx, knobs=json.dumps({"generation.steps": 12, "display.fps": float("nan")}))
+    store(ctx, knobs=json.dumps({"generation.steps": 12, "display.fps": float("nan"),
+                                 "generation.cfg": 5.0}))
     ctx.facts.clear()
     ctx.set_knobs({})
     with caplog.at_level("WARNING", logger="dreamd.controls"):
         controls.restore(ctx)
     assert ctx.facts == {"paused": True, "pause_reason": "night", "paused_by": "guard"}
-    assert ctx.knob("generation.steps") == 12
-    assert runtime(ctx).knobs == '{"generation.steps": 12}'
+    assert ctx.knob("generation.steps") == 12 and ctx.knob("generation.cfg") == 5.0
+    assert runtime(ctx).knobs == '{"generation.cfg": 5.0, "generation.steps": 12}'
     assert [r.getMessage() for r in caplog.records] == \
         ["stored knob display.fps dropped: display.fps = nan is invalid: expected a finite "
          "number"]

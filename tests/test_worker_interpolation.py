@@ -334,3 +334,44 @@ def test_the_batchs_time_is_in_ms_and_counts_its_frames(ctx, monkeypatch):
     interpolation.tick(ctx, interpolation.Codecs(ctx))
     (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations WHERE id = :i", i=half)[0]
     assert ms >= 2 * 0.05 / 4 * 1000
+
+
+# ---------------------------------------------------------------- which codec
+
+def test_the_codec_is_looked_for_where_the_config_says(db_path, tmp_path):
+    models = tmp_path / "comfy-models"
+    models.mkdir()
+    toml = f"""
+[generation]
+codec = "auto"
+[comfyui]
+models_dir = "{models}"
+checkpoint = "mine.safetensors"
+"""
+    for ctx in worker_context(db_path, toml):
+        codec = interpolation.Codecs(ctx).get()
+        assert codec.name == "pixel" and ctx.facts["codec"] == "pixel"
+        assert ctx.facts["codec_reason"] == (
+            f"pixel codec: no VAE or TAESD weights found (looked at: {models}/vae_approx "
+            f"(no taesd_decoder.*); {models}/vae (no weight files); "
+            f"{models}/checkpoints/mine.safetensors (missing))")
+
+
+@pytest.mark.parametrize("precision, variant", [("fp32", "auto"), ("bf16", "sd")])
+def test_a_weight_file_named_in_the_config_is_the_codec(db_path, tmp_path, precision, variant):
+    from tests.conftest_codecs import diffusers_tiny, save_taesd_pair
+
+    decoder = save_taesd_pair(tmp_path / "w", diffusers_tiny())[1]
+    toml = f"""
+[generation]
+codec = "taesd"
+codec_path = "{decoder}"
+codec_device = "cpu"
+codec_precision = "{precision}"
+codec_variant = "{variant}"
+"""
+    for ctx in worker_context(db_path, toml):
+        codec = interpolation.Codecs(ctx).get()
+        assert codec.name == "taesd"
+        reason = ctx.facts["codec_reason"]
+        assert reason == f"taesd from {decoder} (taesd pair), {precision} as configured"
