@@ -6,6 +6,7 @@ what a completed, a failed and a crashed embedding leave in the ledger."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -17,6 +18,7 @@ from dreamd.ledger.models import utcnow
 from dreamd.memory import cache, descriptor
 from dreamd.memory.scale import scale_for
 from dreamd.workers.embedding import EmbeddingWorker, _is_midpoint
+from tests.conftest import wait_for
 from tests.memory_chain import close, make_ctx
 from tests.test_memory import add_keyframe, picture, rows
 
@@ -395,3 +397,101 @@ def test_rows_in_work_are_leased_for_the_configured_time_and_held_in_hand(make):
     assert all(r.lease_owner == "test:1:embedding" and str(r.lease_expires_at) > str(soon)
                for r in leased)
     assert ctx.in_hand == set()                         # given back once done
+
+
+def test_paths_relative_to_the_data_dir_are_found_there(make):
+    """The ledger keeps paths relative to the data dir (a moved data dir still works)."""
+    ctx = make()
+    fid = add_keyframe(ctx, 0, picture(0))
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET path = 'keyframes/k000000.png'"))
+        conn.execute(text("UPDATE frames SET path = 'keyframes/k000000.png'"))
+    assert EmbeddingWorker(ctx, ctx.embedders).tick() == 1
+    (got,) = rows(ctx, "SELECT frame_id, state, vector FROM embeddings")
+    assert (got.frame_id, got.state) == (fid, "completed")
+    assert np.allclose(cache.from_blob(got.vector), descriptor.describe(picture(0)), atol=1e-6)
+
+
+def test_a_batch_whose_images_are_all_gone_embeds_nothing(make):
+    ctx = make()
+    for k in range(2):
+        add_keyframe(ctx, k, picture(k))
+    for f in ctx.cfg.keyframes_dir.iterdir():
+        f.unlink()
+    assert EmbeddingWorker(ctx, ctx.embedders).tick() == 0
+    assert {r.state for r in embedded(ctx)} == {"discarded"}
+
+
+def test_a_missing_image_of_a_row_taken_meanwhile_is_not_failed_by_the_late_worker(make):
+    ctx = make()
+    add_keyframe(ctx, 0, picture(0))
+    worker = EmbeddingWorker(ctx, ctx.embedders)
+    worker.discover(descriptor.MODEL_ID)
+    with ctx.engine.begin() as conn:
+        (row,) = tr.claim(conn, "embedding", "test:1:embedding", lease_seconds=30)
+        conn.execute(text("UPDATE embeddings SET lease_owner = 'other'"))
+    for f in ctx.cfg.keyframes_dir.iterdir():
+        f.unlink()
+    assert worker.process(ctx.embedders.get(), [row], "test:1:embedding") == 0
+    assert rows(ctx, "SELECT state, lease_owner, error FROM embeddings")[0] == (
+        "executing", "other", None)
+
+
+class Slow(Watching):
+    """Embeds only once the lease of the rows it was given has been renewed."""
+
+    def embed(self, images):
+        def lease():
+            return rows(self.ctx, "SELECT lease_expires_at FROM embeddings "
+                                  "WHERE state = 'executing'")
+        first = lease()
+        wait_for(lambda: lease() != first, timeout=10, what="the lease renewed")
+        return self.embedder.embed(images)
+
+
+def test_the_lease_is_renewed_while_a_slow_model_works(make):
+    ctx = make()
+    ctx.cfg.generation.lease_seconds = 0.3       # renewed every 0.1 s
+    add_keyframe(ctx, 0, picture(0))
+    worker = EmbeddingWorker(ctx, Slow(ctx, ctx.embedders.get()))
+    assert worker.tick() == 1
+    assert rows(ctx, "SELECT state FROM embeddings")[0][0] == "completed"
+
+
+class Rescued(Watching):
+    """Fails after the janitor has given its rows to another owner (lease expired)."""
+
+    def embed(self, images):
+        with self.ctx.engine.begin() as conn:
+            conn.execute(text("UPDATE embeddings SET lease_owner = 'other'"))
+        raise RuntimeError("too late")
+
+
+def test_a_failure_after_the_rows_were_taken_away_leaves_them_to_their_new_owner(make):
+    ctx = make()
+    add_keyframe(ctx, 0, picture(0))
+    assert EmbeddingWorker(ctx, Rescued(ctx, ctx.embedders.get())).tick() == 0
+    assert rows(ctx, "SELECT state, lease_owner, error FROM embeddings")[0] == (
+        "executing", "other", None)
+
+
+class Timed(Watching):
+    """Takes at least 0.2 s for a batch."""
+
+    def embed(self, images):
+        time.sleep(0.2)
+        return self.embedder.embed(images)
+
+
+def test_the_time_recorded_is_per_frame_of_the_batch(make):
+    ctx = make()
+    for k in range(4):
+        add_keyframe(ctx, k, picture(k))
+    worker = EmbeddingWorker(ctx, Timed(ctx, ctx.embedders.get()))
+    start = time.perf_counter()
+    assert worker.tick() == 4
+    wall_ms = (time.perf_counter() - start) * 1000
+    ms = [json.loads(h.detail)["ms"] for h in history(ctx, "completed")]
+    assert len(set(ms)) == 1 and isinstance(ms[0], float)
+    # one batch of four: at least a quarter of the 0.2 s, at most a quarter of the tick
+    assert 50.0 <= ms[0] <= wall_ms / 4 + 0.05
