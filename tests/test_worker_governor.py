@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import insert, select
 
-from dreamd.governor import Decision, Measurements
+from dreamd.governor import Bounds, Decision, Measurements
 from dreamd.ledger import transitions
 from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
 from dreamd.workers.governor import (GovernorWorker, Pacer, at_claim, current, decisions,
@@ -303,6 +303,17 @@ def test_a_restart_goes_on_from_the_last_choice_only_within_the_bounds(ctx, last
         assert current(ctx) == last
     else:
         assert "governor" not in ctx.facts
+
+
+def test_the_bounds_are_the_users_settings_read_live(make):
+    ctx = make({"governor.max_interpolation_frames": 60, "governor.max_resolution_divisor": 2.0,
+                "generation.resolution_divisor": 1.333})
+    worker = GovernorWorker(ctx)
+    assert worker.bounds() == Bounds(frames=4, max_frames=60, divisor=1.333, max_divisor=2.0,
+                                     enabled=True, dwell=5.0)
+    ctx.set_knobs({"generation.interpolation_frames": 8, "governor.enabled": False})
+    assert worker.bounds() == Bounds(frames=8, max_frames=60, divisor=1.333, max_divisor=2.0,
+                                     enabled=False, dwell=5.0)
 
 
 def test_a_restart_at_the_users_settings_or_turned_off_publishes_nothing(make):

@@ -7,6 +7,8 @@ sees another process (a simulated NVML driver: no NVIDIA driver here)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import logging
 import threading
 import time
@@ -18,7 +20,7 @@ from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
-from tests.conftest import wait_for, worker_context
+from tests.conftest import _STARTED, wait_for, worker_context
 from tests.test_guard import GAME, FakeNvml, game  # noqa: F401  (the fixture)
 
 CONFIG = f"""
@@ -266,3 +268,21 @@ def test_another_process_busy_on_the_gpu_pauses_like_a_game(make, game):
     assert ctx.facts["pause_reason"] == GAME
     guard.close()
     assert watch.handle is None
+
+
+def test_two_games_are_named_together(make, game, tmp_path):
+    ctx = make()
+    other = tmp_path / "bin2" / "eldenring"
+    other.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), other)
+    proc = subprocess.Popen([str(other), "600"])
+    _STARTED.append(proc)
+    try:
+        game()
+        guard = Guard(ctx)
+        wait_for(lambda: len(guard.games.running()) == 2, timeout=10, what="both games")
+        guard.tick()
+        assert ctx.facts["pause_reason"] == f"{GAME}, eldenring"
+    finally:
+        proc.kill()
+        proc.wait()
