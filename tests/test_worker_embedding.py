@@ -6,6 +6,7 @@ what a completed, a failed and a crashed embedding leave in the ledger."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import timedelta
 
@@ -492,6 +493,25 @@ def test_the_time_recorded_is_per_frame_of_the_batch(make):
     assert worker.tick() == 4
     wall_ms = (time.perf_counter() - start) * 1000
     ms = [json.loads(h.detail)["ms"] for h in history(ctx, "completed")]
-    assert len(set(ms)) == 1 and isinstance(ms[0], float)
+    assert len(set(ms)) == 1 and isinstance(ms[0], float) and ms[0] == round(ms[0], 1)
     # one batch of four: at least a quarter of the 0.2 s, at most a quarter of the tick
     assert 50.0 <= ms[0] <= wall_ms / 4 + 0.05
+
+
+def test_the_oldest_row_is_shed_whenever_it_was_scheduled(make, caplog):
+    """Oldest by creation, not by when it was (re)scheduled: a retried row keeps its age."""
+    ctx = make(DESCRIPTOR + "max_backlog = 2\n")
+    for k in range(3):
+        add_keyframe(ctx, k, picture(k))
+    worker = EmbeddingWorker(ctx, ctx.embedders)
+    worker.discover(descriptor.MODEL_ID)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE embeddings SET scheduled_at = datetime('now', "
+                          "printf('-%d minutes', id))"))
+    with caplog.at_level(logging.INFO, logger="dreamd.embedding"):
+        assert worker.shed() == 1
+        assert [(r.chain_index, r.state) for r in embedded(ctx)] == [
+            (0, "cancelled"), (1, "available"), (2, "available")]
+        assert worker.shed() == 0                      # at the limit: quiet
+    assert [r.getMessage() for r in caplog.records] == [
+        "embedding: skipped 1 frame(s) under load (backlog 3 > 2)"]
