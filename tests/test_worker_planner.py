@@ -716,3 +716,34 @@ def test_a_lease_renewal_that_fails_is_reported_and_retried(make_ctx, db_path, t
     failed = [r for r in caplog.records if r.getMessage() == f"keyframe {kid}: lease renewal failed"]
     assert failed and failed[0].exc_info is not None
     assert not any("lease lost" in m for m in said)
+
+
+def test_a_row_taken_between_the_look_and_the_claim_ends_the_tick(make_ctx):
+    """The due-check reads without the write lock, so the row it saw can be gone by the
+    claim (cancelled by `dreamd theme`, say): the tick ends with what it did. Simulated
+    with a trigger that lets no claim through."""
+    ctx = make_ctx()
+    keyframe(ctx, 0, state="available", image=False)
+    write(ctx, "CREATE TRIGGER no_claim BEFORE UPDATE OF state ON keyframes "
+               "WHEN NEW.state = 'executing' BEGIN SELECT RAISE(IGNORE); END")
+    worked = []
+    got = drain(ctx, "keyframe", lambda row, owner: worked.append(row) or 1)
+    assert got == 0 and isinstance(got, int) and worked == [] and ctx.in_hand == set()
+
+
+def test_an_inject_request_waits_while_a_keyframe_is_in_flight(make_ctx, tmp_path):
+    """`dreamd inject` makes the *next* keyframe an injection: while one is in flight the
+    planner decides nothing, so the request is not used up by a plan that cannot be."""
+    ctx, _ = memory_ctx(make_ctx, tmp_path)
+    keyframe(ctx, 0)
+    pending = keyframe(ctx, 1, state="executing", image=False)
+    ctx.facts["inject_requested"] = True
+    assert planner.tick(ctx) is None
+    assert ctx.facts.get("inject_requested") is True
+    blends = ctx.cfg.data_dir / "injections"
+    assert not blends.exists() or list(blends.iterdir()) == []
+    write(ctx, "UPDATE keyframes SET state = 'completed', path = 'keyframes/k000000.png' "
+               "WHERE id = :i", i=pending)
+    kid = planner.tick(ctx)
+    assert sql(ctx, "SELECT source FROM keyframes WHERE id = :i", i=kid)[0].source == "injection"
+    assert "inject_requested" not in ctx.facts
