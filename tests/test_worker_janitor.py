@@ -293,6 +293,10 @@ def test_each_storage_pass_logs_its_timing_for_the_benches(make_ctx, caplog):
     m = re.fullmatch(r"timing janitor id=0 storage_ms=(\d+\.\d\d) freed=(\d+)", lines[0])
     assert len(lines) == 1 and m, lines
     assert 0 < float(m[1]) < 600_000 and int(m[2]) == 3000
+    # and what the pass did, for whoever reads the debug log
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retention")]
+    assert len(said) == 1 and said[0].startswith("retention: PassReport(frames=3, ")
+    assert said[0].endswith(", freed=3000)")
 
 
 def budget_said(caplog) -> list[str]:
