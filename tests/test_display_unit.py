@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import re
 import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
@@ -103,6 +104,11 @@ def test_on_a_full_disk_status_json_is_rewritten_in_place(full_disk):
     status_json.write(path, shorter)
     assert json.loads(path.read_text()) == shorter      # truncated to the new length
     assert sorted(p.name for p in full_disk.iterdir()) == ["ballast", "status.json"]
+    # as long as the file's one block, to the byte: it fits, and nothing more is asked
+    pad = 4096 - len(json.dumps({"status": ""}, indent=2).encode())
+    block = {"status": "b" * pad}
+    status_json.write(path, block)
+    assert json.loads(path.read_text()) == block and path.stat().st_size == 4096
 
 
 def test_on_a_full_disk_a_missing_or_growing_status_json_raises_the_disk_error(full_disk):
@@ -274,6 +280,14 @@ def render(report: dict, *, ansi: bool = False) -> list[str]:
     return [line.rstrip() for line in out.getvalue().splitlines()]
 
 
+def marks(report: dict) -> list[list[str]]:
+    """The escape codes of each line in a terminal: what its markup asked for, and
+    nothing more where it turns Rich's highlighter off (no cyan digits, no URL style)."""
+    return [re.findall(r"\x1b\[[0-9;]*m", line) for line in render(report, ansi=True)]
+
+
+BOLD, RED, GREEN, YELLOW, END = "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[0m"
+
 BASE = {"data_dir": "/home/u/dreamd", "database": "/home/u/dreamd/dreamd.db",
         "revision": "0008", "head": "0008"}
 
@@ -317,6 +331,7 @@ def test_status_of_a_live_daemon_with_everything_to_show():
         " keyframes │ -"]
     ansi = "\n".join(render(report, ansi=True))
     assert "\x1b[32malive\x1b[0m" in ansi and "\x1b[33mhead is \x1b[0m" in ansi
+    assert marks(report)[3:8] == [[BOLD, END]] * 4 + [[]]
 
 
 def test_status_of_a_stopped_daemon():
@@ -366,6 +381,9 @@ def test_status_shows_each_comfyui_server():
     assert "\x1b[33mfallback\x1b[0m" in ansi and "\x1b[32mhealthy\x1b[0m" in ansi
     assert "\x1b[31munhealthy\x1b[0m" in ansi and "\x1b[31mset aside\x1b[0m" in ansi
     assert "\x1b[31mstopped:\x1b[0m" in ansi
+    assert marks(dict(BASE, comfyui=health))[4:] == [
+        [RED, END], [GREEN, END], [RED, END], [RED, END], [RED, END], [RED, END],
+        [GREEN, END], []]
     quiet = {"status": "down", "updated_at": "t", "supervisor": {"state": "starting"}}
     assert render(dict(BASE, comfyui=quiet))[3:] == [
         "comfyui    down, as of t UTC",
@@ -391,6 +409,8 @@ def test_status_shows_storage_against_the_budget_and_what_was_moved_aside():
         "them when you are sure"]
     ansi = "\n".join(render(dict(BASE, storage=storage), ansi=True))
     assert "\x1b[33mgeneration paused:\x1b[0m" in ansi and "\x1b[33mmoved aside\x1b[0m" in ansi
+    assert marks(dict(BASE, storage=storage))[3:] == [[BOLD, END], [YELLOW, END], [],
+                                                      [YELLOW, END]]
     bare = {"total": 2048, "budget": 0, "free": None, "floor": 0, "parts": {}}
     assert render(dict(BASE, storage=bare))[3:] == [
         "storage    2.0 kB (no budget), n/a free on the disk"]
@@ -403,6 +423,7 @@ def test_status_shows_the_governor():
     assert render(dict(BASE, governor=g))[3:] == [
         "governor   on: 6 in-betweens at full size (yours: 6 at full size; up to 120 and "
         "1/4 size)", "  no change so far: your settings keep up"]
+    assert marks(dict(BASE, governor=g))[3:] == [[BOLD, END], []]
 
 
 # ================================================================ the display writer
@@ -584,23 +605,32 @@ def test_the_stretch_slows_playback_on_a_low_buffer(wctx):
     assert changes and changes[-1] < 1.0 and ctx.facts["stretch"] < 1.0
 
 
-def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx):
+def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, caplog):
     ctx = wctx
     add_segment(ctx, 0, 2)
     add_segment(ctx, 1, 2)
     set_themes(ctx)
+    with ctx.engine.begin() as conn:         # as the interpolation worker stores them
+        conn.execute(text("UPDATE frames SET path = substr(path, :n)"),
+                     {"n": len(str(ctx.cfg.data_dir)) + 2})
     out = ctx.cfg.output_dir
     news = []
     w = DisplayWriter(ctx)
     w.on_shown = lambda *a: news.append(a)
-    w.tick()
+    with caplog.at_level("DEBUG", logger="dreamd.display"):
+        w.tick()
+    # the timing line bench/pipeline.py reads
+    assert re.search(r"timing display id=\d+ write_ms=[0-9.]+ ledger_ms=[0-9.]+", caplog.text)
     assert not (out / "previous_frame.png").exists()
     assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
         ("prompt 0", "theme 0", 0)
     frames = sorted(ctx.cfg.frames_dir.glob("*.png"))
     by_name = {p.name: p.read_bytes() for p in frames}
-    for _ in range(4):
+    for _ in range(3):
         w.tick()
+    assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
+        ("prompt 1", "theme 1", 1)              # the new keyframe's, from its first frame
+    w.tick()
     assert (out / "current_frame.png").read_bytes() == by_name["1-1.png"]
     assert (out / "previous_frame.png").read_bytes() == by_name["1-0.png"]
     assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
@@ -608,6 +638,7 @@ def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx):
     with ctx.reader.connect() as conn:
         ids = [r.id for r in conn.execute(text(
             "SELECT id FROM frames ORDER BY chain_index, t"))][:5]
+    assert all(n[3].is_absolute() and n[3].exists() for n in news)
     assert [(n[0], n[1], round(n[2], 4), n[3].name) for n in news] == [
         (ids[0], 0, 0.0, "0-0.png"), (ids[1], 0, 0.3333, "0-1.png"),
         (ids[2], 0, 0.6667, "0-2.png"), (ids[3], 1, 0.0, "1-0.png"),
@@ -748,8 +779,8 @@ def test_flush_at_a_stop_tries_until_its_timeout(wctx, clock, db_path):
     assert w.flush(0.0) is True and clock.slept == []
     with WriteLock(db_path):
         w.tick()
-        assert w.flush(1.2) is False
-        assert clock.slept == [0.5, 0.5, 0.5]
+        assert w.flush(1.0) is False         # tries at 0, 0.5 and 1.0 s
+        assert clock.slept == [0.5, 0.5]
     assert w.flush(0.0) is True             # no wait for the retry time: a last try now
     assert len(shown(ctx)) == 2
 
@@ -769,13 +800,13 @@ def test_a_disk_full_output_dir_is_reported_not_raised(db_path, clock, tmp_path,
             with caplog.at_level("WARNING", logger="dreamd"):
                 w.tick()                     # the frame cannot be copied onto the disk
             assert ctx.conditions.active(DISK_FULL)
-            assert "display: disk full" in caplog.text
+            assert "display: disk full ([Errno 28] No space left on device" in caplog.text
             ctx.conditions.clear()
             caplog.clear()
             clock.now += 0.5
             with caplog.at_level("WARNING", logger="dreamd"):
                 w.status_heartbeat()         # status.json cannot be written either
-            assert "status.json: disk full" in caplog.text
+            assert "status.json: disk full ([Errno 28] No space left on device" in caplog.text
             (disk / "ballast").unlink()
             ctx.conditions.clear()
             w.tick()
@@ -809,3 +840,29 @@ def test_stale_temp_files_in_the_output_dir_are_swept_and_said(wctx, caplog):
         DisplayWriter(ctx)
     assert f"removed 1 stale temp file(s) from {out}" in caplog.text
     assert list(out.iterdir()) == []
+
+
+def test_a_frame_is_on_screen_before_the_ledger_records_it(wctx, monkeypatch):
+    """The crash tests hold the display at `frame-displayed` (DREAMD_HOLD_AT): the frame
+    is swapped in, its record not yet written."""
+    import threading
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    data = ctx.cfg.data_dir
+    monkeypatch.setenv("DREAMD_HOLD_AT", "frame-displayed")
+    w = DisplayWriter(ctx)
+    (data / "arm-frame-displayed").write_text("")
+    ticking = threading.Thread(target=w.tick)
+    ticking.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "held-at-frame-displayed").exists():
+            assert time.monotonic() < deadline and ticking.is_alive(), "never held"
+            time.sleep(0.01)
+        assert (ctx.cfg.output_dir / "current_frame.png").read_bytes() == \
+            (ctx.cfg.frames_dir / "0-0.png").read_bytes()
+        assert shown(ctx) == []
+    finally:
+        (data / "held-at-frame-displayed").unlink(missing_ok=True)
+        ticking.join(timeout=60)
+    assert shown(ctx) == [(0, 0.0)]
