@@ -416,6 +416,10 @@ def test_cannot_write_messages(tmp_path):
         "writable, or use --data-dir DIR for another data dir")
     bare = OSError(errno.EACCES, "")
     assert "cannot write there ([Errno 13] )" in str(unusable.explain(bare, db))
+    # the data dir is the folder to make writable, wherever in it the file was
+    err = PermissionError(errno.EACCES, "Permission denied", str(data / "frames" / "0.png"))
+    assert str(unusable.explain(err, db)).endswith(
+        f"make {data} writable, or use --data-dir DIR for another data dir")
     # a folder that is not there is not called read-only
     gone = tmp_path / "gone" / "dreamd.db"
     assert str(unusable.explain(ro, gone)) == (
@@ -438,6 +442,22 @@ def test_a_read_only_folder_is_named():
         assert str(unusable.explain(err, None)) == (
             f"{data / 'f.png'}: cannot write there (Permission denied; {data} is read-only): "
             f"make {data} writable, or use --data-dir DIR for another data dir")
+
+
+def test_the_cause_behind_an_error_raised_while_handling_it(db_path):
+    """`raise … from exc` in an except block: the cause is both the cause and the
+    context; what it was raised while handling is looked at too."""
+    try:
+        try:
+            try:
+                raise PermissionError(errno.EACCES, "Permission denied", str(db_path))
+            except OSError:
+                raise sqlite3.OperationalError("no such table: x")  # noqa: B904
+        except sqlite3.Error as d:
+            raise RuntimeError("while starting") from d
+    except RuntimeError as exc:
+        problem = unusable.explain(exc, db_path)
+    assert str(problem).startswith(f"{db_path}: cannot write there (Permission denied)")
 
 
 def test_anything_else_keeps_its_traceback(db_path):
@@ -496,6 +516,7 @@ def test_the_runtime_row_is_made_on_first_use_and_updated(engine):
         row = queries.runtime(conn)
         assert (row.id, row.paused, row.frames_shown, row.knobs) == (1, 0, 0, "{}")
         assert queries.runtime(conn).id == 1
+        conn.execute(text("UPDATE runtime_state SET updated_at = '2000-01-01 00:00:00'"))
         before = datetime.utcnow() - timedelta(seconds=1)
         queries.update_runtime(conn, paused=1, pause_reason="game")
         row = queries.runtime(conn)
@@ -993,6 +1014,8 @@ def test_statements_split_on_complete_statements_only():
     assert list(shell_sql.statements([";;", " ; SELECT 4", "\n"])) == ["SELECT 4"]
     assert list(shell_sql.statements(["  \n", "\n"])) == []
     assert list(shell_sql.statements(["X;"])) == ["X;"]       # a typo is run, and told
+    assert list(shell_sql.statements(["SELECT 1;SELECT 2;"])) == ["SELECT 1;", "SELECT 2;"]
+    assert list(shell_sql.statements([";SELECT 3;;"])) == ["SELECT 3;"]
     assert list(shell_sql.statements(["SELECT 5 -- no end"])) == ["SELECT 5 -- no end"]
     assert list(shell_sql.statements(io.StringIO("SELECT 1;\nSELECT 'a;\nb';\n"))) == \
         ["SELECT 1;", "SELECT 'a;\nb';"]
