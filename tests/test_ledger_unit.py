@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -711,8 +712,21 @@ def test_glance_json_object_and_run_alive():
     assert glance.run_alive({**run, "heartbeat_at": utcnow()})   # now from the clock
     assert not glance.run_alive({**run, "heartbeat_at": utcnow() - timedelta(seconds=31)})
     assert glance.pid_alive(me) and not glance.pid_alive(dead_pid())
-    assert abs(glance.utcnow() - datetime.utcnow()) < timedelta(seconds=5)
-    assert glance.utcnow().tzinfo is None
+
+
+def test_times_are_utc_whatever_the_local_time_zone(monkeypatch):
+    """The README: all times are UTC (naive, as SQLite stores and compares them)."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")            # UTC+5:30, no summer time
+    time.tzset()
+    try:
+        assert datetime.now() - datetime.utcnow() > timedelta(hours=5)
+        for now in (glance.utcnow, utcnow):
+            got = now()
+            assert got.tzinfo is None
+            assert abs(got - datetime.utcnow()) < timedelta(seconds=60), now
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_status_of_a_fresh_ledger(db_path):
