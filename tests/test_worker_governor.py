@@ -143,6 +143,7 @@ def test_the_trend_is_the_least_squares_slope():
     assert slope([(0.0, 10.0), (1.0, 9.0), (2.0, 8.0)]) == pytest.approx(-1.0)
     assert slope([(0.0, 0.0), (1.0, 3.0), (2.0, 2.0), (3.0, 7.0)]) == pytest.approx(2.0)
     assert slope([(10.0, 0.0), (12.0, 1.0), (16.0, 3.0)]) == pytest.approx(0.5)
+    assert slope([(0.0, 0.0), (0.1, 1.0), (0.2, 2.0)]) == pytest.approx(10.0)   # close
 
 
 def test_the_buffer_and_its_trend_over_a_whole_window(make):
@@ -395,11 +396,15 @@ def test_the_pacer_slows_below_the_buffering_mark_and_says_so(make):
     assert pacer.pace(0.0) == 0.8 and changes == [0.95, 0.8]      # no change, no call
     ctx.set_knobs({"display.buffer_target_seconds": 9.0})          # the mark is 3 now
     assert pacer.pace(4.0) == 1.0 and ctx.facts["stretch"] == 1.0
+    assert pacer.pace(2.9) == 0.95
     ctx.set_knobs({"display.buffer_target_seconds": 9.0, "governor.enabled": False})
-    assert pacer.pace(0.0) == 1.0 and changes == [0.95, 0.8, 1.0]
+    assert pacer.pace(0.0) == 1.0 and changes == [0.95, 0.8, 1.0, 0.95, 1.0]
     ctx.set_knobs({})
     ctx.cfg.governor.stretch = False
     assert pacer.pace(0.0) == 1.0
+    ctx.cfg.governor.stretch = True
+    alone = Pacer(ctx)                         # before the daemon sets on_change
+    assert alone.pace(0.0) == 0.8
 
 
 def test_a_recorded_decision_names_the_speed_at_the_size_it_left(ctx):
