@@ -919,3 +919,40 @@ def test_ensure_incremental_vacuum_once_and_a_broken_ledger(tmp_path, caplog):
     assert any(m.startswith(f"{broken}: could not turn on incremental vacuum (")
                and m.endswith("will try at the next start") for m in said), said
     assert broken.read_bytes() == b"not a ledger" * 100
+
+
+def test_prune_keyframe_images_by_their_own_age_when_completed_out_of_order(make_ctx):
+    """With two ComfyUI servers a later keyframe can finish first: each goes by its own
+    completion time, not by its place in the chain."""
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+    young = keyframe(ctx, 0, completed_at=NOW - HOUR + timedelta(seconds=5))
+    old = keyframe(ctx, 1, completed_at=NOW - 2 * HOUR)
+    keyframe(ctx, 2)                                     # the head
+    assert ret.prune_keyframe_images(ctx, NOW) == 1
+    assert {i for i, in sql(ctx, "SELECT id FROM keyframes WHERE pruned_at IS NOT NULL")} == {
+        old} and young != old
+
+
+def test_prune_thumbnails_a_batch_at_a_time_oldest_first(make_ctx):
+    ctx = make_ctx()
+    with ctx.engine.begin() as conn:                     # ids in the reverse of the chain
+        conn.execute(text(
+            "INSERT INTO keyframes (chain_index, state, backend, theme, prompt, negative_prompt,"
+            " seed, denoise, source, thumb_path, width, height, attempt, max_attempts,"
+            " scheduled_at, created_at, completed_at, pruned_at) VALUES (:c, 'completed', 't',"
+            " 't', 'p', '', 1, 0.3, 'img2img', :p, 8, 8, 1, 3, :at, :at, :at, :at)"),
+            [{"c": c, "p": f"thumbs/{c}.jpg", "at": str(OLD)}
+             for c in range(ret.BATCH + 1, -1, -1)])
+    # the files are gone (0 bytes each), so the budget is never met: one batch a call
+    assert ret.prune_thumbnails(ctx, 10 ** 9, PassReport()) == ret.BATCH
+    left = {c for c, in sql(ctx, "SELECT chain_index FROM keyframes WHERE thumb_path IS NOT NULL")}
+    assert left == {ret.BATCH, ret.BATCH + 1}
+
+
+def test_prune_rows_counts_the_frames_it_deletes(make_ctx):
+    ctx = make_ctx("[storage]\nframe_history_hours = 1\nhistory_days = 0\n")
+    frame(ctx, 0, 0.0, "evicted", file=False)
+    frame(ctx, 1, 0.0, "evicted", at=NOW, file=False)    # young: stays
+    report = PassReport()
+    ret.prune_rows(ctx, NOW, report)
+    assert report.rows["frames"] == 1 and sql(ctx, "SELECT chain_index FROM frames") == [(1,)]
