@@ -443,3 +443,39 @@ def test_freeing_space_below_the_floor_resumes_without_waiting_for_a_walk(make_c
     assert live_frames(ctx) == 11
     assert ctx.facts["storage_low"] is None and woken == ["planner"]
     assert recorded(ctx)["low"] is None
+
+
+def test_at_the_floor_exactly_is_not_below_it_and_resuming_is_at_10_percent_above(
+        make_ctx, disk):
+    """README: below the floor generation pauses; it resumes once 10 % above it. Both
+    boundaries to the byte, on a disk whose free space does not move meanwhile."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    jan = Janitor(ctx)
+    jan.measure()
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor_at(ctx, free)                       # at the floor: not below it
+    jan.measure()
+    assert recorded(ctx)["free"] == free      # what the janitor compared
+    assert ctx.facts["storage_low"] is None
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor_at(ctx, free + 1)
+    jan.measure()
+    assert ctx.facts["storage_low"]
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor = next(f for f in range(free * 10 // 11 - 20, free) if f + f // 10 == free and f % 10)
+    floor_at(ctx, floor)                      # free is exactly floor + floor // 10
+    jan.measure()
+    assert recorded(ctx)["free"] == free
+    assert ctx.facts["storage_low"] is None   # resumed
+
+
+def test_a_data_dir_that_vanished_is_measured_as_nothing(make_ctx, tmp_path):
+    """A data dir gone under a running daemon (deleted, its disk unmounted): the
+    measurement has no free space to compare with the floor and says nothing is low."""
+    ctx = make_ctx("[storage]\nmin_free_gb = 1\nbudget_gb = 0\n")
+    ctx.cfg.system.data_dir = str(tmp_path / "gone")
+    jan = Janitor(ctx)
+    jan.measure()
+    assert ctx.facts["storage_low"] is None and jan.over == 0
+    assert (recorded(ctx)["free"], recorded(ctx)["total"], recorded(ctx)["low"]) == (
+        None, 0, None)

@@ -268,12 +268,15 @@ def test_nothing_is_planned_while_paused_low_on_disk_stopping_or_without_a_backe
 
 # ---------------------------------------------------------------- what a keyframe is
 
-def test_a_planned_keyframe_carries_the_config_and_live_knobs(make_ctx):
+def test_a_planned_keyframe_carries_the_config_and_live_knobs(make_ctx, caplog):
     ctx = make_ctx(PLAIN + THEMES + "[generation]\nseed = 77\nresolution = [128, 64]\n"
                    "max_attempts = 5\ndenoise = 0.4\n")
     ctx.set_knobs({"generation.denoise": 0.55})
     keyframe(ctx, 0)
+    caplog.set_level(logging.DEBUG, logger="dreamd.planner")
     kid = planner.tick(ctx)
+    assert [r.getMessage() for r in caplog.records if r.name == "dreamd.planner"] == [
+        f"planned keyframe {kid} (chain 1, img2img, theme ash)"]
     row = sql(ctx, "SELECT * FROM keyframes WHERE id = :i", i=kid)[0]
     assert (row.chain_index, row.backend, row.theme, row.prompt, row.negative_prompt) == (
         1, "procedural", "ash", "grey ash", "colour")
