@@ -911,6 +911,11 @@ def test_sql_connection_is_read_only_beyond_the_authorizer(shell):
     with pytest.raises(sqlite3.DataError, match="too big"):
         rows_of(shell, f"SELECT zeroblob({(64 << 20) + 1})")
     shell.conn.set_authorizer(None)
+    # were the authorizer to miss an ATTACH, the attach limit still refuses it, named
+    with pytest.raises(UsageError) as err:
+        rows_of(shell, f"ATTACH '{shell.path.parent / 'x.db'}' AS x")
+    assert str(err.value) == "dreamd sql is read-only: ATTACH is not allowed"
+    assert not (shell.path.parent / "x.db").exists()
     assert shell.conn.execute("PRAGMA query_only").fetchone() == (1,)
     with pytest.raises(sqlite3.OperationalError):
         shell.conn.execute("DELETE FROM frames")
@@ -1005,6 +1010,8 @@ def test_write_table_shows_the_first_thousand_and_counts_the_rest():
                             max_rows=0)
     assert n == 3 and notes == ""
     assert out == " n ┃ none \n━━━╇━━━━━━\n 1 │      \n 2 │ x    \n 3 │      \n"
+    out, notes, n = written(["n"], [], "table")
+    assert n == 0 and out == " n \n━━━\n"
     out, notes, n = written(["n"], [(1,), (2,), (3,)], "table", max_rows=2)
     assert n == 2 and out.endswith("… 1 more rows not shown (--max-rows N shows more, 0 "
                                    "all of them)\n")
