@@ -375,3 +375,82 @@ codec_variant = "{variant}"
         assert codec.name == "taesd"
         reason = ctx.facts["codec_reason"]
         assert reason == f"taesd from {decoder} (taesd pair), {precision} as configured"
+
+
+# ---------------------------------------------------------------- the machine, the lease, the log
+
+def test_a_full_disk_postpones_the_batch_without_using_an_attempt(ctx):
+    from dreamd.conditions import DISK_FULL
+    from tests.conftest import mount_tmpfs
+
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    mounted = mount_tmpfs(ctx.cfg.frames_dir, "64k")
+    folder = next(mounted)
+    try:
+        try:
+            (folder / "filler").write_bytes(b"\0" * (1 << 20))
+        except OSError:
+            pass
+        assert interpolation.tick(ctx, interpolation.Codecs(ctx)) == 0
+        state, attempt, error = rows(ctx, "SELECT state, attempt, error FROM interpolations "
+                                          "WHERE id = :i", i=bid)[0]
+        assert (state, attempt) == ("retryable", 0) and error.startswith("disk full: ")
+        assert ctx.conditions.active(DISK_FULL)
+        (folder / "filler").unlink()
+        with ctx.engine.begin() as conn:
+            conn.execute(text("UPDATE interpolations SET scheduled_at = '2000-01-01' "
+                              "WHERE id = :i"), {"i": bid})
+        assert interpolation.tick(ctx, interpolation.Codecs(ctx)) == 1
+        assert not ctx.conditions.active(DISK_FULL)
+    finally:
+        next(mounted, None)
+
+
+def test_a_failure_after_the_lease_was_lost_records_nothing(ctx):
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    (ctx.cfg.data_dir / "keyframes/k000001.png").unlink()
+    bid = batch(ctx, a, b, 3)
+    owner = ctx.lease_owner("interpolation")
+    with ctx.engine.begin() as conn:
+        (claimed,) = tr.claim(conn, "interpolation", owner, lease_seconds=30)
+        conn.execute(text("UPDATE interpolations SET lease_owner = 'other' WHERE id = :i"),
+                     {"i": bid})
+    assert interpolation.process(ctx, interpolation.Codecs(ctx), claimed, owner) == 0
+    assert rows(ctx, "SELECT state, error, lease_owner FROM interpolations") == \
+        [("executing", None, "other")]
+
+
+def test_the_lease_is_renewed_while_the_frames_are_made(ctx, monkeypatch):
+    ctx.cfg.generation.lease_seconds = 0.6
+    monkeypatch.setenv("DREAMD_SLOW", "inbetween=0.15")        # 4 frames: 0.6 s
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    release = held(ctx, monkeypatch, "frames-written",
+                   lambda: interpolation.tick(ctx, interpolation.Codecs(ctx)))
+    started, expires = rows(ctx, "SELECT started_at, lease_expires_at FROM interpolations "
+                                 "WHERE id = :i", i=bid)[0]
+    from datetime import datetime, timedelta
+    lag = datetime.fromisoformat(expires) - datetime.fromisoformat(started)
+    assert lag > timedelta(seconds=0.6)
+    assert release() == 1
+
+
+def test_each_batch_logs_its_timing_line_for_the_bench(ctx, caplog):
+    import logging
+    import re
+    import time
+
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    with caplog.at_level(logging.DEBUG, logger="dreamd.interpolation"):
+        started = time.perf_counter()
+        interpolation.tick(ctx, interpolation.Codecs(ctx))
+        wall_ms = (time.perf_counter() - started) * 1000
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing ")]
+    assert len(lines) == 1
+    assert re.fullmatch(rf"timing interpolation id={bid} codec_ms=[\d.]+ encode_ms=[\d.]+ "
+                        r"slerp_ms=[\d.]+ decode_ms=[\d.]+ write_ms=[\d.]+ ledger_ms=[\d.]+ "
+                        r"frames=4", lines[0]), lines[0]
+    (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations")[0]
+    assert 0 < ms <= wall_ms

@@ -341,6 +341,7 @@ def test_comfyui_gets_the_prompt_id_from_the_ledger_and_the_input_as_it_is(ctx):
             sampler["sampler_name"], sampler["scheduler"]) == (101, 4, 6.5, 0.5, "euler",
                                                               "karras")
     assert posted[1]["prompt"]["4"]["inputs"]["text"] == "a window of light"
+    assert posted[1]["prompt"]["5"]["inputs"]["text"] == "blurry"
     assert rows(ctx, "SELECT from_keyframe_id, to_keyframe_id FROM interpolations") == [(k0, k1)]
 
 
@@ -449,3 +450,105 @@ def test_the_backend_that_made_it_is_recorded(ctx):
     kid = plan(ctx, 0, backend="comfyui")
     keyframe.tick(ctx, ProceduralBackend())
     assert (row(ctx, kid).backend, row(ctx, kid).prompt_id) == ("procedural", None)
+
+
+# ---------------------------------------------------------------- the machine's conditions
+
+def fill(folder) -> None:
+    """Fill the small file system at `folder` to the last byte."""
+    try:
+        (folder / "filler").write_bytes(b"\0" * (1 << 20))
+    except OSError:
+        pass
+
+
+def test_a_full_disk_postpones_the_keyframe_without_using_an_attempt(ctx, tmp_path):
+    from dreamd.conditions import DISK_FULL
+    from tests.conftest import mount_tmpfs
+
+    mounted = mount_tmpfs(ctx.cfg.keyframes_dir, "64k")
+    folder = next(mounted)
+    try:
+        fill(folder)
+        kid = plan(ctx, 0)
+        assert keyframe.tick(ctx, ProceduralBackend()) == 0
+        r = row(ctx, kid)
+        assert (r.state, r.attempt) == ("retryable", 0)
+        assert r.error.startswith("disk full: ")
+        assert rows(ctx, "SELECT event FROM transitions WHERE entity = 'keyframe' "
+                         "ORDER BY id DESC LIMIT 1") == [("postponed",)]
+        assert ctx.conditions.active(DISK_FULL)
+        (folder / "filler").unlink()
+        make_due(ctx, kid)
+        assert keyframe.tick(ctx, ProceduralBackend()) == 1
+        assert row(ctx, kid).state == "completed"
+        assert not ctx.conditions.active(DISK_FULL)        # the image was written: over
+    finally:
+        next(mounted, None)
+
+
+# ---------------------------------------------------------------- the lease and the log
+
+def test_the_lease_is_renewed_while_the_backend_works(ctx, monkeypatch):
+    from tests.test_worker_interpolation import held
+
+    ctx.cfg.generation.lease_seconds = 0.6
+    monkeypatch.setenv("DREAMD_SLOW", "keyframe=0.5")          # a backend that takes 0.5 s
+    kid = plan(ctx, 0)
+    release = held(ctx, monkeypatch, "keyframe-written",
+                   lambda: keyframe.tick(ctx, ProceduralBackend()))
+    started, expires = rows(ctx, "SELECT started_at, lease_expires_at FROM keyframes "
+                                 "WHERE id = :i", i=kid)[0]
+    lag = datetime.fromisoformat(expires) - datetime.fromisoformat(started)
+    assert lag > timedelta(seconds=0.6)          # renewed after the claim's own lease
+    assert release() == 1
+    assert row(ctx, kid).generation_ms >= 500
+
+
+def test_each_keyframe_logs_its_timing_line_for_the_bench(ctx, caplog):
+    import logging
+    import re
+    import time
+
+    kid = plan(ctx, 0)
+    with caplog.at_level(logging.DEBUG, logger="dreamd.keyframe"):
+        started = time.perf_counter()
+        keyframe.tick(ctx, ProceduralBackend())
+        wall_ms = (time.perf_counter() - started) * 1000
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing ")]
+    assert len(lines) == 1
+    assert re.fullmatch(rf"timing keyframe id={kid} generate_ms=[\d.]+ write_ms=[\d.]+ "
+                        r"ledger_ms=[\d.]+ ", lines[0]), lines[0]
+    assert f"keyframe 0 ready (ethereal, " in caplog.text
+    assert 0 < row(ctx, kid).generation_ms <= wall_ms      # measured inside the call
+
+
+def test_a_failure_is_logged_with_what_became_of_the_keyframe(ctx, caplog):
+    kid = plan(ctx, 0, size=(4, 4))
+    with caplog.at_level("WARNING", logger="dreamd.keyframe"):
+        keyframe.tick(ctx, ProceduralBackend())
+    assert f"keyframe 0 (row {kid}) failed, now discarded: procedural: size 4x4 is outside " \
+           f"8..8192" in [r.getMessage() for r in caplog.records]
+
+
+def test_comfyui_reattaches_to_the_server_on_record_instead_of_posting_again(ctx):
+    from tests.test_comfyui_backend import submit_directly
+
+    rel = png(ctx, "keyframes/prev.png")
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = comfyui(ctx, [double.url])
+        try:
+            pid = "11111111-2222-3333-4444-555555555555"
+            kid = plan(ctx, 1, backend="comfyui", input_path=rel, prompt_id=pid)
+            with ctx.engine.begin() as conn:           # an earlier daemon sent it there
+                conn.execute(text("UPDATE keyframes SET server = :s WHERE id = :i"),
+                             {"s": double.url, "i": kid})
+            with Image.open(ctx.cfg.data_dir / rel) as im:
+                req = request_for(ctx, row(ctx, kid), im.convert("RGB"))
+            submit_directly(double, backend, KeyframeRequest(**{**req.__dict__,
+                                                                "prompt_id": pid}))
+            assert keyframe.tick(ctx, backend) == 1
+        finally:
+            backend.close()
+        assert double.posts_for(pid) == 1              # the earlier one, never again
+    assert row(ctx, kid).state == "completed"
