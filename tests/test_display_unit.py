@@ -757,6 +757,8 @@ def test_frames_shown_on_a_busy_ledger_are_recorded_when_it_is_free(wctx, clock,
         assert w.record() is False
         w._status_maybe(10.0, force=True)
         assert st(ctx)["problem"].startswith("ledger busy: ")
+        # the buffer counted from the playhead on screen, not the ledger's
+        assert (st(ctx)["frame_number"], st(ctx)["buffer_seconds"]) == (4, 0.2)
     assert shown(ctx) == [(0, 0.0)]
     assert w.record() is False               # the next try waits RECORD_RETRY
     clock.now += 0.25
@@ -866,3 +868,35 @@ def test_a_frame_is_on_screen_before_the_ledger_records_it(wctx, monkeypatch):
         (data / "held-at-frame-displayed").unlink(missing_ok=True)
         ticking.join(timeout=60)
     assert shown(ctx) == [(0, 0.0)]
+
+
+def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_path):
+    """The frame cannot be swapped in, but status.json (rewritten in place) says what is
+    wrong, with the buffer the tick counted; a second failing tick at once rewrites
+    nothing."""
+    for disk in mount_tmpfs(tmp_path / "out", "1m"):
+        for ctx in worker_context(db_path, f"[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
+                                           f"output_dir = \"{disk}\"\n"):
+            add_segment(ctx, 0, 5)
+            w = DisplayWriter(ctx)
+            w.tick()
+            assert (st(ctx)["status"], st(ctx)["problem"], st(ctx)["buffer_seconds"]) == \
+                ("playing", None, 0.5)
+            with open(disk / "ballast", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 1024)
+                except OSError:
+                    pass
+            add_segment(ctx, 1, 3)           # made since the last count: not counted yet
+            w.tick()
+            s = st(ctx)
+            assert s["problem"].startswith("disk full: ") and s["frame_number"] == 1
+            assert (s["status"], s["buffer_seconds"]) == ("playing", 0.5)
+            raw = (disk / "status.json").read_bytes()
+            time.sleep(0.002)                # a rewrite would have a new last_update
+            w.tick()
+            assert (disk / "status.json").read_bytes() == raw
+            (disk / "ballast").unlink()
+            w.tick()
+            assert shown(ctx) == [(0, 0.0), (0, 1 / 6)]
