@@ -479,3 +479,52 @@ def test_a_data_dir_that_vanished_is_measured_as_nothing(make_ctx, tmp_path):
     assert ctx.facts["storage_low"] is None and jan.over == 0
     assert (recorded(ctx)["free"], recorded(ctx)["total"], recorded(ctx)["low"]) == (
         None, 0, None)
+
+
+def test_the_size_that_would_do_is_rounded_to_a_tenth(make_ctx, caplog):
+    """1.5 times what the dream holds, to a tenth of a GB (4.647 is "4.6", not "4.7")."""
+    ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 1\n")
+    have = space.measure(ctx.cfg.data_dir).managed
+    with open(ctx.cfg.data_dir / "big.bin", "wb") as f:   # sparse: costs no disk
+        f.truncate(int((4.647 - 0.05) / 1.5 * GB) - have)
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    jan = Janitor(ctx)
+    jan.measure()
+    jan.measure()
+    assert budget_said(caplog)[0].endswith("raise storage.budget_gb to at least 4.6")
+
+
+def test_an_unrecorded_measurement_is_not_an_error(make_ctx, db_path, caplog):
+    """A ledger that cannot be written now (busy, read-only): the measurement still
+    counts (the floor, the budget); recording it waits for the next one."""
+    from dreamd.ledger import database
+
+    ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 0\n")
+    writer, ctx.engine = ctx.engine, database.reader(db_path)
+    caplog.set_level(logging.DEBUG, logger="dreamd.janitor")
+    try:
+        Janitor(ctx).measure()
+    finally:
+        ctx.engine.dispose()
+        ctx.engine = writer
+    said = [r for r in caplog.records if r.getMessage() == "storage usage not recorded"]
+    assert len(said) == 1 and said[0].exc_info is not None
+    assert sql(ctx, "SELECT storage FROM runtime_state")[0][0] is None
+
+
+def test_a_deficit_of_one_byte_counts_for_the_budget_check(make_ctx, disk, caplog):
+    """Over budget twice in a row with nothing freed: whatever the last measurement
+    asked to free, down to a byte, makes the second one news."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    jan = Janitor(ctx)
+    jan.measure()
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor = next(f for f in range(free * 10 // 11 - 20, free) if f + f // 10 == free + 1)
+    floor_at(ctx, floor)
+    ctx.facts["storage_low"] = "low disk space"        # paused: resumes 10 % above
+    ctx.cfg.storage.budget_gb = space.measure(ctx.cfg.data_dir).managed / GB   # just fits
+    caplog.set_level(logging.WARNING, logger="dreamd")
+    jan.measure()
+    assert jan.over == 1 and budget_said(caplog) == []
+    jan.measure()                                      # the ledger grew a little: over
+    assert len(budget_said(caplog)) == 1
