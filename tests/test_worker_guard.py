@@ -6,10 +6,14 @@ sees another process (a simulated NVML driver: no NVIDIA driver here)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
-import shutil
-import subprocess
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,11 +25,48 @@ from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
 from tests.conftest import _STARTED, wait_for, worker_context
-from tests.test_guard import GAME, FakeNvml, game  # noqa: F401  (the fixture)
+from tests.test_guard import FakeNvml
+
+# A name of this test process's own (another run of the guard's tests, by a person or a
+# mutation run, must not see this one's games), at most 15 characters (Linux's comm)
+GAME = f"dwgame{os.getpid()}"
+OTHER = f"dwother{os.getpid()}"
+
+
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_the_test() -> None:
+    """A game outlives nothing: killed with the test process, even one killed mid-test."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))                  # PR_SET_PDEATHSIG
+
+
+def start_game(path, name: str) -> subprocess.Popen:
+    exe = path / name
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shutil.which("sleep"), exe)
+    proc = subprocess.Popen([str(exe), "120"], preexec_fn=_die_with_the_test)
+    _STARTED.append(proc)          # ended even when the test fails
+    return proc
+
+
+@pytest.fixture
+def game(tmp_path):
+    """Start processes named GAME (copies of `sleep`); all ended after the test."""
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        procs.append(start_game(tmp_path / "bin", GAME))
+        return procs[-1]
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
 
 CONFIG = f"""
 [guard]
-known_games = ["{GAME.capitalize()}.exe", "EldenRing.exe"]
+known_games = ["{GAME.capitalize()}.exe", "{OTHER.upper()}"]
 check_interval_seconds = 0.5
 resume_after_seconds = {{grace}}
 """
@@ -69,6 +110,11 @@ def see(guard: Guard, ctx) -> None:
              what="the guard seeing the game")
 
 
+def said(caplog) -> list[str]:
+    """The guard's log lines, whole (dreamd.log is what a user reads)."""
+    return [r.getMessage() for r in caplog.records if r.name == "dreamd.guard"]
+
+
 def user(ctx, command: str, **args) -> None:
     with ctx.engine.begin() as conn:
         controls.request(conn, command, args)
@@ -100,8 +146,8 @@ def test_a_game_pauses_then_frees_and_its_end_resumes_after_the_grace(make, game
         ("pause", "applied", {"reason": GAME, "source": "guard"}, "guard"),
         ("free", "applied", {"reason": GAME, "source": "guard"}, "guard")]
     assert [n for n, _ in ctx.woken] == ["controls", "controls"]
-    assert ("game guard: dreamtestgame is running: pausing the dream and freeing the GPU"
-            in caplog.text)
+    assert (f"game guard: {GAME} is running: pausing the dream and freeing the GPU"
+            in said(caplog))
     proc.kill()
     proc.wait()
     guard.tick()
@@ -113,7 +159,7 @@ def test_a_game_pauses_then_frees_and_its_end_resumes_after_the_grace(make, game
     assert controls_rows(ctx)[2:] == [
         ("resume", "applied", {"reason": f"{GAME} ended 30 s ago", "source": "guard"},
          "guard")]
-    assert f"game guard: {GAME} ended 30 s ago: resuming" in caplog.text
+    assert f"game guard: {GAME} ended 30 s ago: resuming" in said(caplog)
 
 
 def test_a_game_still_running_keeps_the_pause_however_long(make, game):
@@ -141,8 +187,8 @@ def test_a_pause_the_user_made_is_kept_but_the_gpu_is_still_freed(make, game, ca
     assert ctx.paused() and ctx.facts["paused_by"] == "user"
     assert ctx.facts["guard"]["engaged"] is None
     assert [c for c, *_ in controls_rows(ctx)] == ["pause", "free"]      # no resume
-    assert f"{GAME} is running; the dream is already paused (mine)" in caplog.text
-    assert f"game guard: {GAME} ended; the dream stays as the user left it" in caplog.text
+    assert f"game guard: {GAME} is running; the dream is already paused (mine)" in said(caplog)
+    assert f"game guard: {GAME} ended; the dream stays as the user left it" in said(caplog)
 
 
 def test_a_user_who_resumes_during_a_game_is_not_paused_again_for_it(make, game):
@@ -272,17 +318,13 @@ def test_another_process_busy_on_the_gpu_pauses_like_a_game(make, game):
 
 def test_two_games_are_named_together(make, game, tmp_path):
     ctx = make()
-    other = tmp_path / "bin2" / "eldenring"
-    other.parent.mkdir()
-    shutil.copy(shutil.which("sleep"), other)
-    proc = subprocess.Popen([str(other), "600"])
-    _STARTED.append(proc)
+    proc = start_game(tmp_path / "bin2", OTHER)
     try:
         game()
         guard = Guard(ctx)
         wait_for(lambda: len(guard.games.running()) == 2, timeout=10, what="both games")
         guard.tick()
-        assert ctx.facts["pause_reason"] == f"{GAME}, eldenring"
+        assert ctx.facts["pause_reason"] == f"{GAME}, {OTHER}"
     finally:
         proc.kill()
         proc.wait()
