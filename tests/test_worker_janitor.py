@@ -508,7 +508,7 @@ def test_an_unrecorded_measurement_is_not_an_error(make_ctx, db_path, caplog):
         ctx.engine.dispose()
         ctx.engine = writer
     said = [r for r in caplog.records if r.getMessage() == "storage usage not recorded"]
-    assert len(said) == 1 and said[0].exc_info is not None
+    assert len(said) == 1 and said[0].exc_info and said[0].exc_info[0] is not None
     assert sql(ctx, "SELECT storage FROM runtime_state")[0][0] is None
 
 
