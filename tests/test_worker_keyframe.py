@@ -552,3 +552,30 @@ def test_comfyui_reattaches_to_the_server_on_record_instead_of_posting_again(ctx
             backend.close()
         assert double.posts_for(pid) == 1              # the earlier one, never again
     assert row(ctx, kid).state == "completed"
+
+
+def test_the_daemons_comfyui_backend_shows_which_keyframe_is_in_progress(ctx):
+    """status.json's keyframe_progress names the keyframe the worker asked for."""
+    import threading
+    import time
+
+    from dreamd.backends.comfyui.daemon_backend import DaemonBackend
+
+    with ComfyUIDouble(checkpoints=[CKPT], delay=0.5) as double:
+        backend = DaemonBackend(comfyui(ctx, [double.url]), facts=ctx.facts)
+        seen = []
+        try:
+            kid = plan(ctx, 5, backend="comfyui")
+            worker = threading.Thread(target=lambda: keyframe.tick(ctx, backend), daemon=True)
+            worker.start()
+            deadline = time.monotonic() + 30
+            while worker.is_alive() and time.monotonic() < deadline:
+                progress = ctx.facts.get("keyframe_progress")
+                if progress:
+                    seen.append(progress["keyframe"])
+                time.sleep(0.01)
+            worker.join(timeout=30)
+        finally:
+            backend.close()
+    assert row(ctx, kid).state == "completed"
+    assert seen and set(seen) == {5}
