@@ -552,6 +552,12 @@ def test_playback_buffers_plays_and_counts_each_underrun_once(wctx, clock):
         w.tick()
         s = st(ctx)
         assert (s["status"], s["buffer_seconds"], s["frame_number"]) == ("buffering", 0.1, 1)
+    gone(ctx)
+    w.tick()                                 # waiting, nothing changed: not rewritten yet
+    assert not written(ctx)
+    clock.now += 0.5
+    w.tick()
+    assert (st(ctx)["status"], st(ctx)["buffer_seconds"]) == ("buffering", 0.1)
     add_segment(ctx, 1, 1)                   # 3 frames = 0.3 s: enough
     seen = []
     for _ in range(3):
@@ -900,3 +906,54 @@ def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_
             (disk / "ballast").unlink()
             w.tick()
             assert shown(ctx) == [(0, 0.0), (0, 1 / 6)]
+
+
+def test_a_restart_waits_for_the_minimum_buffer_before_it_plays_on(wctx):
+    """Only a ledger that never played starts with its first frame at once: a restart
+    goes on from the playhead once min_buffer_seconds are ready."""
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    w = DisplayWriter(ctx)
+    for _ in range(3):
+        w.tick()
+    add_segment(ctx, 1, 0)                   # one frame: 0.1 s < 0.3 s
+    again = DisplayWriter(ctx)
+    again.tick()
+    assert len(shown(ctx)) == 3 and st(ctx)["status"] == "buffering"
+    add_segment(ctx, 2, 1)
+    again.tick()
+    assert shown(ctx)[3:] == [(1, 0.0)] and st(ctx)["status"] == "playing"
+
+
+def test_a_resume_shows_at_the_next_tick(wctx, clock):
+    ctx = wctx
+    add_segment(ctx, 0, 4)
+    w = DisplayWriter(ctx)
+    w.tick()
+    ctx.facts["paused"] = True
+    w.tick()
+    ctx.facts["paused"] = False              # resumed: playback goes on at the next tick
+    clock.now += 0.5
+    w.status_heartbeat()
+    assert (st(ctx)["status"], st(ctx)["paused"]) == ("paused", False)
+    w.tick()
+    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 2
+
+
+def test_underruns_on_a_busy_ledger_are_all_counted_later(wctx, clock, db_path):
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    w = DisplayWriter(ctx)
+    for _ in range(3):
+        w.tick()
+    with WriteLock(db_path):
+        w.tick()                             # underrun 1: not recorded, next try in 0.5 s
+    add_segment(ctx, 1, 2)                   # (the clock stands still: no try meanwhile)
+    for _ in range(3):
+        w.tick()
+    w.tick()                                 # underrun 2, both waiting
+    assert st(ctx)["status"] == "underrun" and ctx.runtime().underruns == 0
+    clock.now += 0.5
+    assert w.record() is True
+    rt = ctx.runtime()
+    assert (rt.underruns, rt.frames_shown) == (2, 6)
