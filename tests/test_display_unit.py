@@ -774,6 +774,12 @@ def test_frames_shown_on_a_busy_ledger_are_recorded_when_it_is_free(wctx, clock,
     assert shown(ctx) == [(0, 0.0), (0, 1 / 6), (0, 2 / 6), (0, 3 / 6)]
     rt = ctx.runtime()
     assert (rt.frames_shown, rt.playhead_chain_index, rt.playhead_t) == (4, 0, 0.5)
+    with ctx.reader.connect() as conn:      # recorded late, with the times really shown
+        times = conn.execute(text(
+            "SELECT f.shown_at, t.at FROM frames f JOIN transitions t ON t.entity = 'frame' "
+            "AND t.entity_id = f.id AND t.to_state = 'shown' ORDER BY f.id")).fetchall()
+    assert len(times) == 4 and all(shown_at == at for shown_at, at in times)
+    assert times[1][0] < times[2][0] < times[3][0]
     w._status_maybe(10.0, force=True)
     assert st(ctx)["problem"] is None
     assert w.record() is True                # nothing left: no write at all
