@@ -963,3 +963,14 @@ def test_underruns_on_a_busy_ledger_are_all_counted_later(wctx, clock, db_path):
     assert w.record() is True
     rt = ctx.runtime()
     assert (rt.underruns, rt.frames_shown) == (2, 6)
+
+
+def test_status_json_is_there_from_the_start_in_a_new_output_dir(db_path, clock, tmp_path):
+    """display.output_dir may name a folder that does not exist yet, parents and all;
+    the heartbeat writes status.json before the first tick (readers see `starting`)."""
+    out = tmp_path / "skins" / "dream" / "output"
+    for ctx in worker_context(db_path, f"[display]\noutput_dir = \"{out}\"\n"):
+        w = DisplayWriter(ctx)
+        w.status_heartbeat()
+        s = json.loads((out / "status.json").read_text())
+        assert (s["status"], s["frame_number"], s["is_buffering"]) == ("starting", 0, True)
