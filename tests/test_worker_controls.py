@@ -240,7 +240,8 @@ def test_reset_forgets_one_knob_and_all_forgets_every_one(ctx):
 def test_a_knob_that_cannot_change_while_running_is_named_with_the_live_ones(ctx):
     with pytest.raises(ConfigError) as err:
         controls.validate_knob("generation.resolution", "[64, 64]")
-    assert str(err.value) == f"generation.resolution cannot be set while running: live keys are {LIVE}"
+    assert str(err.value) == (f"generation.resolution cannot be set while running: live keys "
+                              f"are {LIVE}")
     cid = send(ctx, "set", {"reset": "generation.resolution"})
     controls.tick(ctx)
     assert control(ctx, cid).error == str(err.value)

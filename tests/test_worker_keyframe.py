@@ -7,7 +7,6 @@ discards it; ComfyUI's prompt id and server are in the ledger before they can be
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from datetime import datetime, timedelta
 
@@ -121,7 +120,7 @@ def test_keyframes_are_img2img_from_the_previous_one_and_make_the_pairs_batch(ct
     assert created == [(ctx.lease_owner("keyframe"),)]
     done = rows(ctx, "SELECT detail, worker FROM transitions WHERE entity = 'keyframe' "
                      "AND to_state = 'completed' ORDER BY id")
-    assert json.loads(done[1].detail)["ms"] == pytest.approx(second.generation_ms, abs=0.06)
+    assert json.loads(done[1].detail)["ms"] == round(second.generation_ms, 1)
     assert done[1].worker == ctx.lease_owner("keyframe")
     assert sorted(p.name for p in ctx.cfg.keyframes_dir.iterdir()) == \
         [f"k000000-{k0}.png", f"k000001-{k1}.png"]          # no temporary left behind
@@ -519,7 +518,7 @@ def test_each_keyframe_logs_its_timing_line_for_the_bench(ctx, caplog):
     assert len(lines) == 1
     assert re.fullmatch(rf"timing keyframe id={kid} generate_ms=[\d.]+ write_ms=[\d.]+ "
                         r"ledger_ms=[\d.]+ ", lines[0]), lines[0]
-    assert f"keyframe 0 ready (ethereal, " in caplog.text
+    assert "keyframe 0 ready (ethereal, " in caplog.text
     assert 0 < row(ctx, kid).generation_ms <= wall_ms      # measured inside the call
 
 
@@ -579,3 +578,29 @@ def test_the_daemons_comfyui_backend_shows_which_keyframe_is_in_progress(ctx):
             backend.close()
     assert row(ctx, kid).state == "completed"
     assert seen and set(seen) == {5}
+
+
+@pytest.mark.parametrize("cause", ["permanent", "unexpected", "disk full"])
+def test_a_failure_after_the_lease_was_lost_leaves_the_row_to_its_new_holder(ctx, cause):
+    from tests.conftest import mount_tmpfs
+
+    mounted = None
+    if cause == "unexpected":
+        ctx.cfg.keyframes_dir.parent.mkdir(parents=True, exist_ok=True)
+        ctx.cfg.keyframes_dir.write_text("in the way")
+    elif cause == "disk full":
+        mounted = mount_tmpfs(ctx.cfg.keyframes_dir, "64k")
+        fill(next(mounted))
+    try:
+        kid = plan(ctx, 0, size=(4, 4) if cause == "permanent" else (W, H))
+        owner = ctx.lease_owner("keyframe")
+        with ctx.engine.begin() as conn:
+            (claimed,) = tr.claim(conn, "keyframe", owner, lease_seconds=30)
+            conn.execute(text("UPDATE keyframes SET lease_owner = 'thief' WHERE id = :i"),
+                         {"i": kid})
+        assert keyframe.process(ctx, ProceduralBackend(), claimed, owner) == 0
+    finally:
+        if mounted is not None:
+            next(mounted, None)
+    r = row(ctx, kid)
+    assert (r.state, r.lease_owner, r.error, r.attempt) == ("executing", "thief", None, 1)
