@@ -207,13 +207,15 @@ def test_a_user_who_resumes_during_a_game_is_not_paused_again_for_it(make, game)
     assert controls_rows(ctx)[2][3] == "surface"
 
 
-def test_turned_off_it_ignores_games(make, game):
+def test_turned_off_it_ignores_games(make, game, caplog):
     ctx = make(extra="enabled = false\n")
     guard = Guard(ctx)
     assert ctx.facts["guard"]["enabled"] is False
     proc = game()
     wait_for(lambda: GameWatch([GAME]).running(), timeout=10, what="the game process")
-    guard.tick()
+    with caplog.at_level(logging.INFO, logger="dreamd.guard"):
+        guard.tick()
+    assert said(caplog) == ["game guard: off; watching 2 process names, GPU off"]
     assert controls_rows(ctx) == [] and ctx.facts["guard"]["engaged"] is None
     proc.kill()
     proc.wait()
