@@ -820,6 +820,20 @@ def shell(db_path):
     sh.close()
 
 
+_OPEN: list = []
+
+
+def request_close(sh) -> None:
+    _OPEN.append(sh)
+
+
+@pytest.fixture(autouse=True)
+def _close_shells():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def rows_of(sh, q: str, **kw) -> tuple[list[str], list[tuple]]:
     columns, rows = sh.execute(q, **kw)
     return columns, list(rows)
@@ -905,7 +919,9 @@ def test_sql_names_each_statements_own_refusal(shell):
     assert rows_of(shell, "SELECT 2")[1] == [(2,)]     # the shell goes on
 
 
-def test_sql_connection_is_read_only_beyond_the_authorizer(shell):
+def test_sql_connection_is_read_only_beyond_the_authorizer(db_path):
+    shell = shell_sql.Shell(db_path)      # made here, not in a fixture: mutmut sees it
+    request_close(shell)
     assert shell.conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED) == 0
     assert shell.conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) == 64 << 20
     with pytest.raises(sqlite3.DataError, match="too big"):
@@ -938,7 +954,9 @@ COUNT_TO = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r LIMIT
            "SELECT x FROM r"
 
 
-def test_sql_stops_a_statement_at_its_time_bound(shell):
+def test_sql_stops_a_statement_at_its_time_bound(db_path):
+    shell = shell_sql.Shell(db_path)
+    request_close(shell)
     with pytest.raises(shell_sql.TimeBoundError) as err:
         rows_of(shell, RUNAWAY, timeout=0.2)
     assert str(err.value) == ("dreamd sql: stopped after 0.2 s (--timeout SECONDS raises the "
