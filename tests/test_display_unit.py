@@ -397,14 +397,15 @@ def test_status_shows_each_comfyui_server():
 
 def test_status_shows_storage_against_the_budget_and_what_was_moved_aside():
     mb = 1024 * 1024
-    storage = {"total": 300 * mb + 50 * mb, "budget": 1024 * mb, "free": 5 * 1024 * mb,
+    storage = {"total": 400 * mb + 50 * mb, "budget": 1024 * mb, "free": 5 * 1024 * mb,
                "floor": 1024 * mb, "low": "free space 0.9 GB is below the floor 1.0 GB",
                "parts": {"frames": 200 * mb, "keyframes": 100 * mb, "ledger": 512,
-                         "orphaned-1": 30 * mb, "orphaned-2": 20 * mb}}
+                         "thumbnails": 100 * mb - 512, "orphaned-1": 30 * mb,
+                         "orphaned-2": 20 * mb}}
     assert render(dict(BASE, storage=storage))[3:] == [
-        "storage    300.0 MB of a 1.0 GB budget, 5.0 GB free on the disk (floor 1.0 GB)",
+        "storage    400.0 MB of a 1.0 GB budget, 5.0 GB free on the disk (floor 1.0 GB)",
         "  generation paused: free space 0.9 GB is below the floor 1.0 GB",
-        "  frames 200.0 MB, keyframes 100.0 MB, ledger 512 B",
+        "  frames 200.0 MB, keyframes 100.0 MB, thumbnails 100.0 MB, ledger 512 B",
         "  moved aside 50.0 MB in orphaned-1, orphaned-2: not this ledger's files; delete "
         "them when you are sure"]
     ansi = "\n".join(render(dict(BASE, storage=storage), ansi=True))
@@ -415,6 +416,8 @@ def test_status_shows_storage_against_the_budget_and_what_was_moved_aside():
     assert render(dict(BASE, storage=bare))[3:] == [
         "storage    2.0 kB (no budget), n/a free on the disk"]
     assert render(dict(BASE, storage={}))[3:] == []
+    assert render(dict(BASE, storage={"free": 10}))[3:] == [
+        "storage    0 B (no budget), 10 B free on the disk"]
 
 
 def test_status_shows_the_governor():
