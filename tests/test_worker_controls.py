@@ -392,6 +392,8 @@ def test_theme_next_moves_the_rotation_on_by_one(ctx):
 
 @pytest.mark.parametrize("made, rotation, name, index", [
     (0, 20, "ethereal", 0), (0, 20, "signal", 2), (0, 20, "cathedral", 1),
+    # no keyframe yet, a theme per keyframe: the first one (k = 0) is the theme asked for
+    (0, 1, "signal", 2),
     # k_next = 5, rotation 2: the planner picks themes[(5 // 2 + i) % 3] = themes[(2 + i) % 3]
     (5, 2, "ethereal", 1), (5, 2, "signal", 0), (5, 2, "cathedral", 2),
     # k_next = 7, rotation 3: (7 // 3 + i) % 3 = (2 + i) % 3
