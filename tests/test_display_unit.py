@@ -977,3 +977,17 @@ def test_status_json_is_there_from_the_start_in_a_new_output_dir(db_path, clock,
         w.status_heartbeat()
         s = json.loads((out / "status.json").read_text())
         assert (s["status"], s["frame_number"], s["is_buffering"]) == ("starting", 0, True)
+
+
+def test_a_ledger_busy_from_the_first_frame_is_no_problem_for_three_seconds(wctx, clock,
+                                                                             db_path):
+    ctx = wctx
+    add_segment(ctx, 0, 3)
+    w = DisplayWriter(ctx)
+    with WriteLock(db_path):
+        w.tick()                             # on screen; its record waits
+        s = st(ctx)
+        assert (s["frame_number"], s["problem"]) == (1, None)
+    clock.now += 0.5
+    w.tick()
+    assert shown(ctx) == [(0, 0.0), (0, 0.25)]
