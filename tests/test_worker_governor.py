@@ -381,6 +381,10 @@ def test_a_stretch_is_recorded_when_the_worker_ticks(ctx):
     assert worker.tick() is None
     with ctx.reader.connect() as conn:
         assert conn.execute(select(GD.c.reason)).scalars().all() == ["stretch"]
+    ctx.facts["stretch"] = 1.0                  # back at full rate: not 20 s yet
+    assert worker.tick() is None
+    with ctx.reader.connect() as conn:
+        assert conn.execute(select(GD.c.reason)).scalars().all() == ["stretch"]
 
 
 def test_the_pacer_slows_below_the_buffering_mark_and_says_so(make):
@@ -414,11 +418,13 @@ def test_a_recorded_decision_names_the_speed_at_the_size_it_left(ctx):
                      buffer_seconds=3.14159, buffer_target=30.0, trend=-0.123456)
     d = Decision(frames=8, divisor=2.0, reason="slow_keyframes", message="msg", load=0.7,
                  previous_frames=5, previous_divisor=1.0)
+    ctx.facts["stretch"] = 0.95                 # the display's rate as it decides
     worker.record(d.reason, d.message, m, d)
     worker.record("stretch", "text", m, None, 0.9)
     with ctx.reader.connect() as conn:
         a, b = conn.execute(select(GD).order_by(GD.c.id)).all()
     assert (a.previous_frames, a.previous_divisor, a.inbetween_ms, a.load) == (5, 1.0, 300.0, 0.7)
+    assert a.stretch == 0.95
     assert (a.keyframe_seconds, a.buffer_seconds, a.buffer_trend) == (1.235, 3.14, -0.123)
     assert (b.previous_frames, b.previous_divisor, b.inbetween_ms, b.stretch) == (
         4, 2.0, 90.0, 0.9)
