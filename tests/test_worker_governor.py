@@ -11,7 +11,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text, update
 
 from dreamd.governor import Bounds, Decision, Measurements
 from dreamd.ledger import transitions
@@ -100,6 +100,13 @@ def test_the_runs_first_keyframe_is_left_out_and_earlier_runs_are_not_measured(c
         assert keyframe_seconds(conn, since) == (2.0, 2.0, 1)
         assert keyframe_seconds(conn) == (30.0, 50.0, 3)
     with ctx.engine.begin() as conn:
+        for k in (10, 11, 12):                                   # 5 of this run
+            keyframe(conn, k, 2000, started=since + timedelta(seconds=k))
+    with ctx.reader.connect() as conn:
+        assert keyframe_seconds(conn, since) == (2.0, 2.0, 4)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("DELETE FROM keyframes WHERE chain_index >= 10"))
+    with ctx.engine.begin() as conn:
         for k in range(3, 7):                                    # 6 of this run now
             keyframe(conn, k, 1000 * k, started=since + timedelta(seconds=40 * k))
     with ctx.reader.connect() as conn:
@@ -135,6 +142,13 @@ def test_in_between_times_are_per_frame_medians_by_divisor(ctx):
         per, count = inbetween_ms(conn, since)
         assert count == {1.0: 5, 2.0: 2, 1.333: 1}
         assert per == {1.0: 300.0, 2.0: 250.0, 1.333: 50.0}     # 19800, 400, 300, 50, 100
+    # the run's first batch failed: the first one done is still the one left out
+    with ctx.engine.begin() as conn:
+        conn.execute(update(IP).where(IP.c.chain_index == 0)
+                     .values(state="discarded", started_at=since + timedelta(seconds=1)))
+        conn.execute(text("UPDATE interpolations SET id = 0 WHERE chain_index = 0"))
+    with ctx.reader.connect() as conn:
+        assert inbetween_ms(conn, since)[1] == {1.0: 4, 2.0: 2, 1.333: 1}
 
 
 def test_the_trend_is_the_least_squares_slope():
@@ -171,10 +185,24 @@ def test_the_buffer_and_its_trend_over_a_whole_window(make):
         # a long segment widens the window: 3 segments of 40 frames at 4 fps = 30.75 s
         worker.law.frames = 40
         worker.samples.clear()
-        worker.samples.extend([(69.3, 4.0), (75.0, 3.0), (90.0, 2.0)])
+        worker.samples.extend([(68.8, 9.0), (69.3, 4.0), (75.0, 3.0), (90.0, 2.0)])
         m = worker.measure(conn, 100.0)
         assert m.trend == pytest.approx(slope([(69.3, 4.0), (75.0, 3.0), (90.0, 2.0),
                                                (100.0, 2.0)]))
+
+
+def test_an_earlier_runs_keyframes_and_batches_are_not_measured(ctx):
+    with ctx.engine.begin() as conn:
+        for k in range(3):
+            keyframe(conn, k, 50000, started=utcnow() - timedelta(minutes=5))
+        batch(conn, 0, 9000, started=utcnow() - timedelta(minutes=5))
+    worker = GovernorWorker(ctx)
+    with ctx.engine.begin() as conn:
+        batch(conn, 1, 500)                      # this run's first: its kernels built
+    with ctx.reader.connect() as conn:
+        m = worker.measure(conn, 0.0)
+    # keyframes of this run only; batches of any run but this one's first
+    assert (m.keyframe_seconds, m.keyframe_samples, m.inbetween_ms) == (None, 0, {1.0: 1800.0})
 
 
 def test_nothing_is_measured_while_paused_short_of_disk_or_without_a_backend(ctx):
@@ -287,6 +315,7 @@ def previous(ctx, frames: int, divisor: float) -> None:
 
 @pytest.mark.parametrize("last, restored", [
     ((40, 2.0), (40, 2.0)),          # within the bounds: goes on from it
+    ((4, 2.0), (4, 2.0)),            # the user's N, a smaller size
     ((120, 4.0), (120, 4.0)),        # at the top of both
     ((121, 2.0), (4, 1.0)),          # more in-betweens than now allowed
     ((3, 2.0), (4, 1.0)),            # fewer than the user's N
