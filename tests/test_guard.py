@@ -5,9 +5,13 @@ a pause the user made outlives every game. The GPU watch against pynvml with no 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -22,22 +26,38 @@ from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import _STARTED, dreamd_cmd, wait_for, worker_context
 from tests.test_comfyui_daemon import CKPT, comfy_config, rows, status, stop
 
-GAME = "dreamtestgame"         # what the test's stand-in game process calls itself
+# What the test's stand-in game process calls itself: a name of this test process's own
+# (another run of the guard's tests, by a person or a mutation run, must not see this
+# one's games), at most 15 characters (Linux's comm).
+GAME = f"dgame{os.getpid()}"
+
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_the_test() -> None:
+    """A game outlives nothing: killed with the test process, even one killed mid-test."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))                  # PR_SET_PDEATHSIG
+
+
+def start_game(path, name: str) -> subprocess.Popen:
+    """A process called `name`: a copy of `sleep` under that name."""
+    exe = path / name
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shutil.which("sleep"), exe)
+    proc = subprocess.Popen([str(exe), "600"], preexec_fn=_die_with_the_test)
+    _STARTED.append(proc)          # ended even when the test fails
+    return proc
 
 
 @pytest.fixture
 def game(tmp_path):
-    """Start and end a process whose name is GAME: a copy of `sleep` under that name."""
-    exe = tmp_path / "bin" / GAME
-    exe.parent.mkdir(exist_ok=True)
-    shutil.copy(shutil.which("sleep"), exe)
+    """Start processes named GAME; all ended after the test."""
     procs: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([str(exe), "600"])
-        _STARTED.append(proc)          # ended even when the test fails
-        procs.append(proc)
-        return proc
+        procs.append(start_game(tmp_path / "bin", GAME))
+        return procs[-1]
 
     yield start
     for p in procs:

@@ -6,14 +6,10 @@ sees another process (a simulated NVML driver: no NVIDIA driver here)."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,31 +20,13 @@ from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
-from tests.conftest import _STARTED, wait_for, worker_context
-from tests.test_guard import FakeNvml
+from tests.conftest import wait_for, worker_context
+from tests.test_guard import FakeNvml, start_game
 
 # A name of this test process's own (another run of the guard's tests, by a person or a
 # mutation run, must not see this one's games), at most 15 characters (Linux's comm)
 GAME = f"dwgame{os.getpid()}"
 OTHER = f"dwother{os.getpid()}"
-
-
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
-
-
-def _die_with_the_test() -> None:
-    """A game outlives nothing: killed with the test process, even one killed mid-test."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))                  # PR_SET_PDEATHSIG
-
-
-def start_game(path, name: str) -> subprocess.Popen:
-    exe = path / name
-    exe.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shutil.which("sleep"), exe)
-    proc = subprocess.Popen([str(exe), "120"], preexec_fn=_die_with_the_test)
-    _STARTED.append(proc)          # ended even when the test fails
-    return proc
 
 
 @pytest.fixture
