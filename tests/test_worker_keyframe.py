@@ -604,3 +604,14 @@ def test_a_failure_after_the_lease_was_lost_leaves_the_row_to_its_new_holder(ctx
             next(mounted, None)
     r = row(ctx, kid)
     assert (r.state, r.lease_owner, r.error, r.attempt) == ("executing", "thief", None, 1)
+
+
+def test_no_keyframe_is_claimed_while_the_backend_is_unusable(ctx):
+    """Every server down, or stopped on a configuration error: claiming would only burn
+    attempts."""
+    kid = plan(ctx, 0)
+    ctx.facts["backend_unusable"] = True
+    assert keyframe.tick(ctx, ProceduralBackend()) == 0
+    assert (row(ctx, kid).state, row(ctx, kid).attempt) == ("available", 0)
+    ctx.facts["backend_unusable"] = False
+    assert keyframe.tick(ctx, ProceduralBackend()) == 1
