@@ -205,6 +205,24 @@ def test_an_earlier_runs_keyframes_and_batches_are_not_measured(ctx):
     assert (m.keyframe_seconds, m.keyframe_samples, m.inbetween_ms) == (None, 0, {1.0: 1800.0})
 
 
+def test_a_measurement_carries_the_slowest_keyframe_and_the_batch_counts(ctx):
+    """The law reads the slowest recent keyframe (an N-down with noisy keyframes) and
+    how many batches each size has (one batch alone must be far off): measure passes
+    both on, for this run's work."""
+    worker = GovernorWorker(ctx)
+    with ctx.engine.begin() as conn:
+        for k, ms in enumerate([700, 2000, 6000, 3000]):         # the first: left out
+            keyframe(conn, k, ms)
+        for k, (ms, divisor) in enumerate([(100, 1.0), (800, 1.0), (1200, 1.0),
+                                           (400, 2.0)]):        # the first: left out
+            batch(conn, 10 + k, ms, divisor=divisor)
+    with ctx.reader.connect() as conn:
+        m = worker.measure(conn, 0.0)
+    assert (m.keyframe_seconds, m.keyframe_seconds_high, m.keyframe_samples) == (3.0, 6.0, 3)
+    assert m.inbetween_ms == {1.0: 200.0, 2.0: 80.0}            # ms / (n + 1) frames
+    assert m.inbetween_samples == {1.0: 2, 2.0: 1}
+
+
 def test_nothing_is_measured_while_paused_short_of_disk_or_without_a_backend(ctx):
     worker = GovernorWorker(ctx)
     with ctx.engine.begin() as conn:
