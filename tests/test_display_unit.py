@@ -23,6 +23,7 @@ from dreamd.display import status as status_json
 from dreamd.display.report import print_status
 from dreamd.ledger import glance
 from tests.conftest import mount_tmpfs
+from tests.test_faults_disk_full import fill
 
 
 # ================================================================ status.json
@@ -88,13 +89,7 @@ def full_disk(tmp_path):
     for disk in mount_tmpfs(tmp_path / "disk", "1m"):
         status_json.write(disk / "status.json", {"status": "playing", "problem": None,
                                                  "pad": "x" * 300})
-        with open(disk / "ballast", "wb", buffering=0) as f:
-            for size in (1 << 16, 1 << 10, 1):
-                try:
-                    while True:
-                        f.write(b"\0" * size)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
+        fill(disk)
         yield disk
 
 
@@ -808,12 +803,7 @@ def test_a_disk_full_output_dir_is_reported_not_raised(db_path, clock, tmp_path,
                                            f"output_dir = \"{disk}\"\n"):
             add_segment(ctx, 0, 3)
             w = DisplayWriter(ctx)
-            with open(disk / "ballast", "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 1024)
-                except OSError:
-                    pass
+            fill(disk)
             with caplog.at_level("WARNING", logger="dreamd"):
                 w.tick()                     # the frame cannot be copied onto the disk
             assert ctx.conditions.active(DISK_FULL)
@@ -897,12 +887,7 @@ def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_
             w.tick()
             assert (st(ctx)["status"], st(ctx)["problem"], st(ctx)["buffer_seconds"]) == \
                 ("playing", None, 0.5)
-            with open(disk / "ballast", "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 1024)
-                except OSError:
-                    pass
+            fill(disk)
             add_segment(ctx, 1, 3)           # made since the last count: not counted yet
             w.tick()
             s = st(ctx)

@@ -277,16 +277,22 @@ def test_a_failing_embedder_leaves_the_rows_to_retry_with_its_error(make):
     assert ctx.in_hand == set()
 
 
-def test_a_row_whose_lease_was_lost_is_not_completed_by_the_late_worker(make):
-    ctx = make()
+def claimed_then_taken(ctx):
+    """A keyframe's embedding claimed by this worker, then rescued by the janitor
+    meanwhile (another owner has it now): (the worker, the row it holds)."""
     add_keyframe(ctx, 0, picture(0))
     worker = EmbeddingWorker(ctx, ctx.embedders)
     worker.discover(descriptor.MODEL_ID)
     with ctx.engine.begin() as conn:
         (row,) = tr.claim(conn, "embedding", "test:1:embedding", lease_seconds=30)
-        # the janitor rescued it meanwhile (another owner has it now)
         conn.execute(text("UPDATE embeddings SET lease_owner = 'other' WHERE id = :i"),
                      {"i": row.id})
+    return worker, row
+
+
+def test_a_row_whose_lease_was_lost_is_not_completed_by_the_late_worker(make):
+    ctx = make()
+    worker, row = claimed_then_taken(ctx)
     assert worker.process(ctx.embedders.get(), [row], "test:1:embedding") == 0
     assert rows(ctx, "SELECT state, vector FROM embeddings")[0] == ("executing", None)
     # and a failure of a row it no longer holds is not written either
@@ -425,12 +431,7 @@ def test_a_batch_whose_images_are_all_gone_embeds_nothing(make):
 
 def test_a_missing_image_of_a_row_taken_meanwhile_is_not_failed_by_the_late_worker(make):
     ctx = make()
-    add_keyframe(ctx, 0, picture(0))
-    worker = EmbeddingWorker(ctx, ctx.embedders)
-    worker.discover(descriptor.MODEL_ID)
-    with ctx.engine.begin() as conn:
-        (row,) = tr.claim(conn, "embedding", "test:1:embedding", lease_seconds=30)
-        conn.execute(text("UPDATE embeddings SET lease_owner = 'other'"))
+    worker, row = claimed_then_taken(ctx)
     for f in ctx.cfg.keyframes_dir.iterdir():
         f.unlink()
     assert worker.process(ctx.embedders.get(), [row], "test:1:embedding") == 0

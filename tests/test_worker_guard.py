@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 
@@ -21,26 +20,11 @@ from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
 from tests.conftest import wait_for, worker_context
-from tests.test_guard import FakeNvml, start_game
+from tests.test_guard import GAME, FakeNvml, game, start_game  # noqa: F401 (a fixture)
 
-# A name of this test process's own (another run of the guard's tests, by a person or a
-# mutation run, must not see this one's games), at most 15 characters (Linux's comm)
-GAME = f"dwgame{os.getpid()}"
+# the stand-in games (tests/test_guard.py): GAME, a name of this test process's own, and
+# OTHER, a second one
 OTHER = f"dwother{os.getpid()}"
-
-
-@pytest.fixture
-def game(tmp_path):
-    """Start processes named GAME (copies of `sleep`); all ended after the test."""
-    procs: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        procs.append(start_game(tmp_path / "bin", GAME))
-        return procs[-1]
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 CONFIG = f"""
 [guard]

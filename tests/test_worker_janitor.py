@@ -27,6 +27,7 @@ from dreamd.storage import space
 from dreamd.workers import janitor
 from dreamd.workers.janitor import CHECKPOINT_EVERY, MEASURE_EVERY, Janitor
 from tests.conftest import mount_tmpfs, worker_context
+from tests.test_worker_planner import sql, write
 
 GB, MB = space.GB, space.MB
 FRAME_CHAIN = itertools.count()
@@ -54,16 +55,6 @@ def disk(tmp_path, db_path):
     for d in mount_tmpfs(tmp_path / "disk", "16m"):
         shutil.copy(db_path, d / "dreamd.db")
         yield d / "dreamd.db"
-
-
-def sql(ctx, q: str, **params):
-    with ctx.reader.connect() as conn:
-        return conn.execute(text(q), params).all()
-
-
-def write(ctx, q: str, **params) -> None:
-    with ctx.engine.begin() as conn:
-        conn.execute(text(q), params)
 
 
 def job(ctx, entity: str, *, lease_left: float, attempt: int = 1, max_attempts: int = 3) -> int:
@@ -356,13 +347,19 @@ def floor_at(ctx, nbytes: int) -> None:
     ctx.cfg.storage.min_free_gb = nbytes / GB
 
 
-def test_below_the_floor_generation_pauses_said_once(make_ctx, disk, caplog):
+def measured(make_ctx, disk):
+    """A janitor on the small disk, its first measurement made: (ctx, janitor, what it
+    woke, the free bytes)."""
     ctx = make_ctx(NOFLOOR, path=disk)
     woken = []
     ctx.wake = woken.append
     jan = Janitor(ctx)
     jan.measure()
-    free = space.free_bytes(ctx.cfg.data_dir)
+    return ctx, jan, woken, space.free_bytes(ctx.cfg.data_dir)
+
+
+def test_below_the_floor_generation_pauses_said_once(make_ctx, disk, caplog):
+    ctx, jan, woken, free = measured(make_ctx, disk)
     floor_at(ctx, free + 2 * MB)
     caplog.set_level(logging.INFO, logger="dreamd")
     jan.measure()
@@ -384,12 +381,7 @@ def test_below_the_floor_generation_pauses_said_once(make_ctx, disk, caplog):
 
 def test_it_resumes_by_itself_only_once_clear_of_the_floor(make_ctx, disk, caplog):
     """Hysteresis: generation resumes 10 % (at least 1 MB) above the floor, not at it."""
-    ctx = make_ctx(NOFLOOR, path=disk)
-    woken = []
-    ctx.wake = woken.append
-    jan = Janitor(ctx)
-    jan.measure()
-    free = space.free_bytes(ctx.cfg.data_dir)
+    ctx, jan, woken, free = measured(make_ctx, disk)
     assert 12 * MB < free < 16 * MB                   # a band of 1.2 - 1.6 MB over the floor
     floor_at(ctx, free - MB)                          # above the floor, within the band
     jan.measure()

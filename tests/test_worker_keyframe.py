@@ -371,16 +371,23 @@ def test_the_server_is_recorded_as_soon_as_the_backend_knows_it(ctx):
     assert row(ctx, kid).server == "http://here:8188"
 
 
-def test_a_keyframe_whose_lease_was_lost_is_not_completed(ctx):
-    """Another worker took the row while the backend ran: the image stays unrecorded,
-    no batch is made, and the row is the new holder's."""
-    kid = plan(ctx, 0)
+def process_after_a_theft(ctx, kid: int):
+    """Claim keyframe `kid`, let another worker ('thief') take its lease, then process
+    it as the first owner would go on doing: (frames made, the row claimed, its owner)."""
     owner = ctx.lease_owner("keyframe")
     with ctx.engine.begin() as conn:
         (claimed,) = tr.claim(conn, "keyframe", owner, lease_seconds=30)
         conn.execute(text("UPDATE keyframes SET lease_owner = 'thief' WHERE id = :i"),
                      {"i": kid})
-    assert keyframe.process(ctx, ProceduralBackend(), claimed, owner) == 0
+    return keyframe.process(ctx, ProceduralBackend(), claimed, owner), claimed, owner
+
+
+def test_a_keyframe_whose_lease_was_lost_is_not_completed(ctx):
+    """Another worker took the row while the backend ran: the image stays unrecorded,
+    no batch is made, and the row is the new holder's."""
+    kid = plan(ctx, 0)
+    done, claimed, owner = process_after_a_theft(ctx, kid)
+    assert done == 0
     r = row(ctx, kid)
     assert (r.state, r.lease_owner, r.path) == ("executing", "thief", None)
     assert ctx.woken == [] and "generation_time" not in ctx.facts
@@ -593,12 +600,7 @@ def test_a_failure_after_the_lease_was_lost_leaves_the_row_to_its_new_holder(ctx
         fill(next(mounted))
     try:
         kid = plan(ctx, 0, size=(4, 4) if cause == "permanent" else (W, H))
-        owner = ctx.lease_owner("keyframe")
-        with ctx.engine.begin() as conn:
-            (claimed,) = tr.claim(conn, "keyframe", owner, lease_seconds=30)
-            conn.execute(text("UPDATE keyframes SET lease_owner = 'thief' WHERE id = :i"),
-                         {"i": kid})
-        assert keyframe.process(ctx, ProceduralBackend(), claimed, owner) == 0
+        assert process_after_a_theft(ctx, kid)[0] == 0
     finally:
         if mounted is not None:
             next(mounted, None)
