@@ -696,7 +696,8 @@ def test_head_revision_of_a_lone_revision_without_down(tmp_path, monkeypatch):
 
 def test_glance_json_object_and_run_alive():
     assert glance.json_object('{"a": 1}') == {"a": 1}
-    for raw in (None, "", "[1]", "{bad", 5):
+    # b"\xff": a BLOB that is not UTF-8, as an outside sqlite3 session could store
+    for raw in (None, "", "[1]", "{bad", 5, b"\xff{}"):
         assert glance.json_object(raw) is None, raw
     assert glance._dt(None) is None
     assert glance._dt(NOW) is NOW

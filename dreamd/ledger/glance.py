@@ -110,7 +110,7 @@ def json_object(raw: Any) -> dict[str, Any] | None:
     """A JSON column holding an object, parsed; None when empty or not an object."""
     try:
         value = json.loads(raw) if raw else None
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError):     # JSONDecodeError, and a BLOB that is not UTF-8
         return None
     return value if isinstance(value, dict) else None
 
