@@ -358,24 +358,33 @@ def test_a_really_damaged_ledger_file(tmp_path, ledger_template):
 
 
 @contextlib.contextmanager
-def read_only_folder():
-    """A folder this process cannot write to. Root writes anywhere, so as root the
-    process becomes `nobody` meanwhile (the saved uid brings root back after)."""
-    top = Path(tempfile.mkdtemp(prefix="dreamd-ro-"))
-    top.chmod(0o755)
-    data = top / "data"
-    data.mkdir()
-    data.chmod(0o555)
+def as_nobody():
+    """File permissions apply meanwhile: root reads and writes anywhere, so as root the
+    process becomes `nobody` (the saved uid brings root back after)."""
     root = os.geteuid() == 0
     try:
         if root:
             os.setresgid(65534, 65534, 0)
             os.setresuid(65534, 65534, 0)
-        yield data
+        yield
     finally:
         if root:
             os.setresuid(0, 0, 0)
             os.setresgid(0, 0, 0)
+
+
+@contextlib.contextmanager
+def read_only_folder():
+    """A folder this process cannot write to."""
+    top = Path(tempfile.mkdtemp(prefix="dreamd-ro-"))
+    top.chmod(0o755)
+    data = top / "data"
+    data.mkdir()
+    data.chmod(0o555)
+    try:
+        with as_nobody():
+            yield data
+    finally:
         data.chmod(0o755)
         shutil.rmtree(top)
 

@@ -182,6 +182,18 @@ def test_load_input_reads_resizes_or_names_the_unusable_file(ctx, tmp_path):
         keyframe.load_input(bad, W, H, data)
 
 
+def test_an_input_image_it_may_not_read_waits_and_is_never_discarded(ctx):
+    """Permission denied is the machine's condition, not the keyframe's fault: raised
+    as it is (the worker postpones), not as a permanent error that discards."""
+    from tests.test_ledger_unit import as_nobody
+
+    rel = png(ctx, "keyframes/locked.png")
+    (ctx.cfg.data_dir / rel).chmod(0o000)
+    r = row(ctx, plan(ctx, 0, input_path=rel))
+    with pytest.raises(PermissionError), as_nobody():
+        keyframe.load_input(r, W, H, ctx.cfg.data_dir)
+
+
 def test_input_png_is_the_files_bytes_only_when_they_are_an_rgb_png_of_the_size(ctx):
     data = ctx.cfg.data_dir
     assert keyframe.input_png(row(ctx, plan(ctx, 0)), W, H, data) is None
