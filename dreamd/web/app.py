@@ -83,6 +83,7 @@ class ViewerState:
     status: dict[str, Any] | None = None
     _status_mtime: int = -1
     _ledger_at: float = float("-inf")
+    _ledger_key: int | None = None   # the keyframe the theme was read for
     _extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,21 +189,32 @@ def payload(state: ViewerState) -> dict[str, Any]:
             "web": {"controls": state.writer is not None, "exposed": state.exposed}}
 
 
+async def refresh(state: ViewerState) -> bool:
+    """Re-read status.json when it changed, and with it the ledger's facts (the theme on
+    screen, the knobs) at most every LEDGER_EVERY or when the keyframe changed. True when
+    the payload may have changed. The watcher and `/api/status` both come through here,
+    so whichever sees a change first reads the ledger for it."""
+    changed = _read_status(state)
+    now = time.monotonic()
+    k = (state.status or {}).get("keyframe_index")
+    # not read yet (just started, or the watcher's first read is still under way): now
+    if (changed or not state._extra) and (now - state._ledger_at >= LEDGER_EVERY
+                                          or k != state._ledger_key):
+        try:
+            state._extra = await anyio.to_thread.run_sync(_ledger_facts, state, k)
+        except Exception as exc:    # busy or being replaced: keep the last answer
+            log.debug("viewer: ledger read failed: %s", exc)
+        state._ledger_at, state._ledger_key = now, k
+    return changed
+
+
 async def watch_status(state: ViewerState) -> None:
     """Publish the status to every page when status.json changes (twice a second while
     the daemon writes it), and at least every HEARTBEAT seconds."""
     last_sent = 0.0
-    last_key = None
     while True:
-        changed = _read_status(state)
+        changed = await refresh(state)
         now = time.monotonic()
-        k = (state.status or {}).get("keyframe_index")
-        if changed and (now - state._ledger_at >= LEDGER_EVERY or k != last_key):
-            try:
-                state._extra = await anyio.to_thread.run_sync(_ledger_facts, state, k)
-            except Exception as exc:    # busy or being replaced: keep the last answer
-                log.debug("viewer: ledger read failed: %s", exc)
-            state._ledger_at, last_key = now, k
         if state.hub.subscribers and (changed or now - last_sent >= HEARTBEAT):
             state.hub.publish("status", payload(state))
             last_sent = now
@@ -244,7 +256,7 @@ def build_app(state: ViewerState) -> Starlette:
         return Response(data, media_type="image/png", headers=_headers(IMMUTABLE))
 
     async def status(request: Request) -> Response:
-        _read_status(state)
+        await refresh(state)
         return JSONResponse({"status": payload(state), "frame": state.hub.current},
                             headers=_headers("no-store"))
 
