@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import text
 
 from dreamd.latent.pixel import PixelCodec
-from dreamd.latent.storage import latent_meta, save_latent
+from dreamd.latent.storage import latent_meta, load_latent, save_latent
 from dreamd.ledger import transitions as tr
 from dreamd.workers import interpolation
 from tests.conftest import worker_context
@@ -188,6 +188,10 @@ def test_the_keyframes_latents_are_stored_and_reused(ctx):
     latent = interpolation.encode_keyframe(ctx, codec, row_a)
     stored = interpolation.latent_path(ctx, row_a.sha256, codec)
     assert stored.is_file() and latent.shape == (3, 8, 16)
+    # stored with what it is the latent of: the image's hash and size (a restart reuses it
+    # only for that image, and decodes it to frames of that size)
+    assert load_latent(stored)[1] == latent_meta(codec, width=16, height=8,
+                                                 image_sha256=row_a.sha256)
     assert float(latent[0].mean()) == pytest.approx(250 / 255 * 2 - 1, abs=1e-3)
     # a stored latent for the image is what is used: here a grey one, made on purpose
     save_latent(stored, torch.zeros(3, 8, 16),
