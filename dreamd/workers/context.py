@@ -10,7 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import Engine
 
@@ -84,6 +84,17 @@ class WorkerContext:
 
     # ------------------------------------------------------------ leases
     @contextmanager
+    def holding(self, entity: str, ids: Iterable[int]) -> Iterator[None]:
+        """Rows this process is working on, while the body runs: the janitor never
+        rescues them, and the game guard waits for them before it frees the models."""
+        held = {(entity, i) for i in ids}
+        self.in_hand.update(held)
+        try:
+            yield
+        finally:
+            self.in_hand.difference_update(held)
+
+    @contextmanager
     def lease(self, entity: str, row_id: int, owner: str) -> Iterator[None]:
         """Renew the lease on one claimed row while the body runs (HTTP or torch work)."""
         seconds = self.cfg.generation.lease_seconds
@@ -154,9 +165,6 @@ def drain(ctx: WorkerContext, entity: str, work: Callable[[Any, str], int], *,
                                      lease_seconds=ctx.cfg.generation.lease_seconds)
         if not rows:
             break
-        ctx.in_hand.add((entity, rows[0].id))
-        try:
+        with ctx.holding(entity, [rows[0].id]):
             done += work(rows[0], owner)
-        finally:
-            ctx.in_hand.discard((entity, rows[0].id))
     return done

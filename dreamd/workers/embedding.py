@@ -69,14 +69,8 @@ class EmbeddingWorker:
                                          lease_seconds=ctx.cfg.generation.lease_seconds)
             if not rows:
                 break
-            # in hand until done: the janitor never rescues them, and the game guard
-            # waits for them before it takes the embedder off the device
-            held = {("embedding", r.id) for r in rows}
-            ctx.in_hand.update(held)
-            try:
+            with ctx.holding("embedding", [r.id for r in rows]):
                 done += self.process(emb, rows, owner)
-            finally:
-                ctx.in_hand.difference_update(held)
         return done
 
     # ------------------------------------------------------------ finding work
