@@ -56,8 +56,10 @@ rmskin: $(VENV)/.installed-run
 # `make mutate` or `make mutate MUTANTS='dreamd.ledger.transitions*'`. Config in
 # pyproject.toml [tool.mutmut]; survivors: .venv/bin/mutmut results / mutmut show NAME.
 MUTANTS ?=
+# one OpenMP thread: mutmut forks each mutant's test run from a process that has used
+# torch, and a forked child waits forever on the parent's thread pool
 mutate: $(VENV)/.installed-dev
-	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results
 
 clean-venv:

@@ -193,3 +193,27 @@ def worker_context(db_path: Path, config_text: str):
     finally:
         engine.dispose()
         reader.dispose()
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> set[tuple[int, int]]:
+    """The files `os.fsync` was called on, as (device, inode), then the real fsync.
+
+    A power cut cannot be staged in a test; what can be checked is that the durability
+    step happened on the very file the ledger then names (a rename keeps the inode).
+    """
+    done: set[tuple[int, int]] = set()
+    real = os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        done.add((st.st_dev, st.st_ino))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return done
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino

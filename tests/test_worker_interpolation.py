@@ -18,7 +18,7 @@ from dreamd.latent.pixel import PixelCodec
 from dreamd.latent.storage import latent_meta, load_latent, save_latent
 from dreamd.ledger import transitions as tr
 from dreamd.workers import interpolation
-from tests.conftest import worker_context
+from tests.conftest import identity, worker_context
 
 CONFIG = """
 [generation]
@@ -293,12 +293,14 @@ def held(ctx, monkeypatch, point: str, work):
     return release
 
 
-def test_the_frames_are_on_disk_before_any_row_names_them(ctx, monkeypatch):
+def test_the_frames_are_on_disk_before_any_row_names_them(ctx, monkeypatch, fsynced):
     a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
     bid = batch(ctx, a, b, 3)
     release = held(ctx, monkeypatch, "frames-written",
                    lambda: interpolation.tick(ctx, interpolation.Codecs(ctx)))
-    assert len(list(ctx.cfg.frames_dir.iterdir())) == 4
+    files = list(ctx.cfg.frames_dir.iterdir())
+    assert len(files) == 4
+    assert all(identity(f) in fsynced for f in files)     # on the disk, not in a cache
     assert rows(ctx, "SELECT count(*) FROM frames") == [(0,)]
     assert rows(ctx, "SELECT state FROM interpolations WHERE id = :i", i=bid) == \
         [("executing",)]

@@ -20,7 +20,7 @@ from dreamd.errors import PermanentBackendError
 from dreamd.ledger import transitions as tr
 from dreamd.workers import keyframe
 from tests.comfyui_double import ComfyUIDouble
-from tests.conftest import worker_context
+from tests.conftest import identity, worker_context
 
 CKPT = "random-sd15.safetensors"
 CONFIG = """
@@ -408,7 +408,7 @@ def test_a_keyframe_whose_lease_was_lost_is_not_completed(ctx):
     assert (row(ctx, kid).state, row(ctx, kid).error) == ("executing", None)
 
 
-def test_the_image_is_on_disk_before_the_row_is_completed(ctx, monkeypatch):
+def test_the_image_is_on_disk_before_the_row_is_completed(ctx, monkeypatch, fsynced):
     from tests.test_worker_interpolation import held
 
     k0 = plan(ctx, 0)
@@ -416,7 +416,8 @@ def test_the_image_is_on_disk_before_the_row_is_completed(ctx, monkeypatch):
     k1 = plan(ctx, 1, input_path=row(ctx, k0).path)
     release = held(ctx, monkeypatch, "keyframe-written",
                    lambda: keyframe.tick(ctx, ProceduralBackend()))
-    assert (ctx.cfg.keyframes_dir / f"k000001-{k1}.png").is_file()
+    image = ctx.cfg.keyframes_dir / f"k000001-{k1}.png"
+    assert image.is_file() and identity(image) in fsynced    # on the disk, not in a cache
     assert (row(ctx, k1).state, row(ctx, k1).path) == ("executing", None)
     assert rows(ctx, "SELECT count(*) FROM interpolations") == [(0,)]
     assert release() == 1
@@ -539,6 +540,21 @@ def test_each_keyframe_logs_its_timing_line_for_the_bench(ctx, caplog):
                         r"ledger_ms=[\d.]+ ", lines[0]), lines[0]
     assert "keyframe 0 ready (ethereal, " in caplog.text
     assert 0 < row(ctx, kid).generation_ms <= wall_ms      # measured inside the call
+
+
+def test_the_generation_time_recorded_is_the_calls_duration_in_ms(ctx, monkeypatch):
+    """On a clock the test sets (a quarter second from start to end), so it is exact."""
+    import types
+
+    ticks = iter([100.0, 100.25])
+    monkeypatch.setattr(keyframe, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    kid = plan(ctx, 0)
+    assert keyframe.tick(ctx, ProceduralBackend()) == 1
+    assert row(ctx, kid).generation_ms == 250.0
+    (detail,) = rows(ctx, "SELECT detail FROM transitions WHERE entity = 'keyframe' "
+                          "AND to_state = 'completed'")[0]
+    assert json.loads(detail)["ms"] == 250.0
+    assert ctx.facts["generation_time"] == 0.25
 
 
 def test_a_failure_is_logged_with_what_became_of_the_keyframe(ctx, caplog):
