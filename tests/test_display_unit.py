@@ -106,6 +106,19 @@ def test_on_a_full_disk_status_json_is_rewritten_in_place(full_disk):
     assert json.loads(path.read_text()) == block and path.stat().st_size == 4096
 
 
+def test_a_full_disk_quota_is_a_full_disk_too(tmp_path, monkeypatch):
+    # quotas do not limit root, who runs these tests: the file system's answer is staged
+    path = tmp_path / "status.json"
+    status_json.write(path, {"status": "playing", "pad": "x" * 300})
+
+    def over_quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(status_json, "write_atomic", over_quota)
+    status_json.write(path, {"status": "underrun"})
+    assert json.loads(path.read_text()) == {"status": "underrun"}     # written in place
+
+
 def test_on_a_full_disk_a_missing_or_growing_status_json_raises_the_disk_error(full_disk):
     with pytest.raises(OSError) as exc:
         status_json.write(full_disk / "other.json", {"status": "playing"})
