@@ -206,6 +206,31 @@ def test_the_keyframes_latents_are_stored_and_reused(ctx):
     assert len(list((ctx.cfg.data_dir / "latents").iterdir())) == 2
 
 
+class Elsewhere(PixelCodec):
+    """The pixel codec as if it lived on a GPU: torch's `meta` device stands in (the only
+    device besides the CPU here). It notes where its input was and answers on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = torch.device("meta")
+        self.inputs = []
+
+    def encode(self, images):
+        self.inputs.append(images.device)
+        return torch.zeros(images.shape[0], 3, *images.shape[2:])
+
+
+def test_the_keyframe_and_its_stored_latent_go_to_the_codecs_device(ctx):
+    a = keyframe(ctx, 0, RED)
+    row_a = rows(ctx, "SELECT id, path, sha256 FROM keyframes WHERE id = :i", i=a)[0]
+    codec = Elsewhere()
+    interpolation.encode_keyframe(ctx, codec, row_a)
+    assert codec.inputs == [torch.device("meta")]            # the image, on its device
+    reused = interpolation.encode_keyframe(ctx, codec, row_a)
+    assert codec.inputs == [torch.device("meta")]            # stored: not encoded again
+    assert reused.device == torch.device("meta")             # and loaded onto its device
+
+
 def test_a_latent_made_by_another_codec_or_unreadable_is_made_again(ctx, caplog):
     a = keyframe(ctx, 0, RED)
     row = rows(ctx, "SELECT id, path, sha256 FROM keyframes WHERE id = :i", i=a)[0]
