@@ -150,7 +150,8 @@ class Generation:
                      choices=("auto", "taesd", "sd-vae", "pixel"))
     codec_path: str = key("", "explicit weight file for the codec (empty = look for one)")
     codec_device: str = key("auto", "where the codec runs: auto = the GPU system.gpu when CUDA "
-                                    "has it, else the CPU; cpu keeps it off a GPU ComfyUI uses",
+                                    "has it, else the CPU; cuda = the same, with a warning when "
+                                    "it falls back; cpu keeps it off a GPU ComfyUI uses",
                             choices=("auto", "cpu", "cuda"))
     codec_precision: str = key("auto", "auto = fp16 on CUDA, on the CPU bf16 when a probe on "
                                        "your weights finds it faster and within 1/255 of fp32",

@@ -183,6 +183,10 @@ def test_resolve_device_falls_back_to_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device(None, 1) == torch.device("cuda", 1)
     assert resolve_device(None, 5) == torch.device("cpu")
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)    # system.gpu's
+    assert resolve_device("cuda", 5) == torch.device("cpu")
+    assert resolve_device("cuda:0", 1) == torch.device("cuda", 0)  # named in full: wins
+    assert resolve_device("cpu", 1) == torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the pixel fallback, last

@@ -37,4 +37,4 @@ def test_daemon_interpolates_with_taesd_found_in_comfyui_models_dir(daemon, tmp_
                                        "WHERE state='completed'")).scalars())
     engine.dispose()
     assert codecs == {"taesd"}
-    assert "codec: taesd from" in (daemon.data_dir / "logs" / "dreamd.log").read_text()
+    assert "codec chosen: taesd from" in (daemon.data_dir / "logs" / "dreamd.log").read_text()

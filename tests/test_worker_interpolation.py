@@ -387,24 +387,38 @@ checkpoint = "mine.safetensors"
             f"{models}/checkpoints/mine.safetensors (missing))")
 
 
-@pytest.mark.parametrize("precision, variant", [("fp32", "auto"), ("bf16", "sd")])
-def test_a_weight_file_named_in_the_config_is_the_codec(db_path, tmp_path, precision, variant):
+@pytest.mark.parametrize("precision, variant, device, divisor, made", [
+    ("fp32", "auto", "cpu", 1.0, "taesd from {decoder} (taesd pair), fp32 as configured"),
+    # no GPU here: "cuda" is system.gpu's, and without it the CPU, saying so
+    pytest.param("bf16", "xl", "cuda", 2.0,
+                 "taesdxl from {decoder} (taesd pair), bf16 as configured, at 1/2 size; "
+                 "codec_device is cuda but CUDA has no GPU 1 here (0 found): on the CPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"))])
+def test_a_weight_file_named_in_the_config_is_the_codec(db_path, tmp_path, caplog, precision,
+                                                        variant, device, divisor, made):
     from tests.conftest_codecs import diffusers_tiny, save_taesd_pair
 
     decoder = save_taesd_pair(tmp_path / "w", diffusers_tiny())[1]
     toml = f"""
+[system]
+gpu = 1
 [generation]
 codec = "taesd"
 codec_path = "{decoder}"
-codec_device = "cpu"
+codec_device = "{device}"
 codec_precision = "{precision}"
 codec_variant = "{variant}"
+resolution_divisor = {divisor}
 """
+    caplog.set_level("INFO")
     for ctx in worker_context(db_path, toml):
         codec = interpolation.Codecs(ctx).get()
-        assert codec.name == "taesd"
-        reason = ctx.facts["codec_reason"]
-        assert reason == f"taesd from {decoder} (taesd pair), {precision} as configured"
+        assert codec.name == ("taesdxl" if variant == "xl" else "taesd")
+        assert codec.device == torch.device("cpu") and getattr(codec, "divisor", 1.0) == divisor
+        assert ctx.facts["codec_reason"] == made.format(decoder=decoder)
+        said = [r.getMessage() for r in caplog.records if "codec" in r.getMessage()]
+        assert said[-1] == f"codec chosen: {made.format(decoder=decoder)}"
+        assert said.count(said[-1]) == 1                        # said once, in words
 
 
 # ---------------------------------------------------------------- the machine, the lease, the log

@@ -143,8 +143,9 @@ class ModelCodec:
 
 
 def resolve_device(device: str | None, gpu_index: int = 0) -> torch.device:
-    """The configured GPU when CUDA has it, else the CPU; an explicit device wins."""
-    if device:
+    """The configured GPU (`gpu_index`, system.gpu) when CUDA has it, else the CPU, for
+    "auto" (None) and "cuda" alike; any other device named in full ("cpu", "cuda:2") wins."""
+    if device and device != "cuda":
         return torch.device(device)
     if torch.cuda.is_available() and gpu_index < torch.cuda.device_count():
         return torch.device("cuda", gpu_index)
@@ -155,7 +156,7 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
                  checkpoint: str | None = None, divisor: float = 1.0, device: str | None = None,
                  gpu_index: int = 0, precision: str = "auto",
                  variant: str = "auto") -> tuple[LatentCodec, str]:
-    """The codec to interpolate with, and a sentence saying which one and why.
+    """The codec to interpolate with, and a sentence saying which one and why (logged).
 
     kind: "auto" takes the first that loads of: `path`; TAESD in `models_dir/vae_approx`;
     a VAE in `models_dir/vae`; `models_dir/checkpoints/<checkpoint>`'s VAE; the pixel codec.
@@ -165,8 +166,26 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
     if kind not in KINDS:
         raise CodecError(f"unknown codec kind {kind!r} (one of {', '.join(KINDS)})")
     if kind == "pixel":
-        return _pixel(divisor, "pixel codec as configured")
-    dev = resolve_device(device, gpu_index)
+        codec, reason = _pixel(divisor, "pixel codec as configured")
+    else:
+        dev = resolve_device(device, gpu_index)
+        codec, reason = _weights(kind, path, models_dir, checkpoint, divisor, dev, precision,
+                                 variant)
+        if device == "cuda" and dev.type != "cuda":
+            # a driver gone after an update, a card moved: the dream goes on, on the CPU,
+            # and the reason (status, log) says why
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            reason = (f"{reason}; codec_device is cuda but CUDA has no GPU {gpu_index} here "
+                      f"({found} found): on the CPU")
+            log.warning("codec chosen: %s", reason)
+            return codec, reason
+    log.info("codec chosen: %s", reason)
+    return codec, reason
+
+
+def _weights(kind: str, path: str | Path | None, models_dir: str | Path | None,
+             checkpoint: str | None, divisor: float, dev: torch.device, precision: str,
+             variant: str) -> tuple[LatentCodec, str]:
     family = None if kind == "auto" else kind
     if path:
         weights = load_weights(path, variant)
@@ -247,7 +266,6 @@ def _pixel(divisor: float, reason: str) -> tuple[LatentCodec, str]:
         # Its own divisor averages whole pixel blocks: the right shrink when the latent is pixels.
         codec = PixelCodec(divisor=int(divisor))
         reason = reason if divisor == 1 else f"{reason}, at 1/{divisor:g} size"
-        log.info("codec chosen: %s", reason)
         return codec, reason
     return _divided(PixelCodec(), divisor, reason)
 
@@ -270,5 +288,4 @@ def _divided(codec: LatentCodec, divisor: float, reason: str) -> tuple[LatentCod
     if divisor != 1.0:
         codec = DivisorCodec(codec, divisor)
         reason = f"{reason}, at 1/{divisor:g} size"
-    log.info("codec chosen: %s", reason)
     return codec, reason

@@ -92,7 +92,6 @@ class Codecs:
                     device=None if g.codec_device == "auto" else g.codec_device,
                     gpu_index=self.ctx.cfg.system.gpu, precision=g.codec_precision,
                     variant=g.codec_variant)
-                log.info("codec: %s", self.reason)
                 self.ctx.facts["codec"] = self._codec.name
                 self.ctx.facts["codec_reason"] = self.reason
             return self._codec
