@@ -366,6 +366,26 @@ def test_the_batchs_time_is_in_ms_and_counts_its_frames(ctx, monkeypatch):
     assert ms >= 2 * 0.05 / 4 * 1000
 
 
+def test_the_batchs_time_is_exact_on_a_set_clock_and_leaves_out_building_the_codec(
+        ctx, monkeypatch):
+    import types
+
+    ticks = iter([64.0, 64.3125])      # 312.5 ms (exact in binary) from claim to frames on disk
+    monkeypatch.setattr(interpolation, "time",
+                        types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
+    bid = batch(ctx, a, b, 3)
+    codecs = interpolation.Codecs(ctx)
+    codecs.get()                                       # built before: a lookup only
+    assert interpolation.tick(ctx, codecs) == 1
+    (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations WHERE id = :i", i=bid)[0]
+    # less the lookup (the codec's own timing, in real time: microseconds, 100 ms allowed)
+    assert 212.5 < ms < 312.5
+    (detail,) = rows(ctx, "SELECT detail FROM transitions WHERE entity = 'interpolation' "
+                          "AND to_state = 'completed'")[0]
+    assert json.loads(detail)["ms"] == round(ms, 1) != round(ms)
+
+
 # ---------------------------------------------------------------- which codec
 
 def test_the_codec_is_looked_for_where_the_config_says(db_path, tmp_path):
@@ -440,6 +460,8 @@ def test_a_full_disk_postpones_the_batch_without_using_an_attempt(ctx):
         state, attempt, error = rows(ctx, "SELECT state, attempt, error FROM interpolations "
                                           "WHERE id = :i", i=bid)[0]
         assert (state, attempt) == ("retryable", 0) and error.startswith("disk full: ")
+        assert rows(ctx, "SELECT worker FROM transitions WHERE event = 'postponed'") == \
+            [(ctx.lease_owner("interpolation"),)]          # by the lease's holder, checked
         assert ctx.conditions.active(DISK_FULL)
         (folder / "filler").unlink()
         with ctx.engine.begin() as conn:
