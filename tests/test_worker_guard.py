@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -93,6 +94,17 @@ def test_before_a_game_it_says_what_it_watches_and_does_nothing(make, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "game guard: on; watching 2 process names, GPU off"]
     assert controls_rows(ctx) == [] and not ctx.paused()
+    guard.close()
+
+
+@pytest.mark.parametrize("index, state", [
+    (0, "watching GPU 0 (NVIDIA GeForce RTX 4090)"),
+    (1, "unavailable: Invalid Argument")])          # the simulated driver has one GPU
+def test_it_watches_the_gpu_system_gpu_names(make, monkeypatch, index, state):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())       # no NVIDIA driver here
+    ctx = make(extra=f"gpu_vram_gb = 2.0\n[system]\ngpu = {index}\n")
+    guard = Guard(ctx)
+    assert ctx.facts["guard"]["gpu"] == state
     guard.close()
 
 
