@@ -263,11 +263,20 @@ def test_the_gpu_is_freed_only_after_local_work_in_flight_not_a_keyframe(make, g
     assert free == ("controls", [("keyframe", 3)] if keyframe else [])
 
 
-def test_stopping_the_daemon_does_not_wait_for_the_pause_or_the_work(make, game):
+def test_stopping_the_daemon_does_not_wait_for_the_pause_or_the_work(make, game, monkeypatch):
+    import types
+
+    from dreamd.workers import guard as guard_module
+
+    def no_wait(seconds):
+        raise AssertionError(f"the guard waited {seconds} s while the daemon was stopping")
+
     ctx = make()
     ctx.wake = lambda name: None                # nobody applies controls any more
     ctx.in_hand.add(("interpolation", 1))
     ctx.stopping.set()
+    monkeypatch.setattr(guard_module, "time",
+                        types.SimpleNamespace(monotonic=time.monotonic, sleep=no_wait))
     guard = Guard(ctx)
     game()
     see(guard, ctx)
