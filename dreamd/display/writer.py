@@ -55,7 +55,6 @@ class DisplayWriter:
         self.chain: int | None = rt.playhead_chain_index
         self.t: float | None = rt.playhead_t
         self.frames_shown = rt.frames_shown
-        self.underruns = rt.underruns
         self.current: Path | None = None
         self.prompt: str | None = None
         self.theme: str | None = None
@@ -130,7 +129,6 @@ class DisplayWriter:
         if nxt is None:
             if not self.in_underrun:
                 self.in_underrun = True
-                self.underruns += 1
                 self.pending_underruns += 1
                 self.record()
                 log.info("underrun: holding the last frame until the buffer refills")

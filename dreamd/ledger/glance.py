@@ -67,10 +67,6 @@ def _has(conn: sqlite3.Connection, name: str) -> bool:
         is not None
 
 
-def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-
-
 def state_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     """{table: {state: rows}}; each table's count walks its state index only."""
     out: dict[str, dict[str, int]] = {}
