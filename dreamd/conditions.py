@@ -179,18 +179,44 @@ def postpone_for(ctx: Any, entity: str, row_id: int, owner: str, exc: BaseExcept
 
     what = f"{entity} {row_id}"
     ctx.conditions.report(kind, what, exc)
+    error = f"{kind}: {_short(exc)}"
     try:
         with begin_retrying(ctx, what) as conn:
-            transitions.postpone(conn, entity, row_id, owner, f"{kind}: {_short(exc)}",
+            transitions.postpone(conn, entity, row_id, owner, error,
                                  delay_seconds=POSTPONE_SECONDS)
     except StaleTransitionError:
         pass                                # its lease was lost: someone else has it
     except Exception as again:
         if classify(again) is None:
             raise
-        # the ledger cannot be written either: the lease runs out and the janitor
-        # rescues the job when it can
+        # the ledger cannot be written either: owed, and written by the janitor when it
+        # can (an expired lease would cost the job an attempt)
+        ctx.owed_postpones[(entity, row_id)] = (owner, error)
     return True
+
+
+def settle_postpones(ctx: Any) -> int:
+    """Write the postpones the ledger could not take (see `postpone_for`); returns how
+    many were settled. One still refused leaves the rest for the next call."""
+    from dreamd.errors import StaleTransitionError
+    from dreamd.ledger import transitions
+
+    settled = 0
+    for key, (owner, error) in list(ctx.owed_postpones.items()):
+        entity, row_id = key
+        try:
+            with ctx.engine.begin() as conn:
+                transitions.postpone(conn, entity, row_id, owner, error,
+                                     delay_seconds=POSTPONE_SECONDS)
+        except StaleTransitionError:
+            pass                            # no longer ours: nothing is owed
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            break                           # the ledger still cannot be written
+        ctx.owed_postpones.pop(key, None)
+        settled += 1
+    return settled
 
 
 def environment_recovered(ctx: Any) -> None:

@@ -520,3 +520,50 @@ def test_a_deficit_of_one_byte_counts_for_the_budget_check(make_ctx, disk, caplo
     assert jan.over == 1 and budget_said(caplog) == []
     jan.measure()                                      # the ledger grew a little: over
     assert len(budget_said(caplog)) == 1
+
+
+def test_a_postpone_a_full_ledger_refused_is_written_later_and_costs_no_attempt(make_ctx, disk):
+    """The disk fills while a keyframe is made: its image cannot be written, nor can the
+    ledger record the postpone. The janitor writes it once there is room, before any
+    rescue, so the keyframe gets its attempt back instead of losing it to an expiry."""
+    from dreamd.backends.procedural import ProceduralBackend
+    from dreamd.workers import keyframe
+    from tests.test_faults_disk_full import fill
+    from tests.test_worker_keyframe import plan
+
+    class FillsTheDisk(ProceduralBackend):
+        def generate(self, request):
+            made = super().generate(request)
+            fill(disk.parent)
+            return made
+
+    ctx = make_ctx(path=disk)
+    kid = plan(ctx, 0)
+    assert keyframe.tick(ctx, FillsTheDisk()) == 0
+    owner = ctx.lease_owner("keyframe")
+    assert ctx.owed_postpones == {("keyframe", kid): (owner, ctx.owed_postpones[
+        ("keyframe", kid)][1])} and ctx.owed_postpones[("keyframe", kid)][1].startswith(
+        "disk full: ")
+    assert sql(ctx, "SELECT state, attempt, lease_owner FROM keyframes") == \
+        [("executing", 1, owner)]                     # as the full ledger left it
+    (disk.parent / "ballast").unlink()                # room again, and the lease ran out
+    write(ctx, "UPDATE keyframes SET lease_expires_at = :e", e=utcnow() - timedelta(seconds=1))
+    Janitor(ctx).tick()
+    assert ctx.owed_postpones == {}
+    assert sql(ctx, "SELECT state, attempt, error LIKE 'disk full: %' FROM keyframes") == \
+        [("retryable", 0, 1)]                         # postponed: the attempt given back
+    assert abandoned(ctx) == []
+    assert [r.event for r in sql(ctx, "SELECT event FROM transitions WHERE entity = "
+                                      "'keyframe' ORDER BY id")] == \
+        ["created", "claimed", "postponed"]
+
+
+def test_a_row_whose_postpone_is_owed_is_not_rescued(make_ctx):
+    ctx = make_ctx()
+    owed = job(ctx, "interpolation", lease_left=-5)
+    dead = job(ctx, "interpolation", lease_left=-5)
+    ctx.owed_postpones[("interpolation", owed)] = ("dead:1:1:w", "disk full: test")
+    ctx.owed_postpones[("keyframe", dead)] = ("dead:1:1:w", "disk full: test")  # not this one
+    assert janitor.rescue_all(ctx) == 1
+    assert (state(ctx, "interpolation", owed), state(ctx, "interpolation", dead)) == (
+        "executing", "available")

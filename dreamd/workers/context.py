@@ -52,6 +52,10 @@ class WorkerContext:
     # Rows a worker of this process has claimed and not yet finished: the janitor never
     # rescues them, even when a busy ledger kept their lease from being renewed.
     in_hand: set[tuple[str, int]] = field(default_factory=set)
+    # Postpones a full or read-only ledger could not record: {(entity, id): (owner,
+    # error)}. The janitor writes them once it can (dreamd.conditions.settle_postpones)
+    # and spares the rows meanwhile, so the job gets its attempt back, not an expiry.
+    owed_postpones: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     _knobs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

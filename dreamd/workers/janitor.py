@@ -11,6 +11,7 @@ import time
 
 from sqlalchemy import update
 
+from dreamd.conditions import settle_postpones
 from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
@@ -29,7 +30,8 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
     n = 0
     with ctx.engine.begin() as conn:
         for entity in JOB_ENTITIES:
-            mine = [] if everything else [i for e, i in list(ctx.in_hand) if e == entity]
+            mine = [] if everything else [
+                i for e, i in [*ctx.in_hand, *ctx.owed_postpones] if e == entity]
             result = transitions.rescue(conn, entity, every_lease=everything, spare=mine,
                                         worker="startup" if everything else "janitor")
             for state, ids in result.items():
@@ -55,6 +57,8 @@ class Janitor:
         self.stuck_over = False         # over budget with nothing left to delete: said once
 
     def tick(self) -> None:
+        if self.ctx.owed_postpones:
+            settle_postpones(self.ctx)      # before the rescue: the attempt is given back
         rescue_all(self.ctx)
         self.storage()
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_EVERY:
