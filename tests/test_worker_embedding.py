@@ -300,6 +300,29 @@ def test_a_row_whose_lease_was_lost_is_not_completed_by_the_late_worker(make):
     assert rows(ctx, "SELECT state, error FROM embeddings")[0] == ("executing", None)
 
 
+def test_rows_taken_by_another_writer_between_the_look_and_the_claim_end_the_tick(make,
+                                                                                 monkeypatch):
+    """The race made certain: `has_due` sees work, another writer claims it before this
+    worker can; the tick ends with what it did (0), it does not spin or answer None."""
+    from dreamd.workers import embedding
+
+    ctx = make()
+    add_keyframe(ctx, 0, picture(0))
+    real = tr.has_due
+
+    def seen_then_taken(conn, entity):
+        due = real(conn, entity)
+        with ctx.engine.begin() as other:
+            tr.claim(other, entity, "another:1:embedding", limit=100, lease_seconds=30)
+        return due
+
+    monkeypatch.setattr(embedding.transitions, "has_due", seen_then_taken)
+    worker = EmbeddingWorker(ctx, ctx.embedders)
+    assert worker.tick() == 0
+    assert rows(ctx, "SELECT state, lease_owner FROM embeddings") == [
+        ("executing", "another:1:embedding")]
+
+
 # ---------------------------------------------------------------- under load
 
 def test_the_backlog_past_the_limit_sheds_midpoints_first_then_the_oldest(make):
