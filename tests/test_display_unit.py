@@ -608,6 +608,27 @@ def test_a_ready_later_segment_is_no_buffer_while_an_earlier_one_is_made(wctx):
     assert ctx.runtime().underruns == 0
 
 
+def test_an_underrun_counts_the_frames_ready_past_the_gap_afresh(wctx, clock):
+    """The buffer is counted twice a second; the tick that meets an underrun counts
+    again, so its status has the frames of a later segment made since the last count
+    (here within the same instant of the set clock)."""
+    ctx = wctx
+    ctx.cfg.governor.stretch = False
+    add_segment(ctx, 0, 2)                   # 3 frames = 0.3 s: playing at once
+    w = DisplayWriter(ctx)
+    w.tick()
+    add_segment(ctx, 1, 3, batch_state="executing")     # being made: a gap
+    add_segment(ctx, 2, 3)                   # 4 frames ready past it, not counted yet
+    for _ in range(2):
+        w.tick()
+    assert (st(ctx)["status"], st(ctx)["buffer_seconds"]) == ("playing", 0.0)
+    assert sum(clock.slept) < 0.5            # no recount due by the clock
+    w.tick()
+    s = st(ctx)
+    assert (s["status"], s["buffer_seconds"]) == ("underrun", 0.4)
+    assert len(shown(ctx)) == 3
+
+
 def test_the_stretch_slows_playback_on_a_low_buffer(wctx):
     ctx = wctx
     changes = []

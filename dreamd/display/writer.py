@@ -108,7 +108,9 @@ class DisplayWriter:
         with ctx.reader.connect() as conn:
             nxt = self.next_frame(conn)
             # counting the buffer is the tick's dearest query: twice a second is enough
-            if self.buffering or now - self.counted_at >= COUNT_EVERY:
+            # while frames play; afresh whenever none can (buffering, an underrun), so
+            # the status says what is ready now
+            if self.buffering or nxt is None or now - self.counted_at >= COUNT_EVERY:
                 self.ahead, self.counted_at = self.buffered(conn), now
         ahead = self.ahead
         seconds = ahead / fps
