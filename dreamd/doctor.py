@@ -64,16 +64,12 @@ def _gpu(cfg: Config):
 
 
 def _codec(cfg: Config):
-    from dreamd.latent.choose import choose_codec
-    g = cfg.generation
-    codec, reason = choose_codec(
-        g.codec, path=g.codec_path or None, models_dir=cfg.comfyui.models_dir or None,
-        checkpoint=cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
-        device=None if g.codec_device == "auto" else g.codec_device, gpu_index=cfg.system.gpu,
-        precision=g.codec_precision, variant=g.codec_variant)
+    from dreamd.latent.choose import codec_for
+    codec, reason = codec_for(cfg)          # the reason names the precision, and why
     try:
-        extra = getattr(codec, "precision_reason", None)
-        return "ok", reason + (f"; {extra}" if extra else "")
+        if cfg.generation.codec_device == "cuda" and codec.device.type != "cuda":
+            return "warning", reason        # asked for the GPU, on the CPU
+        return "ok", reason
     finally:
         codec.release()
 

@@ -206,3 +206,17 @@ def test_pixel_honours_the_divisor(tmp_path):
         z = codec.encode(images)
         assert z.shape[-1] < 96
         assert codec.decode(z).shape == images.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: nothing falls back")
+def test_doctor_warns_when_the_codec_asked_for_cuda_runs_on_the_cpu(tmp_path, tiny):
+    from dreamd import config, doctor
+
+    decoder = save_taesd_pair(tmp_path, tiny)[1]
+    cfg = config.parse(f'[generation]\ncodec = "taesd"\ncodec_path = "{decoder}"\n'
+                       f'codec_device = "cuda"\ncodec_precision = "fp32"\n')
+    assert doctor._codec(cfg) == (
+        "warning", f"taesd from {decoder} (taesd pair), fp32 as configured; codec_device is "
+                   f"cuda but CUDA has no GPU 0 here (0 found): on the CPU")
+    cfg.generation.codec_device = "auto"      # the CPU is what auto means here: no warning
+    assert doctor._codec(cfg) == ("ok", f"taesd from {decoder} (taesd pair), fp32 as configured")

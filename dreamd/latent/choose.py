@@ -183,6 +183,17 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
     return codec, reason
 
 
+def codec_for(cfg) -> tuple[LatentCodec, str]:
+    """The codec a config asks for (`generation.codec*`, `comfyui.models_dir` and
+    `checkpoint`, `system.gpu`): what the interpolation worker and `dreamd doctor` build."""
+    g = cfg.generation
+    return choose_codec(
+        g.codec, path=g.codec_path or None, models_dir=cfg.comfyui.models_dir or None,
+        checkpoint=cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
+        device=None if g.codec_device == "auto" else g.codec_device,
+        gpu_index=cfg.system.gpu, precision=g.codec_precision, variant=g.codec_variant)
+
+
 def _weights(kind: str, path: str | Path | None, models_dir: str | Path | None,
              checkpoint: str | None, divisor: float, dev: torch.device, precision: str,
              variant: str) -> tuple[LatentCodec, str]:

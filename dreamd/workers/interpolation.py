@@ -82,16 +82,9 @@ class Codecs:
     def _configured(self):
         with self._lock:
             if self._codec is None:
-                from dreamd.latent.choose import choose_codec
+                from dreamd.latent.choose import codec_for
 
-                g = self.ctx.cfg.generation
-                self._codec, self.reason = choose_codec(
-                    g.codec, path=g.codec_path or None,
-                    models_dir=self.ctx.cfg.comfyui.models_dir or None,
-                    checkpoint=self.ctx.cfg.comfyui.checkpoint, divisor=g.resolution_divisor,
-                    device=None if g.codec_device == "auto" else g.codec_device,
-                    gpu_index=self.ctx.cfg.system.gpu, precision=g.codec_precision,
-                    variant=g.codec_variant)
+                self._codec, self.reason = codec_for(self.ctx.cfg)
                 self.ctx.facts["codec"] = self._codec.name
                 self.ctx.facts["codec_reason"] = self.reason
             return self._codec
