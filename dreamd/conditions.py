@@ -197,7 +197,8 @@ def postpone_for(ctx: Any, entity: str, row_id: int, owner: str, exc: BaseExcept
 
 def settle_postpones(ctx: Any) -> int:
     """Write the postpones the ledger could not take (see `postpone_for`); returns how
-    many were settled. One still refused leaves the rest for the next call."""
+    many were written (one whose row is no longer ours is dropped, not counted). One
+    still refused leaves the rest for the next call."""
     from dreamd.errors import StaleTransitionError
     from dreamd.ledger import transitions
 
@@ -208,6 +209,7 @@ def settle_postpones(ctx: Any) -> int:
             with ctx.engine.begin() as conn:
                 transitions.postpone(conn, entity, row_id, owner, error,
                                      delay_seconds=POSTPONE_SECONDS)
+            settled += 1
         except StaleTransitionError:
             pass                            # no longer ours: nothing is owed
         except Exception as exc:
@@ -215,7 +217,6 @@ def settle_postpones(ctx: Any) -> int:
                 raise
             break                           # the ledger still cannot be written
         ctx.owed_postpones.pop(key, None)
-        settled += 1
     return settled
 
 
