@@ -173,7 +173,7 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
                                  variant)
         if device == "cuda" and dev.type != "cuda":
             # a driver gone after an update, a card moved: the dream goes on, on the CPU,
-            # and the reason (status, log) says why
+            # and the reason (the log, `dreamd doctor`) says why
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             reason = (f"{reason}; codec_device is cuda but CUDA has no GPU {gpu_index} here "
                       f"({found} found): on the CPU")
