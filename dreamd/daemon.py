@@ -36,6 +36,7 @@ log = logging.getLogger("dreamd")
 DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
 STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
+STOP_POLL = 0.2            # seconds between looks for a stop signal (it also wakes the wait)
 WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "status",
            "janitor", "controls", "heartbeat", "guard",
            "governor")
@@ -154,6 +155,7 @@ class Daemon:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.stop_reason = "stopped"
+        self.signalled: str | None = None      # set by the signal handler, read by run()
         self.running: dict[str, int] = {}
         self.running_lock = threading.Lock()
 
@@ -183,18 +185,36 @@ class Daemon:
         with self.running_lock:
             return [k for k, v in self.running.items() if v > 0]
 
+    def on_signal(self, signum: int, _frame: Any = None) -> None:
+        """SIGINT/SIGTERM: only note it. A handler runs between two bytecodes of the main
+        thread, which may be inside `stop_event.wait()` holding the event's lock at that
+        moment; `Event.set()` here would wait for that lock forever (a daemon deaf to every
+        later signal, seen once in CI under load). `wait_for_stop` sets the event."""
+        self.signalled = f"signal {signal.Signals(signum).name}"
+
+    def wait_for_stop(self, duration: float | None) -> bool:
+        """Until a signal, a console close or `duration` seconds (None: for ever); True
+        when stopped, False when the duration ran out."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while not self.stop_event.is_set():
+            if self.signalled:
+                self.stop_reason = self.signalled
+                self.stop_event.set()
+                break
+            left = STOP_POLL if deadline is None else min(STOP_POLL, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self.stop_event.wait(left)
+        return True
+
     def run(self, duration: float | None) -> int:
         # Signals first: a SIGTERM during start-up (migrations, a supervised ComfyUI
         # starting) must end in the same clean stop as one a minute later.
-        def on_signal(signum: int, _frame: Any) -> None:
-            self.stop_reason = f"signal {signal.Signals(signum).name}"
-            self.stop_event.set()
-
         def on_close(why: str) -> None:      # Windows: the console closed, a logoff
-            self.stop_reason = why
+            self.stop_reason = why           # (another thread, not a signal handler)
             self.stop_event.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in platform.stop_signals()}
+        previous = {s: signal.signal(s, self.on_signal) for s in platform.stop_signals()}
         stopped = threading.Event()           # the close handler holds Windows off until set
         console = platform.ConsoleClose(on_close, stopped)
         try:
@@ -313,7 +333,7 @@ class Daemon:
 
         scheduler.start()
         try:
-            if not self.stop_event.wait(timeout=duration):
+            if not self.wait_for_stop(duration):
                 self.stop_reason = f"duration {duration:g} s elapsed"
         finally:
             clean = self._stop(scheduler, ctx, display, backend, codecs)

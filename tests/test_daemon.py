@@ -261,3 +261,37 @@ def test_a_stop_releases_the_leases_it_holds(daemon):
     assert ledger_rows(daemon.data_dir, "SELECT state FROM keyframes WHERE id = ?",
                        kid) == [("completed",)]
     invariants.check(daemon.data_dir)
+
+
+def test_a_stop_signal_that_lands_while_the_main_thread_holds_the_stop_events_lock():
+    """A signal handler runs between two bytecodes of the main thread. When that thread is
+    inside `stop_event.wait()` it may hold the event's lock (a plain Lock) at that moment:
+    a handler that called `Event.set()` waited for it for ever, and the daemon ignored
+    every later signal (seen once in CI, a SIGINT just after the first frame)."""
+    import threading
+
+    from dreamd import config
+    from dreamd.daemon import Daemon
+
+    d = Daemon(config.parse(""))
+    returned = threading.Event()
+
+    def main_thread_inside_the_wait():
+        with d.stop_event._cond:            # as Event.wait() holds it, between bytecodes
+            d.on_signal(signal.SIGTERM, None)
+        returned.set()
+
+    threading.Thread(target=main_thread_inside_the_wait, daemon=True).start()
+    assert returned.wait(10), "the handler waits for a lock its own thread holds"
+    assert d.wait_for_stop(None) is True          # the run sees it at once
+    assert d.stop_reason == "signal SIGTERM" and d.stop_event.is_set()
+
+
+def test_the_run_waits_out_its_duration_when_no_signal_comes():
+    from dreamd import config
+    from dreamd.daemon import Daemon
+
+    d = Daemon(config.parse(""))
+    assert d.wait_for_stop(0.3) is False and not d.stop_event.is_set()
+    d.signalled = "signal SIGINT"
+    assert d.wait_for_stop(60) is True and d.stop_reason == "signal SIGINT"
