@@ -64,14 +64,11 @@ def _gpu(cfg: Config):
 
 
 def _codec(cfg: Config):
-    from dreamd.latent.choose import codec_for
+    from dreamd.latent.choose import NO_CUDA, codec_for
     codec, reason = codec_for(cfg)          # the reason names the precision, and why
-    try:
-        if cfg.generation.codec_device == "cuda" and codec.device.type != "cuda":
-            return "warning", reason        # asked for the GPU, on the CPU
-        return "ok", reason
-    finally:
-        codec.release()
+    codec.release()
+    # asked for the GPU, on the CPU (the pixel codec, CPU by design, is not a warning)
+    return ("warning" if NO_CUDA in reason else "ok"), reason
 
 
 def _embedder(cfg: Config):

@@ -142,6 +142,10 @@ class ModelCodec:
         return f"ModelCodec({self.name}, {self.device}, {self.dtype}, from {self.weights_id})"
 
 
+# the reason's words when codec_device = cuda found no GPU (`dreamd doctor` warns on them)
+NO_CUDA = "codec_device is cuda but CUDA has no GPU"
+
+
 def resolve_device(device: str | None, gpu_index: int = 0) -> torch.device:
     """The configured GPU (`gpu_index`, system.gpu) when CUDA has it, else the CPU, for
     "auto" (None) and "cuda" alike; any other device named in full ("cpu", "cuda:2") wins."""
@@ -175,11 +179,8 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
             # a driver gone after an update, a card moved: the dream goes on, on the CPU,
             # and the reason (the log, `dreamd doctor`) says why
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            reason = (f"{reason}; codec_device is cuda but CUDA has no GPU {gpu_index} here "
-                      f"({found} found): on the CPU")
-            log.warning("codec chosen: %s", reason)
-            return codec, reason
-    log.info("codec chosen: %s", reason)
+            reason = f"{reason}; {NO_CUDA} {gpu_index} here ({found} found): on the CPU"
+    log.log(logging.WARNING if NO_CUDA in reason else logging.INFO, "codec chosen: %s", reason)
     return codec, reason
 
 
