@@ -914,19 +914,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     double = ComfyUIDouble(args.port, delay=args.delay, checkpoints=args.checkpoint)
     double.delay_max = args.delay_max
-    double.start()
-    done = threading.Event()
+    # The handlers only note the signal and the main thread polls for it: a handler runs
+    # between two bytecodes of the main thread, and an Event.set() there can wait for ever
+    # on the lock that thread's own Event.wait() holds (the daemon's bug, fixed the same way).
+    signalled: list[int] = []
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+        signal.signal(signal.SIGTERM, lambda signum, _frame: signalled.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: signalled.append(signum))
+    double.start()    # after the handlers: a SIGTERM sent once it answers is always caught
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     print(f"comfyui double listening on {double.url} (CUDA_VISIBLE_DEVICES={cuda})", flush=True)
-    if done.wait(args.exit_after) is False and args.exit_after is not None:
-        print("comfyui double: crashing on purpose", flush=True)
-        sys.stdout.flush()
-        os._exit(3)
+    crash_at = None if args.exit_after is None else time.monotonic() + args.exit_after
+    while not signalled:
+        if crash_at is not None and time.monotonic() >= crash_at:
+            print("comfyui double: crashing on purpose", flush=True)
+            sys.stdout.flush()
+            os._exit(3)
+        time.sleep(0.05)
     double.stop()
     print("comfyui double: stopped cleanly", flush=True)
     return 0
