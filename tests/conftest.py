@@ -176,8 +176,10 @@ def mount_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def worker_context(db_path: Path, config_text: str):
-    """A WorkerContext on a real ledger file, for tests that drive a worker in-process."""
+def open_worker_context(db_path: Path, config_text: str = "", *, run_id: int = 1,
+                        owner: str = "test"):
+    """A WorkerContext on a real ledger file, for tests that drive a worker in-process;
+    `close_worker_context` lets its engines go."""
     from dreamd import config
     from dreamd.ledger import database, queries
     from dreamd.workers.context import WorkerContext
@@ -187,12 +189,35 @@ def worker_context(db_path: Path, config_text: str):
     engine, reader = database.writer(db_path), database.reader(db_path)
     with engine.begin() as conn:
         queries.runtime(conn)
-    c = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=1, owner="test")
+    return WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=run_id, owner=owner)
+
+
+def close_worker_context(ctx) -> None:
+    ctx.engine.dispose()
+    ctx.reader.dispose()
+
+
+def worker_context(db_path: Path, config_text: str):
+    """open_worker_context as a generator: `yield from` it in a fixture, or loop over it."""
+    c = open_worker_context(db_path, config_text)
     try:
         yield c
     finally:
-        engine.dispose()
-        reader.dispose()
+        close_worker_context(c)
+
+
+@pytest.fixture
+def contexts(db_path):
+    """Worker contexts on the test's ledger (or the ledger at `path`), every one closed
+    at the end: `contexts(config_text, path=None)`."""
+    made = []
+
+    def make(config_text: str = "", path: Path | None = None):
+        made.append(open_worker_context(path or db_path, config_text))
+        return made[-1]
+    yield make
+    for ctx in made:
+        close_worker_context(ctx)
 
 
 @pytest.fixture

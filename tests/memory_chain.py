@@ -10,35 +10,44 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from dreamd import config
+import pytest
+
 from dreamd.backend import KeyframeRequest, KeyframeResult
-from dreamd.ledger import database, queries
 from dreamd.ledger.models import Keyframe
 from dreamd.memory.embedder import Embedders
 from dreamd.workers import interpolation, keyframe, planner
 from dreamd.workers.context import WorkerContext
 from dreamd.workers.embedding import EmbeddingWorker
+from tests.conftest import close_worker_context, open_worker_context
 
 REPO = Path(__file__).resolve().parents[1]
 KF = Keyframe.__table__
 
 
 def make_ctx(db_path: Path, toml: str = "", run_id: int = 1) -> WorkerContext:
-    cfg = config.parse(toml)
-    cfg.system.data_dir = str(db_path.parent)
-    engine, reader = database.writer(db_path), database.reader(db_path)
-    with engine.begin() as conn:
-        queries.runtime(conn)
-    ctx = WorkerContext(cfg=cfg, engine=engine, reader=reader, run_id=run_id,
-                        owner=f"test:{run_id}")
+    """A worker context with the chain's codecs and embedders; `close` it at the end."""
+    ctx = open_worker_context(db_path, toml, run_id=run_id, owner=f"test:{run_id}")
     ctx.codecs = interpolation.Codecs(ctx)
-    ctx.embedders = Embedders(cfg.cache)
+    ctx.embedders = Embedders(ctx.cfg.cache)
     return ctx
 
 
-def close(ctx: WorkerContext) -> None:
-    ctx.engine.dispose()
-    ctx.reader.dispose()
+close = close_worker_context
+
+
+@pytest.fixture
+def memory_contexts(db_path):
+    """make_ctx on the test's ledger, a run each, never "under load" unless asked, every
+    one closed at the end: `memory_contexts(toml)`. Import it into a test module to use it."""
+    made: list[WorkerContext] = []
+
+    def make(toml: str = "") -> WorkerContext:
+        made.append(make_ctx(db_path, toml, run_id=len(made) + 1))
+        made[-1].cfg.display.min_buffer_seconds = 0.0
+        return made[-1]
+    yield make
+    for ctx in made:
+        close(ctx)
 
 
 class Chain:

@@ -21,7 +21,7 @@ from dreamd.memory import cache, collapse, descriptor, injection, stats
 from dreamd.workers import janitor
 from dreamd.workers.embedding import EmbeddingWorker
 from dreamd.workers.planner import with_time_of_day
-from tests.memory_chain import REPO, close, make_ctx
+from tests.memory_chain import REPO, close, memory_contexts  # noqa: F401 (a fixture)
 
 
 
@@ -59,18 +59,12 @@ def rows(ctx, sql: str, **params):
 
 
 @pytest.fixture
-def make(db_path):
-    made = []
-
+def make(memory_contexts):
     def _make(extra: str = ""):
-        ctx = make_ctx(db_path, extra, run_id=len(made) + 1)
+        ctx = memory_contexts(extra)
         ctx.cfg.generation.resolution = [128, 64]
-        ctx.cfg.display.min_buffer_seconds = 0.0         # never "under load" unless asked
-        made.append(ctx)
         return ctx
-    yield _make
-    for ctx in made:
-        close(ctx)
+    return _make
 
 
 # ---------------------------------------------------------------- the descriptor

@@ -17,7 +17,7 @@ from dreamd.ledger import transitions as tr
 from dreamd.ledger.models import Injection
 from dreamd.storage import retention as ret
 from dreamd.storage.retention import PassReport
-from tests.conftest import wait_for, worker_context
+from tests.conftest import wait_for
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, 250000)
 OLD = NOW - timedelta(days=30)
@@ -25,17 +25,8 @@ HOUR = timedelta(hours=1)
 
 
 @pytest.fixture
-def make_ctx(db_path):
-    gens = []
-
-    def make(config_text: str = ""):
-        g = worker_context(db_path, config_text)
-        gens.append(g)
-        return next(g)
-
-    yield make
-    for g in gens:
-        g.close()
+def make_ctx(contexts):
+    return contexts
 
 
 # ---------------------------------------------------------------- building a ledger

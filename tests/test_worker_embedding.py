@@ -20,24 +20,15 @@ from dreamd.memory import cache, descriptor
 from dreamd.memory.scale import scale_for
 from dreamd.workers.embedding import EmbeddingWorker, _is_midpoint
 from tests.conftest import wait_for
-from tests.memory_chain import close, make_ctx
+from tests.memory_chain import close, memory_contexts  # noqa: F401 (a fixture)
 from tests.test_memory import add_keyframe, picture, rows
 
 DESCRIPTOR = '[cache]\nembedder = "descriptor"\n'
 
 
 @pytest.fixture
-def make(db_path):
-    made = []
-
-    def _make(extra: str = DESCRIPTOR):
-        ctx = make_ctx(db_path, extra, run_id=len(made) + 1)
-        ctx.cfg.display.min_buffer_seconds = 0.0         # never "under load" unless asked
-        made.append(ctx)
-        return ctx
-    yield _make
-    for ctx in made:
-        close(ctx)
+def make(memory_contexts):
+    return lambda extra=DESCRIPTOR: memory_contexts(extra)
 
 
 def add_pair(ctx, k: int, n_frames: int, *, state: str = "ready") -> tuple[int, list[int]]:

@@ -30,21 +30,16 @@ def ctx(db_path):
 
 
 @pytest.fixture
-def make(db_path):
+def make(contexts):
     """A context on CONFIG with some of its values changed: {"governor.min_stretch": 0.8}."""
-    made = []
 
     def _make(changes: dict):
-        gen = worker_context(db_path, CONFIG)
-        made.append(gen)
-        ctx = next(gen)
+        ctx = contexts(CONFIG)
         for path, value in changes.items():
             section, name = path.split(".")
             setattr(getattr(ctx.cfg, section), name, value)
         return ctx
-    yield _make
-    for gen in made:
-        gen.close()
+    return _make
 
 
 def keyframe(conn, k: int, ms: float | None, *, state: str = "completed", started=None) -> int:

@@ -20,7 +20,7 @@ from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
-from tests.conftest import wait_for, worker_context
+from tests.conftest import wait_for
 from tests.test_guard import GAME, FakeNvml, game, start_game  # noqa: F401 (a fixture)
 
 # the stand-in games (tests/test_guard.py): GAME, a name of this test process's own, and
@@ -36,15 +36,12 @@ resume_after_seconds = {{grace}}
 
 
 @pytest.fixture
-def make(db_path):
+def make(contexts):
     """A context whose controls worker applies every control the guard makes at once,
     noting which rows were in hand each time it was woken."""
-    made = []
 
     def _make(grace: float = 0.0, extra: str = ""):
-        gen = worker_context(db_path, CONFIG.format(grace=grace) + extra)
-        ctx = next(gen)
-        made.append(gen)
+        ctx = contexts(CONFIG.format(grace=grace) + extra)
         ctx.woken = []
 
         def wake(name):
@@ -53,9 +50,7 @@ def make(db_path):
                 controls.tick(ctx)
         ctx.wake = wake
         return ctx
-    yield _make
-    for gen in made:
-        gen.close()
+    return _make
 
 
 def controls_rows(ctx) -> list[tuple[str, str, dict, str]]:

@@ -27,7 +27,7 @@ from dreamd.ledger.models import utcnow
 from dreamd.storage import space
 from dreamd.workers import janitor
 from dreamd.workers.janitor import CHECKPOINT_EVERY, MEASURE_EVERY, Janitor
-from tests.conftest import mount_tmpfs, worker_context
+from tests.conftest import mount_tmpfs
 from tests.test_worker_planner import sql, write
 
 GB, MB = space.GB, space.MB
@@ -36,17 +36,8 @@ NOFLOOR = "[storage]\nmin_free_gb = 0\nbudget_gb = 0\n"
 
 
 @pytest.fixture
-def make_ctx(db_path):
-    gens = []
-
-    def make(config_text: str = NOFLOOR, path=None):
-        g = worker_context(path or db_path, config_text)
-        gens.append(g)
-        return next(g)
-
-    yield make
-    for g in gens:
-        g.close()
+def make_ctx(contexts):
+    return lambda config_text=NOFLOOR, path=None: contexts(config_text, path)
 
 
 @pytest.fixture

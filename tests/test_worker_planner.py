@@ -23,8 +23,8 @@ from dreamd import seeding
 from dreamd.ledger import transitions as tr
 from dreamd.ledger.models import utcnow
 from dreamd.workers import planner
-from dreamd.workers.context import WorkerContext, drain, log_timing, timed
-from tests.conftest import wait_for, worker_context
+from dreamd.workers.context import drain, log_timing, timed
+from tests.conftest import wait_for
 
 THEMES = """
 [[prompts.themes]]
@@ -51,17 +51,8 @@ def fresh_seed_verdicts():
 
 
 @pytest.fixture
-def make_ctx(db_path):
-    gens = []
-
-    def make(config_text: str = PLAIN) -> WorkerContext:
-        g = worker_context(db_path, config_text)
-        gens.append(g)
-        return next(g)
-
-    yield make
-    for g in gens:
-        g.close()
+def make_ctx(contexts):
+    return lambda config_text=PLAIN: contexts(config_text)
 
 
 def sql(ctx, q: str, **params):
