@@ -123,7 +123,7 @@ def test_a_batch_becomes_frames_at_t_0_to_n_over_n_plus_1_files_before_rows(ctx)
     assert rows(ctx, "SELECT count(*) FROM transitions WHERE entity = 'frame' AND worker = :w",
                 w=ctx.lease_owner("interpolation")) == [(4,)]
     assert ctx.facts["codec"] == "pixel"
-    assert ctx.facts["codec_reason"] == "pixel codec as configured"
+    assert codecs.reason == "pixel codec as configured"
     assert ctx.facts["interpolation_ms_per_frame"] == pytest.approx(ms / 4)
     assert json.loads(detail[0].detail)["ms"] == round(ms, 1)
     assert interpolation.tick(ctx, codecs) == 0      # nothing left to do
@@ -399,9 +399,10 @@ models_dir = "{models}"
 checkpoint = "mine.safetensors"
 """
     for ctx in worker_context(db_path, toml):
-        codec = interpolation.Codecs(ctx).get()
+        codecs = interpolation.Codecs(ctx)
+        codec = codecs.get()
         assert codec.name == "pixel" and ctx.facts["codec"] == "pixel"
-        assert ctx.facts["codec_reason"] == (
+        assert codecs.reason == (
             f"pixel codec: no VAE or TAESD weights found (looked at: {models}/vae_approx "
             f"(no taesd_decoder.*); {models}/vae (no weight files); "
             f"{models}/checkpoints/mine.safetensors (missing))")
@@ -432,10 +433,11 @@ resolution_divisor = {divisor}
 """
     caplog.set_level("INFO")
     for ctx in worker_context(db_path, toml):
-        codec = interpolation.Codecs(ctx).get()
+        codecs = interpolation.Codecs(ctx)
+        codec = codecs.get()
         assert codec.name == ("taesdxl" if variant == "xl" else "taesd")
         assert codec.device == torch.device("cpu") and getattr(codec, "divisor", 1.0) == divisor
-        assert ctx.facts["codec_reason"] == made.format(decoder=decoder)
+        assert codecs.reason == made.format(decoder=decoder)
         said = [r.getMessage() for r in caplog.records if "codec" in r.getMessage()]
         assert said[-1] == f"codec chosen: {made.format(decoder=decoder)}"
         assert said.count(said[-1]) == 1                        # said once, in words

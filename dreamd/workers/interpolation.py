@@ -86,7 +86,6 @@ class Codecs:
 
                 self._codec, self.reason = codec_for(self.ctx.cfg)
                 self.ctx.facts["codec"] = self._codec.name
-                self.ctx.facts["codec_reason"] = self.reason
             return self._codec
 
     def release(self) -> None:
