@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import select
-
-import pytest
 
 from dreamd.backend import KeyframeRequest, KeyframeResult
 from dreamd.ledger.models import Keyframe
