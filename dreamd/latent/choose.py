@@ -169,6 +169,7 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
     """
     if kind not in KINDS:
         raise CodecError(f"unknown codec kind {kind!r} (one of {', '.join(KINDS)})")
+    level = logging.INFO
     if kind == "pixel":
         codec, reason = _pixel(divisor, "pixel codec as configured")
     else:
@@ -180,7 +181,8 @@ def choose_codec(kind: str = "auto", path: str | Path | None = None, models_dir:
             # and the reason (the log, `dreamd doctor`) says why
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             reason = f"{reason}; {NO_CUDA} {gpu_index} here ({found} found): on the CPU"
-    log.log(logging.WARNING if NO_CUDA in reason else logging.INFO, "codec chosen: %s", reason)
+            level = logging.WARNING
+    log.log(level, "codec chosen: %s", reason)
     return codec, reason
 
 
