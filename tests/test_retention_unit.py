@@ -4,6 +4,7 @@ with exact row and file sets. Times are explicit (`now`), file ages set with uti
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -692,19 +693,70 @@ def test_evict_frames_over_budget_looks_at_four_batches(make_ctx):
     assert shown_left == set(range(n - ret.KEEP_SHOWN_MIN, n)) | {0, 1}
 
 
-def test_prune_keyframe_images_works_in_batches(make_ctx):
-    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+def _bulk_keyframes(ctx, chains) -> None:
+    """Completed keyframe rows without files (a pass finds them gone: 0 bytes each), old."""
     with ctx.engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO keyframes (chain_index, state, backend, theme, prompt, negative_prompt,"
             " seed, denoise, source, path, width, height, attempt, max_attempts, scheduled_at,"
             " created_at, completed_at) VALUES (:c, 'completed', 't', 't', 'p', '', 1, 0.3,"
             " 'img2img', :p, 8, 8, 1, 3, :at, :at, :at)"),
-            [{"c": c, "p": f"keyframes/{c}.png", "at": str(OLD)} for c in range(ret.BATCH + 2)])
+            [{"c": c, "p": f"keyframes/{c}.png", "at": str(OLD)} for c in chains])
+
+
+def _bulk_members(ctx, chains) -> None:
+    """The keyframes of these chain indexes made cache members' pictures: each gets its
+    keyframe frame and an embedding in the cache."""
+    with ctx.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO frames (chain_index, t, kind, keyframe_id, path, state, created_at) "
+            "SELECT chain_index, 0.0, 'keyframe', id, path, 'shown', :at FROM keyframes "
+            "WHERE chain_index IN (SELECT value FROM json_each(:chains))"),
+            {"at": str(OLD), "chains": json.dumps(list(chains))})
+        conn.execute(text(
+            "INSERT INTO embeddings (frame_id, model, in_cache, state, attempt, max_attempts,"
+            " scheduled_at, created_at) SELECT f.id, 'm', 1, 'completed', 1, 3, :at, :at "
+            "FROM frames f WHERE f.kind = 'keyframe' "
+            "AND f.chain_index IN (SELECT value FROM json_each(:chains))"),
+            {"at": str(OLD), "chains": json.dumps(list(chains))})
+
+
+def test_prune_keyframe_images_works_in_batches(make_ctx):
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+    _bulk_keyframes(ctx, range(ret.BATCH + 2))
     assert ret.prune_keyframe_images(ctx, NOW) == ret.BATCH
     left = {c for c, in sql(ctx, "SELECT chain_index FROM keyframes WHERE pruned_at IS NULL")}
     assert left == {ret.BATCH, ret.BATCH + 1}            # oldest first; the last is the head
     assert ret.prune_keyframe_images(ctx, NOW) == 1
+
+
+def test_prune_keyframe_images_past_more_protected_ones_than_a_pass_reads(make_ctx):
+    """Issue 20: a cache of `cache.max_size` >= 2,000 members holds more of the oldest
+    images than the pass reads at once; the images after them still go, by age and by
+    budget (the protected ones are left out before the limit, not after it)."""
+    ctx = make_ctx("[storage]\nkeyframe_hours = 1\nthumbnails = false\n")
+    members = range(4 * ret.BATCH + 10)                  # the oldest: all cache members
+    _bulk_keyframes(ctx, members)
+    _bulk_members(ctx, members)
+    n = len(members)
+    old = keyframe(ctx, n)                               # past the horizon
+    young = keyframe(ctx, n + 1, at=NOW)                 # only the budget may take it
+    head = keyframe(ctx, n + 2, at=NOW)
+    with ctx.reader.connect() as conn:
+        assert len(ret.protected_keyframes(conn)) == n + 1
+
+    def pruned():
+        return {i for i, in sql(ctx, "SELECT id FROM keyframes WHERE pruned_at IS NOT NULL")}
+
+    report = PassReport()
+    assert ret.prune_keyframe_images(ctx, NOW, report=report) == 1
+    assert pruned() == {old} and not exists(ctx, f"keyframes/k{n}.png")
+    assert report.freed > 0
+    assert ret.prune_keyframe_images(ctx, NOW) == 0
+    assert ret.prune_keyframe_images(ctx, NOW, budget_bytes=1) == 1
+    assert pruned() == {old, young} and exists(ctx, f"keyframes/k{n + 2}.png")
+    assert ret.prune_keyframe_images(ctx, NOW, budget_bytes=10 ** 12) == 0   # the head
+    assert head not in pruned()
 
 
 def test_prune_rows_takes_old_governor_decisions_but_keeps_the_newest(make_ctx):

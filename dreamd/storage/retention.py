@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, and_, bindparam, or_, select, text, update
+from sqlalchemy import (Connection, Integer, and_, bindparam, column, or_, select, text,
+                        update)
 
 from dreamd.faults import pause_point
 from dreamd.ledger import database, transitions
@@ -92,39 +93,38 @@ def _size(path: Path | None) -> int:
 
 # ---------------------------------------------------------------- what is live
 
+# Each rule of what is live is written once, as SQL: the sets below and the pruning
+# queries (which leave the protected rows out before their LIMIT) are built from it.
+_PENDING = "(" + ",".join(f"'{s}'" for s in PENDING) + ")"
+# the chain's head: the next img2img input, and the `from` of the next batch. `+state`
+# keeps SQLite off ix_keyframes_claim (which would sort every completed row, ~16 ms on
+# 50,000) and on ix_keyframes_chain_index, read backwards to the first completed row.
+_HEAD = ("SELECT id FROM keyframes WHERE +state = 'completed' "
+         "ORDER BY chain_index DESC, id DESC LIMIT 1")
+_BATCH_ENDS = (f"SELECT from_keyframe_id FROM interpolations WHERE state IN {_PENDING} "
+               f"UNION SELECT to_keyframe_id FROM interpolations WHERE state IN {_PENDING}")
+# Every branch is NOT NULL (a NULL would make `id NOT IN (...)` keep every row).
+PROTECTED_KEYFRAMES = text(
+    f"SELECT id FROM ({_HEAD}) "
+    f"UNION SELECT parent_id FROM keyframes WHERE state IN {_PENDING} "
+    "AND parent_id IS NOT NULL "
+    f"UNION {_BATCH_ENDS} "
+    "UNION SELECT f.keyframe_id FROM embeddings e JOIN frames f ON f.id = e.frame_id "
+    "WHERE e.in_cache = 1 AND f.kind = 'keyframe' AND f.keyframe_id IS NOT NULL"
+).columns(column("id", Integer))
+
+
 def protected_keyframes(conn: Connection) -> set[int]:
     """Keyframes whose image is still needed: the chain's head (the next img2img input),
     inputs of pending keyframes, both ends of pending batches, and cache members."""
-    ids: set[int] = set()
-    head = conn.execute(select(KF.c.id).where(KF.c.state == "completed")
-                        .order_by(KF.c.chain_index.desc(), KF.c.id.desc()).limit(1)).scalar()
-    if head is not None:
-        ids.add(head)
-    ids.update(conn.execute(text(
-        "SELECT parent_id FROM keyframes WHERE state IN ('available','executing','retryable') "
-        "AND parent_id IS NOT NULL")).scalars())
-    ids.update(conn.execute(text(
-        "SELECT from_keyframe_id FROM interpolations "
-        "WHERE state IN ('available','executing','retryable') UNION "
-        "SELECT to_keyframe_id FROM interpolations "
-        "WHERE state IN ('available','executing','retryable')")).scalars())
-    ids.update(conn.execute(text(
-        "SELECT f.keyframe_id FROM embeddings e JOIN frames f ON f.id = e.frame_id "
-        "WHERE e.in_cache = 1 AND f.kind = 'keyframe' AND f.keyframe_id IS NOT NULL"))
-        .scalars())
-    return ids
+    return set(conn.execute(PROTECTED_KEYFRAMES).scalars())
 
 
 def needed_latents(conn: Connection) -> set[str]:
     """Content hashes of the keyframes whose latents are still needed."""
     return set(conn.execute(text(
-        "SELECT k.sha256 FROM keyframes k WHERE k.sha256 IS NOT NULL AND (k.id IN ("
-        "  SELECT from_keyframe_id FROM interpolations "
-        "  WHERE state IN ('available','executing','retryable') UNION "
-        "  SELECT to_keyframe_id FROM interpolations "
-        "  WHERE state IN ('available','executing','retryable')) "
-        " OR k.id = (SELECT id FROM keyframes WHERE state = 'completed' "
-        "            ORDER BY chain_index DESC, id DESC LIMIT 1))")).scalars())
+        "SELECT k.sha256 FROM keyframes k WHERE k.sha256 IS NOT NULL "
+        f"AND (k.id IN ({_BATCH_ENDS}) OR k.id = ({_HEAD}))")).scalars())
 
 
 def needed_blends(conn: Connection) -> set[str]:
@@ -222,16 +222,16 @@ def prune_keyframe_images(ctx, now: datetime, *, budget_bytes: int = 0,
     s = ctx.cfg.storage
     data_dir = ctx.cfg.data_dir
     with ctx.reader.connect() as conn:
-        keep = protected_keyframes(conn)
+        # the protected are left out in SQL, before the limit: a cache of thousands of
+        # members among the oldest would otherwise fill the window every pass (issue 20)
         rows = conn.execute(select(KF.c.id, KF.c.chain_index, KF.c.path, KF.c.completed_at)
                             .where(KF.c.state == "completed", KF.c.path.is_not(None),
-                                   KF.c.pruned_at.is_(None))
+                                   KF.c.pruned_at.is_(None),
+                                   KF.c.id.not_in(PROTECTED_KEYFRAMES))
                             .order_by(KF.c.chain_index).limit(BATCH * 4)).all()
     cutoff = now - timedelta(hours=s.keyframe_hours) if s.keyframe_hours else None
     chosen, need = [], budget_bytes
     for r in rows:
-        if r.id in keep:
-            continue
         if cutoff is not None and r.completed_at is not None and r.completed_at < cutoff:
             chosen.append(r)
         elif need > 0:
