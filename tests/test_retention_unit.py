@@ -690,7 +690,19 @@ def test_evict_frames_over_budget_looks_at_four_batches(make_ctx):
     assert ret.evict_frames(ctx, budget_bytes=1) == 4 * ret.BATCH
     shown_left = {c for c, in sql(ctx, "SELECT chain_index FROM frames WHERE state='shown'")}
     n = 4 * ret.BATCH + 12
-    assert shown_left == set(range(n - ret.KEEP_SHOWN_MIN, n)) | {0, 1}
+    # the oldest 2,000 went: the two left besides the newest are the youngest of the rest
+    assert shown_left == set(range(n - ret.KEEP_SHOWN_MIN - 2, n))
+
+
+def test_evict_frames_over_budget_takes_the_oldest_of_more_than_a_pass_reads(make_ctx):
+    """With `display.max_output_frames` above four batches, the budget still takes the
+    oldest shown frame first, not the oldest of the newest 2,010."""
+    ctx = make_ctx("[display]\nmax_output_frames = 100000\n")
+    _bulk_frames(ctx, range(4 * ret.BATCH + 20), "shown")
+    png(ctx, "frames/0.png")                             # the oldest: the only bytes there
+    assert ret.evict_frames(ctx, budget_bytes=1) == 1
+    assert sql(ctx, "SELECT chain_index FROM frames WHERE state='evicted'") == [(0,)]
+    assert not exists(ctx, "frames/0.png")
 
 
 def _bulk_keyframes(ctx, chains) -> None:

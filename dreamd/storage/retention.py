@@ -152,11 +152,16 @@ def evict_frames(ctx, *, budget_bytes: int = 0, report: PassReport | None = None
         ).order_by(FR.c.chain_index.desc(), FR.c.t.desc())
         old = conn.execute(shown.limit(BATCH).offset(keep)).all()
         if budget_bytes > 0:
-            # over budget: the oldest shown frames beyond the few on and near the screen
-            extra = conn.execute(shown.limit(BATCH * 4).offset(KEEP_SHOWN_MIN)).all()
+            # over budget: the oldest shown frames first, the few on and near the screen
+            # left out in SQL (read from the newest end, four batches never reached the
+            # oldest when `display.max_output_frames` keeps more than that)
+            near = shown.with_only_columns(FR.c.id).limit(KEEP_SHOWN_MIN).correlate(None)
+            oldest = shown.where(FR.c.id.not_in(near)).order_by(None).order_by(
+                FR.c.chain_index, FR.c.t)
+            extra = conn.execute(oldest.limit(BATCH * 4)).all()
             seen = {r.id for r in old}
             need = budget_bytes - sum(_size(resolve(data_dir, r.path)) for r in old)
-            for r in reversed(extra):           # oldest first
+            for r in extra:
                 if need <= 0:
                     break
                 if r.id not in seen:
