@@ -115,13 +115,15 @@ def test_a_failed_display_commit_overwrites_no_frame(short_busy_ctx, db_path):
     before = {p.name: digest(p) for p in frame_files}
     w = DisplayWriter(ctx)
     with WriteLock(db_path):
-        for _ in range(3):               # the commit after the swap fails (or is deferred)
-            try:
-                w.tick()
-            except Exception:
-                pass
+        # the commit after each swap fails on the locked ledger: tick() rides that out
+        # (no exception reaches the scheduler) and keeps the shown frames to record later
+        for _ in range(3):
+            w.tick()
+        assert [(chain, t) for _id, chain, t, _at in w.pending] == [(0, 0.0), (0, 0.2),
+                                                                   (0, 0.4)]
     for _ in range(12):
         w.tick()
+    assert w.flush(timeout=60), "the shown frames were never recorded once the lock was gone"
     assert {p.name: digest(p) for p in frame_files} == before
     assert temps(ctx.cfg.output_dir) == []
     invariants.distinct_frame_files(ctx.cfg.data_dir)
