@@ -5,10 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Locally `make test` skips tests marked slow; CI (CI=true) runs everything.
 ifeq ($(CI),true)
-PYTEST_MARK :=
+TIER :=
 else
-PYTEST_MARK := -m "not slow"
+TIER := not slow and
 endif
+# The suite runs in parallel processes (pytest-xdist): most of a daemon test is waiting on
+# its subprocess, so more workers than cores pays. Tests marked serial run after, alone.
+WORKERS ?= 4
 PYTEST_ARGS ?=
 
 .PHONY: run test test-all bench bench-ledger bench-codecs bench-churn bench-governor rmskin clean-venv
@@ -28,12 +31,14 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/dreamd run $(ARGS)
 
-# --durations: the slowest tests in every run's log, to keep `make test` near 15 minutes
+# --durations: the slowest tests in every run's log, to keep `make test` short.
+# Exit status 5 is "no test selected" (a PYTEST_ARGS that picks none of one part).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest --durations=30 $(PYTEST_MARK) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) --durations=30 -m "$(TIER) not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest --durations=10 -m "$(TIER) serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test TIER=
 
 # Benchmarks (not tests): results go in bench/RESULTS.md with the machine and command.
 bench: $(VENV)/.installed-dev

@@ -12,14 +12,34 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores: torch's thread pool in each of them would
+    # only make them wait on each other (bench/RESULTS.md, "Torch threads"); the daemons
+    # the tests start set their own threads from their config
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_TEMPLATE: Path | None = None
+
 
 @pytest.fixture(scope="session")
 def ledger_template(tmp_path_factory) -> Path:
-    from dreamd.ledger import database
+    """An empty ledger migrated once per test process, copied wherever a test needs a new
+    one (the migrations run from base take about 0.7 s; a copy, a millisecond)."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        from dreamd.ledger import database
 
-    path = tmp_path_factory.mktemp("template") / "dreamd.db"
-    database.upgrade(path)
-    return path
+        path = tmp_path_factory.mktemp("template") / "dreamd.db"
+        database.upgrade(path)
+        _TEMPLATE = path
+    return _TEMPLATE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ledger_template_for_daemons(ledger_template):
+    """DaemonRunner seeds a new data dir from the template (set here for it)."""
+    yield
 
 
 @pytest.fixture
@@ -106,7 +126,9 @@ def _no_daemon_left_behind():
 class DaemonRunner:
     """Start `dreamd run` as a real subprocess on one data dir, with a config file."""
 
-    def __init__(self, env: dict[str, str], tmp_path: Path, config: str = FAST_CONFIG):
+    def __init__(self, env: dict[str, str], tmp_path: Path, config: str = FAST_CONFIG,
+                 *, fresh_ledger: bool = False):
+        self.seed_ledger = not fresh_ledger
         self.env = dict(env)
         self.data_dir = Path(env["DREAMD_DATA_DIR"])
         self.config = tmp_path / "dreamd.toml"
@@ -115,8 +137,14 @@ class DaemonRunner:
 
     def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.data_dir.parent / f"daemon-{len(self.logs)}.out"
+        first = not self.logs
         self.logs.append(log)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        ledger = self.data_dir / "dreamd.db"
+        if first and self.seed_ledger and _TEMPLATE is not None and not ledger.exists():
+            # what the daemon's own migration would make, without its 0.7 s at every test;
+            # test_migrations and `fresh_ledger=True` keep the daemon's own path tested
+            shutil.copy(_TEMPLATE, ledger)
         proc = subprocess.Popen(dreamd_cmd("--config", str(self.config), "run", *args),
                                 env={**self.env, **(extra_env or {}), "COLUMNS": "200"},
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -161,15 +189,24 @@ class WriteLock:
         self.conn.close()
 
 
+def machine_cannot(why: str) -> None:
+    """A test this machine cannot run: a skip that says why, except under CI=true, where
+    every test must run (CI is set up for all of them), so a skip would hide a hole."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI must run this test (.ci/run sets up what it needs)",
+                    pytrace=False)
+    pytest.skip(why)
+
+
 def mount_tmpfs(path: Path, size: str):
     """A small file system of its own at `path` (root only; CI runs as root here), or a
-    skip that says why; unmounted after the test."""
+    skip that says why (a failure under CI); unmounted after the test."""
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): "
-                    f"{done.stderr.strip()}")
+        machine_cannot(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): "
+                       f"{done.stderr.strip()}")
     try:
         yield path
     finally:
@@ -242,3 +279,67 @@ def fsynced(monkeypatch) -> set[tuple[int, int]]:
 def identity(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+# ---------------------------------------------------------------- ports
+
+import itertools  # noqa: E402
+import random  # noqa: E402
+import socket  # noqa: E402
+
+
+def _port_band() -> range:
+    """This test process's own ports: below the kernel's ephemeral range (so no socket
+    bound to port 0 and no client connection is handed one meanwhile), one band of 500
+    per xdist worker (so two workers never pick the same), starting at a random place
+    (so two pytest runs side by side rarely meet)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    low = 20000 + (index % 20) * 500
+    return range(low, low + 500)
+
+
+_PORTS = None
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now and that no other test of this
+    run will be given: for a server a test starts later, or a URL that must be dead.
+    (Binding port 0 and closing it, as before, let the kernel hand the same port to the
+    next socket that asked for any port: another worker's server took a "dead" URL.)"""
+    global _PORTS
+    if _PORTS is None:
+        band = _port_band()
+        start = random.randrange(len(band))
+        _PORTS = itertools.cycle([*band[start:], *band[:start]])
+    for _ in range(500):
+        port = next(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in this test worker's band")
+
+
+# ---------------------------------------------------------------- the wheel
+
+import zipfile  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """dreamd's wheel, built once per test process (the tests that read it share an
+    xdist group, so once per run): `pip wheel` takes 10-20 s here."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(out), str(REPO)], check=True, timeout=300,
+                   capture_output=True)
+    (built,) = out.glob("dreamd-*.whl")
+    return built
+
+
+def wheel_names(path: Path) -> set[str]:
+    with zipfile.ZipFile(path) as z:
+        return set(z.namelist())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import dreamd_cmd
+from tests.conftest import dreamd_cmd, machine_cannot
 
 
 def run(env, *args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def run_read_only(env, folder: Path, *args: str) -> subprocess.CompletedProcess:
             folder.chmod(0o755)
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("root without mount namespaces: cannot make a read-only folder")
+        machine_cannot("root without mount namespaces: cannot make a read-only folder")
     script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
     return subprocess.run(["unshare", "-m", "sh", "-c", script, str(folder),
                            *dreamd_cmd(*args)], env=env, capture_output=True, text=True,

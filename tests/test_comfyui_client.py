@@ -19,6 +19,7 @@ from dreamd.backends.comfyui.client import (ComfyUIClient, OutputRef, PromptReje
                                             check_output_ref, content_name, decode_image,
                                             describe_rejection, local_path)
 from dreamd.errors import PermanentBackendError, TransientBackendError
+from tests.conftest import free_port
 
 try:
     from tests.comfyui_double import ComfyUIDouble, shared_file
@@ -49,12 +50,6 @@ def client_for(url: str, sleeps: Sleeps | None = None, **kw) -> ComfyUIClient:
                          jitter=lambda: 1.0, backoff_base=0.1, backoff_cap=0.3, **kw)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def workflow(image: str) -> dict:
     wf = json.loads(shared_file("example_img2img_api.json").read_text())
     wf["2"]["inputs"]["image"] = image
@@ -82,7 +77,7 @@ def test_retries_are_bounded(double):
 def test_refused_connection_is_transient():
     sleeps = Sleeps()
     with pytest.raises(TransientBackendError, match="failed 3 times"):
-        client_for(f"http://127.0.0.1:{closed_port()}", sleeps, tries=3).history("x")
+        client_for(f"http://127.0.0.1:{free_port()}", sleeps, tries=3).history("x")
     assert len(sleeps) == 2
 
 
@@ -131,7 +126,7 @@ def test_post_prompt_is_not_retried_once_it_may_have_landed(double):
 def test_post_prompt_to_a_refused_port_is_retried_and_says_nothing_was_sent():
     sleeps = Sleeps()
     with pytest.raises(ServerUnreachableError) as err:
-        client_for(f"http://127.0.0.1:{closed_port()}", sleeps, tries=3).queue_prompt({}, "p1")
+        client_for(f"http://127.0.0.1:{free_port()}", sleeps, tries=3).queue_prompt({}, "p1")
     assert err.value.sent is False and len(sleeps) == 2
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
-import zipfile
 
 import pytest
 from PIL import Image
@@ -25,16 +23,10 @@ from dreamd.backend import KeyframeRequest
 from dreamd.errors import ConfigError, LedgerError, PermanentBackendError
 from tests import invariants
 from tests.comfyui_double import ComfyUIDouble
-from tests.conftest import FAST_CONFIG, REPO, dreamd_cmd, wait_for
+from tests.conftest import FAST_CONFIG, REPO, dreamd_cmd, free_port, wait_for, wheel_names
 
 CKPT = "random-sd15.safetensors"
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def comfy_config(urls: list[str], data_dir=None, **comfyui) -> str:
@@ -503,10 +495,7 @@ def test_the_workflows_ship_in_the_package():
 
 
 @pytest.mark.slow
-def test_the_wheel_carries_the_workflows(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(REPO)], check=True, timeout=300)
-    (wheel,) = tmp_path.glob("dreamd-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+@pytest.mark.xdist_group("wheel")
+def test_the_wheel_carries_the_workflows(wheel):
     assert {"dreamd/workflows/sd15_img2img.json", "dreamd/workflows/sd15_txt2img.json",
-            "dreamd/backends/comfyui/daemon_backend.py"} <= set(names)
+            "dreamd/backends/comfyui/daemon_backend.py"} <= wheel_names(wheel)

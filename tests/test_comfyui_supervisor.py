@@ -7,26 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from dreamd.backends.comfyui.supervisor import ComfyUISupervisor, split_command, stop_process_tree
 from dreamd.errors import ConfigError
+from tests.conftest import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def until(condition, timeout: float = 20.0) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zipfile
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -15,7 +14,7 @@ from sqlalchemy import inspect, text
 
 from dreamd.ledger import database
 from dreamd.ledger.models import Base
-from tests.conftest import REPO
+from tests.conftest import REPO, wheel_names
 
 
 def diff(path) -> list:
@@ -142,14 +141,11 @@ def test_packages_listed_in_pyproject_cover_the_tree():
 
 
 @pytest.mark.slow
-def test_installed_wheel_migrates_without_checkout(tmp_path):
-    """Build the wheel, install it into a fresh venv (no deps: they come from ours via
-    --system-site-packages would pull the editable dreamd, so use a plain target dir)."""
-    wheel_dir = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(wheel_dir), str(REPO)], check=True, timeout=300)
-    (wheel,) = wheel_dir.glob("dreamd-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+@pytest.mark.xdist_group("wheel")
+def test_installed_wheel_migrates_without_checkout(tmp_path, wheel):
+    """Install the wheel into a plain target dir (no deps, and not a venv with
+    --system-site-packages, which would pull the editable dreamd) and migrate from it."""
+    names = wheel_names(wheel)
     assert "dreamd/migrations/env.py" in names
     assert any(n.startswith("dreamd/migrations/versions/0001") for n in names)
     target = tmp_path / "site"

@@ -5,15 +5,13 @@ and there a missing chromium is a failure, not a skip (`.ci/run` installs it).""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import FAST_CONFIG, DaemonRunner, wait_for
+from tests.conftest import FAST_CONFIG, DaemonRunner, free_port, machine_cannot, wait_for
 from tests.test_web_daemon import web_info
 
 CHROMIUM = "/usr/bin/chromium"
@@ -21,9 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _unavailable(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}: CI must run the browser tests (.ci/run installs chromium)")
-    pytest.skip(why)
+    machine_cannot(f"{why} (.ci/run installs chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +133,7 @@ def test_the_page_plays_shows_status_and_pauses(daemon: DaemonRunner, page):
 
 
 def test_the_page_survives_a_daemon_restart(dreamd_env, tmp_path, page):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     daemon = DaemonRunner(dreamd_env, tmp_path, FAST_CONFIG.replace("port = 0 ",
                                                                     f"port = {port} "))
     proc, url = start(daemon)
