@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from datetime import timedelta
 
@@ -310,6 +309,10 @@ def test_two_processes_claim_each_row_exactly_once(engine, db_path, tmp_path):
 
 
 def test_sigkilled_holder_is_rescued_after_expiry(engine, db_path, tmp_path):
+    """A worker SIGKILLed with 5 rows leased: the rows stay its own until the lease it
+    took expires, then rescue takes them back. Judged at explicit times, read from the
+    ledger (the claim and the lease's end), not the wall clock: a loaded machine may
+    take longer than the 1 s lease between the kill and the first rescue."""
     make_keyframes(engine, 5, max_attempts=2)
     make_keyframes(engine, 0)
     with engine.begin() as conn:   # one row that will be on its last attempt
@@ -319,14 +322,23 @@ def test_sigkilled_holder_is_rescued_after_expiry(engine, db_path, tmp_path):
                              str(out), "--hold", "5"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
+    proc.stdout.close()
     held = [int(x) for x in out.read_text().split()]
     assert len(held) == 5
+    with engine.connect() as conn:
+        t = Transition.__table__
+        (claimed_at,) = set(conn.execute(select(t.c.at).where(
+            t.c.entity == "keyframe", t.c.event == "claimed", t.c.worker == "victim")).scalars())
+        (expires,) = set(conn.execute(select(KF.c.lease_expires_at).where(
+            KF.c.id.in_(held))).scalars())
+    assert expires == claimed_at + timedelta(seconds=1)      # the worker's 1 s lease
+    for not_yet in (claimed_at, expires):                    # until its last instant
+        with engine.begin() as conn:
+            assert tr.rescue(conn, "keyframe", now=not_yet) == \
+                {"available": [], "discarded": []}, not_yet
     with engine.begin() as conn:
-        assert tr.rescue(conn, "keyframe") == {"available": [], "discarded": []}  # not yet
-    time.sleep(1.2)
-    with engine.begin() as conn:
-        result = tr.rescue(conn, "keyframe")
+        result = tr.rescue(conn, "keyframe", now=expires + timedelta(microseconds=1))
     assert sorted(result["available"]) == held[:4] and result["discarded"] == [held[4]]
     with engine.connect() as conn:
         rows = {r.id: r for r in conn.execute(select(KF)).all()}
