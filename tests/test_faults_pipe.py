@@ -13,13 +13,16 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 
 import pytest
 from sqlalchemy import text
 
 from tests import invariants
 from tests.conftest import dreamd_cmd, wait_for
+
+# A backstop only: each test signals its daemon long before this (its waits add up to
+# about 210 s); should the test and its teardown both be lost, the daemon still ends.
+DURATION = "600"
 
 
 def frames_shown(data_dir) -> int:
@@ -39,11 +42,34 @@ def last_run(daemon):
         engine.dispose()
 
 
-def start_piped(daemon) -> subprocess.Popen:
+@pytest.fixture
+def sessions():
+    """The processes a test starts, each in a session of its own: whatever happens to the
+    test, each one's whole process group is killed when it ends. conftest's
+    `_no_daemon_left_behind` knows only DaemonRunner's daemons, not these (one runs under
+    bash, behind a pipe)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        # Linux never reuses a pid while it is still a group's id: this reaches the
+        # group's leftovers, or nothing
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def start_piped(daemon, sessions) -> subprocess.Popen:
     daemon.data_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(dreamd_cmd("--config", str(daemon.config), "run"),
+    proc = subprocess.Popen(dreamd_cmd("--config", str(daemon.config), "run",
+                                       "--duration", DURATION),
                             env={**daemon.env, "COLUMNS": "120"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    sessions.append(proc)
+    return proc
 
 
 def stopped_cleanly(daemon, rc: int, signal_name: str) -> None:
@@ -57,8 +83,8 @@ def stopped_cleanly(daemon, rc: int, signal_name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["before start-up finishes", "while running",
                                     "during the stop"])
-def test_a_closed_pipe_never_changes_the_stop(daemon, moment):
-    proc = start_piped(daemon)
+def test_a_closed_pipe_never_changes_the_stop(daemon, sessions, moment):
+    proc = start_piped(daemon, sessions)
     if moment == "before start-up finishes":
         proc.stdout.close()
     else:
@@ -79,22 +105,20 @@ def test_a_closed_pipe_never_changes_the_stop(daemon, moment):
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_tee_stops_cleanly(daemon, tmp_path):
+def test_ctrl_c_under_tee_stops_cleanly(daemon, sessions, tmp_path):
     """The real thing: `dreamd run 2>&1 | tee log` in its own process group, SIGINT to
     the group, as a terminal's Ctrl-C sends it."""
     log = tmp_path / "tee.log"
-    cmd = " ".join(shlex.quote(a) for a in dreamd_cmd("--config", str(daemon.config), "run"))
+    cmd = " ".join(shlex.quote(a) for a in dreamd_cmd("--config", str(daemon.config), "run",
+                                                      "--duration", DURATION))
     daemon.data_dir.mkdir(parents=True, exist_ok=True)
     shell = subprocess.Popen(["bash", "-c", f"{cmd} 2>&1 | tee {shlex.quote(str(log))} "
                               f">/dev/null; echo \"${{PIPESTATUS[0]}}\" > {tmp_path}/rc"],
                              env={**daemon.env, "COLUMNS": "120"}, start_new_session=True)
-    try:
-        wait_for(lambda: frames_shown(daemon.data_dir) > 5, timeout=90, what="playback")
-        os.killpg(shell.pid, signal.SIGINT)
-        shell.wait(timeout=60)
-    finally:
-        if shell.poll() is None:
-            os.killpg(shell.pid, signal.SIGKILL)
+    sessions.append(shell)
+    wait_for(lambda: frames_shown(daemon.data_dir) > 5, timeout=90, what="playback")
+    os.killpg(shell.pid, signal.SIGINT)
+    shell.wait(timeout=60)
     wait_for(lambda: (tmp_path / "rc").exists() and (tmp_path / "rc").read_text().strip(),
              timeout=30, what="the daemon's exit status")
     stopped_cleanly(daemon, int((tmp_path / "rc").read_text()), "SIGINT")
