@@ -1,20 +1,20 @@
 """A simulated pipeline for the governor's control law: a planner, a keyframe stage and
 an interpolation stage that share a machine, and a display at a fixed rate, stepped in
 simulated time. Stage times come from functions of (time, divisor) with seeded noise,
-so a scenario is deterministic. What the governor sees is what the worker measures in
-the daemon: the median of the last keyframe times, the median ms per frame by divisor
-of the last batches, the buffer and its trend.
+so a scenario is deterministic. What the governor sees is measured as the worker
+measures it in the daemon, by the worker's own functions (dreamd/workers/governor.py):
+the median of the last keyframe times, the median ms per frame by divisor of the last
+batches, the buffer and its trend.
 """
 
 from __future__ import annotations
 
 import random
-import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
 from dreamd.governor import Bounds, Governor, Measurements
-from dreamd.workers.governor import BATCHES_MEASURED, KEYFRAMES_MEASURED, TREND_WINDOW, slope
+from dreamd.workers.governor import buffer_trend, inbetween_times, keyframe_times
 
 
 @dataclass
@@ -50,8 +50,10 @@ def simulate(bounds: Bounds, keyframe: Callable[[float], float],
     have_previous = False
     batches: list[tuple[int, float]] = []   # queued (N, divisor)
     ip = None                     # (N, divisor, work left, started)
-    kf_times: list[float] = []
-    ip_times: list[tuple[float, float]] = []  # (divisor, ms per frame)
+    # as the ledger holds them, oldest first: keyframes' generation_ms, and batches'
+    # (divisor, duration_ms, n_frames)
+    kf_ms: list[float] = []
+    ip_rows: list[tuple[float, float, int]] = []
     samples: list[tuple[float, float]] = []
     playing, credit, next_gov = False, 0.0, 0.0
     while t < seconds:
@@ -64,7 +66,7 @@ def simulate(bounds: Bounds, keyframe: Callable[[float], float],
         if kf_left is not None:
             kf_left -= dt * speed
             if kf_left <= 0:
-                kf_times.append(t - kf_started)
+                kf_ms.append((t - kf_started) * 1000)
                 kf_left = None
                 if have_previous:
                     batches.append((gov.frames, gov.divisor))
@@ -79,7 +81,7 @@ def simulate(bounds: Bounds, keyframe: Callable[[float], float],
             left -= dt * speed
             if left <= 0:
                 buffer += n + 1
-                ip_times.append((d, (t - started) * 1000 / (n + 1)))
+                ip_rows.append((d, (t - started) * 1000, n))
                 ip = None
             else:
                 ip = (n, d, left, started)
@@ -100,21 +102,14 @@ def simulate(bounds: Bounds, keyframe: Callable[[float], float],
         if t >= next_gov:
             next_gov = t + 2.0
             samples.append((t, buffer / fps))
-            window = max(TREND_WINDOW, 3 * (gov.frames + 1) / fps)
-            recent = [(s, v) for s, v in samples if t - s <= window]
-            covered = recent and t - recent[0][0] >= 0.8 * window
-            by: dict[float, list[float]] = {}
-            for d, ms in ip_times[-BATCHES_MEASURED:]:
-                by.setdefault(d, []).append(ms)
+            # no warm-up to leave out here: a simulated stage's first run is like the rest
+            typical, slowest, count = keyframe_times(kf_ms[::-1])
+            ms_by, batches_by = inbetween_times(reversed(ip_rows))
             m = Measurements(
-                fps=fps, keyframe_seconds=(statistics.median(kf_times[-KEYFRAMES_MEASURED:])
-                                           if kf_times else None),
-                keyframe_seconds_high=max(kf_times[-KEYFRAMES_MEASURED:], default=None),
-                inbetween_ms={d: statistics.median(v) for d, v in by.items()},
-                inbetween_samples={d: len(v) for d, v in by.items()},
-                keyframe_samples=len(kf_times[-KEYFRAMES_MEASURED:]),
+                fps=fps, keyframe_seconds=typical, keyframe_seconds_high=slowest,
+                keyframe_samples=count, inbetween_ms=ms_by, inbetween_samples=batches_by,
                 buffer_seconds=buffer / fps, buffer_target=target,
-                trend=slope(recent) if covered else None)
+                trend=buffer_trend(samples, t, gov.frames, fps))
             decision = gov.update(m, b, t)
             if decision is not None:
                 run.decisions.append((t, decision))

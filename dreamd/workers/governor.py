@@ -15,7 +15,8 @@ import logging
 import statistics
 import time
 from collections import deque
-from typing import Any, Callable
+from itertools import islice
+from typing import Any, Callable, Iterable, Sequence
 
 from types import SimpleNamespace
 
@@ -72,31 +73,63 @@ def decisions(conn: Connection, limit: int = 5) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- measuring
+# What the measurements are, from plain numbers (the simulator in tests/governor_sim.py
+# measures its simulated pipeline with these same functions), apart from how the rows
+# are read from the ledger.
+
+def keyframe_times(ms: Sequence[float], *, first_of_run: bool = False
+                   ) -> tuple[float | None, float | None, int]:
+    """The typical (median) and the slowest of the last keyframes' times in seconds, and
+    how many: `ms` newest first; with `first_of_run`, its last is the run's first
+    keyframe and is left out (a start warms up: imports, first calls, a model loading;
+    it says nothing about the keyframes after it)."""
+    ms = list(ms[:-1] if first_of_run else ms)[:KEYFRAMES_MEASURED]
+    if not ms:
+        return None, None, 0
+    return statistics.median(ms) / 1000, max(ms) / 1000, len(ms)
+
+
+def inbetween_times(batches: Iterable[tuple[float | None, float, int]]
+                    ) -> tuple[dict[float, float], dict[float, int]]:
+    """Median ms per frame (a batch's time over its frames) by the divisor it ran at, and
+    how many batches each is, from (divisor, duration ms, n_frames), newest first."""
+    by: dict[float, list[float]] = {}
+    for divisor, duration_ms, n_frames in islice(batches, BATCHES_MEASURED):
+        by.setdefault(round(float(divisor or 1.0), 3), []).append(duration_ms / (n_frames + 1))
+    return ({d: statistics.median(v) for d, v in by.items()}, {d: len(v) for d, v in by.items()})
+
+
+def buffer_trend(samples: Iterable[tuple[float, float]], now: float, frames: int,
+                 fps: float) -> float | None:
+    """The buffer's trend (seconds gained per second) over the last (time, buffer seconds)
+    samples: at least TREND_WINDOW, three segments of `frames` in-betweens when longer.
+    None until the samples cover the window: the start of a run (filling) is no trend."""
+    window = max(TREND_WINDOW, 3 * (frames + 1) / fps)
+    recent = [(t, v) for t, v in samples if now - t <= window]
+    covered = recent and now - recent[0][0] >= 0.8 * window
+    return slope(recent) if covered else None
+
 
 def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float | None, int]:
-    """The typical (median) and the slowest of the last keyframes' times, and how many, of those
-    started since `since`, the first of them left out (a start warms up: imports, first
-    calls, a model loading; it says nothing about the keyframes after it)."""
+    """keyframe_times of the last completed keyframes, of those started since `since`
+    (its first left out)."""
     query = select(KF.c.generation_ms).where(
         KF.c.state == "completed", KF.c.generation_ms.is_not(None))
     if since is not None:
         query = query.where(KF.c.started_at >= since)
     ms = conn.execute(query.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
                       ).scalars().all()
+    first_of_run = False
     if since is not None:
         total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        if total <= KEYFRAMES_MEASURED + 1:
-            ms = ms[:-1]                    # the run's first keyframe is among them
-    ms = ms[:KEYFRAMES_MEASURED]
-    if not ms:
-        return None, None, 0
-    return statistics.median(ms) / 1000, max(ms) / 1000, len(ms)
+        first_of_run = total <= KEYFRAMES_MEASURED + 1    # the run's first is among them
+    return keyframe_times(ms, first_of_run=first_of_run)
 
 
 def inbetween_ms(conn: Connection, since=None) -> tuple[dict[float, float], dict[float, int]]:
-    """Median ms per frame (a batch's time over its frames) by the divisor it ran at,
-    and how many batches each is; the first batch started since `since` left out (the
-    codec's first calls build its kernels: twice the time of the next ones, measured)."""
+    """inbetween_times of the last completed batches; the first batch started since
+    `since` left out (the codec's first calls build its kernels: twice the time of the
+    next ones, measured)."""
     query = select(IP.c.id, IP.c.divisor, IP.c.duration_ms, IP.c.n_frames).where(
         IP.c.state == "completed", IP.c.duration_ms.is_not(None))
     rows = conn.execute(query.order_by(IP.c.id.desc()).limit(BATCHES_MEASURED + 1)).all()
@@ -104,11 +137,7 @@ def inbetween_ms(conn: Connection, since=None) -> tuple[dict[float, float], dict
         first = conn.execute(select(func.min(IP.c.id)).where(
             IP.c.state == "completed", IP.c.started_at >= since)).scalar()
         rows = [r for r in rows if r.id != first]
-    by: dict[float, list[float]] = {}
-    for r in rows[:BATCHES_MEASURED]:
-        by.setdefault(round(float(r.divisor or 1.0), 3), []).append(
-            r.duration_ms / (r.n_frames + 1))
-    return ({d: statistics.median(v) for d, v in by.items()}, {d: len(v) for d, v in by.items()})
+    return inbetween_times((r.divisor, r.duration_ms, r.n_frames) for r in rows)
 
 
 def slope(samples: list[tuple[float, float]]) -> float | None:
@@ -162,17 +191,13 @@ class GovernorWorker:
         fps = ctx.knob("display.fps")
         buffer = frames_ahead(conn) / fps
         self.samples.append((now, buffer))
-        window = max(TREND_WINDOW, 3 * (self.law.frames + 1) / fps)
-        recent = [(t, v) for t, v in self.samples if now - t <= window]
-        # a trend needs the whole window: the start of a run (filling) is not one
-        covered = recent and now - recent[0][0] >= 0.8 * window
         typical, slowest, count = keyframe_seconds(conn, self.since)
         per_frame, batches = inbetween_ms(conn, self.since)
         return Measurements(fps=fps, keyframe_seconds=typical, keyframe_seconds_high=slowest,
                             keyframe_samples=count, inbetween_ms=per_frame,
                             inbetween_samples=batches, buffer_seconds=buffer,
                             buffer_target=ctx.knob("display.buffer_target_seconds"),
-                            trend=slope(recent) if covered else None)
+                            trend=buffer_trend(self.samples, now, self.law.frames, fps))
 
     def tick(self) -> Decision | None:
         ctx = self.ctx
