@@ -2,12 +2,17 @@
 answers the way ../shared/comfyui/api_transcript.md shows (same routes, `/api` prefix too,
 JSON shapes, status codes and validation errors), runs prompts one at a time by writing a
 real PNG (deterministic from the seed) after a configurable delay, keeps queue and history,
-records every request, and injects the faults the backend must survive. It speaks the
-websocket (`/ws?clientId=…`, through wsproto) as sections 33, 43, 46, 51 and 52 show: a
-`status` frame with the sid on connect, then per prompt execution_start, execution_cached,
-executing per node, progress per sampler step, executed, execution_success (or
+records every request, and injects the faults the backend must survive. It runs a prompt
+as ComfyUI's executor does: the nodes in ComfyUI's order, a node whose cache key (class,
+inputs, IS_CHANGED) is unchanged since the last prompt cached and not run again, a failing
+node ending the run where it fails. It speaks the websocket (`/ws?clientId=…`, through
+wsproto) as sections 33-52 show: a `status` frame with the sid on connect and on every queue
+change; per prompt execution_start, execution_cached, then per node progress_state and
+executing, progress per sampler step, executed for an output; execution_success (or
 execution_error / execution_interrupted), status, and `executing` with node null after the
-history entry is written. Like ComfyUI it keeps one socket per clientId.
+history entry is written; SaveImageWebsocket's image as a binary frame. Like ComfyUI it
+keeps one socket per clientId. tests/test_comfyui_double.py replays the whole transcript
+against it.
 
 Beside it: `SilentServer` (accepts TCP, never answers) and `NotComfyUIServer` (an HTTP
 server that answers HTML 404s), for the faults that are not a ComfyUI at all.
@@ -20,15 +25,18 @@ from __future__ import annotations
 import argparse
 import os
 import copy
+import hashlib
 import io
 import json
 import random
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -51,6 +59,32 @@ def shared_file(name: str) -> Path:
         if (base / name).is_file():
             return base / name
     raise FileNotFoundError(f"{name} is in neither {SHARED} nor {FALLBACK}")
+
+
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+# Frames ComfyUI sends about a prompt even when it came without a client id (to every socket).
+SENT_WITHOUT_CLIENT = frozenset({"progress", "progress_state", "execution_interrupted"})
+# Stack traces shaped like ComfyUI 0.3.64's (transcript sections 21 and 45): the frames a
+# client sees, with the server's paths elided as the transcript elides them.
+TRACEBACK_VALIDATE = (
+    '  File "…/ComfyUI/execution.py", line 808, in validate_inputs\n'
+    '    r = await validate_inputs(prompt_id, prompt, o_id, validated)\n',
+    '  File "…/ComfyUI/execution.py", line 788, in validate_inputs\n'
+    "    o_class_type = prompt[o_id]['class_type']\n")
+TRACEBACK_EXECUTE = (
+    '  File "…/ComfyUI/execution.py", line 496, in execute\n'
+    "    output_data, output_ui, has_subgraph, has_pending_tasks = await get_output_data(…)\n",
+    '  File "…/ComfyUI/execution.py", line 315, in get_output_data\n'
+    "    return_values = await _async_map_node_over_list(…)\n",
+    '  File "…/ComfyUI/execution.py", line 289, in _async_map_node_over_list\n'
+    "    await process_inputs(input_dict, i)\n",
+    '  File "…/ComfyUI/execution.py", line 277, in process_inputs\n    result = f(**inputs)\n')
+TRACEBACK_LOAD_IMAGE = TRACEBACK_EXECUTE + (
+    '  File "…/ComfyUI/nodes.py", line 1647, in load_image\n'
+    "    img = node_helpers.pillow(Image.open, image_path)\n",
+    '  File "…/ComfyUI/node_helpers.py", line 31, in pillow\n    x = fn(arg)\n',
+    '  File "…/comfy-venv/lib/python3.11/site-packages/PIL/Image.py", line 3730, in open\n'
+    "    raise UnidentifiedImageError(msg)\n")
 
 
 def _ms() -> int:
@@ -80,6 +114,20 @@ class Item:
 
     def as_list(self) -> list[Any]:
         return [self.number, self.prompt_id, self.prompt, self.extra, self.outputs]
+
+
+@dataclass
+class _Run:
+    """One prompt being executed: what ComfyUI's PromptExecutor keeps while it runs."""
+
+    item: Item
+    generation: int
+    signatures: dict[str, str] = field(default_factory=dict)    # node -> cache key
+    busy: str | None = None       # the node that takes the delay: the sampler, else the output
+    delay: float = 0.0
+    messages: list[Any] = field(default_factory=list)           # the history's status messages
+    progress: dict[str, dict[str, Any]] = field(default_factory=dict)   # the ProgressRegistry
+    executed: list[str] = field(default_factory=list)           # run here, not cached
 
 
 @dataclass
@@ -175,6 +223,12 @@ class ComfyUIDouble:
         self._interrupt = False
         self.sockets: dict[str, _Socket] = {}     # sid -> socket, as ComfyUI's server.sockets
         self.frames: list[tuple[str, str, dict[str, Any]]] = []   # (sid, type, data) sent
+        # Called with (type, data) after each frame about a prompt is sent (status frames
+        # aside), in the executor's thread and outside its lock: a test can act at an exact
+        # point of a run (post another prompt after `executing` of node 2), as the
+        # transcript's recording did, and the frames keep that order.
+        self.on_frame: Callable[[str, dict[str, Any]], None] | None = None
+        self._cache: dict[str, dict[str, Any]] = {}   # cache key -> {"ui": ...}: ComfyUI's caches
         self._cond = threading.Condition()
         self._stopped = False
         self._server = _Server(("127.0.0.1", port), _Handler, self)
@@ -228,6 +282,7 @@ class ComfyUIDouble:
             self.pending.clear()
             self.running = None
             self.history.clear()
+            self._cache.clear()
             self._generation += 1
             self._cond.notify_all()
 
@@ -262,50 +317,10 @@ class ComfyUIDouble:
                 self.started_at[item.prompt_id] = time.monotonic()
                 item.started_ms = _ms()
                 self._cond.notify_all()
-            cid, pid, prompt = item.extra.get("client_id"), item.prompt_id, item.prompt
-            order = _execution_order(prompt, item.outputs)
-            sampler = next((n for n in order if prompt[n]["class_type"] in ("KSampler", "KSamplerAdvanced")), None)
-            steps = max(1, int(prompt[sampler]["inputs"].get("steps", 1))) if sampler else 1
-            self._status()
-            self.send(cid, "execution_start", {"prompt_id": pid, "timestamp": item.started_ms})
-            self.send(cid, "execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()})
-            start = time.monotonic()
-            delay = random.uniform(self.delay, self.delay_max) if self.delay_max else self.delay
-            for node in order + ([None] if sampler is None else []):
-                if node is not None:
-                    self.send(cid, "progress_state", {"prompt_id": pid, "nodes": {node: {
-                        "value": 0.0, "max": 1.0, "state": "running", "node_id": node, "prompt_id": pid,
-                        "display_node_id": node, "parent_node_id": None, "real_node_id": node}}})
-                    self.send(cid, "executing", {"node": node, "display_node": node, "prompt_id": pid})
-                if node != sampler:
-                    continue
-                # The sampler takes the delay, one progress frame per step.
-                for step in range(1, steps + 1):
-                    with self._cond:
-                        end = start + delay * step / steps
-                        while not (self._stopped or self._interrupt or generation != self._generation):
-                            left = end - time.monotonic()
-                            if left <= 0:
-                                break
-                            self._cond.wait(left)
-                        if self._stopped or self._interrupt or generation != self._generation:
-                            break
-                    self.send(cid, "progress", {"value": step, "max": steps, "prompt_id": pid, "node": node})
-                with self._cond:
-                    if self._interrupt:
-                        break
-            with self._cond:
-                if self._stopped or generation != self._generation:
-                    continue
-                interrupted = self._interrupt
-                error = self.faults.execution_errors.pop(0) if self.faults.execution_errors else None
-            entry = self._run(item, interrupted, error)
-            kind, data = entry["status"]["messages"][-1]
-            if kind == "execution_success":
-                for node, out in entry["outputs"].items():
-                    self.send(cid, "executed", {"node": node, "display_node": node, "output": out,
-                                                "prompt_id": pid})
-            self.send(cid, kind, data)
+                self._status()     # under the lock, as ComfyUI's queue.get() does: in order
+            entry = self._run(_Run(item, generation))
+            if entry is None:      # stopped, or forgotten (a simulated restart) mid-run
+                continue
             with self._cond:
                 if generation != self._generation:
                     continue
@@ -313,47 +328,183 @@ class ComfyUIDouble:
                 self.finished_at[item.prompt_id] = time.monotonic()
                 self.running = None
                 self._cond.notify_all()
-            self._status()
-            self.send(cid, "executing", {"node": None, "prompt_id": pid})
+                self._status()
+            self._tell(item, "executing", {"node": None, "prompt_id": item.prompt_id})
 
-    def _run(self, item: Item, interrupted: bool, error: dict[str, Any] | None) -> dict[str, Any]:
-        pid, prompt = item.prompt_id, item.prompt
-        started = item.started_ms or _ms()   # when it left the queue, as ComfyUI stamps it
-        messages: list[Any] = [["execution_start", {"prompt_id": pid, "timestamp": started}],
-                               ["execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()}]]
-        entry = {"prompt": item.as_list(), "outputs": {}, "meta": {},
-                 "status": {"status_str": "error", "completed": False, "messages": messages}}
-        sampler = next((n for n, v in prompt.items() if v["class_type"] in ("KSampler", "KSamplerAdvanced")), None)
-        if interrupted:
-            messages.append(["execution_interrupted", {
-                "prompt_id": pid, "node_id": sampler, "node_type": prompt.get(sampler, {}).get("class_type"),
-                "executed": [], "timestamp": _ms()}])
-            return entry
+    def _run(self, run: _Run) -> dict[str, Any] | None:
+        """One prompt, node by node, as ComfyUI's PromptExecutor: the history entry, or None
+        when the double stopped or forgot the prompt meanwhile."""
+        item, prompt, pid = run.item, run.item.prompt, run.item.prompt_id
+        run.signatures = _signatures(prompt, self._is_changed)
+        with self._cond:   # the cache keeps what this prompt can use (caches.clean_unused)
+            keep = set(run.signatures.values())
+            self._cache = {s: v for s, v in self._cache.items() if s in keep}
+            cached = [n for n in prompt if run.signatures[n] in self._cache]
+        self._message(run, "execution_start", {"prompt_id": pid}, item.started_ms)
+        self._message(run, "execution_cached", {"nodes": cached, "prompt_id": pid})
+        order = _execution_order(prompt, item.outputs, set(cached), self._is_output)
+        run.busy = next((n for n in order if prompt[n]["class_type"] in SAMPLERS),
+                        next((n for n in order if n not in cached and self._is_output(prompt, n)), None))
+        run.delay = random.uniform(self.delay, self.delay_max) if self.delay_max else self.delay
         try:
-            if error is not None:
-                raise _Injected(error)
-            images = {}
-            for out in item.outputs:
-                images[out] = self._save(out, prompt, item)
-        except _Injected as exc:
-            messages.append(["execution_error", dict({
-                "prompt_id": pid, "node_id": sampler, "node_type": prompt.get(sampler, {}).get("class_type"),
-                "executed": [], "exception_message": "", "exception_type": "", "traceback": [],
-                "current_inputs": {}, "current_outputs": list(prompt), "timestamp": _ms()}, **exc.data)])
-            return entry
-        except _NodeFailed as exc:
-            messages.append(["execution_error", {
+            for node in order:
+                self._node(run, node, node in cached)
+        except _Gone:
+            return None
+        except _Interrupted as exc:
+            self._message(run, "execution_interrupted", {
                 "prompt_id": pid, "node_id": exc.node_id, "node_type": prompt[exc.node_id]["class_type"],
-                "executed": [], "exception_message": f"{exc.message}\n", "exception_type": exc.kind,
-                "traceback": ["  File \"…/ComfyUI/execution.py\", line 496, in execute\n"],
-                "current_inputs": {}, "current_outputs": list(prompt), "timestamp": _ms()}])
-            return entry
-        entry["outputs"] = {n: {"images": imgs} for n, imgs in images.items()}
-        entry["meta"] = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
-                         for n in images}
-        messages.append(["execution_success", {"prompt_id": pid, "timestamp": _ms()}])
-        entry["status"].update(status_str="success", completed=True)
-        return entry
+                "executed": list(run.executed)})
+        except _Injected as exc:
+            node = run.busy or order[-1]
+            self._message(run, "execution_error", dict({
+                "prompt_id": pid, "node_id": node, "node_type": prompt[node]["class_type"],
+                "executed": list(run.executed), "exception_message": "", "exception_type": "",
+                "traceback": list(TRACEBACK_EXECUTE), "current_inputs": {},
+                "current_outputs": list(prompt)}, **exc.data))
+        except _NodeFailed as exc:
+            self._message(run, "execution_error", {
+                "prompt_id": pid, "node_id": exc.node_id, "node_type": prompt[exc.node_id]["class_type"],
+                "executed": list(run.executed), "exception_message": f"{exc.message}\n",
+                "exception_type": exc.kind, "traceback": list(exc.traceback),
+                "current_inputs": exc.inputs, "current_outputs": list(prompt)})
+        else:
+            self._message(run, "execution_success", {"prompt_id": pid})
+        with self._cond:   # history outputs: the UI results in the cache, cached or new
+            ui = {n: self._cache[s]["ui"] for n, s in run.signatures.items()
+                  if s in self._cache and self._cache[s]["ui"] is not None}
+        ok = run.messages[-1][0] == "execution_success"
+        return {"prompt": item.as_list(), "outputs": ui,
+                "status": {"status_str": "success" if ok else "error", "completed": ok,
+                           "messages": run.messages},
+                "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                         for n in ui}}
+
+    def _node(self, run: _Run, node: str, cached: bool) -> None:
+        """One node of ComfyUI's execute(): a cached output node only announces its cached
+        result; any other says `executing`, runs, says `executed` if it has a UI result."""
+        pid, cls = run.item.prompt_id, run.item.prompt[node]["class_type"]
+        if cached:
+            with self._cond:
+                ui = self._cache[run.signatures[node]]["ui"]
+            self._tell(run.item, "executed", {"node": node, "display_node": node, "output": ui,
+                                              "prompt_id": pid})
+            self._progress(run, node, "finished")
+            return
+        self._progress(run, node, "running", 0.0, 1.0)
+        self._tell(run.item, "executing", {"node": node, "display_node": node, "prompt_id": pid})
+        self._check(run, node)   # ComfyUI's before_node_execution: an interrupt lands here
+        ui = self._work(run, node, cls)
+        if ui is not None:
+            self._tell(run.item, "executed", {"node": node, "display_node": node, "output": ui,
+                                              "prompt_id": pid})
+        self._progress(run, node, "finished")
+        run.executed.append(node)
+        with self._cond:
+            self._cache[run.signatures[node]] = {"ui": ui}
+
+    def _work(self, run: _Run, node: str, cls: str) -> dict[str, Any] | None:
+        """What the node does here; returns its UI result (SaveImage's images) or None."""
+        prompt = run.item.prompt
+        if cls == "LoadImage":
+            self._load(node, prompt[node]["inputs"]["image"])
+        if node == run.busy:
+            self._take_time(run, node, cls)
+        if cls == "SaveImageWebsocket":
+            # Its ProgressBar(1).update_absolute(0, 1, ("PNG", image, None)): a progress frame
+            # and the image as a binary frame (event 1 = PREVIEW_IMAGE, format 2 = PNG).
+            self._step(run, node, 0, 1)
+            buf = io.BytesIO()
+            self._render(node, prompt).save(buf, "PNG", compress_level=1)
+            self._tell_bytes(run.item, struct.pack(">II", 1, 2) + buf.getvalue())
+            return None
+        if self._is_output(prompt, node):
+            return {"images": self._save(node, prompt)}
+        return None
+
+    def _take_time(self, run: _Run, node: str, cls: str) -> None:
+        """The busy node spends the prompt's delay (a sampler one progress frame per step),
+        then fails if the test injected an error for this run."""
+        steps = max(1, int(run.item.prompt[node]["inputs"].get("steps", 1))) if cls in SAMPLERS else 0
+        start = time.monotonic()
+        for step in range(1, max(steps, 1) + 1):
+            self._sleep_until(run, node, start + run.delay * step / max(steps, 1))
+            if steps:
+                self._step(run, node, step, steps)
+        with self._cond:
+            error = self.faults.execution_errors.pop(0) if self.faults.execution_errors else None
+        if error is not None:
+            raise _Injected(error)
+
+    def _load(self, node: str, image: Any) -> None:
+        """LoadImage: the uploaded file must be an image (transcript 44-46)."""
+        sub, _, name = str(image).rpartition("/")
+        with self._cond:
+            data = self.inputs.get((sub, name))
+        try:
+            Image.open(io.BytesIO(data or b"")).verify()
+        except Exception as exc:
+            raise _NodeFailed(node, "PIL.UnidentifiedImageError",
+                              f"cannot identify image file '…/ComfyUI/input/{image}'",
+                              TRACEBACK_LOAD_IMAGE, {"image": [image]}) from exc
+
+    def _step(self, run: _Run, node: str, value: int, steps: int) -> None:
+        """ComfyUI's progress hook: the progress registry, then the `progress` frame."""
+        self._progress(run, node, "running", value, steps)
+        self._tell(run.item, "progress", {"value": value, "max": steps,
+                                          "prompt_id": run.item.prompt_id, "node": node})
+
+    def _progress(self, run: _Run, node: str, state: str, value: float | None = None,
+                  maximum: float | None = None) -> None:
+        """ComfyUI's ProgressRegistry: one entry per node started (pending ones are not
+        sent), each change sent whole as `progress_state`; finishing sets value to max."""
+        entry = run.progress.setdefault(node, {"value": 0, "max": 1, "state": "pending"})
+        entry["state"] = state
+        if maximum is not None:
+            entry["value"], entry["max"] = value, maximum
+        if state == "finished":
+            entry["value"] = entry["max"]
+        pid = run.item.prompt_id
+        self._tell(run.item, "progress_state", {"prompt_id": pid, "nodes": {
+            n: {"value": e["value"], "max": e["max"], "state": e["state"], "node_id": n, "prompt_id": pid,
+                "display_node_id": n, "parent_node_id": None, "real_node_id": n}
+            for n, e in run.progress.items() if e["state"] != "pending"}})
+
+    def _sleep_until(self, run: _Run, node: str, end: float) -> None:
+        with self._cond:
+            while not (self._stopped or self._interrupt or run.generation != self._generation):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        self._check(run, node)
+
+    def _check(self, run: _Run, node: str) -> None:
+        with self._cond:
+            if self._stopped or run.generation != self._generation:
+                raise _Gone()
+            if self._interrupt:
+                raise _Interrupted(node)
+
+    def _message(self, run: _Run, kind: str, data: dict[str, Any], stamp: int | None = None) -> None:
+        """ComfyUI's add_message: stamped, kept for the history entry, sent."""
+        data = {**data, "timestamp": stamp or _ms()}
+        run.messages.append([kind, data])
+        self._tell(run.item, kind, data)
+
+    def _is_changed(self, node: dict[str, Any]) -> Any:
+        """The part of a node's cache key that is not its inputs (its IS_CHANGED)."""
+        if node["class_type"] == "LoadImage":   # the file's hash: new bytes, new run
+            sub, _, name = str(node["inputs"].get("image")).rpartition("/")
+            with self._cond:
+                data = self.inputs.get((sub, name), b"")
+            return hashlib.sha256(data).hexdigest()
+        if node["class_type"] == "SaveImageWebsocket":   # time.time(): never cached
+            return uuid.uuid4().hex
+        return None
+
+    def _is_output(self, prompt: dict[str, Any], node: str) -> bool:
+        return bool(self.object_info.get(prompt[node]["class_type"], {}).get("output_node"))
 
     def _upstream(self, prompt: dict[str, Any], start: str) -> list[str]:
         seen, order, todo = {start}, [], [start]
@@ -366,14 +517,13 @@ class ComfyUIDouble:
                     todo.append(value[0])
         return order
 
-    def _save(self, out: str, prompt: dict[str, Any], item: Item) -> list[dict[str, str]]:
-        """'Run' the graph behind one output node: a PNG of the latent's size, from the seed."""
-        up = self._upstream(prompt, out)
+    def _render(self, out: str, prompt: dict[str, Any]) -> Image.Image:
+        """'Run' the graph behind one output node: an image of the latent's size, from the seed."""
         seed, denoise, base, size = 0, 1.0, None, (512, 512)
-        for node_id in up:
+        for node_id in self._upstream(prompt, out):
             node = prompt[node_id]
             cls, ins = node["class_type"], node["inputs"]
-            if cls in ("KSampler", "KSamplerAdvanced"):
+            if cls in SAMPLERS:
                 seed = int(ins.get("seed", ins.get("noise_seed", 0)))
                 denoise = float(ins.get("denoise", 1.0))
             if cls == "EmptyLatentImage":
@@ -381,12 +531,9 @@ class ComfyUIDouble:
                 break
             if cls == "LoadImage":
                 sub, _, name = str(ins["image"]).rpartition("/")
-                data = self.inputs.get((sub, name))
-                try:
-                    base = Image.open(io.BytesIO(data or b"")).convert("RGB")
-                except Exception as exc:  # like LoadImage on a corrupt file (transcript 44/45)
-                    raise _NodeFailed(node_id, "PIL.UnidentifiedImageError",
-                                      f"cannot identify image file '…/ComfyUI/input/{ins['image']}'") from exc
+                with self._cond:
+                    data = self.inputs.get((sub, name))
+                base = Image.open(io.BytesIO(data or b"")).convert("RGB")
                 size = (base.width // 8 * 8, base.height // 8 * 8)
                 base = base.crop((0, 0, *size))
                 break
@@ -397,8 +544,12 @@ class ComfyUIDouble:
         img = Image.composite(Image.new("RGB", size, colours[0]), Image.new("RGB", size, colours[1]), mask)
         if base is not None and base.size == size:
             img = Image.blend(base, img, max(0.0, min(1.0, denoise)))
+        return img
+
+    def _save(self, out: str, prompt: dict[str, Any]) -> list[dict[str, str]]:
+        """SaveImage / PreviewImage: the rendered PNG under the next free counter."""
         buf = io.BytesIO()
-        img.save(buf, "PNG")
+        self._render(out, prompt).save(buf, "PNG")
         prefix = str(prompt[out]["inputs"].get("filename_prefix", "ComfyUI"))
         subfolder, _, stem = prefix.rpartition("/")
         kind = "output" if prompt[out]["class_type"] == "SaveImage" else "temp"
@@ -413,8 +564,26 @@ class ComfyUIDouble:
 
     # -- the websocket -----------------------------------------------------------------------
 
+    def _tell(self, item: Item, kind: str, data: dict[str, Any]) -> None:
+        """A frame about a prompt goes to its client's socket. A prompt without a client id:
+        ComfyUI sends progress, progress_state and execution_interrupted to every socket
+        (their sid is the absent client id) and the rest to none."""
+        cid = item.extra.get("client_id")
+        if cid is not None or kind in SENT_WITHOUT_CLIENT:
+            self.send(cid, kind, data)
+            if self.on_frame is not None:
+                self.on_frame(kind, data)
+
+    def _tell_bytes(self, item: Item, payload: bytes) -> None:
+        from wsproto.events import BytesMessage
+        self._deliver(item.extra.get("client_id"), BytesMessage(data=payload), None)
+
     def send(self, sid: str | None, kind: str, data: dict[str, Any]) -> None:
         """One JSON frame to the socket of `sid` (None: to every socket), like server.send_sync."""
+        from wsproto.events import TextMessage
+        self._deliver(sid, TextMessage(data=json.dumps({"type": kind, "data": data})), (kind, data))
+
+    def _deliver(self, sid: str | None, event: Any, frame: tuple[str, dict[str, Any]] | None) -> None:
         with self._cond:
             targets = list(self.sockets.values()) if sid is None else (
                 [self.sockets[sid]] if sid in self.sockets else [])
@@ -429,18 +598,19 @@ class ComfyUIDouble:
             except OSError:
                 pass
             return
-        from wsproto.events import TextMessage
-        text = json.dumps({"type": kind, "data": data})
         for ws in targets:
             if not ws.silent:
-                with self._cond:
-                    self.frames.append((ws.sid, kind, data))
-                ws.send(TextMessage(data=text))
+                if frame is not None:
+                    with self._cond:
+                        self.frames.append((ws.sid, *frame))
+                ws.send(event)
 
     def _status(self) -> None:
+        """The queue's size to every socket. Called with the lock held where the queue
+        changes, as ComfyUI's queue_updated() is, so the frames keep the changes' order."""
         with self._cond:
             left = len(self.pending) + (1 if self.running else 0)
-        self.send(None, "status", {"status": {"exec_info": {"queue_remaining": left}}})
+            self.send(None, "status", {"status": {"exec_info": {"queue_remaining": left}}})
 
     def websocket(self, h: _Handler, query: dict[str, list[str]]) -> None:
         """GET /ws: upgrade, then read frames until the peer goes; ComfyUI's websocket_handler."""
@@ -500,40 +670,57 @@ class ComfyUIDouble:
 
     # -- validation, as ComfyUI's execution.validate_prompt answers --------------------------
 
-    def validate(self, prompt: Any) -> tuple[dict[str, Any] | None, list[str]]:
-        """(error body or None, output node ids)."""
+    def validate(self, prompt: Any) -> tuple[dict[str, Any] | None, list[str], dict[str, Any]]:
+        """(error body or None, output node ids that will run, node_errors). As ComfyUI, a
+        prompt with one valid output runs it, and its answer carries the others' errors."""
         def invalid(kind: str, message: str, details: str = "") -> dict[str, Any]:
             return {"error": {"type": kind, "message": message, "details": details, "extra_info": {}},
                     "node_errors": {}}
         if not isinstance(prompt, dict):
-            return invalid("invalid_prompt", "Cannot execute because the prompt is not an object."), []
+            return invalid("invalid_prompt", "Cannot execute because the prompt is not an object."), [], {}
         for node_id, node in prompt.items():
             if not isinstance(node, dict) or "class_type" not in node:
                 return invalid("invalid_prompt", "Cannot execute because a node is missing the "
-                               "class_type property.", f"Node ID '#{node_id}'"), []
+                               "class_type property.", f"Node ID '#{node_id}'"), [], {}
             if node["class_type"] not in self.object_info:
                 return invalid("invalid_prompt", f"Cannot execute because node {node['class_type']} "
-                               "does not exist.", f"Node ID '#{node_id}'"), []
-        outputs = [n for n, v in prompt.items() if self.object_info[v["class_type"]].get("output_node")]
+                               "does not exist.", f"Node ID '#{node_id}'"), [], {}
+        outputs = [n for n in prompt if self._is_output(prompt, n)]
         if not outputs:
-            return invalid("prompt_no_outputs", "Prompt has no outputs"), []
+            return invalid("prompt_no_outputs", "Prompt has no outputs"), [], {}
         node_errors: dict[str, Any] = {}
         good = []
+        validated: dict[str, tuple[bool, list[Any]]] = {}   # shared by the outputs, as ComfyUI's
         for out in outputs:
-            validated: dict[str, bool] = {}
-            if self._validate_node(prompt, out, validated, node_errors, out):
+            try:
+                ok = self._validate_node(prompt, out, validated)
+            except _MissingLink as exc:   # the output's own link: validate_prompt catches it
+                validated[out] = (False, [{
+                    "type": "exception_during_validation", "message": "Exception when validating node",
+                    "details": str(exc), "extra_info": {"exception_type": "KeyError",
+                                                        "traceback": list(TRACEBACK_VALIDATE)}}])
+                ok = False
+            if ok:
                 good.append(out)
-        if node_errors or not good:
+                continue
+            for node_id, (valid, reasons) in validated.items():
+                if not valid and reasons:
+                    node_errors.setdefault(node_id, {"errors": reasons, "dependent_outputs": [],
+                                                     "class_type": prompt[node_id]["class_type"]}
+                                           )["dependent_outputs"].append(out)
+        if not good:
             body = invalid("prompt_outputs_failed_validation", "Prompt outputs failed validation")
             body["node_errors"] = node_errors
-            return body, []
-        return None, good
+            return body, [], node_errors
+        return None, good, node_errors
 
-    def _validate_node(self, prompt: dict[str, Any], node_id: str, validated: dict[str, bool],
-                       node_errors: dict[str, Any], output: str) -> bool:
+    def _validate_node(self, prompt: dict[str, Any], node_id: str,
+                       validated: dict[str, tuple[bool, list[Any]]]) -> bool:
+        """ComfyUI's validate_inputs. A link to a missing node raises (_MissingLink); the node
+        downstream catches it and files it on the linked node, under its own input's name."""
         if node_id in validated:
-            return validated[node_id]
-        validated[node_id] = True
+            return validated[node_id][0]
+        validated[node_id] = (True, [])     # a cycle stops here
         node = prompt[node_id]
         cls = node["class_type"]
         spec = self.object_info[cls]["input"]
@@ -551,12 +738,7 @@ class ComfyUIDouble:
             if _is_link(value):
                 target = value[0]
                 if target not in prompt:
-                    errors.append({"type": "exception_during_inner_validation",
-                                   "message": "Exception when validating inner node", "details": f"'{target}'",
-                                   "extra_info": {"input_name": name, "input_config": conf,
-                                                  "exception_message": f"'{target}'", "exception_type": "KeyError",
-                                                  "traceback": [], "linked_node": [node_id, value[1]]}})
-                    continue
+                    raise _MissingLink(target)
                 produced = self.object_info[prompt[target]["class_type"]]["output"]
                 got = produced[value[1]] if value[1] < len(produced) else None
                 if got != conf[0]:
@@ -566,21 +748,23 @@ class ComfyUIDouble:
                                    "extra_info": {"input_name": name, "input_config": conf,
                                                   "received_type": got, "linked_node": value}})
                     continue
-                if not self._validate_node(prompt, target, validated, node_errors, output):
+                try:
+                    if not self._validate_node(prompt, target, validated):
+                        ok = False
+                except _MissingLink as exc:
+                    validated[target] = (False, [{
+                        "type": "exception_during_inner_validation",
+                        "message": "Exception when validating inner node", "details": str(exc),
+                        "extra_info": {"input_name": name, "input_config": conf,
+                                       "exception_message": str(exc), "exception_type": "KeyError",
+                                       "traceback": list(TRACEBACK_VALIDATE), "linked_node": value}}])
                     ok = False
                 continue
             error = self._check_literal(cls, name, value, conf)
             if error:
                 errors.append(error)
-        if errors:
-            entry = node_errors.setdefault(node_id, {"errors": [], "dependent_outputs": [], "class_type": cls})
-            if not entry["errors"]:
-                entry["errors"] = errors
-            if output not in entry["dependent_outputs"]:
-                entry["dependent_outputs"].append(output)
-            ok = False
-        validated[node_id] = ok
-        return ok
+        validated[node_id] = (ok and not errors, errors)
+        return ok and not errors
 
     def _check_literal(self, cls: str, name: str, value: Any, conf: list[Any]) -> dict[str, Any] | None:
         kind = conf[0]
@@ -681,25 +865,26 @@ class ComfyUIDouble:
         self._json(h, {"exec_info": {"queue_remaining": left}})
 
     def _post_prompt(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        with self._cond:   # every POST takes a number, valid or not (ComfyUI's server.number)
+            number = self._number
+            self._number += 1
         if not isinstance(body, dict) or "prompt" not in body:
             return self._json(h, {"error": {"type": "no_prompt", "message": "No prompt provided",
                                             "details": "No prompt provided", "extra_info": {}},
                                   "node_errors": {}}, 400)
         with self._cond:
-            error, outputs = self.validate(body["prompt"])
+            error, outputs, node_errors = self.validate(body["prompt"])
             if error:
                 return self._json(h, error, 400)
             pid = str(body.get("prompt_id") or uuid.uuid4())
             extra = {"client_id": body["client_id"]} if "client_id" in body else {}
-            item = Item(self._number, pid, body["prompt"], extra, outputs)
-            self._number += 1
-            self.pending.append(item)
+            self.pending.append(Item(number, pid, body["prompt"], extra, outputs))
             self._cond.notify_all()
+            self._status()     # before the answer and under the lock, as ComfyUI's queue.put()
             if self.faults.forget_after_accept > 0:
                 self.faults.forget_after_accept -= 1
                 self.forget()
-        self._json(h, {"prompt_id": pid, "number": item.number, "node_errors": {}})
-        self._status()
+        self._json(h, {"prompt_id": pid, "number": number, "node_errors": node_errors})
 
     def _get_queue(self, h: _Handler, *_: Any) -> None:
         with self._cond:
@@ -708,11 +893,22 @@ class ComfyUIDouble:
             self._json(h, copy.deepcopy(data))
 
     def _post_queue(self, h: _Handler, path: str, query: Any, body: Any, form: Any) -> None:
+        """ComfyUI's wipe_queue / delete_queue_item, with their status frames: one per change,
+        and two when the last pending prompt goes (it is wiped, then the change is told)."""
         with self._cond:
             if isinstance(body, dict) and body.get("clear"):
                 self.pending.clear()
-            if isinstance(body, dict) and "delete" in body:
-                self.pending = [i for i in self.pending if i.prompt_id not in body["delete"]]
+                self._status()
+            for pid in body.get("delete", []) if isinstance(body, dict) else []:
+                index = next((i for i, item in enumerate(self.pending) if item.prompt_id == pid), None)
+                if index is None:
+                    continue
+                if len(self.pending) == 1:
+                    self.pending.clear()
+                    self._status()
+                else:
+                    del self.pending[index]
+                self._status()
         h.reply(200, b"", None)
 
     def _get_history(self, h: _Handler, path: str, query: Any, *_: Any) -> None:
@@ -777,20 +973,63 @@ class ComfyUIDouble:
         h.reply(200, data, "image/png", {"Content-Disposition": f'filename="{filename}"'})
 
 
-def _execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
-    """The nodes the outputs need, each after its inputs (ComfyUI's order is like this)."""
-    order: list[str] = []
-
-    def visit(node: str) -> None:
-        if node in order or node not in prompt:
-            return
-        for value in prompt[node]["inputs"].values():
-            if _is_link(value):
-                visit(value[0])
-        order.append(node)
+def _execution_order(prompt: dict[str, Any], outputs: list[str], cached: set[str],
+                     is_output: Callable[[dict[str, Any], str], bool]) -> list[str]:
+    """ComfyUI's ExecutionList: the outputs and every node they need that is not cached,
+    each after its inputs; of the nodes ready, an output first, then one that feeds an
+    output, then one two steps from an output, else the first ready (ux_friendly_pick_node)."""
+    pending: dict[str, None] = {}
+    blocking: dict[str, dict[str, None]] = {}
     for out in outputs:
-        visit(out)
+        stack = [out]
+        while stack:       # add_node: a stack, so the pending order is ComfyUI's
+            node = stack.pop()
+            if node in pending:
+                continue
+            pending[node] = None
+            blocking.setdefault(node, {})
+            for value in prompt[node]["inputs"].values():
+                if _is_link(value) and value[0] not in cached:
+                    stack.append(value[0])
+                    blocking.setdefault(value[0], {})[node] = None
+    waits = {n: sum(n in blocking[m] for m in pending) for n in pending}
+
+    def feeds_output(node: str, depth: int) -> bool:
+        return any(is_output(prompt, b) if depth == 1 else feeds_output(b, depth - 1)
+                   for b in blocking[node])
+    order: list[str] = []
+    while pending:
+        ready = [n for n in pending if waits[n] == 0]
+        if not ready:      # a cycle (ComfyUI fails the prompt): its nodes do not run here
+            break
+        node = next((n for n in ready if is_output(prompt, n)), None) or next(
+            (n for n in ready if feeds_output(n, 1)), None) or next(
+            (n for n in ready if feeds_output(n, 2)), ready[0])
+        order.append(node)
+        del pending[node]
+        for blocked in blocking[node]:
+            waits[blocked] -= 1
     return order
+
+
+def _signatures(prompt: dict[str, Any], is_changed: Callable[[dict[str, Any]], Any]) -> dict[str, str]:
+    """Each node's cache key, as ComfyUI's CacheKeySetInputSignature: its class, its
+    IS_CHANGED value and its inputs, a link standing for the linked node's key and slot.
+    Equal keys across prompts mean the node's earlier output is reused."""
+    keys: dict[str, str] = {}
+
+    def key(node: str) -> str:
+        if node not in keys:
+            keys[node] = ""    # a cycle ends here
+            ins = prompt[node]["inputs"]
+            inputs = {name: ["link", key(v[0]), v[1]] if _is_link(v) and v[0] in prompt else v
+                      for name, v in sorted(ins.items())}
+            keys[node] = json.dumps([prompt[node]["class_type"], is_changed(prompt[node]), inputs],
+                                    sort_keys=True, default=str)
+        return keys[node]
+    for node in prompt:
+        key(node)
+    return keys
 
 
 class SilentServer:
@@ -868,9 +1107,25 @@ class _Injected(Exception):
 
 
 class _NodeFailed(Exception):
-    def __init__(self, node_id: str, kind: str, message: str) -> None:
+    def __init__(self, node_id: str, kind: str, message: str, traceback: tuple[str, ...],
+                 inputs: dict[str, list[Any]]) -> None:
         super().__init__(message)
         self.node_id, self.kind, self.message = node_id, kind, message
+        self.traceback, self.inputs = traceback, inputs
+
+
+class _Interrupted(Exception):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+
+
+class _Gone(Exception):
+    """The double stopped, or forgot the prompt (a simulated restart), while it ran."""
+
+
+class _MissingLink(KeyError):
+    """A link to a node id the prompt lacks: ComfyUI's validation meets it as a KeyError."""
 
 
 class _Handler(BaseHTTPRequestHandler):
