@@ -1,24 +1,21 @@
-"""Push, not poll: the double speaks ComfyUI's websocket as the shared transcript shows, and
-the backend follows each prompt over it, with /history as the truth and the fallback when
+"""Push, not poll: the backend follows each prompt over the double's websocket (which
+tests/test_comfyui_double.py diffs against every section of the shared transcript), with /history as the truth and the fallback when
 the socket is refused, silent or drops mid-prompt; progress is reported; a stop reaches
 the wait. Real HTTP and websocket servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
 
 import pytest
-import requests
-import websocket
 from PIL import Image
 
 from dreamd.backend import KeyframeRequest
 from dreamd.backends.comfyui import ComfyUIBackend
 from dreamd.errors import PermanentBackendError, TransientBackendError
-from tests.comfyui_double import ComfyUIDouble, shared_file
+from tests.comfyui_double import ComfyUIDouble
 
 CKPT = "random-sd15.safetensors"
 
@@ -54,56 +51,6 @@ def request(steps: int = 4, **kw) -> KeyframeRequest:
 
 def history_gets(double: ComfyUIDouble, prompt_id: str) -> int:
     return double.count("GET", f"/history/{prompt_id}")
-
-
-# -- the double's websocket, against the transcript ------------------------------------------
-
-def test_connect_greets_with_status_and_answers_feature_flags(double):
-    ws = websocket.create_connection(double.url.replace("http", "ws") + "/ws?clientId=ff-probe",
-                                     timeout=10)
-    try:
-        first = json.loads(ws.recv())
-        assert first == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
-                                                    "sid": "ff-probe"}}   # transcript 51
-        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": False}}))
-        assert json.loads(ws.recv()) == {"type": "feature_flags", "data": {
-            "supports_preview_metadata": True, "max_upload_size": 104857600}}
-    finally:
-        ws.close()
-
-
-def test_one_prompt_sends_the_transcripts_sequence(double):
-    """Section 33's (type, node) sequence without progress_state frames: status twice, then
-    execution_start, execution_cached, executing per node, progress per step on the
-    sampler, executed on the output, execution_success, status, executing null."""
-    ws = websocket.create_connection(double.url.replace("http", "ws") + "/ws?clientId=seq",
-                                     timeout=10)
-    try:
-        json.loads(ws.recv())
-        workflow = json.loads(shared_file("example_txt2img_api.json").read_text())
-        sampler = next(n for n, v in workflow.items() if v["class_type"] == "KSampler")
-        workflow[sampler]["inputs"]["steps"] = 3
-        body = requests.post(double.url + "/prompt", json={"prompt": workflow, "client_id": "seq"},
-                             timeout=10).json()
-        seen = []
-        while not seen or seen[-1] != ("executing", None):
-            frame = json.loads(ws.recv())
-            if frame["type"] != "progress_state":
-                seen.append((frame["type"], frame["data"].get("node")))
-                if frame["type"] not in ("status",):
-                    assert frame["data"]["prompt_id"] == body["prompt_id"]
-    finally:
-        ws.close()
-    kinds = [k for k, _ in seen]
-    # two status frames first, as in section 33: the POST queued it, the executor took it
-    assert kinds[:4] == ["status", "status", "execution_start", "execution_cached"]
-    assert kinds[-4:] == ["executed", "execution_success", "status", "executing"]
-    assert [n for k, n in seen if k == "progress"] == [sampler] * 3
-    executing = [n for k, n in seen if k == "executing"]
-    assert executing[-1] is None and sampler in executing
-    # the history entry exists when `executing` null arrives (ComfyUI writes it first)
-    assert body["prompt_id"] in requests.get(f"{double.url}/history/{body['prompt_id']}",
-                                             timeout=10).json()
 
 
 # -- the backend follows prompts by push ---------------------------------------------------------
