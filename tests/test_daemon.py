@@ -51,11 +51,21 @@ def wait_in(daemon, done, what: str, timeout: float = RUN_DEADLINE):
         raise AssertionError(f"{exc}\n{daemon.output()[-3000:]}") from None
 
 
+def holds_pid_file(daemon, proc) -> bool:
+    """The daemon has taken its pid file, so its stop signals are handled (a SIGTERM
+    before that kills it, rc -15). A dead daemon's pid file may still be there."""
+    try:
+        return (daemon.data_dir / "dreamd.pid").read_text().strip() == str(proc.pid)
+    except OSError:
+        return False
+
+
 def run_until(daemon, done, what: str, *args: str) -> None:
     """Run the daemon until `done()` holds, then stop it with SIGTERM: a test judges what a
     run made, never what a fixed time made (a loaded machine makes less in it)."""
     proc = daemon.start(*args)
     try:
+        wait_in(daemon, lambda: holds_pid_file(daemon, proc), "the daemon's pid file")
         wait_in(daemon, done, what)
     finally:
         stop(daemon, proc)
