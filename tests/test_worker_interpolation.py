@@ -261,10 +261,15 @@ def test_a_keyframe_row_without_a_hash_is_named_by_its_files_content(ctx):
 
 # ---------------------------------------------------------------- failures
 
-def test_a_missing_keyframe_file_fails_the_batch_for_a_retry_with_backoff(ctx):
+def test_a_missing_keyframe_file_fails_the_batch_for_a_retry_with_backoff(ctx, monkeypatch):
     a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
     (ctx.cfg.data_dir / "keyframes/k000001.png").unlink()
     bid = batch(ctx, a, b, 2)
+    # from its creation on, the ledger's clock stands still: the tick's next look for due
+    # work comes before the 2 s backoff ends however slow the machine (or it would claim
+    # the batch again and use a second attempt)
+    frozen = tr.utcnow()
+    monkeypatch.setattr(tr, "utcnow", lambda: frozen)
     assert interpolation.tick(ctx, interpolation.Codecs(ctx)) == 0
     state, attempt, error, created, scheduled = rows(
         ctx, "SELECT state, attempt, error, created_at, scheduled_at FROM interpolations "
@@ -490,18 +495,30 @@ def test_a_failure_after_the_lease_was_lost_records_nothing(ctx):
 
 
 def test_the_lease_is_renewed_while_the_frames_are_made(ctx, monkeypatch):
+    """Held at frames-written, inside the lease, until a renewal is recorded: the batch
+    waits for the renewal instead of racing it with a slow decoder (which a loaded
+    machine may not renew within)."""
+    from datetime import datetime, timedelta
+
+    from tests.conftest import wait_for
+
     ctx.cfg.generation.lease_seconds = 0.6
-    monkeypatch.setenv("DREAMD_SLOW", "inbetween=0.15")        # 4 frames: 0.6 s
     a, b = keyframe(ctx, 0, RED), keyframe(ctx, 1, BLUE)
     bid = batch(ctx, a, b, 3)
     release = held(ctx, monkeypatch, "frames-written",
                    lambda: interpolation.tick(ctx, interpolation.Codecs(ctx)))
-    started, expires = rows(ctx, "SELECT started_at, lease_expires_at FROM interpolations "
-                                 "WHERE id = :i", i=bid)[0]
-    from datetime import datetime, timedelta
-    lag = datetime.fromisoformat(expires) - datetime.fromisoformat(started)
-    assert lag > timedelta(seconds=0.6)
-    assert release() == 1
+
+    def renewed() -> bool:
+        started, expires = rows(ctx, "SELECT started_at, lease_expires_at FROM "
+                                     "interpolations WHERE id = :i", i=bid)[0]
+        # the claim's lease ends at started + 0.6 s: later, only by a renewal
+        return datetime.fromisoformat(expires) - datetime.fromisoformat(started) > \
+            timedelta(seconds=0.6)
+
+    try:
+        wait_for(renewed, timeout=60, what="the lease renewed while the frames are made")
+    finally:
+        assert release() == 1
 
 
 def test_each_batch_logs_its_timing_line_for_the_bench(ctx, caplog):

@@ -20,7 +20,7 @@ from dreamd.errors import PermanentBackendError
 from dreamd.ledger import transitions as tr
 from dreamd.workers import keyframe
 from tests.comfyui_double import ComfyUIDouble
-from tests.conftest import identity, worker_context
+from tests.conftest import identity, wait_for, worker_context
 
 CKPT = "random-sd15.safetensors"
 CONFIG = """
@@ -239,12 +239,20 @@ def test_an_unreadable_input_image_is_permanent(ctx):
     assert r.error.startswith("input image keyframes/nowhere.png: [Errno 2]")
 
 
-def test_an_unexpected_failure_is_retried_with_backoff_until_attempts_run_out(ctx):
+def freeze_the_ledgers_clock(monkeypatch) -> None:
+    """From now on the ledger's transitions happen at one instant: a backoff of seconds
+    never ends by itself between two ticks, however slow the machine (make_due ends it)."""
+    frozen = tr.utcnow()
+    monkeypatch.setattr(tr, "utcnow", lambda: frozen)
+
+
+def test_an_unexpected_failure_is_retried_with_backoff_until_attempts_run_out(ctx, monkeypatch):
     # the keyframes folder is a file: writing the image fails (not a condition of the
     # disk, so no postponing: a plain failure)
     ctx.cfg.keyframes_dir.parent.mkdir(parents=True, exist_ok=True)
     ctx.cfg.keyframes_dir.write_text("in the way")
     kid = plan(ctx, 0, max_attempts=3)
+    freeze_the_ledgers_clock(monkeypatch)
     waits = []
     for attempt in (1, 2, 3):
         assert keyframe.tick(ctx, ProceduralBackend()) == 0
@@ -263,11 +271,12 @@ def test_an_unexpected_failure_is_retried_with_backoff_until_attempts_run_out(ct
     assert waits == [timedelta(seconds=2), timedelta(seconds=4)]
 
 
-def test_a_transient_error_is_retried_then_succeeds(ctx):
+def test_a_transient_error_is_retried_then_succeeds(ctx, monkeypatch):
     with ComfyUIDouble(checkpoints=[CKPT]) as double:
         backend = comfyui(ctx, [double.url])
         try:
             kid = plan(ctx, 0, backend="comfyui")
+            freeze_the_ledgers_clock(monkeypatch)
             double.fail_next(10, status=500, method="POST", path="/prompt")
             assert keyframe.tick(ctx, backend) == 0
             r = row(ctx, kid)
@@ -508,19 +517,35 @@ def test_a_full_disk_postpones_the_keyframe_without_using_an_attempt(ctx, tmp_pa
 
 # ---------------------------------------------------------------- the lease and the log
 
-def test_the_lease_is_renewed_while_the_backend_works(ctx, monkeypatch):
-    from tests.test_worker_interpolation import held
+class RenewedWhileItWorks(ProceduralBackend):
+    """The procedural backend, taking as long as its keyframe's lease needs to be renewed
+    once (not a fixed time that a loaded machine may not renew within); it notes how far
+    past the claim's own lease the renewal put the expiry."""
 
+    def __init__(self, ctx, lease_seconds: float) -> None:
+        self.ctx, self.lease_seconds, self.seen = ctx, lease_seconds, []
+
+    def lag(self, kid: int) -> timedelta:
+        started, expires = rows(self.ctx, "SELECT started_at, lease_expires_at FROM "
+                                          "keyframes WHERE id = :i", i=kid)[0]
+        return datetime.fromisoformat(expires) - datetime.fromisoformat(started)
+
+    def generate(self, request):
+        (kid,) = rows(self.ctx, "SELECT id FROM keyframes WHERE state = 'executing'")[0]
+        self.seen.append(wait_for(
+            lambda: self.lag(kid) > timedelta(seconds=self.lease_seconds) and self.lag(kid),
+            timeout=60, what="the lease renewed while the backend works"))
+        return super().generate(request)
+
+
+def test_the_lease_is_renewed_while_the_backend_works(ctx, monkeypatch):
     ctx.cfg.generation.lease_seconds = 0.6
-    monkeypatch.setenv("DREAMD_SLOW", "keyframe=0.5")          # a backend that takes 0.5 s
+    monkeypatch.setenv("DREAMD_SLOW", "keyframe=0.5")          # and 0.5 s more, counted
     kid = plan(ctx, 0)
-    release = held(ctx, monkeypatch, "keyframe-written",
-                   lambda: keyframe.tick(ctx, ProceduralBackend()))
-    started, expires = rows(ctx, "SELECT started_at, lease_expires_at FROM keyframes "
-                                 "WHERE id = :i", i=kid)[0]
-    lag = datetime.fromisoformat(expires) - datetime.fromisoformat(started)
-    assert lag > timedelta(seconds=0.6)          # renewed after the claim's own lease
-    assert release() == 1
+    backend = RenewedWhileItWorks(ctx, 0.6)
+    assert keyframe.tick(ctx, backend) == 1, row(ctx, kid).error
+    # renewed after the claim's own lease (which ends at started + 0.6 s)
+    assert backend.seen and backend.seen[0] > timedelta(seconds=0.6)
     assert row(ctx, kid).generation_ms >= 500
 
 
@@ -588,31 +613,37 @@ def test_comfyui_reattaches_to_the_server_on_record_instead_of_posting_again(ctx
     assert row(ctx, kid).state == "completed"
 
 
-def test_the_daemons_comfyui_backend_shows_which_keyframe_is_in_progress(ctx):
-    """status.json's keyframe_progress names the keyframe the worker asked for."""
-    import threading
-    import time
+class Facts(dict):
+    """ctx.facts that keeps every keyframe_progress written into it: what status.json
+    would show at each moment, without a look that must fall inside the prompt's run."""
 
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.progress: list = []
+
+    def __setitem__(self, key, value) -> None:
+        if key == "keyframe_progress":
+            self.progress.append(value)
+        super().__setitem__(key, value)
+
+
+def test_the_daemons_comfyui_backend_shows_which_keyframe_is_in_progress(ctx):
+    """status.json's keyframe_progress names the keyframe the worker asked for, while
+    the prompt runs, and nothing once it is done."""
     from dreamd.backends.comfyui.daemon_backend import DaemonBackend
 
+    ctx.facts = Facts(ctx.facts)
     with ComfyUIDouble(checkpoints=[CKPT], delay=0.5) as double:
         backend = DaemonBackend(comfyui(ctx, [double.url]), facts=ctx.facts)
-        seen = []
         try:
             kid = plan(ctx, 5, backend="comfyui")
-            worker = threading.Thread(target=lambda: keyframe.tick(ctx, backend), daemon=True)
-            worker.start()
-            deadline = time.monotonic() + 30
-            while worker.is_alive() and time.monotonic() < deadline:
-                progress = ctx.facts.get("keyframe_progress")
-                if progress:
-                    seen.append(progress["keyframe"])
-                time.sleep(0.01)
-            worker.join(timeout=30)
+            assert keyframe.tick(ctx, backend) == 1
         finally:
             backend.close()
     assert row(ctx, kid).state == "completed"
-    assert seen and set(seen) == {5}
+    shown = ctx.facts.progress
+    assert shown[:-1] and {p["keyframe"] for p in shown[:-1]} == {5}, shown
+    assert shown[-1] is None and ctx.facts["keyframe_progress"] is None
 
 
 @pytest.mark.parametrize("cause", ["permanent", "unexpected", "disk full"])
