@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import socket
+import sqlite3
 import stat
 import subprocess
-import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from dreamd.ledger.models import utcnow
 from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for
+from tests.test_daemon import RUN_DEADLINE, run_until, stop, wait_in
 
 
 def web_info(data_dir: Path) -> dict | None:
@@ -42,14 +43,14 @@ def cli(env, *args: str, extra: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.mark.slow
 def test_the_url_is_printed_shown_by_status_and_opened(daemon: DaemonRunner, dreamd_env,
                                                        tmp_path):
-    proc = daemon.start("--duration", "120")
-    info = wait_for(lambda: web_info(daemon.data_dir), 60, what="web.json")
+    proc = daemon.start()
+    info = wait_in(daemon, lambda: web_info(daemon.data_dir), "web.json")
     url = info["url"]
     assert url.startswith("http://127.0.0.1:") and info["pid"] == proc.pid
-    wait_for(lambda: f"web viewer: {url}" in daemon.output(), 30, what="the URL in the output")
+    wait_in(daemon, lambda: f"web viewer: {url}" in daemon.output(), "the URL in the output")
     env = {**dreamd_env, "COLUMNS": "200"}
-    wait_for(lambda: json.loads(cli(env, "status", "--json").stdout)["alive"], 30,
-             what="an alive daemon")
+    wait_in(daemon, lambda: json.loads(cli(env, "status", "--json").stdout)["alive"],
+            "an alive daemon")
     assert json.loads(cli(env, "status", "--json").stdout)["web_url"] == url
     assert url in cli(env, "status").stdout
 
@@ -64,8 +65,7 @@ def test_the_url_is_printed_shown_by_status_and_opened(daemon: DaemonRunner, dre
         assert done.stdout.strip() == expected
     assert opened.read_text().split() == [url, url + "?kiosk=1"]
 
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    stop(daemon, proc)
     assert web_info(daemon.data_dir) is None
     assert json.loads(cli(env, "status", "--json").stdout)["web_url"] is None
     gone = cli(env, "open", extra={"BROWSER": str(browser)})
@@ -82,11 +82,12 @@ def test_a_port_in_use_is_a_warning_and_the_dream_goes_on(dreamd_env, tmp_path):
     try:
         daemon = DaemonRunner(dreamd_env, tmp_path, FAST_CONFIG.replace(
             "port = 0 ", f"port = {port} "))
-        done = daemon.run(15)
+        # the viewer starts (or says why not) before the first frame: run until one
+        run_until(daemon, lambda: status_json(daemon.data_dir).get("frame_number", 0) > 0,
+                  "a frame shown")
     finally:
         holder.close()
-    assert done.returncode == 0, done.stdout
-    out = " ".join(done.stdout.split())
+    out = " ".join(daemon.output().split())
     assert f"web viewer off for this run: 127.0.0.1 port {port} is in use" in out
     assert "the dream goes on" in out and "web viewer: http" not in out
     assert status_json(daemon.data_dir)["frame_number"] > 0
@@ -97,31 +98,46 @@ def test_a_port_in_use_is_a_warning_and_the_dream_goes_on(dreamd_env, tmp_path):
 def test_web_disabled_serves_nothing(dreamd_env, tmp_path):
     daemon = DaemonRunner(dreamd_env, tmp_path, FAST_CONFIG.replace(
         "port = 0 ", "enabled = false\nport = 0 "))
-    done = daemon.run(8)
-    assert done.returncode == 0, done.stdout
-    assert "web viewer" not in done.stdout and web_info(daemon.data_dir) is None
+    # the viewer would start before the first frame: run until one
+    run_until(daemon, lambda: status_json(daemon.data_dir).get("frame_number", 0) > 0,
+              "a frame shown")
+    assert "web viewer" not in daemon.output() and web_info(daemon.data_dir) is None
+
+
+def shown_between(data_dir: Path, began, ended=None) -> int:
+    """Frames the display showed after `began` (and up to `ended`), from the ledger."""
+    con = sqlite3.connect(f"file:{data_dir / 'dreamd.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("SELECT count(*) FROM frames WHERE shown_at > ? AND shown_at <= ?",
+                           (str(began), str(ended or datetime.max))).fetchone()[0]
+    finally:
+        con.close()
+
+
+FLOOD_THREADS = 24
+FRAMES_UNDER_FLOOD = 40
+ANSWERS_UNDER_FLOOD = 100
 
 
 @pytest.mark.slow
 def test_a_request_flood_does_not_stall_the_display(daemon: DaemonRunner):
-    proc = daemon.start("--duration", "180")
-    info = wait_for(lambda: web_info(daemon.data_dir), 60, what="web.json")
+    """24 clients ask without pause until the display has shown 40 frames and the server
+    has answered 100 requests, all counted from the moment every client has had an
+    answer: however fast either side is, the frames were shown while the flood ran."""
+    proc = daemon.start()
+    info = wait_in(daemon, lambda: web_info(daemon.data_dir), "web.json")
     port = info["port"]
-    wait_for(lambda: status_json(daemon.data_dir).get("status") == "playing", 90,
-             what="playback")
-    before = status_json(daemon.data_dir)["frame_number"]
-    counts = {"ok": 0, "busy": 0, "error": 0}
-    lock = threading.Lock()
+    wait_in(daemon, lambda: status_json(daemon.data_dir).get("status") == "playing", "playback")
+    answers: list[list[tuple[object, str]]] = [[] for _ in range(FLOOD_THREADS)]
     flooding = threading.Event()
     flooding.set()
 
-    def flood() -> None:
-        # bounded: at most 400 requests per thread, and only while the test says so
+    def flood(mine: list) -> None:
+        # until the test says stop (a list's append is atomic: no lock between clients)
         paths = ["/", "/api/status", "/api/history", "/assets/viewer.js", "/frames/" + "0" * 64
                  + ".png"]
-        for i in range(400):
-            if not flooding.is_set():
-                return
+        i = 0
+        while flooding.is_set():
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                 conn.request("GET", paths[i % len(paths)])
@@ -130,24 +146,40 @@ def test_a_request_flood_does_not_stall_the_display(daemon: DaemonRunner):
                 key = "busy" if status == 503 else "ok"
             except OSError:
                 key = "error"
-            with lock:
-                counts[key] += 1
+            mine.append((utcnow(), key))
+            i += 1
 
-    threads = [threading.Thread(target=flood, daemon=True) for _ in range(24)]
+    def ok_since(began) -> int:
+        return sum(1 for mine in answers for at, key in list(mine) if key == "ok" and at > began)
+
+    threads = [threading.Thread(target=flood, args=(mine,), daemon=True) for mine in answers]
     for t in threads:
         t.start()
     try:
+        wait_for(lambda: all(answers), RUN_DEADLINE, what="an answer to every client")
+        began = utcnow()          # the flood at full strength from here on
         # the display keeps showing frames while the server is flooded
-        wait_for(lambda: status_json(daemon.data_dir).get("frame_number", 0) >= before + 40,
-                 120, what="40 frames shown during the flood")
-        assert any(t.is_alive() for t in threads), "the flood ended before the check"
+        try:
+            wait_for(lambda: shown_between(daemon.data_dir, began) >= FRAMES_UNDER_FLOOD
+                     and ok_since(began) >= ANSWERS_UNDER_FLOOD, RUN_DEADLINE,
+                     what=f"{FRAMES_UNDER_FLOOD} frames shown and {ANSWERS_UNDER_FLOOD} "
+                          f"answers during the flood")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {shown_between(daemon.data_dir, began)} frames, "
+                                 f"{ok_since(began)} answers; {status_json(daemon.data_dir)}"
+                                 ) from None
+        # every client was still asking: the frames were shown under the whole flood
+        assert all(t.is_alive() for t in threads), "a flooding client died"
+        ended = utcnow()
     finally:
         flooding.clear()
         for t in threads:
             t.join(60)
-    assert counts["ok"] > 100, counts
+    assert shown_between(daemon.data_dir, began, ended) >= FRAMES_UNDER_FLOOD
+    counts = {k: sum(1 for mine in answers for _, key in mine if key == k)
+              for k in ("ok", "busy", "error")}
+    assert counts["ok"] >= ANSWERS_UNDER_FLOOD, counts
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/api/status")
     assert conn.getresponse().status == 200       # and the server still answers
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    stop(daemon, proc)
