@@ -24,7 +24,8 @@ from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.workers import controls
 from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import _STARTED, dreamd_cmd, wait_for, worker_context
-from tests.test_comfyui_daemon import CKPT, comfy_config, rows, status, stop
+from tests.test_comfyui_daemon import CKPT, comfy_config, rows, status
+from tests.test_daemon import RUN_DEADLINE, stop
 
 # What the test's stand-in game process calls itself: a name of this test process's own
 # (another run of the guard's tests, by a person or a mutation run, must not see this
@@ -249,7 +250,7 @@ def test_a_game_pauses_and_frees_its_end_resumes_and_a_user_pause_outlives_it(
         proc = daemon.start()
         cli = ["--config", str(daemon.config)]
         try:
-            wait_for(lambda: status(daemon).get("status") == "playing", timeout=90,
+            wait_for(lambda: status(daemon).get("status") == "playing", timeout=RUN_DEADLINE,
                      what=f"playback:\n{daemon.output()[-3000:]}")
             # a game starts: paused (by the guard, with the game's name), then /free
             running = game()
@@ -307,7 +308,7 @@ def test_a_game_pauses_and_frees_its_end_resumes_and_a_user_pause_outlives_it(
             st = status(daemon)
             assert (st["paused"], st["pause_reason"]) == (True, "mine again")
         finally:
-            stop(proc)
+            stop(daemon, proc)
     done = [(c, s, json.loads(a).get("source"), w) for c, s, a, w in guard_rows(daemon)]
     assert done == [
         ("pause", "applied", "guard", "guard"), ("free", "applied", "guard", "guard"),
