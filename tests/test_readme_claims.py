@@ -127,11 +127,12 @@ def test_controls_made_while_stopped_apply_at_the_next_start_and_survive_restart
 # itself was held up, maybe the whole machine with it)
 LOOK_EVERY = 0.05
 HELD_UP = 0.25
+COUNTED = 20.0      # seconds of looks that count, in all
 # The heartbeat job runs every STATUS_EVERY (0.5 s) and writes when nothing has for
 # 0.5 s: a tick skips only after a write less than 0.5 s before it, so at least every
 # other tick writes, at least once a second (16-18 writes in 12 s were seen beside two
-# CPU hogs). That claim is judged by the count of writes over the time that counts, which
-# one late write does not upset. A single age is bounded only below the display's 5 s
+# CPU hogs). That claim is judged by the count of writes over the 20 s that count, which
+# a late write or two do not upset. A single age is bounded only below the display's 5 s
 # tick: beside the hogs the file was seen 2 s old at times (the heartbeat job waits
 # for the CPU like every thread), so a bound of 1 s plus slack would fail on load alone.
 OLDEST = 4.0
@@ -151,8 +152,8 @@ def test_status_json_is_rewritten_at_least_once_a_second_even_below_one_fps(drea
     looked at least every HELD_UP seconds from the daemon's write to the look: a machine
     that stalled every process (a paused VM, a swap storm) stalls the daemon too, and
     that is not the daemon's fault; a daemon that skips writes while its neighbours run
-    is. Looks go on until 12 s of them count (or the test fails at its deadline, so a
-    machine always stalled cannot pass it either)."""
+    is. Looks go on until COUNTED seconds of them count (or the test fails at its
+    deadline, so a machine always stalled cannot pass it either)."""
     config = (FAST_CONFIG.replace("fps = 10.0", "fps = 0.2")
               .replace("buffer_target_seconds = 3.0", "buffer_target_seconds = 30.0")
               .replace("min_buffer_seconds = 1.0", "min_buffer_seconds = 5.0"))
@@ -164,7 +165,7 @@ def test_status_json_is_rewritten_at_least_once_a_second_even_below_one_fps(drea
         wait_for(lambda: status(d).get("status") == "playing", timeout=180, what="playback")
         began = previous = held_up_until = datetime.now(UTC)
         counted, deadline = 0.0, time.monotonic() + 180
-        while counted < 12:
+        while counted < COUNTED:
             assert time.monotonic() < deadline, \
                 f"this test was held up too often to judge the daemon: {counted:.1f} s counted"
             time.sleep(LOOK_EVERY)
