@@ -44,7 +44,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dreamd.backend import KeyframeRequest  # noqa: E402
+from dreamd.backends import KeyframeRequest  # noqa: E402
 from dreamd.backends.comfyui import ComfyUIBackend  # noqa: E402
 from tests.comfyui_double import ComfyUIDouble  # noqa: E402
 

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.backends.procedural import ProceduralBackend
 from dreamd.latent.pixel import PixelCodec
 from dreamd.latent.slerp import slerp
@@ -54,7 +54,7 @@ def workloads() -> dict[str, callable]:
 
 
 _BUSY = """
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.backends.procedural import ProceduralBackend
 from dreamd.seeding import make_seed
 b, img = ProceduralBackend(), make_seed(1)

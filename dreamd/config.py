@@ -27,9 +27,17 @@ CONFIG_NAME = "dreamd.toml"
 
 
 def key(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        choices: tuple[str, ...] | None = None, check: Any = None) -> Any:
-    """A config key: its default, its one-line doc and what values are allowed."""
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "check": check}
+        choices: tuple[str, ...] | None = None, check: Any = None, live: bool = False,
+        step: float | None = None, path: bool = False) -> Any:
+    """A config key: its default, its one-line doc and what values are allowed.
+
+    `live`: `dreamd set` may change it while the daemon runs (a knob). `step`: the knob's
+    increment on the surfaces that step it (the dashboard's keys, the web viewer's and
+    the skin's buttons): the knobs with a step are the ones they offer. `path`: a file or
+    folder, taken relative to the config file's folder when written relative."""
+    assert step is None or live, "only a live knob has a step"
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "check": check,
+            "live": live, "step": step, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: _copy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -123,7 +131,7 @@ DEFAULT_GAMES = [
 @dataclass
 class System:
     data_dir: str = key("", "where the ledger, frames and logs live; empty = the platform's "
-                            "user data dir (relative paths are relative to the config file)")
+                            "user data dir (relative paths are relative to the config file)", path=True)
     log_level: str = key("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     gpu: int = key(0, "GPU index used for generation (ComfyUI's CUDA_VISIBLE_DEVICES, local "
                       "models, VRAM readings)", min=0, max=64)
@@ -135,11 +143,13 @@ class System:
 class Generation:
     backend: str = key("procedural", "keyframe backend", choices=("procedural", "comfyui"))
     resolution: list[int] = key([512, 256], "keyframe size [width, height]", check=_resolution)
-    interpolation_frames: int = key(10, "in-between frames per keyframe pair", min=0, max=240)
+    interpolation_frames: int = key(10, "in-between frames per keyframe pair", min=0, max=240,
+                                    live=True, step=1)
     denoise: float = key(0.3, "img2img strength: how far each keyframe drifts from the last",
-                         min=0.01, max=1.0)
-    steps: int = key(20, "diffusion steps per keyframe (ComfyUI)", min=1, max=200)
-    cfg: float = key(7.0, "classifier-free guidance scale (ComfyUI)", min=0.0, max=30.0)
+                         min=0.01, max=1.0, live=True, step=0.05)
+    steps: int = key(20, "diffusion steps per keyframe (ComfyUI)", min=1, max=200, live=True)
+    cfg: float = key(7.0, "classifier-free guidance scale (ComfyUI)", min=0.0, max=30.0,
+                     live=True)
     sampler: str = key("euler_ancestral", "sampler name (checked against the ComfyUI server)")
     scheduler: str = key("normal", "scheduler name (checked against the ComfyUI server)")
     seed: int = key(0, "base seed; keyframe k uses a seed derived from it and k", min=0,
@@ -148,7 +158,7 @@ class Generation:
                                          "decoding (2 = half size, 1.333 = 3/4)", min=1.0, max=8.0)
     codec: str = key("auto", "latent codec for in-betweens",
                      choices=("auto", "taesd", "sd-vae", "pixel"))
-    codec_path: str = key("", "explicit weight file for the codec (empty = look for one)")
+    codec_path: str = key("", "explicit weight file for the codec (empty = look for one)", path=True)
     codec_device: str = key("auto", "where the codec runs: auto = the GPU system.gpu when CUDA "
                                     "has it, else the CPU; cuda = the same, with a warning when "
                                     "it falls back; cpu keeps it off a GPU ComfyUI uses",
@@ -160,7 +170,7 @@ class Generation:
                                      "weights (or xl in the file name)",
                              choices=("auto", "sd", "xl"))
     seeds_dir: str = key("", "starting images (PNG/JPEG); empty = the checkout's seeds/ plus "
-                             "<data_dir>/seeds")
+                             "<data_dir>/seeds", path=True)
     max_attempts: int = key(3, "tries per keyframe or interpolation before it is discarded",
                             min=1, max=100)
     lease_seconds: float = key(60.0, "how long a worker's claim lasts without a heartbeat",
@@ -169,15 +179,15 @@ class Generation:
 
 @dataclass
 class Display:
-    fps: float = key(4.0, "frames shown per second", min=0.1, max=60.0)
+    fps: float = key(4.0, "frames shown per second", min=0.1, max=60.0, live=True, step=1.0)
     buffer_target_seconds: float = key(30.0, "how far ahead of the playhead frames are made",
-                                       min=1.0, max=3600.0)
+                                       min=1.0, max=3600.0, live=True)
     min_buffer_seconds: float = key(5.0, "the status says buffering until this much is ready",
-                                    min=0.0, max=3600.0)
+                                    min=0.0, max=3600.0, live=True)
     max_output_frames: int = key(2000, "shown frames kept on disk (segment starts included); "
-                                       "older ones are deleted", min=10, max=10_000_000)
+                                       "older ones are deleted", min=10, max=10_000_000, live=True)
     output_dir: str = key("", "where current_frame.png, previous_frame.png and status.json "
-                              "are written; empty = <data_dir>/output")
+                              "are written; empty = <data_dir>/output", path=True)
 
 
 @dataclass
@@ -241,7 +251,8 @@ class Prompts:
     themes: list[Theme] = key(DEFAULT_THEMES, "positive/negative prompt pairs, as "
                                               "[[prompts.themes]] tables with name, positive, "
                                               "negative")
-    rotation_interval: int = key(20, "keyframes before the next theme", min=1, max=1_000_000)
+    rotation_interval: int = key(20, "keyframes before the next theme", min=1, max=1_000_000,
+                                 live=True)
     time_of_day: bool = key(False, "append a word for the local time of day to every prompt "
                                    "(from time_of_day_words)")
     time_of_day_words: list[str] = key(["at dawn", "in daylight", "at dusk", "at night"],
@@ -256,7 +267,7 @@ class ComfyUI:
     workflow: str = key("sd15_img2img", "a workflow name in workflows/ or a path to an "
                                         "API-format JSON file")
     checkpoint: str = key("v1-5-pruned-emaonly.safetensors", "checkpoint the workflow loads")
-    models_dir: str = key("", "ComfyUI's models/ dir, searched for VAE/TAESD weights")
+    models_dir: str = key("", "ComfyUI's models/ dir, searched for VAE/TAESD weights", path=True)
     start_command: str = key("", "command that starts ComfyUI (split like a shell would, never "
                                  "run by one); empty = do not supervise")
     fallback: str = key("none", "what to do while every server is down",
@@ -291,7 +302,7 @@ class ComfyUI:
     upload_subfolder: str = key("dreamd", "subfolder of ComfyUI's input dir for uploaded "
                                           "images", check=_subfolder)
     start_cwd: str = key("", "working directory of `start_command` (relative paths are "
-                             "relative to the config file); empty = the daemon's")
+                             "relative to the config file); empty = the daemon's", path=True)
     start_env: dict[str, str] = key({}, "extra environment for `start_command` "
                                         "(CUDA_VISIBLE_DEVICES is set from system.gpu "
                                         "unless given here: an explicit one wins)")
@@ -301,7 +312,7 @@ class ComfyUI:
     max_restarts_per_hour: int = key(10, "restarts of a dying `start_command` per hour before "
                                          "the daemon gives up on it", min=0, max=1000)
     log_file: str = key("", "where the output of `start_command` is appended; empty = "
-                            "<data_dir>/logs/comfyui.log")
+                            "<data_dir>/logs/comfyui.log", path=True)
 
 
 def _process_names(value: list[str]) -> str | None:
@@ -312,11 +323,12 @@ def _process_names(value: list[str]) -> str | None:
 
 @dataclass
 class Governor:
-    # dreamd/governor.py: keeps production ahead of playback without tuning
+    # dreamd/governor/law.py: keeps production ahead of playback without tuning
     enabled: bool = key(True, "choose the interpolation frames N and the interpolation size "
                               "from measured keyframe and in-between times, between your "
                               "generation.interpolation_frames / resolution_divisor and the "
-                              "maxima below; false = exactly your settings (no stretch either)")
+                              "maxima below; false = exactly your settings (no stretch either)",
+                      live=True)
     max_interpolation_frames: int = key(120, "the most in-betweens per pair it may choose "
                                              "when keyframes are slow", min=0, max=240)
     max_resolution_divisor: float = key(4.0, "the smallest interpolation size it may choose "
@@ -456,6 +468,23 @@ def key_paths() -> list[tuple[str, Any]]:
         cls = _section_class(section)
         out.extend((f"{section}.{f.name}", f) for f in fields(cls))
     return out
+
+
+def live_knobs() -> dict[str, Any]:
+    """The keys `dreamd set` may change while the daemon runs, in schema order."""
+    return {p: f for p, f in key_paths() if f.metadata["live"]}
+
+
+def stepped_knobs() -> dict[str, tuple[float, float, float]]:
+    """{knob: (step, lowest, highest)} for the knobs the surfaces step with a key or a
+    button, from the schema (so their ranges cannot drift from the config's)."""
+    return {p: (f.metadata["step"], f.metadata["min"], f.metadata["max"])
+            for p, f in key_paths() if f.metadata["step"] is not None}
+
+
+def path_keys() -> list[tuple[str, Any]]:
+    """The keys that name a file or folder."""
+    return [(p, f) for p, f in key_paths() if f.metadata["path"]]
 
 
 def _section_class(section: str) -> type:
@@ -643,10 +672,8 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     if base_dir is not None:
-        for section, name in (("system", "data_dir"), ("display", "output_dir"),
-                              ("comfyui", "models_dir"), ("generation", "codec_path"),
-                              ("generation", "seeds_dir"), ("comfyui", "start_cwd"),
-                              ("comfyui", "log_file")):
+        for key_path, _ in path_keys():
+            section, name = key_path.split(".")
             obj = getattr(cfg, section)
             value = getattr(obj, name)
             if value and not Path(value).expanduser().is_absolute():

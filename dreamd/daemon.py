@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -37,9 +38,6 @@ DR = DaemonRun.__table__
 GRACE_SECONDS = 5.0        # how long in-flight work may finish after a stop signal
 STOP_RECORD_SECONDS = 10.0  # how long the stop waits for a busy ledger to record itself
 STOP_POLL = 0.2            # seconds between looks for a stop signal (it also wakes the wait)
-WORKERS = ("planner", "keyframe", "interpolation", "embedding", "display", "status",
-           "janitor", "controls", "heartbeat", "guard",
-           "governor")
 
 
 # ---------------------------------------------------------------- pid file
@@ -148,6 +146,57 @@ def make_backend(cfg: Config, ctx: Any = None):
     raise DaemonError(f"generation.backend = {name!r} is not a backend")
 
 
+# ---------------------------------------------------------------- the workers
+
+@dataclass
+class Parts:
+    """What the daemon builds once and its workers drive."""
+
+    ctx: Any                                       # the WorkerContext they share
+    backend: Any
+    codecs: Any
+    memory: Any
+    display: Any
+    janitor: Any
+    governor: Any
+    guard: Any
+    on_knobs: Callable[..., None] | None = None    # a knob changed: the display's rate
+
+    def controls_tick(self, on_knobs: Callable[..., None] | None) -> int:
+        from dreamd.workers import controls
+        return controls.tick(self.ctx, on_knobs, self.backend)
+
+
+def display_interval(ctx) -> float:
+    return 1.0 / (ctx.knob("display.fps") * ctx.facts.get("stretch", 1.0))
+
+
+def workers(parts: Parts) -> list[tuple[str, float, Callable[[], Any]]]:
+    """Every worker of the daemon, once: (name, seconds between ticks, tick).
+
+    Idle ticks cost CPU (measured in bench/pipeline.py): each polls at the pace the
+    buffer needs, not faster. A worker with work loops until it has none, and stages
+    wake the next one (ctx.wake), so these intervals only bound how late a retry or a
+    display-driven plan is noticed."""
+    from dreamd.display.writer import STATUS_EVERY
+    from dreamd.workers import controls, interpolation, janitor, keyframe, planner
+
+    ctx = parts.ctx
+    return [
+        ("planner", 1.0, lambda: planner.tick(ctx)),
+        ("keyframe", 2.0, lambda: keyframe.tick(ctx, parts.backend)),
+        ("interpolation", 2.0, lambda: interpolation.tick(ctx, parts.codecs)),
+        ("embedding", 2.0, parts.memory.tick),
+        ("display", display_interval(ctx), parts.display.tick),
+        ("status", STATUS_EVERY, parts.display.status_heartbeat),
+        ("janitor", 5.0, parts.janitor.tick),
+        ("governor", 2.0, parts.governor.tick),
+        ("controls", controls.EVERY, lambda: parts.controls_tick(parts.on_knobs)),
+        ("heartbeat", 5.0, lambda: janitor.heartbeat(ctx)),
+        ("guard", ctx.cfg.guard.check_interval_seconds, parts.guard.tick),   # games
+    ]
+
+
 # ---------------------------------------------------------------- the run
 
 class Daemon:
@@ -230,17 +279,34 @@ class Daemon:
                 signal.signal(s, h)
 
     def _run(self, duration: float | None) -> int:
-        from apscheduler.executors.pool import ThreadPoolExecutor
-        from apscheduler.schedulers.background import BackgroundScheduler
+        ctx = self._boot()
+        self._recover(ctx)
+        parts = self._build(ctx)
+        # controls written while no daemon ran (a pause, a theme, a knob) act before the
+        # planner plans anything: otherwise its first keyframes ignore them
+        self._job("controls", lambda: parts.controls_tick(None))()
+        scheduler = self._schedule(parts)
+        scheduler.start()
+        try:
+            if not self.wait_for_stop(duration):
+                self.stop_reason = f"duration {duration:g} s elapsed"
+        finally:
+            clean = self._stop(scheduler, ctx, parts.display, parts.backend, parts.codecs)
+        if not clean:
+            # a job is stuck in a thread we cannot interrupt: its lease is released
+            # and the stop recorded, so exiting now loses nothing (but the pid file,
+            # which os._exit would skip the `finally` that removes)
+            release_pid_file(self.cfg.pid_path)
+            logging.shutdown()
+            os._exit(0)
+        return 0
 
+    def _boot(self):
+        """The ledger migrated and opened, this run recorded (and any run that never
+        recorded its stop said to have died), the workers' shared context made."""
         from dreamd.torch_threads import configure_torch_threads
-        from dreamd.workers import controls, interpolation, janitor, keyframe, planner
-        from dreamd.workers.embedding import EmbeddingWorker
-        from dreamd.memory.embedder import Embedders
-        from dreamd.workers.context import WorkerContext
-        from dreamd.display.writer import STATUS_EVERY, DisplayWriter
-        from dreamd.storage.reconcile import reconcile
         from dreamd.storage.retention import ensure_incremental_vacuum
+        from dreamd.workers.context import WorkerContext
 
         cfg = self.cfg
         tame_malloc()
@@ -270,34 +336,51 @@ class Daemon:
         ctx.facts["comfyui_status"] = "n/a" if cfg.generation.backend == "procedural" else "?"
         log.info("dreamd %s run %d (pid %d): data dir %s, backend %s, torch threads %d",
                  __version__, run_id, pid, cfg.data_dir, cfg.generation.backend, threads)
+        return ctx
 
-        make_reserve(cfg.data_dir)    # so a stop on a full disk can still be recorded
+    def _recover(self, ctx) -> None:
+        """What a crash left: leases back, files and rows reconciled, the pause and the
+        knobs as they were; and room kept so a stop on a full disk is still recorded."""
+        from dreamd.storage.reconcile import reconcile
+        from dreamd.workers import controls, janitor
+
+        make_reserve(ctx.cfg.data_dir)
         janitor.rescue_all(ctx, everything=True)
         reconcile(ctx)
         controls.restore(ctx)
-        backend = make_backend(cfg, ctx)
+
+    def _build(self, ctx) -> Parts:
+        """The components the workers drive, and the web viewer (its own thread)."""
+        from dreamd.display.writer import DisplayWriter
+        from dreamd.governor.worker import GovernorWorker
+        from dreamd.memory.embedder import Embedders
+        from dreamd.web import server as web
+        from dreamd.workers import interpolation
+        from dreamd.workers.embedding import EmbeddingWorker
+        from dreamd.workers.guard import Guard
+        from dreamd.workers.janitor import Janitor
+
+        backend = make_backend(self.cfg, ctx)
         codecs = interpolation.Codecs(ctx)
-        ctx.codecs, ctx.embedders = codecs, Embedders(cfg.cache)   # shared with the planner
-        memory = EmbeddingWorker(ctx, ctx.embedders)
-        display = DisplayWriter(ctx)
-        jan = janitor.Janitor(ctx)
-        from dreamd.workers.governor import GovernorWorker
-        gov = GovernorWorker(ctx)     # N and interpolation size from measured speeds
-        from dreamd.web import server as web      # the viewer: its own thread, no torch
-        self.viewer = web.start(cfg)
+        ctx.codecs, ctx.embedders = codecs, Embedders(self.cfg.cache)  # shared with the planner
+        parts = Parts(ctx=ctx, backend=backend, codecs=codecs, memory=EmbeddingWorker(ctx, ctx.embedders),
+                      display=DisplayWriter(ctx), janitor=Janitor(ctx),
+                      governor=GovernorWorker(ctx), guard=Guard(ctx))
+        self.viewer = web.start(self.cfg)
         if self.viewer is not None:
-            display.on_shown = self.viewer.announce
-        # controls written while no daemon ran (a pause, a theme, a knob) act before the
-        # planner plans anything: otherwise its first keyframes ignore them
-        self._job("controls", lambda: controls.tick(ctx, None, backend))()
+            parts.display.on_shown = self.viewer.announce
+        return parts
 
+    def _schedule(self, parts: Parts):
+        """One APScheduler job per worker, from the table in `workers()`; stages wake the
+        next one (ctx.wake), and a change of the display rate reschedules the display."""
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        ctx, table = parts.ctx, workers(parts)
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=len(WORKERS) + 1)},
+            executors={"default": ThreadPoolExecutor(max_workers=len(table) + 1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-
-        def every(name: str, seconds: float, fn: Callable[[], Any]) -> None:
-            scheduler.add_job(self._job(name, fn), "interval", seconds=seconds, id=name,
-                              name=name, next_run_time=datetime.now())
 
         def wake(name: str) -> None:
             try:
@@ -305,46 +388,17 @@ class Daemon:
             except Exception:   # stopping: the job is gone, nothing to wake
                 pass
 
-        ctx.wake = wake
-
-        def on_knobs(knobs: dict[str, Any]) -> None:
+        def display_rate(*_: Any) -> None:
             # the display rate, slowed by the governor's stretch while the buffer is low
-            scheduler.reschedule_job("display", trigger="interval", seconds=1.0 / (
-                ctx.knob("display.fps") * ctx.facts.get("stretch", 1.0)))
+            scheduler.reschedule_job("display", trigger="interval", seconds=display_interval(ctx))
 
-        display.pacer.on_change = lambda: on_knobs({})
-
-        # Idle ticks cost CPU (measured in bench/pipeline.py): poll at the pace the
-        # buffer needs, not faster. A worker with work loops until it has none.
-        # Stages wake the next one (ctx.wake), so these intervals only bound how late
-        # a retry or a display-driven plan is noticed.
-        every("planner", 1.0, lambda: planner.tick(ctx))
-        every("keyframe", 2.0, lambda: keyframe.tick(ctx, backend))
-        every("interpolation", 2.0, lambda: interpolation.tick(ctx, codecs))
-        every("embedding", 2.0, memory.tick)
-        every("display", 1.0 / ctx.knob("display.fps"), display.tick)
-        every("status", STATUS_EVERY, display.status_heartbeat)
-        every("janitor", 5.0, jan.tick)
-        every("governor", 2.0, gov.tick)
-        every("controls", controls.EVERY, lambda: controls.tick(ctx, on_knobs, backend))
-        every("heartbeat", 5.0, lambda: janitor.heartbeat(ctx))
-        from dreamd.workers.guard import Guard       # the game guard: pause, free, resume
-        every("guard", cfg.guard.check_interval_seconds, Guard(ctx).tick)
-
-        scheduler.start()
-        try:
-            if not self.wait_for_stop(duration):
-                self.stop_reason = f"duration {duration:g} s elapsed"
-        finally:
-            clean = self._stop(scheduler, ctx, display, backend, codecs)
-        if not clean:
-            # a job is stuck in a thread we cannot interrupt: its lease is released
-            # and the stop recorded, so exiting now loses nothing (but the pid file,
-            # which os._exit would skip the `finally` that removes)
-            release_pid_file(self.cfg.pid_path)
-            logging.shutdown()
-            os._exit(0)
-        return 0
+        ctx.wake = wake
+        parts.on_knobs = display_rate
+        parts.display.pacer.on_change = display_rate
+        for name, seconds, tick in table:
+            scheduler.add_job(self._job(name, tick), "interval", seconds=seconds, id=name,
+                              name=name, next_run_time=datetime.now())
+        return scheduler
 
     def _stop(self, scheduler, ctx, display, backend, codecs) -> bool:
         log.info("stopping (%s)", self.stop_reason)

@@ -2,7 +2,7 @@
 an interpolation stage that share a machine, and a display at a fixed rate, stepped in
 simulated time. Stage times come from functions of (time, divisor) with seeded noise,
 so a scenario is deterministic. What the governor sees is measured as the worker
-measures it in the daemon, by the worker's own functions (dreamd/workers/governor.py):
+measures it in the daemon, by the worker's own functions (dreamd/governor/worker.py):
 the median of the last keyframe times, the median ms per frame by divisor of the last
 batches, the buffer and its trend.
 """
@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dreamd.governor import Bounds, Governor, Measurements
-from dreamd.workers.governor import buffer_trend, inbetween_times, keyframe_times
+from dreamd.governor.law import Bounds, Governor, Measurements
+from dreamd.governor.worker import buffer_trend, inbetween_times, keyframe_times
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from dreamd.backend import KeyframeRequest, KeyframeResult
+from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.ledger.models import Keyframe
 from dreamd.memory.embedder import Embedders
 from dreamd.workers import interpolation, keyframe, planner

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dreamd.backend import KeyframeBackend, KeyframeRequest
+from dreamd.backends import KeyframeBackend, KeyframeRequest
 from dreamd.backends.comfyui import ComfyUIBackend, ComfyUIClient, UnsafeOutputError
 from dreamd.errors import PermanentBackendError, TransientBackendError
 

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from dreamd import config
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.errors import ConfigError, LedgerError, PermanentBackendError
 from tests import invariants
 from tests.comfyui_double import ComfyUIDouble
@@ -457,7 +457,8 @@ def test_a_server_is_brought_back_by_the_health_check(build):
 
 
 def test_the_free_control(double, build):
-    from dreamd.workers.controls import COMMANDS, free
+    from dreamd.ledger.controls import COMMANDS
+    from dreamd.workers.controls import free
     assert "free" in COMMANDS
     backend = build([double.url])
     assert free(backend) == {} and double.freed == 1
@@ -471,7 +472,7 @@ def test_the_free_control(double, build):
 
 
 def test_status_shows_each_server(capsys):
-    from dreamd.display.report import print_status
+    from dreamd.cli.status import print_status
     console = Console(record=True, width=200)
     print_status({"data_dir": "d", "database": "d/dreamd.db", "revision": "0003",
                   "head": "0003", "counts": {}, "last_run": None, "comfyui": {

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dreamd import config
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.backends.comfyui import ComfyUIBackend
 from dreamd.backends.comfyui.client import ComfyUIClient, NotComfyUIError
 from dreamd.backends.comfyui.daemon_backend import DaemonBackend
@@ -123,7 +123,7 @@ def test_a_server_that_rejects_the_workflow_is_set_aside_and_the_keyframe_goes_o
 def test_status_lists_a_set_aside_server_with_its_checkpoints():
     from rich.console import Console
 
-    from dreamd.display.report import print_status
+    from dreamd.cli.status import print_status
     console = Console(record=True, width=300)
     print_status({"data_dir": "d", "database": "d/dreamd.db", "revision": "0003", "head": "0003",
                   "counts": {}, "last_run": None, "comfyui": {

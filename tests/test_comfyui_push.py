@@ -12,7 +12,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.backends.comfyui import ComfyUIBackend
 from dreamd.errors import PermanentBackendError, TransientBackendError
 from tests.comfyui_double import ComfyUIDouble

@@ -8,6 +8,7 @@ from __future__ import annotations
 from PIL import Image
 from sqlalchemy import text
 
+from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
 from tests.memory_chain import REPO, Chain, CollapsingBackend, close, make_ctx
 
@@ -28,7 +29,7 @@ collapse_probability = 0.0
 
 def _control(ctx, command: str) -> int:
     with ctx.engine.begin() as conn:
-        return controls.request(conn, command, {})
+        return ledger_controls.request(conn, command, {})
 
 
 def _state(ctx, cid: int):

@@ -18,9 +18,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from rich.console import Console
 
-from dreamd.display import governor as gov_report
+from dreamd.governor import report as gov_report
 from dreamd.display import status as status_json
-from dreamd.display.report import print_status
+from dreamd.cli.status import print_status
 from dreamd.ledger import glance
 from tests.conftest import mount_tmpfs
 from tests.test_faults_disk_full import fill

@@ -1,4 +1,4 @@
-"""The governor's control law (dreamd/governor.py) on simulated pipelines
+"""The governor's control law (dreamd/governor/law.py) on simulated pipelines
 (tests/governor_sim.py): stage times as functions of time and size, with seeded noise,
 so every scenario is deterministic. It must converge without oscillating, stay within
 the user's bounds, leave a fast machine alone, and stop the underruns once settled."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreamd.governor import (LADDER, Bounds, Governor, Measurements, size_words, stretch)
+from dreamd.governor.law import (LADDER, Bounds, Governor, Measurements, size_words, stretch)
 from tests.governor_sim import reversals, simulate
 
 USER = Bounds(frames=10, max_frames=120, divisor=1.0, max_divisor=4.0, dwell=30.0)

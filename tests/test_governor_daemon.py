@@ -63,7 +63,7 @@ def ctx(db_path):
 
 def test_the_worker_records_its_decision_and_the_next_batch_is_made_with_it(ctx, db_path,
                                                                            dreamd_env):
-    from dreamd.workers import governor
+    from dreamd.governor import worker as governor
 
     worker = governor.GovernorWorker(ctx)
     assert governor.current(ctx) == (4, 1.0)            # nothing measured: the settings
@@ -116,7 +116,7 @@ def test_the_worker_records_its_decision_and_the_next_batch_is_made_with_it(ctx,
 
 
 def test_turned_off_live_it_gives_back_the_users_settings(ctx):
-    from dreamd.workers import governor
+    from dreamd.governor import worker as governor
 
     worker = governor.GovernorWorker(ctx)
     with ctx.engine.begin() as conn:
@@ -135,7 +135,7 @@ def test_turned_off_live_it_gives_back_the_users_settings(ctx):
 
 
 def test_a_restart_goes_on_from_the_last_choice(ctx):
-    from dreamd.workers import governor
+    from dreamd.governor import worker as governor
 
     worker = governor.GovernorWorker(ctx)
     with ctx.engine.begin() as conn:
@@ -296,7 +296,7 @@ def test_every_codec_works_at_every_size_the_governor_may_choose(tmp_path, kind)
     and latents of different sizes never pass for one another."""
     import torch
 
-    from dreamd.governor import LADDER
+    from dreamd.governor.law import LADDER
     from dreamd.latent.choose import at_divisor, choose_codec
     from dreamd.latent.storage import latent_meta, reusable
     from tests.conftest_codecs import diffusers_kl, diffusers_tiny, save, save_taesd_pair, tensors

@@ -21,6 +21,7 @@ from dreamd import config
 from dreamd.errors import ConfigError
 from dreamd.guard.games import GameWatch, normalize
 from dreamd.guard.gpu import GB, GpuWatch
+from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
 from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import _STARTED, dreamd_cmd, wait_for, worker_context
@@ -157,18 +158,18 @@ def test_gpu_utilization_samples_are_read_since_the_last_one():
 def test_a_guard_resume_never_lifts_a_pause_the_user_made(db_path):
     for ctx in worker_context(db_path, ""):
         with ctx.engine.begin() as conn:
-            controls.request(conn, "pause", {"reason": "mine"})
-            controls.request(conn, "resume", {"source": "guard"}, worker="guard")
+            ledger_controls.request(conn, "pause", {"reason": "mine"})
+            ledger_controls.request(conn, "resume", {"source": "guard"}, worker="guard")
         controls.tick(ctx)
         assert ctx.paused() and ctx.facts["paused_by"] == "user"
         with ctx.engine.begin() as conn:
-            controls.request(conn, "pause", {"reason": GAME, "source": "guard"},
+            ledger_controls.request(conn, "pause", {"reason": GAME, "source": "guard"},
                              worker="guard")
         controls.tick(ctx)
         with ctx.reader.connect() as conn:
             got = conn.execute(text("SELECT command, state, error FROM controls "
                                     "ORDER BY id")).all()
-            assert controls.pause_source(conn) == "guard"
+            assert ledger_controls.pause_source(conn) == "guard"
             created_by = conn.execute(text(
                 "SELECT worker FROM transitions WHERE entity = 'control' "
                 "AND event = 'created' ORDER BY id")).scalars().all()

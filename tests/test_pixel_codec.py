@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamd.codec import LatentCodec
+from dreamd.latent.codec import LatentCodec
 from dreamd.errors import CodecError, ConfigError
 from dreamd.latent.images import resize_batch, to_images, to_tensor
 from dreamd.latent.pixel import PixelCodec

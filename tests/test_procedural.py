@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamd.backend import KeyframeBackend, KeyframeRequest
+from dreamd.backends import KeyframeBackend, KeyframeRequest
 from dreamd.backends.procedural import (
     COLOURS, DEFAULT_PROMPT, ProceduralBackend, look_for, stable_hash,
 )

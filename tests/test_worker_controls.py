@@ -13,8 +13,9 @@ from sqlalchemy import text
 from dreamd.errors import ConfigError
 from dreamd.ledger import queries
 from dreamd.ledger import transitions as tr
+from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
-from dreamd.workers.context import LIVE_KNOBS
+from dreamd.ledger.controls import LIVE_KNOBS
 from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import worker_context
 
@@ -28,7 +29,7 @@ def ctx(db_path):
 
 def send(ctx, command: str, args: dict | None = None, **kw) -> int:
     with ctx.engine.begin() as conn:
-        return controls.request(conn, command, args, **kw)
+        return ledger_controls.request(conn, command, args, **kw)
 
 
 def rows(ctx, q: str, **params) -> list:
@@ -67,7 +68,7 @@ def test_request_writes_an_available_row_with_its_args_and_who_sent_it(ctx):
 def test_request_refuses_an_unknown_command_naming_them_all(ctx):
     with ctx.engine.begin() as conn:
         with pytest.raises(ConfigError) as err:
-            controls.request(conn, "snooze")
+            ledger_controls.request(conn, "snooze")
     assert str(err.value) == ("unknown control 'snooze': expected one of pause, resume, set, "
                               "theme, free, inject")
     assert rows(ctx, "SELECT count(*) FROM controls") == [(0,)]
@@ -149,7 +150,7 @@ def test_the_guard_pauses_and_resumes_its_own_pause(ctx):
     controls.tick(ctx)
     assert ctx.facts == {"paused": True, "pause_reason": "elden.exe", "paused_by": "guard"}
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "guard"
+        assert ledger_controls.pause_source(conn) == "guard"
     resume = send(ctx, "resume", {"source": "guard"}, worker="guard")
     controls.tick(ctx)
     assert control(ctx, resume).state == "applied"
@@ -175,26 +176,26 @@ def test_a_guard_resume_of_the_users_pause_is_rejected_with_the_reason(ctx):
 
 def test_pause_source_reads_the_last_applied_pause(ctx):
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) is None          # not paused
+        assert ledger_controls.pause_source(conn) is None          # not paused
     store(ctx, paused=1)
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "user"        # paused, no control says by whom
+        assert ledger_controls.pause_source(conn) == "user"        # paused, no control says by whom
     send(ctx, "pause", {"source": "guard"})
     controls.tick(ctx)
     send(ctx, "pause", {"reason": "me"})
     controls.tick(ctx)
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "user"        # the newest applied pause
+        assert ledger_controls.pause_source(conn) == "user"        # the newest applied pause
     send(ctx, "pause", {"source": "guard"})
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "user"        # not applied yet
+        assert ledger_controls.pause_source(conn) == "user"        # not applied yet
     controls.tick(ctx)
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "guard"
+        assert ledger_controls.pause_source(conn) == "guard"
     send(ctx, "set", {"key": "display.fps", "value": "12"})     # a later control of another kind
     controls.tick(ctx)
     with ctx.reader.connect() as conn:
-        assert controls.pause_source(conn) == "guard"           # only pauses say who paused
+        assert ledger_controls.pause_source(conn) == "guard"           # only pauses say who paused
 
 
 # ---------------------------------------------------------------- set / reset
@@ -239,7 +240,7 @@ def test_reset_forgets_one_knob_and_all_forgets_every_one(ctx):
 
 def test_a_knob_that_cannot_change_while_running_is_named_with_the_live_ones(ctx):
     with pytest.raises(ConfigError) as err:
-        controls.validate_knob("generation.resolution", "[64, 64]")
+        ledger_controls.validate_knob("generation.resolution", "[64, 64]")
     assert str(err.value) == (f"generation.resolution cannot be set while running: live keys "
                               f"are {LIVE}")
     cid = send(ctx, "set", {"reset": "generation.resolution"})
@@ -249,24 +250,24 @@ def test_a_knob_that_cannot_change_while_running_is_named_with_the_live_ones(ctx
 
 def test_a_misspelt_knob_gets_a_suggestion(ctx):
     with pytest.raises(ConfigError) as err:
-        controls.validate_knob("generation.denoize", "0.4")
+        ledger_controls.validate_knob("generation.denoize", "0.4")
     assert str(err.value) == (f"unknown key 'generation.denoize'; did you mean "
                               f"generation.denoise? (live keys: {LIVE})")
     # close to no live knob but to a config key: that one is suggested
     with pytest.raises(ConfigError) as err:
-        controls.validate_reset("comfyui.checkpiont")
+        ledger_controls.validate_reset("comfyui.checkpiont")
     assert str(err.value) == (f"unknown key 'comfyui.checkpiont'; did you mean "
                               f"comfyui.checkpoint? (live keys: {LIVE})")
     with pytest.raises(ConfigError) as err:
-        controls.validate_knob("zzz", "1")
+        ledger_controls.validate_knob("zzz", "1")
     assert str(err.value) == f"unknown key 'zzz' (live keys: {LIVE})"
-    assert controls.validate_reset("all") == "all"
-    assert controls.validate_reset("display.fps") == "display.fps"
-    assert controls.validate_knob("generation.steps", "12") == 12
+    assert ledger_controls.validate_reset("all") == "all"
+    assert ledger_controls.validate_reset("display.fps") == "display.fps"
+    assert ledger_controls.validate_knob("generation.steps", "12") == 12
 
 
 def test_checked_knobs_keeps_the_valid_and_says_why_for_the_rest():
-    good, bad = controls.checked_knobs({"generation.denoise": 0.4, "display.fps": float("nan"),
+    good, bad = ledger_controls.checked_knobs({"generation.denoise": 0.4, "display.fps": float("nan"),
                                         "generation.resolution": [8, 8], "nope": 1})
     assert good == {"generation.denoise": 0.4}
     assert set(bad) == {"display.fps", "generation.resolution", "nope"}
@@ -317,7 +318,7 @@ def test_overrides_show_stored_knobs_and_sets_not_applied_yet(ctx):
     with ctx.engine.begin() as conn:
         tr.transition(conn, "control", applied, "available", "applied")
     with ctx.reader.connect() as conn:
-        out, bad = controls.overrides(conn)
+        out, bad = ledger_controls.overrides(conn)
     s1 = s2 - 1
     assert out == {
         "generation.steps": (15, f"sent by `dreamd set` (control {s2}, applied when a daemon "
@@ -335,15 +336,15 @@ def test_overrides_follow_pending_resets_in_order(ctx):
     send(ctx, "set", {"reset": "display.fps"})
     send(ctx, "set", {"reset": "nonsense"})                   # rejected later: skipped now
     with ctx.reader.connect() as conn:
-        out, bad = controls.overrides(conn)
+        out, bad = ledger_controls.overrides(conn)
     assert out == {"generation.cfg": (5.0, "stored by `dreamd set`")} and bad == {}
     send(ctx, "set", {"key": "generation.steps", "value": "7"})
     send(ctx, "set", {"reset": "all"})
     with ctx.reader.connect() as conn:
-        assert controls.overrides(conn) == ({}, {})
+        assert ledger_controls.overrides(conn) == ({}, {})
     send(ctx, "set", {"key": "generation.steps", "value": "8"})   # after the reset: kept
     with ctx.reader.connect() as conn:
-        out, _ = controls.overrides(conn)
+        out, _ = ledger_controls.overrides(conn)
     assert [(k, v[0]) for k, v in out.items()] == [("generation.steps", 8)]
 
 
@@ -352,11 +353,11 @@ def test_overrides_drop_what_a_pending_reset_forgets_and_keep_the_rest(ctx):
     store(ctx, knobs=json.dumps({"generation.steps": 12, **bad_knobs}))
     send(ctx, "set", {"reset": "display.fps"})
     with ctx.reader.connect() as conn:
-        out, bad = controls.overrides(conn)
+        out, bad = ledger_controls.overrides(conn)
     assert list(out) == ["generation.steps"] and list(bad) == ["display.min_buffer_seconds"]
     send(ctx, "set", {"reset": "all"})
     with ctx.reader.connect() as conn:
-        assert controls.overrides(conn) == ({}, {})
+        assert ledger_controls.overrides(conn) == ({}, {})
 
 
 def test_overrides_of_a_ledger_without_runtime_state(db_path):
@@ -364,7 +365,7 @@ def test_overrides_of_a_ledger_without_runtime_state(db_path):
     engine = database.reader(db_path)
     try:
         with engine.connect() as conn:
-            assert controls.overrides(conn) == ({}, {})
+            assert ledger_controls.overrides(conn) == ({}, {})
     finally:
         engine.dispose()
 

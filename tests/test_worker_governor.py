@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import insert, select, text, update
 
-from dreamd.governor import Bounds, Decision, Measurements
+from dreamd.governor.law import Bounds, Decision, Measurements
 from dreamd.ledger import transitions
 from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
-from dreamd.workers.governor import (GovernorWorker, Pacer, at_claim, current, decisions,
+from dreamd.governor.worker import (GovernorWorker, Pacer, at_claim, current, decisions,
                                      inbetween_ms, keyframe_seconds, slope)
 from tests.conftest import worker_context
 from tests.test_governor_daemon import CONFIG

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GB, GpuWatch
+from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
 from dreamd.workers.guard import Guard
 from tests.conftest import wait_for
@@ -75,7 +76,7 @@ def said(caplog) -> list[str]:
 
 def user(ctx, command: str, **args) -> None:
     with ctx.engine.begin() as conn:
-        controls.request(conn, command, args)
+        ledger_controls.request(conn, command, args)
     controls.tick(ctx)
 
 
@@ -192,7 +193,7 @@ def test_turned_off_it_ignores_games(make, game, caplog):
 
 def earlier_guard_pause(ctx, reason: str = "Cyberpunk2077") -> None:
     with ctx.engine.begin() as conn:
-        controls.request(conn, "pause", {"reason": reason, "source": "guard"}, worker="guard")
+        ledger_controls.request(conn, "pause", {"reason": reason, "source": "guard"}, worker="guard")
     controls.tick(ctx)
     ctx.facts.clear()
     controls.restore(ctx)                       # a restart, as the daemon does

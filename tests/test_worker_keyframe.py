@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from dreamd.backend import KeyframeRequest
+from dreamd.backends import KeyframeRequest
 from dreamd.backends.procedural import ProceduralBackend
 from dreamd.errors import PermanentBackendError
 from dreamd.ledger import transitions as tr

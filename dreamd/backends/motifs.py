@@ -7,15 +7,24 @@ on supersampled canvases that become coloured light with a glow.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-if TYPE_CHECKING:
-    from dreamd.backends.procedural import Look
-
 SS = 2  # supersampling of the line canvases: thin lines come out anti-aliased
+
+
+@dataclass(frozen=True)
+class Look:
+    """What a prompt asks for: the colours of light, the ground, and the motifs."""
+
+    ink: tuple[float, float, float]                 # the main line colour
+    accents: tuple[tuple[float, float, float], ...]  # up to two accent colours
+    background: tuple[float, float, float]          # a very dark tint
+    motifs: dict[str, float] = field(default_factory=dict)
+    mono: bool = False
+    glow: float = 1.0
 
 
 class Canvas:

@@ -12,13 +12,12 @@ import functools
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from dreamd.backend import KeyframeRequest, KeyframeResult
-from dreamd.backends.motifs import PAINTERS, Canvas, particles
+from dreamd.backends import KeyframeRequest, KeyframeResult
+from dreamd.backends.motifs import PAINTERS, Canvas, Look, particles
 from dreamd.errors import PermanentBackendError
 
 DEFAULT_PROMPT = (
@@ -88,18 +87,6 @@ def _parse_spec(spec: str) -> tuple[tuple[str, ...], dict[str, float]]:
 
 _MOODS = {w: _parse_spec(_MOODS_SPEC[s[1:]] if s.startswith("=") else s)
           for w, s in _MOODS_SPEC.items()}
-
-
-@dataclass(frozen=True)
-class Look:
-    """What a prompt asks for: the colours of light, the ground, and the motifs."""
-
-    ink: tuple[float, float, float]                 # the main line colour
-    accents: tuple[tuple[float, float, float], ...]  # up to two accent colours
-    background: tuple[float, float, float]          # a very dark tint
-    motifs: dict[str, float] = field(default_factory=dict)
-    mono: bool = False
-    glow: float = 1.0
 
 
 def stable_hash(*parts: object) -> int:

@@ -28,7 +28,7 @@ from dreamd.errors import StaleTransitionError
 from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
 from dreamd.workers.context import WorkerContext, log_timing, timed
-from dreamd.workers.governor import Pacer
+from dreamd.governor.worker import Pacer
 
 log = logging.getLogger("dreamd.display")
 FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dreamd.codec import LatentCodec
+from dreamd.latent.codec import LatentCodec
 from dreamd.errors import CodecError
 from dreamd.latent.divisor import DivisorCodec
 from dreamd.latent.weights import LoadedWeights, load_weights

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dreamd.codec import LatentCodec
+from dreamd.latent.codec import LatentCodec
 
 
 class DivisorCodec:

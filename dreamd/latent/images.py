@@ -1,6 +1,6 @@
 """PIL images <-> image tensors, for the interpolation worker at the codec's edges.
 
-Tensors follow dreamd.codec: (B, 3, H, W), RGB, float in [0, 1].
+Tensors follow dreamd.latent.codec: (B, 3, H, W), RGB, float in [0, 1].
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dreamd.codec import LatentCodec
+from dreamd.latent.codec import LatentCodec
 from dreamd.errors import CodecError
 
 _TENSOR = "latent"

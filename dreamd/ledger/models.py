@@ -233,7 +233,7 @@ class RuntimeState(Base):
 
 
 class GovernorDecision(Base):
-    """A change the governor made (dreamd/governor.py): the interpolation frames N and
+    """A change the governor made (dreamd/governor/law.py): the interpolation frames N and
     size it chose, or the display slowed or back to full rate, with why and what it
     measured. Rows are few: a change waits at least `governor.dwell_seconds`."""
 

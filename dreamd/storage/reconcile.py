@@ -15,7 +15,6 @@ happen to match (frame and keyframe names repeat from run to run).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from datetime import datetime

@@ -124,12 +124,12 @@ class DreamApp(App):
     """
     BINDINGS = [
         Binding("p", "control('pause')", "pause"),
-        Binding("d", "control('denoise_down')", "denoise-"),
-        Binding("D", "control('denoise_up')", "+"),
-        Binding("f", "control('fps_down')", "fps-"),
-        Binding("F", "control('fps_up')", "+"),
-        Binding("n", "control('frames_down')", "frames-"),
-        Binding("N", "control('frames_up')", "+"),
+        Binding("d", "control('generation.denoise-')", "denoise-"),
+        Binding("D", "control('generation.denoise+')", "+"),
+        Binding("f", "control('display.fps-')", "fps-"),
+        Binding("F", "control('display.fps+')", "+"),
+        Binding("n", "control('generation.interpolation_frames-')", "frames-"),
+        Binding("N", "control('generation.interpolation_frames+')", "+"),
         Binding("t", "control('theme')", "theme"),
         Binding("i", "control('inject')", "inject"),
         Binding("g", "control('free')", "free GPU"),

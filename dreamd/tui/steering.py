@@ -1,5 +1,5 @@
 """What the dashboard's keys ask for: each key is one `controls` row, written through
-dreamd.workers.controls.request like every other surface's (the daemon validates and
+dreamd.ledger.controls.request like every other surface's (the daemon validates and
 applies it, or rejects it with a reason the dashboard shows).
 
 A step of a knob starts from its effective value (stored by `dreamd set`, else the
@@ -11,15 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# action -> (knob, step, lowest, highest); the bounds are the config's ranges
-STEPS = {
-    "denoise_up": ("generation.denoise", 0.05, 0.01, 1.0),
-    "denoise_down": ("generation.denoise", -0.05, 0.01, 1.0),
-    "fps_up": ("display.fps", 1.0, 0.1, 60.0),
-    "fps_down": ("display.fps", -1.0, 0.1, 60.0),
-    "frames_up": ("generation.interpolation_frames", 1, 0, 240),
-    "frames_down": ("generation.interpolation_frames", -1, 0, 240),
-}
+from dreamd.config import stepped_knobs
+
+# The dashboard's keys step the knobs the config schema gives a step (dreamd/config.py),
+# by that step and within the schema's range: action "KNOB+" or "KNOB-".
+UP, DOWN = "+", "-"
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,11 @@ def for_action(action: str, *, paused: bool, knob) -> Request:
         return Request("inject", {}, "inject now")
     if action == "free":
         return Request("free", {}, "free GPU memory")
-    if action in STEPS:
-        key, step, low, high = STEPS[action]
-        value = stepped(knob(key), step, low, high)
+    key, sign = action[:-1], action[-1:]
+    steps = stepped_knobs()
+    if key in steps and sign in (UP, DOWN):
+        step, low, high = steps[key]
+        value = stepped(knob(key), step if sign == UP else -step, low, high)
         return Request("set", {"key": key, "value": str(value)}, f"{key}={value}")
     raise ValueError(f"unknown dashboard action {action!r}")
 
@@ -73,7 +71,7 @@ class Sender:
         """Import the write path and open its engine now, before the first key (importing
         SQLAlchemy takes a good part of a second on a busy machine)."""
         from dreamd.ledger import database
-        from dreamd.workers import controls  # noqa: F401
+        from dreamd.ledger import controls  # noqa: F401
 
         if self.engine is None and database.current_revision(self.db_path) is not None:
             self.engine = database.writer(self.db_path)
@@ -85,7 +83,7 @@ class Sender:
         the writer's busy timeout). Returns its id."""
         from dreamd.errors import LedgerError
         from dreamd.ledger import database
-        from dreamd.workers.controls import request as control
+        from dreamd.ledger.controls import request as control
 
         if self.engine is None:
             if database.current_revision(self.db_path) is None:

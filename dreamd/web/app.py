@@ -28,17 +28,14 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -47,44 +44,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dreamd.config import Config
-from dreamd.web.hub import FrameHub
+from dreamd.web.controls import ControlRefused, send
+from dreamd.web.state import WEB_KNOBS, ViewerState
 
 log = logging.getLogger("dreamd.web")
 ASSETS = {"index.html": "text/html; charset=utf-8", "viewer.js": "text/javascript; charset=utf-8",
           "viewer.css": "text/css; charset=utf-8"}
 SHA_PNG = re.compile(r"([0-9a-f]{64})\.png")
 IMMUTABLE = "public, max-age=31536000, immutable"      # a content address never changes
-WEB_KNOBS = ("generation.denoise", "display.fps", "generation.interpolation_frames")
 HISTORY = 6             # recent keyframes the overlay shows
 STATUS_POLL = 0.2       # seconds between looks at status.json's modification time
 LEDGER_EVERY = 1.0      # seconds between ledger reads for the theme and the knobs
 HEARTBEAT = 2.0         # a status event at least this often, so a page can tell a hung daemon
 RETRY_MS = 1000         # EventSource's reconnection delay after the stream drops
-TOKEN_HEADER = "x-dreamd-token"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; "
                                "script-src 'self'; connect-src 'self'; object-src 'none'",
 }
-
-
-@dataclass
-class ViewerState:
-    """What the routes need: nothing of the daemon's workers, only files and the ledger."""
-
-    cfg: Config
-    hub: FrameHub
-    reader: Engine                   # read-only (`mode=ro`): every GET uses this one
-    writer: Engine | None            # for `controls` rows only; None when controls are off
-    token: str | None = None         # required on every control when exposed
-    exposed: bool = False
-    status: dict[str, Any] | None = None
-    _status_mtime: int = -1
-    _ledger_at: float = float("-inf")
-    _ledger_key: int | None = None   # the keyframe the theme was read for
-    _extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _asset_bytes() -> dict[str, bytes]:
@@ -292,8 +270,6 @@ def build_app(state: ViewerState) -> Starlette:
                                    headers=_headers("no-store"))
 
     async def control(request: Request) -> Response:
-        from dreamd.web.controls import ControlRefused, send
-
         try:
             cid = await send(state, request)
         except ControlRefused as exc:
@@ -328,13 +304,3 @@ def build_app(state: ViewerState) -> Starlette:
         Route("/favicon.ico", lambda request: Response(status_code=204,
                                                        headers=_headers("max-age=86400"))),
     ], middleware=middleware, lifespan=lifespan)
-
-
-def same_token(given: str | None, expected: str) -> bool:
-    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
-
-
-def same_origin(request: Request) -> bool:
-    """A browser sends Origin on every cross-site POST: it must name this very server."""
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")

@@ -1,5 +1,5 @@
 """The page's controls: a POST becomes a `controls` row through
-`dreamd.workers.controls.request`, like the CLI's, the TUI's and Rainmeter's; the
+`dreamd.ledger.controls.request`, like the CLI's, the TUI's and Rainmeter's; the
 daemon applies it within a second. Only a few commands are offered (pause, resume,
 next theme, and three knobs), checked here the way the daemon will check them.
 
@@ -17,7 +17,7 @@ import anyio
 from starlette.requests import Request
 
 from dreamd.errors import ConfigError
-from dreamd.web.app import TOKEN_HEADER, WEB_KNOBS, ViewerState, same_origin, same_token
+from dreamd.web.state import TOKEN_HEADER, WEB_KNOBS, ViewerState, same_origin, same_token
 
 MAX_BODY = 4096
 
@@ -30,7 +30,7 @@ class ControlRefused(Exception):
 
 def parse(body: Any, theme_names: list[str]) -> tuple[str, dict[str, Any]]:
     """The page's request as (command, args) for a control row, or ControlRefused."""
-    from dreamd.workers.controls import validate_knob
+    from dreamd.ledger.controls import validate_knob
 
     if not isinstance(body, dict):
         raise ControlRefused('expected a JSON object like {"command": "pause"}', 400)
@@ -63,7 +63,7 @@ def parse(body: Any, theme_names: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 def _write(state: ViewerState, command: str, args: dict[str, Any]) -> int:
-    from dreamd.workers.controls import request
+    from dreamd.ledger.controls import request
 
     assert state.writer is not None
     with state.writer.begin() as conn:

@@ -119,7 +119,8 @@ def start(cfg: Config, *, quiet: bool = False) -> Viewer | None:
     import uvicorn
 
     from dreamd.ledger import database
-    from dreamd.web.app import ViewerState, build_app
+    from dreamd.web.app import build_app
+    from dreamd.web.state import ViewerState
     from dreamd.web.hub import FrameHub
 
     exposed = w.host not in LOOPBACK_HOSTS

@@ -15,18 +15,11 @@ from typing import Any, Callable, Iterable, Iterator
 from sqlalchemy import Engine
 
 from dreamd.conditions import Conditions, classify
-from dreamd.config import Config
+from dreamd.config import Config, live_knobs
 from dreamd.ledger import queries, transitions
 
 log = logging.getLogger("dreamd.workers")
 
-# Knobs `dreamd set` may change while the daemon runs, and their config types.
-LIVE_KNOBS = {
-    "generation.denoise", "generation.interpolation_frames", "generation.steps",
-    "generation.cfg", "display.fps", "display.buffer_target_seconds",
-    "display.min_buffer_seconds", "display.max_output_frames", "prompts.rotation_interval",
-    "governor.enabled",
-}
 
 
 @dataclass
@@ -73,7 +66,7 @@ class WorkerContext:
 
     def set_knobs(self, knobs: dict[str, Any]) -> None:
         with self._lock:
-            self._knobs = {k: v for k, v in knobs.items() if k in LIVE_KNOBS}
+            self._knobs = {k: v for k, v in knobs.items() if k in live_knobs()}
 
     def paused(self) -> bool:
         return bool(self.facts.get("paused"))

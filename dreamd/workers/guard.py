@@ -16,9 +16,10 @@ import logging
 import time
 from typing import Any
 
+from dreamd.guard import GUARD
 from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GpuWatch
-from dreamd.workers import controls
+from dreamd.ledger import controls
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.guard")
@@ -57,7 +58,7 @@ class Guard:
             self.started = True
             log.info("game guard: %s; watching %d process names, GPU %s",
                      "on" if g.enabled else "off", len(self.games.known), self.gpu.state)
-            if ctx.facts.get("paused_by") == controls.GUARD:
+            if ctx.facts.get("paused_by") == GUARD:
                 # paused by the guard of an earlier run: resume once the grace has passed
                 # with no game (or at once when the guard was turned off since)
                 self.engaged = ctx.facts.get("pause_reason") or "a game"
@@ -89,7 +90,7 @@ class Guard:
             log.info("game guard: %s is running; the dream is already paused (%s)", reason,
                      ctx.facts.get("pause_reason"))
         else:
-            self._control("pause", {"reason": reason, "source": controls.GUARD})
+            self._control("pause", {"reason": reason, "source": GUARD})
             log.warning("game guard: %s is running: pausing the dream and freeing the GPU",
                         reason)
             self._wait(ctx.paused, APPLY_WAIT)
@@ -100,15 +101,15 @@ class Guard:
         waited = time.monotonic() - waited
         if waited > 0.5:
             log.info("game guard: waited %.1f s for work in flight before freeing", waited)
-        self._control("free", {"reason": reason, "source": controls.GUARD})
+        self._control("free", {"reason": reason, "source": GUARD})
 
     def disengage(self) -> None:
         ctx = self.ctx
         reason, self.engaged = self.engaged, None
-        if ctx.paused() and ctx.facts.get("paused_by") == controls.GUARD:
+        if ctx.paused() and ctx.facts.get("paused_by") == GUARD:
             gone = ctx.cfg.guard.resume_after_seconds
             self._control("resume", {"reason": f"{reason} ended {gone:g} s ago",
-                                     "source": controls.GUARD})
+                                     "source": GUARD})
             log.info("game guard: %s ended %g s ago: resuming", reason, gone)
         else:
             log.info("game guard: %s ended; the dream stays as the user left it", reason)

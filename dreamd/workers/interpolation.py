@@ -29,7 +29,7 @@ from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
-from dreamd.workers import governor
+from dreamd.governor import worker as governor
 
 log = logging.getLogger("dreamd.interpolation")
 KF = Keyframe.__table__

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from sqlalchemy import select, update
 
-from dreamd.backend import KeyframeBackend, KeyframeRequest
+from dreamd.backends import KeyframeBackend, KeyframeRequest
 from dreamd.conditions import begin_retrying, classify, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point, slow_down
@@ -25,7 +25,7 @@ from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
-from dreamd.workers import governor
+from dreamd.governor import worker as governor
 
 log = logging.getLogger("dreamd.keyframe")
 KF = Keyframe.__table__
@@ -143,7 +143,7 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
                                 .order_by(KF.c.id.desc()).limit(1)).first()
             if prev is not None:
                 # N and the interpolation size as the governor chose them now: a change
-                # lands at a segment boundary (dreamd/workers/governor.py)
+                # lands at a segment boundary (dreamd/governor/worker.py)
                 n_frames, divisor = governor.current(ctx)
                 transitions.create(conn, "interpolation", {
                     "chain_index": prev.chain_index, "from_keyframe_id": prev.id,

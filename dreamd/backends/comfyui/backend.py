@@ -49,7 +49,7 @@ from typing import Any
 
 from PIL import Image
 
-from dreamd.backend import KeyframeRequest, KeyframeResult
+from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.backends.comfyui.client import (DEFAULT_MAX_PIXELS, ComfyUIClient, OutputRef,
                                             PromptRejectedError, ServerUnreachableError,
                                             check_output_ref, local_path)

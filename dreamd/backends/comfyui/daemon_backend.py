@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dreamd.backend import KeyframeRequest, KeyframeResult
+from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.backends.comfyui.backend import ComfyUIBackend
 from dreamd.backends.comfyui.client import (ComfyUIClient, PromptRejectedError,
                                             ServerUnreachableError)

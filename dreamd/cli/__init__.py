@@ -40,7 +40,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dreamd.ledger import glance
 
     cfg = _config(args)
-    from dreamd.display import governor as governor_report
+    from dreamd.governor import report as governor_report
 
     report: dict[str, Any] = {
         "data_dir": str(cfg.data_dir), "database": str(cfg.db_path), "revision": None,
@@ -67,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
-    from dreamd.display.report import print_status
+    from dreamd.cli.status import print_status
     print_status(report)
     return 0
 
@@ -116,7 +116,7 @@ def _stored_knobs(cfg) -> dict[str, str]:
     """Put the knobs `dreamd set` stored in the ledger (and those sent but not applied
     yet) over the file's values, naming their source; return the invalid ones."""
     from dreamd.ledger import database
-    from dreamd.workers.controls import overrides
+    from dreamd.ledger.controls import overrides
 
     if database.current_revision(cfg.db_path) is None:
         return {}
@@ -234,7 +234,7 @@ def _ledger_writer(cfg):
 
 def _control(args: argparse.Namespace, command: str, payload: dict[str, Any]) -> int:
     from dreamd.ledger import queries
-    from dreamd.workers.controls import request
+    from dreamd.ledger.controls import request
 
     cfg = _config(args)
     engine = _ledger_writer(cfg)
@@ -260,7 +260,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from dreamd.workers.controls import validate_knob, validate_reset
+    from dreamd.ledger.controls import validate_knob, validate_reset
 
     if args.reset:
         if args.assignment:

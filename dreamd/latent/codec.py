@@ -1,6 +1,6 @@
 """The latent codec interface: images in, latents out, and back.
 
-Implementations live in `dreamd/latent/`: `pixel` (embedded, no weights), and the
+Implementations live beside it in `dreamd/latent/`: `pixel` (embedded, no weights), and the
 real VAEs (`sd-vae`, `taesd`). The interpolation worker encodes two keyframes,
 slerps between their latents (`dreamd.latent.slerp`), and decodes all in-betweens
 as one batch.

@@ -1,7 +1,7 @@
 """What `dreamd status` (and the TUI) show of the governor: whether it is on, the N and
 interpolation size batches are made with now, and its last decisions with their
 reasons. Read with the sqlite3 module alone, like dreamd/ledger/glance.py, from
-`governor_decisions` (dreamd/workers/governor.py writes it).
+`governor_decisions` (dreamd/governor/worker.py writes it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import sqlite3
 from typing import Any
 
-from dreamd.governor import size_words
+from dreamd.governor.law import size_words
 
 SHOWN = 5       # decisions listed
 

@@ -2,7 +2,7 @@
 frames N and the interpolation size (the resolution divisor) so that production stays
 ahead of playback, within the user's bounds; and how much to slow the display when the
 buffer runs low. Pure: no clock, no ledger, no torch. The worker that measures, records
-and publishes its decisions is dreamd/workers/governor.py.
+and publishes its decisions is dreamd/governor/worker.py.
 
 The model. A segment (keyframe k to k+1) shows N+1 frames in (N+1)/fps seconds. Making
 it costs the keyframe time K and the in-betweens I = (N+1)·p(d), p(d) being the time

@@ -55,7 +55,7 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
                       f"{playhead['underruns']} underruns")
     _print_comfyui(report.get("comfyui"), console)
     _print_storage(report.get("storage"), console)
-    from dreamd.display.governor import lines as governor_lines
+    from dreamd.governor.report import lines as governor_lines
     for line in governor_lines(report.get("governor")):
         console.print(line, highlight=False)
     counts = report.get("counts") or {}

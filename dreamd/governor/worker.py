@@ -1,5 +1,5 @@
 """The governor worker: measures keyframe and in-between times, the display rate and the
-buffer's trend from the ledger, runs the control law (dreamd/governor.py), publishes the
+buffer's trend from the ledger, runs the control law (dreamd/governor/law.py), publishes the
 chosen N and interpolation size for the next batches (read by the keyframe worker when
 it creates a batch, so changes land at segment boundaries) and records every change in
 `governor_decisions` with its reason and measurements, logged once in words.
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from sqlalchemy import Connection, func, insert, select, update
 
-from dreamd.governor import Bounds, Decision, Governor, Measurements, size_words, stretch
+from dreamd.governor.law import Bounds, Decision, Governor, Measurements, size_words, stretch
 from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
 
 log = logging.getLogger("dreamd.governor")
