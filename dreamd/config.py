@@ -475,6 +475,19 @@ def live_knobs() -> dict[str, Any]:
     return {p: f for p, f in key_paths() if f.metadata["live"]}
 
 
+def live_key(key: str) -> str:
+    """`key` when it is a live knob, else a ConfigError that suggests the one meant."""
+    live = sorted(live_knobs())
+    if key in live:
+        return key
+    known = [p for p, _ in key_paths()]
+    if key in known:
+        raise ConfigError(f"{key} cannot be set while running: live keys are {', '.join(live)}")
+    hint = difflib.get_close_matches(key, live, n=1) or difflib.get_close_matches(key, known, n=1)
+    extra = f"; did you mean {hint[0]}?" if hint else ""
+    raise ConfigError(f"unknown key {key!r}{extra} (live keys: {', '.join(live)})")
+
+
 def stepped_knobs() -> dict[str, tuple[float, float, float]]:
     """{knob: (step, lowest, highest)} for the knobs the surfaces step with a key or a
     button, from the schema (so their ranges cannot drift from the config's)."""

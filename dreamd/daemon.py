@@ -29,7 +29,7 @@ from dreamd.conditions import (DISK_FULL, begin_retrying, classify, make_reserve
                                release_reserve, watch_ledger)
 from dreamd.config import Config
 from dreamd.errors import DaemonError
-from dreamd.ledger import database, queries, transitions
+from dreamd.ledger import database, queries, read_model, transitions
 from dreamd.ledger.models import DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
 
@@ -44,7 +44,7 @@ STOP_POLL = 0.2            # seconds between looks for a stop signal (it also wa
 
 def _is_dreamd(pid: int) -> bool:
     """Alive, and (when we can tell) a dreamd process, not a recycled pid."""
-    if not queries.pid_alive(pid):
+    if not read_model.pid_alive(pid):
         return False
     try:
         import psutil

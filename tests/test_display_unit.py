@@ -21,7 +21,7 @@ from rich.console import Console
 from dreamd.governor import report as gov_report
 from dreamd.display import status as status_json
 from dreamd.cli.status import print_status
-from dreamd.ledger import glance
+from dreamd.ledger import read_model
 from tests.conftest import mount_tmpfs
 from tests.test_faults_disk_full import fill
 
@@ -165,13 +165,13 @@ def test_governor_report_without_a_ledger_is_the_users_settings():
     cfg = gov_cfg("[generation]\ninterpolation_frames = 200\nresolution_divisor = 8.0\n"
                   "[governor]\nenabled = false\nmax_interpolation_frames = 120\n"
                   "max_resolution_divisor = 4.0\n")
-    assert gov_report.report(None, cfg, alive=True) == {
+    assert read_model.governor(None, cfg, alive=True) == {
         "enabled": False, "interpolation_frames": 200, "resolution_divisor": 8.0,
         "stretch": 1.0, "decisions": [],
         "settings": {"interpolation_frames": 200, "resolution_divisor": 8.0,
                      "max_interpolation_frames": 200, "max_resolution_divisor": 8.0}}
     cfg = gov_cfg("[generation]\ninterpolation_frames = 6\nresolution_divisor = 1.0\n")
-    g = gov_report.report(None, cfg, alive=False)
+    g = read_model.governor(None, cfg, alive=False)
     assert g["enabled"] is True
     assert g["settings"] == {"interpolation_frames": 6, "resolution_divisor": 1.0,
                              "max_interpolation_frames": 120, "max_resolution_divisor": 4.0}
@@ -183,16 +183,16 @@ def test_governor_report_follows_the_last_decision_only_while_a_daemon_runs(gov_
     decision(conn, 24, 2.0, 0.85, reason="stretch", at="2026-11-30 12:01:00", detail=None)
     conn.commit()
     cfg = gov_cfg("[generation]\ninterpolation_frames = 6\n")
-    ro = glance.connect(db_path)
+    ro = read_model.connect(db_path)
     try:
-        alive = gov_report.report(ro, cfg, alive=True)
+        alive = read_model.governor(ro, cfg, alive=True)
         assert (alive["interpolation_frames"], alive["resolution_divisor"], alive["stretch"]) \
             == (24, 2.0, 0.85)
         assert [d["reason"] for d in alive["decisions"]] == ["stretch", "slow_keyframes"]
         assert alive["decisions"][0]["detail"] is None
         assert alive["decisions"][1]["detail"] == {"ms": {"1.0": 12}}
         assert alive["settings"]["interpolation_frames"] == 6
-        stopped = gov_report.report(ro, cfg, alive=False)
+        stopped = read_model.governor(ro, cfg, alive=False)
         assert (stopped["interpolation_frames"], stopped["resolution_divisor"],
                 stopped["stretch"]) == (6, 1.0, 1.0)
         assert len(stopped["decisions"]) == 2
@@ -202,9 +202,9 @@ def test_governor_report_follows_the_last_decision_only_while_a_daemon_runs(gov_
     conn.execute("""UPDATE runtime_state SET knobs = '{"governor.enabled": false,
                  "generation.interpolation_frames": 9}'""")
     conn.commit()
-    ro = glance.connect(db_path)
+    ro = read_model.connect(db_path)
     try:
-        off = gov_report.report(ro, cfg, alive=True)
+        off = read_model.governor(ro, cfg, alive=True)
     finally:
         ro.close()
     assert off["enabled"] is False
@@ -218,12 +218,12 @@ def test_governor_decisions_newest_first_limited_and_tolerant_of_bad_detail(gov_
         decision(conn, i, 1.0, 1.0, at=f"2026-11-30 12:0{i}:00",
                  detail="not json" if i == 6 else ("" if i == 5 else '{"i": %d}' % i))
     conn.commit()
-    ro = glance.connect(db_path)
+    ro = read_model.connect(db_path)
     try:
-        shown = gov_report.decisions(ro)
+        shown = read_model.decisions(ro)
         assert [d["interpolation_frames"] for d in shown] == [6, 5, 4, 3, 2]
         assert [d["detail"] for d in shown] == ["not json", None, {"i": 4}, {"i": 3}, {"i": 2}]
-        assert [d["interpolation_frames"] for d in gov_report.decisions(ro, limit=2)] == [6, 5]
+        assert [d["interpolation_frames"] for d in read_model.decisions(ro, limit=2)] == [6, 5]
     finally:
         ro.close()
 
@@ -236,17 +236,17 @@ def test_governor_report_of_a_ledger_without_its_tables(tmp_path):
     raw.execute("CREATE TABLE other (id INTEGER)")
     raw.commit()
     cfg = gov_cfg("[generation]\ninterpolation_frames = 5\n")
-    conn = glance.connect(path)
+    conn = read_model.connect(path)
     try:
-        assert gov_report.decisions(conn) == []
-        g = gov_report.report(conn, cfg, alive=True)
+        assert read_model.decisions(conn) == []
+        g = read_model.governor(conn, cfg, alive=True)
         assert (g["enabled"], g["interpolation_frames"], g["decisions"]) == (True, 5, [])
         raw.execute("CREATE TABLE runtime_state (id INTEGER, knobs TEXT)")
         for knobs in (None, "[1, 2]", "{not json", '{"governor.enabled": false}'):
             raw.execute("DELETE FROM runtime_state")
             raw.execute("INSERT INTO runtime_state VALUES (1, ?)", (knobs,))
             raw.commit()
-            g = gov_report.report(conn, cfg, alive=True)
+            g = read_model.governor(conn, cfg, alive=True)
             assert g["enabled"] is (knobs is None or "governor" not in knobs), knobs
     finally:
         conn.close()
@@ -430,7 +430,7 @@ def test_status_shows_storage_against_the_budget_and_what_was_moved_aside():
 
 def test_status_shows_the_governor():
     cfg = gov_cfg("[generation]\ninterpolation_frames = 6\n")
-    g = gov_report.report(None, cfg, alive=False)
+    g = read_model.governor(None, cfg, alive=False)
     assert render(dict(BASE, governor=g))[3:] == [
         "governor   on: 6 in-betweens at full size (yours: 6 at full size; up to 120 and "
         "1/4 size)", "  no change so far: your settings keep up"]

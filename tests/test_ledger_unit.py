@@ -1,6 +1,6 @@
 """The ledger's plumbing in-process, on real SQLite files (issue 16): the connections
 (WAL, busy timeout, BEGIN IMMEDIATE, read-only readers), the migrations' checks, the
-read-side queries, `dreamd status`'s glance without SQLAlchemy, `dreamd sql`'s shell and
+read-side queries, the read model without SQLAlchemy, `dreamd sql`'s shell and
 output, and the one-line explanation of an unusable ledger file. What the README
 promises ("The ledger", "Troubleshooting"), checked exactly enough to tell a changed
 line from the real one."""
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from dreamd.errors import LedgerError, LedgerUnusableError, UsageError
-from dreamd.ledger import database, glance, queries, unusable
+from dreamd.ledger import database, queries, read_model, unusable
 from dreamd.ledger import sql as shell_sql
 from dreamd.ledger.models import (DaemonRun, Frame, Interpolation, Keyframe, RuntimeState,
                                   utcnow)
@@ -190,7 +191,7 @@ def test_alembic_config_points_at_the_packaged_migrations(tmp_path):
     assert Path(cfg.get_main_option("script_location")) == database.migrations_dir()
     assert (database.migrations_dir() / "versions" / "0001_initial_ledger.py").exists()
     assert cfg.get_main_option("sqlalchemy.url") == f"sqlite+pysqlite:///{tmp_path / 'x.db'}"
-    assert glance.migrations_dir() == database.migrations_dir()
+    assert read_model.migrations_dir() == database.migrations_dir()
 
 
 def test_revisions_run_from_base_to_head():
@@ -198,7 +199,7 @@ def test_revisions_run_from_base_to_head():
     assert revs[0][:2] == ("0001", None)
     for (rev, _down, _msg), (_rev2, down2, _msg2) in zip(revs, revs[1:]):
         assert down2 == rev
-    assert revs[-1][0] == database.head_revision() == glance.head_revision()
+    assert revs[-1][0] == database.head_revision() == read_model.head_revision()
     assert all(msg for _r, _d, msg in revs)
     assert len(revs) == len(list((database.migrations_dir() / "versions").glob("0*.py")))
 
@@ -315,7 +316,7 @@ def test_a_garbage_ledger_is_named_and_set_aside_never_overwritten(tmp_path):
 
 def test_a_garbage_ledger_from_the_sqlite3_module_and_through_a_cause(tmp_path):
     db = garbage(tmp_path / "dreamd.db")
-    raw = error_of(lambda: glance.revision(glance.connect(db)))
+    raw = error_of(lambda: read_model.revision(read_model.connect(db)))
     assert isinstance(raw, sqlite3.DatabaseError)
     assert "not a SQLite database" in str(unusable.explain(raw, db))
     try:
@@ -391,7 +392,7 @@ def read_only_folder():
 
 def test_a_read_only_data_dir_says_so():
     with read_only_folder() as data:
-        exc = error_of(lambda: glance.connect(data / "dreamd.db").execute("SELECT 1"))
+        exc = error_of(lambda: read_model.connect(data / "dreamd.db").execute("SELECT 1"))
         problem = unusable.explain(exc, data / "dreamd.db")
         assert str(problem) == (
             f"{data / 'dreamd.db'}: cannot write there (unable to open database file; "
@@ -484,8 +485,9 @@ def test_anything_else_keeps_its_traceback(db_path):
 # ================================================================ queries.py
 
 def add_run(conn, *, pid: int, beat: datetime, stopped: datetime | None = None) -> int:
+    """A run on this host, as the daemon records its own."""
     return conn.execute(insert(DaemonRun.__table__).values(
-        pid=pid, host="h", version="v", started_at=beat, heartbeat_at=beat,
+        pid=pid, host=socket.gethostname(), version="v", started_at=beat, heartbeat_at=beat,
         stopped_at=stopped)).inserted_primary_key[0]
 
 
@@ -517,7 +519,7 @@ def test_a_run_is_alive_while_it_beats_and_its_pid_exists(engine):
     assert not queries.run_alive(stopped, NOW)
     assert not queries.run_alive(dead, NOW)
     assert queries.run_alive(now_run)                 # `now` defaults to the clock
-    assert queries.pid_alive(me) and not queries.pid_alive(dead.pid)
+    assert read_model.pid_alive(me) and not read_model.pid_alive(dead.pid)
 
 
 def test_the_runtime_row_is_made_on_first_use_and_updated(engine):
@@ -620,48 +622,48 @@ def test_the_next_frame_waits_for_an_earlier_segment_still_being_made(engine):
         assert queries.next_frame(conn, None, None) is not None
 
 
-# ================================================================ glance.py
+# ================================================================ read_model.py
 
-def test_glance_connects_read_only_with_rows_by_name(db_path):
-    conn = glance.connect(db_path)
+def test_read_model_connects_read_only_with_rows_by_name(db_path):
+    conn = read_model.connect(db_path)
     try:
         assert conn.execute("SELECT 1 AS one").fetchone()["one"] == 1
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             conn.execute("DELETE FROM frames")
-        assert glance.revision(conn) == glance.head_revision()
-        assert glance._has(conn, "frames") and not glance._has(conn, "nothing")
+        assert read_model.revision(conn) == read_model.head_revision()
+        assert read_model._has(conn, "frames") and not read_model._has(conn, "nothing")
     finally:
         conn.close()
 
 
-def test_glance_waits_for_a_locked_ledger_only_as_long_as_asked(db_path):
-    conn = glance.connect(db_path, timeout=0.0)
+def test_read_model_waits_for_a_locked_ledger_only_as_long_as_asked(db_path):
+    conn = read_model.connect(db_path, timeout=0.0)
     try:
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
     finally:
         conn.close()
-    conn = glance.connect(db_path)
+    conn = read_model.connect(db_path)
     try:
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     finally:
         conn.close()
 
 
-def test_glance_revision_of_an_empty_or_unversioned_file(tmp_path):
+def test_read_model_revision_of_an_empty_or_unversioned_file(tmp_path):
     path = tmp_path / "x.db"
     raw = sqlite3.connect(path)
     raw.execute("CREATE TABLE t (a)")
     raw.commit()
-    conn = glance.connect(path)
-    assert glance.revision(conn) is None
+    conn = read_model.connect(path)
+    assert read_model.revision(conn) is None
     raw.execute("CREATE TABLE alembic_version (version_num TEXT)")
     raw.commit()
     conn.close()
-    conn = glance.connect(path)
-    assert glance.revision(conn) is None
+    conn = read_model.connect(path)
+    assert read_model.revision(conn) is None
     raw.execute("INSERT INTO alembic_version VALUES ('0003')")
     raw.commit()
-    assert glance.revision(conn) == "0003"
+    assert read_model.revision(conn) == "0003"
     conn.close()
     raw.close()
 
@@ -671,7 +673,7 @@ def fake_migrations(tmp_path, monkeypatch, files: dict[str, str]) -> None:
     versions.mkdir(parents=True)
     for name, body in files.items():
         (versions / name).write_text(body, encoding="utf-8")
-    monkeypatch.setattr(glance, "migrations_dir", lambda: tmp_path / "mig")
+    monkeypatch.setattr(read_model, "migrations_dir", lambda: tmp_path / "mig")
 
 
 def test_head_revision_reads_the_version_files(tmp_path, monkeypatch):
@@ -682,7 +684,7 @@ def test_head_revision_reads_the_version_files(tmp_path, monkeypatch):
         "notes.txt": 'revision = "zz"\n',
         "helper.py": "# no revision here\n",
     })
-    assert glance.head_revision() == "c3"
+    assert read_model.head_revision() == "c3"
 
 
 def test_head_revision_refuses_two_heads(tmp_path, monkeypatch):
@@ -692,35 +694,49 @@ def test_head_revision_refuses_two_heads(tmp_path, monkeypatch):
         "c.py": 'revision = "c3"\ndown_revision = "a1"\n',
     })
     with pytest.raises(LedgerError) as err:
-        glance.head_revision()
+        read_model.head_revision()
     assert str(err.value) == (f"{tmp_path / 'mig'}: expected one head revision, found "
                               f"['b2', 'c3']")
 
 
 def test_head_revision_of_a_lone_revision_without_down(tmp_path, monkeypatch):
     fake_migrations(tmp_path, monkeypatch, {"a.py": 'revision = "a1"\n'})
-    assert glance.head_revision() == "a1"
+    assert read_model.head_revision() == "a1"
 
 
-def test_glance_json_object_and_run_alive():
-    assert glance.json_object('{"a": 1}') == {"a": 1}
+def test_read_model_json_object_and_the_one_liveness_rule():
+    assert read_model.json_object('{"a": 1}') == {"a": 1}
     # b"\xff": a BLOB that is not UTF-8, as an outside sqlite3 session could store
     for raw in (None, "", "[1]", "{bad", 5, b"\xff{}"):
-        assert glance.json_object(raw) is None, raw
-    assert glance._dt(None) is None
-    assert glance._dt(NOW) is NOW
-    assert glance._dt("2030-06-01 12:00:00.250000") == NOW
-    me = os.getpid()
-    run = {"pid": me, "heartbeat_at": "2030-06-01 12:00:00.250000", "stopped_at": None}
-    assert glance.run_alive(run, NOW + timedelta(seconds=29.999))
-    assert not glance.run_alive(run, NOW + timedelta(seconds=30))
-    assert not glance.run_alive({**run, "stopped_at": str(NOW)}, NOW)
-    assert not glance.run_alive({**run, "pid": dead_pid()}, NOW)
-    assert not glance.run_alive({**run, "heartbeat_at": None}, NOW)
-    assert not glance.run_alive(None, NOW)
-    assert glance.run_alive({**run, "heartbeat_at": utcnow()})   # now from the clock
-    assert not glance.run_alive({**run, "heartbeat_at": utcnow() - timedelta(seconds=31)})
-    assert glance.pid_alive(me) and not glance.pid_alive(dead_pid())
+        assert read_model.json_object(raw) is None, raw
+    assert read_model._dt(None) is None
+    assert read_model._dt(NOW) is NOW
+    assert read_model._dt("2030-06-01 12:00:00.250000") == NOW
+    me, here = os.getpid(), "this-host"
+    run = {"id": 7, "pid": me, "host": here, "heartbeat_at": "2030-06-01 12:00:00.250000",
+           "stopped_at": None}
+
+    def alive(r, now=NOW, host=here):
+        return read_model.liveness(r, now, host)
+
+    assert alive(run, NOW + timedelta(seconds=29.999)).alive
+    got = alive(run, NOW + timedelta(seconds=30))
+    assert (got.alive, got.state) == (False, "died")
+    assert got.line == "no daemon running: the last one (run 7, pid %d on this-host) died; " \
+                       "its heartbeat is 30 s old" % me
+    got = alive({**run, "stopped_at": str(NOW), "exit_reason": "signal SIGTERM"},
+                NOW + timedelta(minutes=5))
+    assert (got.alive, got.state) == (False, "stopped") and "stopped 5 min ago (signal " \
+        "SIGTERM)" in got.line
+    assert alive({**run, "pid": dead_pid()}).state == "died"        # its pid is gone here
+    # on another host the pid cannot be looked at: the heartbeat decides
+    assert alive({**run, "pid": dead_pid(), "host": "elsewhere"}).alive
+    assert not alive({**run, "heartbeat_at": None}).alive
+    assert alive(None).state == "never" and not alive(None).alive
+    assert read_model.liveness({**run, "heartbeat_at": utcnow()}, host=here).alive  # clock
+    assert not read_model.liveness({**run, "heartbeat_at": utcnow() - timedelta(seconds=31)},
+                                   host=here).alive
+    assert read_model.pid_alive(me) and not read_model.pid_alive(dead_pid())
 
 
 def test_times_are_utc_whatever_the_local_time_zone(monkeypatch):
@@ -729,7 +745,7 @@ def test_times_are_utc_whatever_the_local_time_zone(monkeypatch):
     time.tzset()
     try:
         assert datetime.now() - datetime.utcnow() > timedelta(hours=5)
-        for now in (glance.utcnow, utcnow):
+        for now in (read_model.utcnow, utcnow):
             got = now()
             assert got.tzinfo is None
             assert abs(got - datetime.utcnow()) < timedelta(seconds=60), now
@@ -738,17 +754,32 @@ def test_times_are_utc_whatever_the_local_time_zone(monkeypatch):
         time.tzset()
 
 
-def test_status_of_a_fresh_ledger(db_path):
-    conn = glance.connect(db_path)
+def _status(db_path, cfg_text: str = ""):
+    from dreamd import config
+
+    conn = read_model.connect(db_path)
     try:
-        got = glance.status(conn, fps=12.0, buffer_target=30.0)
+        return read_model.status(conn, config.parse(cfg_text))
     finally:
         conn.close()
+
+
+FPS_12 = "[display]\nfps = 12.0\nbuffer_target_seconds = 30.0\n"
+
+
+def test_status_of_a_fresh_ledger(db_path):
+    got = _status(db_path, FPS_12).as_json()
+    knobs = got.pop("knobs")
+    gov = got.pop("governor")
     assert got == {
-        "counts": {t: {} for t in glance.COUNTED_TABLES}, "last_run": None, "alive": False,
-        "paused": False, "pause_reason": None, "playhead": None, "in_progress": None,
+        "counts": {t: {} for t in read_model.COUNTED_TABLES}, "last_run": None, "alive": False,
+        "daemon": "no daemon has run on this data dir yet: start one with `dreamd run`",
+        "paused": False, "pause_reason": None, "paused_by": None, "playhead": None,
+        "in_progress": None,
         "buffer": {"frames": 0, "seconds": 0.0, "target_seconds": 30.0, "fps": 12.0},
-        "comfyui": None, "storage_recorded": None}
+        "comfyui": None}
+    assert knobs["display.fps"] == {"value": 12.0, "source": "config", "problem": None}
+    assert (gov["enabled"], gov["decisions"]) == (True, [])
 
 
 def test_status_reports_what_dreamd_status_shows(engine, db_path):
@@ -776,11 +807,8 @@ def test_status_reports_what_dreamd_status_shows(engine, db_path):
             comfyui_health='{"servers": []}', storage='{"free": 1}'))
         conn.execute(text("INSERT INTO controls (command, args, state, created_at) VALUES "
                           "('pause', '{}', 'applied', '2030-01-01 00:00:00')"))
-    conn = glance.connect(db_path)
-    try:
-        got = glance.status(conn, fps=12.0, buffer_target=30.0)
-    finally:
-        conn.close()
+    found = _status(db_path, FPS_12)
+    got = found.as_json()
     assert got["counts"] == {
         "keyframes": {"completed": 4, "discarded": 1, "executing": 1, "retryable": 1},
         "interpolations": {}, "frames": {"evicted": 1, "ready": 6}, "embeddings": {},
@@ -788,7 +816,7 @@ def test_status_reports_what_dreamd_status_shows(engine, db_path):
     assert list(got["counts"]["keyframes"]) == ["completed", "discarded", "executing",
                                                 "retryable"]
     assert got["last_run"]["pid"] == me and got["alive"] is True
-    assert (got["paused"], got["pause_reason"]) == (True, "game")
+    assert (got["paused"], got["pause_reason"], got["paused_by"]) == (True, "game", "user")
     assert got["playhead"] == {"frame_id": 3, "chain_index": 1, "t": 0.0, "frames_shown": 40,
                                "underruns": 2}
     # the keyframe in progress is the newest pending one
@@ -796,28 +824,26 @@ def test_status_reports_what_dreamd_status_shows(engine, db_path):
                                   "attempt": 2, "started_at": "2030-06-01 12:00:00.250000"}
     # after (1, 0.0): (1, 0.5), (2, 0.0), (3, 0.0); the knobs beat the config
     assert got["buffer"] == {"frames": 3, "seconds": 0.43, "target_seconds": 9.0, "fps": 7.0}
-    assert got["comfyui"] == {"servers": []} and got["storage_recorded"] == {"free": 1}
+    assert got["knobs"]["display.fps"] == {"value": 7.0, "source": read_model.STORED,
+                                           "problem": None}
+    assert got["comfyui"] == {"servers": []} and found.storage_recorded == {"free": 1}
     with engine.begin() as conn:
         conn.execute(text("UPDATE runtime_state SET playhead_chain_index = NULL, "
                           "playhead_t = NULL, knobs = 'nope', paused = 0"))
         conn.execute(text("UPDATE keyframes SET state = 'completed' WHERE chain_index = 5"))
-    conn = glance.connect(db_path)
-    try:
-        got = glance.status(conn, fps=3.0, buffer_target=30.0)
-    finally:
-        conn.close()
+    got = _status(db_path, "[display]\nfps = 3.0\n").as_json()
     assert got["buffer"] == {"frames": 6, "seconds": 2.0, "target_seconds": 30.0, "fps": 3.0}
-    assert got["paused"] is False
+    assert (got["paused"], got["paused_by"]) == (False, None)
     assert got["in_progress"]["chain_index"] == 4 and got["in_progress"]["state"] == \
         "executing"
     with engine.begin() as conn:
         conn.execute(text("UPDATE keyframes SET state = 'available' WHERE chain_index = 4"))
-    conn = glance.connect(db_path)
-    try:
-        assert glance.status(conn, fps=3.0, buffer_target=1.0)["in_progress"]["state"] == \
-            "available"
-    finally:
-        conn.close()
+        # a stored knob that no longer validates: the config's, with why
+        conn.execute(text("""UPDATE runtime_state SET knobs = '{"display.fps": 500}'"""))
+    found = _status(db_path, "[display]\nfps = 3.0\n")
+    assert found.in_progress["state"] == "available"
+    assert found.knobs["display.fps"].value == 3.0 and found.knobs["display.fps"].source == \
+        "config" and "display.fps" in found.knobs["display.fps"].problem
 
 
 # ================================================================ sql.py (`dreamd sql`)

@@ -15,11 +15,11 @@ from dreamd.ledger import queries
 from dreamd.ledger import transitions as tr
 from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
-from dreamd.ledger.controls import LIVE_KNOBS
+from dreamd.config import live_knobs
 from tests.comfyui_double import ComfyUIDouble
 from tests.conftest import worker_context
 
-LIVE = ", ".join(sorted(LIVE_KNOBS))
+LIVE = ", ".join(sorted(live_knobs()))
 
 
 @pytest.fixture

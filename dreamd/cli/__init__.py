@@ -36,34 +36,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    # sqlite3 alone (dreamd/ledger/glance.py): SQLAlchemy's import was most of the time
-    from dreamd.ledger import glance
+    # the read model (sqlite3 alone: SQLAlchemy's import was most of a slow status)
+    from dreamd.ledger import read_model
 
     cfg = _config(args)
-    from dreamd.governor import report as governor_report
-
-    report: dict[str, Any] = {
-        "data_dir": str(cfg.data_dir), "database": str(cfg.db_path), "revision": None,
-        "head": glance.head_revision(), "counts": {}, "last_run": None, "alive": False,
-        "paused": False, "pause_reason": None, "playhead": None, "in_progress": None,
-        "buffer": None, "comfyui": None}
-    report["governor"] = governor_report.report(None, cfg, alive=False)
     if cfg.db_path.exists():
-        conn = glance.connect(cfg.db_path)
+        conn = read_model.connect(cfg.db_path)
         try:
-            report["revision"] = glance.revision(conn)
-            if report["revision"] is not None:
-                report.update(glance.status(conn, fps=cfg.display.fps,
-                                            buffer_target=cfg.display.buffer_target_seconds))
-                report["governor"] = governor_report.report(conn, cfg, report["alive"])
+            conn.execute("BEGIN")           # one consistent read
+            found = read_model.status(conn, cfg)
         finally:
             conn.close()
-    report["storage"] = _storage_report(cfg, report)
-    from dreamd.guard import paused_by_in      # "guard": the game guard resumes it itself
-    report["paused_by"] = paused_by_in(cfg.db_path) if report.get("paused") else None
+    else:
+        found = read_model.status(None, cfg)
+    report: dict[str, Any] = {
+        "data_dir": str(cfg.data_dir), "database": str(cfg.db_path),
+        "revision": found.revision, "head": read_model.head_revision(), **found.as_json()}
+    report["storage"] = _storage_report(cfg, found)
     from dreamd.web.server import running_url      # the viewer the live daemon serves
-    run = report.get("last_run") or {}
-    report["web_url"] = running_url(cfg.data_dir, run.get("pid")) if report.get("alive") else None
+    run = found.last_run or {}
+    report["web_url"] = running_url(cfg.data_dir, run.get("pid")) if found.daemon.alive else None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -72,15 +64,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_report(cfg, report: dict[str, Any]) -> dict[str, Any]:
+def _storage_report(cfg, found) -> dict[str, Any]:
     """The data dir's size by part: while a daemon runs, as its janitor last measured
     it (walking a big data dir was a good part of a slow `dreamd status`), else measured
     now; and what the daemon said about the free-space floor (a stopped one pauses
     nothing)."""
     from dreamd.storage import space
 
-    recorded = report.pop("storage_recorded", None) or {}
-    if report.get("alive") and "parts" in recorded:
+    recorded = found.storage_recorded or {}
+    if found.daemon.alive and "parts" in recorded:
         return {**recorded, "measured": "by the daemon"}
     s = cfg.storage
     usage = space.measure(cfg.data_dir, budget_gb=s.budget_gb, floor_gb=s.min_free_gb)

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export(cfg, args: argparse.Namespace) -> int:
-    from dreamd.ledger import glance
+    from dreamd.ledger import read_model
 
     if args.to is not None and (args.last is not None or args.seconds is not None):
         raise UsageError("--to goes with --from (chain indices; alone: from the first "
@@ -80,9 +80,9 @@ def export(cfg, args: argparse.Namespace) -> int:
         format_of(args.output)        # a wrong extension fails before any work
     if not cfg.db_path.exists():
         raise DreamdError(f"no ledger at {cfg.db_path} yet: start the daemon first")
-    conn = glance.connect(cfg.db_path)
+    conn = read_model.connect(cfg.db_path)
     try:
-        knobs = glance.json_object(conn.execute(
+        knobs = read_model.json_object(conn.execute(
             "SELECT knobs FROM runtime_state WHERE id = 1").fetchone()[0]) or {}
         display_fps = float(knobs.get("display.fps", cfg.display.fps))
         if args.contact_sheet:

@@ -5,7 +5,8 @@ it creates a batch, so changes land at segment boundaries) and records every cha
 `governor_decisions` with its reason and measurements, logged once in words.
 
 The display's time-stretch is paced by the display writer (`Pacer`, below); this worker
-records when it starts and ends. Torch-free: `dreamd status` reads `decisions()`.
+records when it starts and ends. Torch-free: `dreamd status` reads the decisions
+(dreamd/ledger/read_model.py `decisions`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 import time
 from collections import deque
 from itertools import islice
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from types import SimpleNamespace
 
@@ -58,18 +59,6 @@ def at_claim(ctx, batch, owner: str):
     if not changed:
         return batch
     return SimpleNamespace(**{**batch._mapping, "n_frames": n, "divisor": divisor})
-
-
-def decisions(conn: Connection, limit: int = 5) -> list[dict[str, Any]]:
-    """The last decisions, newest first (`dreamd status`, the TUI)."""
-    rows = conn.execute(select(GD).order_by(GD.c.id.desc()).limit(limit)).mappings().all()
-    out = []
-    for r in rows:
-        d = dict(r)
-        d["at"] = d["at"].isoformat(sep=" ", timespec="seconds") if d["at"] else None
-        d["detail"] = json.loads(d["detail"]) if d["detail"] else None
-        out.append(d)
-    return out
 
 
 # ---------------------------------------------------------------- measuring

@@ -13,7 +13,6 @@ injection, whatever the chance).
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Any
 
@@ -21,14 +20,12 @@ from sqlalchemy import Connection, select
 
 from dreamd import config
 from dreamd.errors import ConfigError
-from dreamd.guard import source_of
-from dreamd.ledger import queries, transitions
+from dreamd.ledger import queries, read_model, transitions
 from dreamd.ledger.models import Control, RuntimeState
 
 CT = Control.__table__
 COMMANDS = ("pause", "resume", "set", "theme", "free", "inject")
 RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
-LIVE_KNOBS = frozenset(config.live_knobs())
 
 
 def request(conn: Connection, command: str, args: dict[str, Any] | None = None, *,
@@ -43,51 +40,25 @@ def request(conn: Connection, command: str, args: dict[str, Any] | None = None, 
 
 
 def pause_source(conn: Connection) -> str | None:
-    """Who made the pause in force: "guard" when the last applied pause came from the game
-    guard, else "user" (dreamd/guard/__init__.py: the rule, and `dreamd status`'s copy)."""
+    """Who made the pause in force: "guard" or "user", None when not paused (the read
+    model's rule, dreamd/ledger/read_model.py `pause`, asked on this transaction)."""
     rt = RuntimeState.__table__
-    if not conn.execute(select(rt.c.paused).where(rt.c.id == 1)).scalar():
-        return None
-    args = conn.execute(select(CT.c.args).where(CT.c.command == "pause",
-                                               CT.c.state == "applied")
-                        .order_by(CT.c.id.desc()).limit(1)).first()
-    return source_of(args.args) if args else "user"
-
-
-def _live_key(key: str) -> str:
-    """`key` when it is a live knob, else a ConfigError that suggests the one meant."""
-    if key in LIVE_KNOBS:
-        return key
-    known = [p for p, _ in config.key_paths()]
-    if key in known:
-        raise ConfigError(f"{key} cannot be set while running: live keys are "
-                          f"{', '.join(sorted(LIVE_KNOBS))}")
-    hint = difflib.get_close_matches(key, sorted(LIVE_KNOBS), n=1) or \
-        difflib.get_close_matches(key, known, n=1)
-    extra = f"; did you mean {hint[0]}?" if hint else ""
-    raise ConfigError(f"unknown key {key!r}{extra} (live keys: {', '.join(sorted(LIVE_KNOBS))})")
+    row = conn.execute(select(rt.c.paused).where(rt.c.id == 1)).first()
+    return read_model.pause({"paused": row.paused} if row else None, queries.dbapi(conn)).by
 
 
 def validate_knob(key: str, raw: str) -> Any:
     """Parse `dreamd set KEY=VALUE` the way the config file would, or raise ConfigError."""
-    return config.check_key(_live_key(key), raw)
+    return config.check_key(config.live_key(key), raw)
 
 
 def validate_reset(key: str) -> str:
     """`dreamd set --reset KEY`: a live knob, or `all`."""
-    return key if key == RESET_ALL else _live_key(key)
+    return key if key == RESET_ALL else config.live_key(key)
 
 
-def checked_knobs(stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Stored knobs split into those that still validate and {key: why not} for the rest
-    (a NaN an older dreamd let through, a range or a key that changed since)."""
-    good, bad = {}, {}
-    for key, value in stored.items():
-        try:
-            good[key] = config.check_value(_live_key(key), value)
-        except ConfigError as exc:
-            bad[key] = str(exc)
-    return good, bad
+# stored knobs split into those that still validate and {key: why not} (the read model's)
+checked_knobs = read_model.check_stored
 
 
 def overrides(conn: Connection) -> tuple[dict[str, tuple[Any, str]], dict[str, str]]:

@@ -147,7 +147,7 @@ def current_revision(path: str | Path) -> str | None:
 
 def head_revision() -> str:
     """The newest migration (read from the version files, without Alembic)."""
-    from dreamd.ledger.glance import head_revision as head
+    from dreamd.ledger.read_model import head_revision as head
 
     return head()
 

@@ -1,20 +1,26 @@
-"""Read-side questions about the ledger, as nouns: last run, runtime state, playback
-order. Used by the daemon's workers and the control commands. Plain SQLAlchemy Core, no
-torch. (`dreamd status` and the dashboard read with sqlite3 alone: dreamd/ledger/glance.py.)
+"""The daemon's side of the ledger's questions, in SQLAlchemy Core: the runtime-state
+row (read, and written by the daemon alone), the last run. Questions every surface asks
+too (playback order, liveness) are the read model's (dreamd/ledger/read_model.py),
+asked here on the same transaction. No torch.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, insert, select, update
 
-from dreamd.ledger.models import DaemonRun, Frame, Interpolation, RuntimeState, utcnow
+from dreamd.ledger import read_model
+from dreamd.ledger.models import DaemonRun, RuntimeState, utcnow
 
-# A heartbeat older than this means the daemon is gone even if its pid was reused.
-HEARTBEAT_STALE = timedelta(seconds=30)
+
+def dbapi(conn: Connection):
+    """The sqlite3 connection under a SQLAlchemy one, inside its transaction: what the
+    read model's questions take (dreamd/ledger/read_model.py), so the daemon asks them
+    in the very words every surface does."""
+    return conn.connection.driver_connection
 
 
 def last_run(conn: Connection) -> Row | None:
@@ -22,18 +28,9 @@ def last_run(conn: Connection) -> Row | None:
     return conn.execute(select(t).order_by(t.c.id.desc()).limit(1)).first()
 
 
-def pid_alive(pid: int) -> bool:
-    # psutil (dreamd/platform.py): on Windows os.kill(pid, 0) ends the process it asks about
-    from dreamd.platform import pid_alive as alive
-    return alive(pid)
-
-
 def run_alive(run: Row | None, now: datetime | None = None) -> bool:
-    """A run is alive when it has not stopped, its heartbeat is fresh and its pid exists."""
-    if run is None or run.stopped_at is not None:
-        return False
-    now = now or utcnow()
-    return now - run.heartbeat_at < HEARTBEAT_STALE and pid_alive(run.pid)
+    """The read model's liveness rule (dreamd/ledger/read_model.py) for a row read here."""
+    return read_model.liveness(dict(run._mapping) if run is not None else None, now).alive
 
 
 def runtime(conn: Connection) -> Row:
@@ -61,36 +58,15 @@ def knobs(row: Row) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- playback order
-# Built once with bound parameters: the display asks these at every frame. A playhead
-# of (-1, -1) means "before the first frame" (chain indexes start at 0).
-_FR, _IP = Frame.__table__, Interpolation.__table__
-_AFTER = or_(_FR.c.chain_index > bindparam("c"),
-             and_(_FR.c.chain_index == bindparam("c"), _FR.c.t > bindparam("t")))
-# `t` is labelled `pos`: Row.t is SQLAlchemy's own tuple accessor
-_NEXT = (select(_FR.c.id, _FR.c.chain_index, _FR.c.t.label("pos"), _FR.c.path)
-         .where(_FR.c.state == "ready", _AFTER).order_by(_FR.c.chain_index, _FR.c.t).limit(1))
-_AHEAD = select(func.count()).select_from(_FR).where(_FR.c.state == "ready", _AFTER)
-_MAKING = (select(func.count()).select_from(_IP)
-           .where(_IP.c.state.in_(("available", "executing", "retryable")),
-                  _IP.c.chain_index >= bindparam("c"), _IP.c.chain_index < bindparam("until")))
-
-
-def _playhead(chain: int | None, t: float | None) -> dict[str, Any]:
-    return {"c": -1, "t": -1.0} if chain is None else {"c": chain, "t": t}
-
+# The read model's words (dreamd/ledger/read_model.py), asked inside the caller's
+# transaction: the display at every frame, the planner, the governor.
 
 def frames_ahead(conn: Connection, chain: int | None, t: float | None) -> int:
     """Ready frames after the playhead (chain, t), in playback order."""
-    return conn.execute(_AHEAD, _playhead(chain, t)).scalar_one()
+    return read_model.frames_ahead(dbapi(conn), chain, t)
 
 
-def next_frame(conn: Connection, chain: int | None, t: float | None) -> Row | None:
-    """The next ready frame after the playhead, unless an earlier segment is still being
-    made (its frames would have to come first): playback never goes out of order.
-    With no playhead yet every earlier segment counts: playback starts at the first."""
-    row = conn.execute(_NEXT, _playhead(chain, t)).first()
-    since = -1 if chain is None else chain
-    if row is None or row.chain_index <= since:
-        return row
-    making = conn.execute(_MAKING, {"c": since, "until": row.chain_index}).scalar()
-    return None if making else row
+def next_frame(conn: Connection, chain: int | None,
+               t: float | None) -> read_model.Ready | None:
+    """The next frame to show in playback order, or None (read_model.next_frame)."""
+    return read_model.next_frame(dbapi(conn), chain, t)

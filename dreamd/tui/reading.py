@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+from dreamd.ledger.read_model import ago
 from dreamd.tui import gpu
 
 HISTORY_ROWS = 40
@@ -59,6 +60,7 @@ class Snapshot:
     controls: dict[int, dict[str, Any]] = field(default_factory=dict)
     governor: dict[str, Any] | None = None    # its last decision (ledgers from 0006 on)
     gpu: gpu.Reading | None = None
+    found: Any = None               # the read model's Status this snapshot was made from
 
 
 def utcnow() -> datetime:
@@ -80,13 +82,11 @@ class Reader:
         self._counts: dict[str, dict[str, int]] = {}
         self._counted_at = float("-inf")
         self._shown: tuple[float, int] | None = None     # (monotonic, frames_shown)
-        self._has_governor: bool | None = None
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        self._has_governor = None
 
     # ------------------------------------------------------------ status.json
     def status_json(self, now: datetime) -> tuple[dict[str, Any] | None, str | None]:
@@ -102,7 +102,7 @@ class Reader:
         age = (now - updated.replace(tzinfo=None)).total_seconds()
         limit = float(data.get("stale_after_seconds") or 10.0)
         if age > limit:
-            return None, f"status.json {_ago(age)} old (stale after {limit:g} s)"
+            return None, f"status.json {ago(age)} old (stale after {limit:g} s)"
         return data, None
 
     # ------------------------------------------------------------ the snapshot
@@ -125,17 +125,17 @@ class Reader:
             why = explain(exc, self.cfg.db_path)
             snap.problem = str(why) if why else f"the ledger cannot be read now: {exc}"
             self.close()
-        snap.daemon = self._daemon(snap.daemon.run, status, stale, now)
+        snap.daemon = self._daemon(snap, status, stale)
         return snap
 
     def _read_ledger(self, snap: Snapshot, controls, now: datetime) -> None:
-        from dreamd.ledger import glance
+        from dreamd.ledger import read_model
 
         if not self.cfg.db_path.exists():
             snap.problem = f"no ledger at {self.cfg.db_path} yet: start the daemon (`dreamd run`)"
             return
         if self.conn is None:
-            self.conn = glance.connect(self.cfg.db_path)
+            self.conn = read_model.connect(self.cfg.db_path)
         conn = self.conn
         conn.execute("BEGIN")                           # one consistent read
         try:
@@ -144,7 +144,7 @@ class Reader:
             conn.execute("ROLLBACK")
 
     def _read(self, conn, snap: Snapshot, controls, now: datetime) -> None:
-        from dreamd.ledger import glance
+        from dreamd.ledger import read_model
 
         def one(sql: str, **kw) -> dict[str, Any] | None:
             row = conn.execute(sql, kw).fetchone()
@@ -156,33 +156,31 @@ class Reader:
         if one("SELECT 1 FROM sqlite_master WHERE name = 'runtime_state'") is None:
             snap.problem = f"{self.cfg.db_path} has no tables yet: start the daemon"
             return
-        run = one("SELECT * FROM daemon_runs ORDER BY id DESC LIMIT 1")
-        snap.daemon.run = run
-        rt = one("SELECT * FROM runtime_state WHERE id = 1")
-        if rt:
-            snap.paused, snap.pause_reason = bool(rt["paused"]), rt["pause_reason"]
-            snap.underruns, snap.frames_shown = rt["underruns"], rt["frames_shown"]
-            knobs = glance.json_object(rt.get("knobs")) or {}
-            snap.knobs = knobs
-            snap.comfyui = glance.json_object(rt.get("comfyui_health"))
-            self._shown_rate(snap, rt["frames_shown"])
-        if snap.fps is None:
-            snap.fps = self.knob(snap, "display.fps")
-            snap.buffer_target = self.knob(snap, "display.buffer_target_seconds")
-            c, t = ((rt["playhead_chain_index"], rt["playhead_t"])
-                    if rt and rt["playhead_chain_index"] is not None else (-1, -1.0))
-            ahead = one("SELECT count(*) AS n FROM frames WHERE state = 'ready' AND "
-                        "(chain_index > :c OR (chain_index = :c AND t > :t))", c=c, t=t)["n"]
-            snap.buffer_seconds = round(ahead / snap.fps, 2)
+        # the read model's answers: the same as `dreamd status`, the viewer, status.json
+        found = read_model.status(conn, self.cfg, now=now, host=self.host, counts=False)
+        snap.daemon.run = found.last_run
+        snap.found = found
+        snap.paused, snap.pause_reason = found.pause.paused, found.pause.reason
+        snap.knobs = {k: v.value for k, v in found.knobs.items()}
+        snap.in_progress = found.in_progress
+        snap.comfyui = found.comfyui
+        if found.playhead:
+            snap.underruns, snap.frames_shown = (found.playhead["underruns"],
+                                                 found.playhead["frames_shown"])
+            self._shown_rate(snap, found.playhead["frames_shown"])
+        if snap.fps is None and found.buffer is not None:
+            snap.fps, snap.buffer_seconds = found.buffer.fps, found.buffer.seconds
+            snap.buffer_target = found.buffer.target_seconds
         if snap.backend is None:
-            snap.backend = (run["backend"] if run else None) or self.cfg.generation.backend
+            snap.backend = ((found.last_run or {}).get("backend")
+                            or self.cfg.generation.backend)
         if snap.codec is None:
             row = one("SELECT codec FROM interpolations WHERE codec IS NOT NULL "
                       "ORDER BY id DESC LIMIT 1")
             snap.codec = row["codec"] if row else None
         mono = time.monotonic()
         if mono - self._counted_at >= COUNTS_EVERY:
-            self._counts, self._counted_at = glance.state_counts(conn), mono
+            self._counts, self._counted_at = read_model.state_counts(conn), mono
         snap.counts = self._counts
         made = one("SELECT count(*) AS n FROM frames WHERE created_at > :s",
                    s=_db(now - RATE_WINDOW))["n"]
@@ -197,19 +195,11 @@ class Reader:
                   and _dt(h["completed_at"]) > now - KEYFRAME_WINDOW]
         snap.keyframes_per_minute = round(len(recent) / (KEYFRAME_WINDOW.total_seconds() / 60),
                                           2)
-        snap.in_progress = one("SELECT chain_index, state, theme, started_at, attempt "
-                               "FROM keyframes WHERE state IN ('available', 'executing', "
-                               "'retryable') ORDER BY chain_index DESC LIMIT 1")
         snap.events = every("SELECT id, at, entity, entity_id, from_state, to_state, event, "
                             "worker, detail FROM transitions ORDER BY id DESC LIMIT :n",
                             n=EVENT_ROWS)
-        if self._has_governor is None:
-            self._has_governor = one("SELECT 1 FROM sqlite_master WHERE name = "
-                                     "'governor_decisions'") is not None
-        if self._has_governor:
-            snap.governor = one("SELECT at, reason, message, interpolation_frames, "
-                                "resolution_divisor FROM governor_decisions "
-                                "ORDER BY id DESC LIMIT 1")
+        decisions = (found.governor or {}).get("decisions") or []
+        snap.governor = decisions[0] if decisions else None
         if controls:
             ids = ",".join(str(int(i)) for i in controls)
             snap.controls = {r["id"]: r for r in every(
@@ -226,36 +216,31 @@ class Reader:
             self._shown = (mono, shown)
 
     def knob(self, snap: Snapshot, path: str) -> Any:
-        """A live knob's effective value: stored by `dreamd set`, else the config's."""
+        """A live knob's value in effect (the read model's: stored by `dreamd set` when it
+        still validates, else the config's)."""
         if path in snap.knobs:
             return snap.knobs[path]
         section, name = path.split(".")
         return getattr(getattr(self.cfg, section), name)
 
-    def _daemon(self, run: dict[str, Any] | None, status: dict[str, Any] | None,
-                stale: str | None, now: datetime) -> Daemon:
-        from dreamd.ledger.glance import HEARTBEAT_STALE, pid_alive
+    def _daemon(self, snap: Snapshot, status: dict[str, Any] | None,
+                stale: str | None) -> Daemon:
+        """The read model's liveness; and a live daemon whose status.json went stale is
+        said to be not answering (hung, or unable to write)."""
+        from dreamd.ledger import read_model
 
-        if run is None:
+        found = snap.found
+        if found is None or found.last_run is None:
             if status:
                 return Daemon(True, "a daemon is writing status.json (its ledger is "
                               "not readable)")
-            return Daemon(False, "no daemon has run on this data dir yet: start one with "
-                          "`dreamd run`")
-        beat = _dt(run["heartbeat_at"])
-        age = (now - beat).total_seconds()
-        label = f"run {run['id']}, pid {run['pid']} on {run['host']}"
-        if run.get("stopped_at") is not None:
-            return Daemon(False, f"no daemon running: the last one ({label}) stopped "
-                          f"{_ago((now - _dt(run['stopped_at'])).total_seconds())} ago"
-                          f" ({run.get('exit_reason') or 'stopped'})", run)
-        local = run["host"] == self.host
-        if age >= HEARTBEAT_STALE.total_seconds() or (local and not pid_alive(run["pid"])):
-            return Daemon(False, f"no daemon running: the last one ({label}) died; its "
-                          f"heartbeat is {_ago(age)} old", run)
-        if stale and stale != "no status.json yet":
-            return Daemon(False, f"the daemon ({label}) is not answering: {stale}", run)
-        return Daemon(True, f"daemon running ({label}), heartbeat {_ago(age)} ago", run)
+            return Daemon(False, read_model.liveness(None).line)
+        live = found.daemon
+        if live.alive and stale and stale != "no status.json yet":
+            run = found.last_run
+            return Daemon(False, f"the daemon (run {run['id']}, pid {run['pid']} on "
+                          f"{run['host']}) is not answering: {stale}", run)
+        return Daemon(live.alive, live.line, found.last_run)
 
 
 def _dt(value: Any) -> datetime:
@@ -265,14 +250,3 @@ def _dt(value: Any) -> datetime:
 def _db(value: datetime) -> str:
     """A time as the ledger stores it (text compares in order)."""
     return value.isoformat(sep=" ", timespec="microseconds")
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.0f} days"

@@ -82,23 +82,20 @@ def not_found() -> Response:
 # ---------------------------------------------------------------- the ledger, read-only
 
 def _ledger_facts(state: ViewerState, keyframe_index: int | None) -> dict[str, Any]:
-    """The theme on screen and the live knobs (the config's values under the stored ones)."""
+    """The theme on screen and the knobs the page offers, as they are in effect (the read
+    model's answer: a stored knob when it still validates, else the config's)."""
+    from dreamd.ledger import read_model
+    from dreamd.ledger.queries import dbapi
+
     with state.reader.connect() as conn:
         theme = None
         if keyframe_index is not None:
             theme = conn.execute(text(
                 "SELECT theme FROM keyframes WHERE chain_index = :k AND state = 'completed' "
                 "LIMIT 1"), {"k": keyframe_index}).scalar()
-        raw = conn.execute(text("SELECT knobs FROM runtime_state WHERE id = 1")).scalar()
-    try:
-        stored = json.loads(raw or "{}")
-    except ValueError:
-        stored = {}
-    knobs = {}
-    for key in WEB_KNOBS:
-        section, name = key.split(".")
-        knobs[key] = stored.get(key, getattr(getattr(state.cfg, section), name))
-    return {"theme": theme, "knobs": knobs}
+        in_effect = read_model.knobs(read_model.stored_knobs(dbapi(conn)),
+                                     state.cfg)
+    return {"theme": theme, "knobs": {key: in_effect[key].value for key in WEB_KNOBS}}
 
 
 def _history(state: ViewerState) -> list[dict[str, Any]]:

@@ -1,0 +1,422 @@
+"""The read model: every question a surface asks about the dream, answered once, in
+plain SQL on the sqlite3 module (no SQLAlchemy, no torch: `dreamd status` answers at
+once). `dreamd status`, the dashboard, the web viewer and the daemon's own status.json
+ask here, so they cannot disagree: whether a daemon is alive (one rule, `liveness`),
+the buffer ahead of the playhead, the knobs in effect and where each comes from, the
+pause and who made it, the keyframe in progress, the governor's decisions, the disk.
+
+Each function takes a DB-API connection to the ledger: a read-only `connect()` here,
+or the daemon's own (`dreamd.ledger.queries.dbapi(conn)` inside a SQLAlchemy
+transaction). Rows come back as dicts whatever the connection's row factory.
+Counting is bounded: rows per state come from the `state` indexes, the buffer from the
+playback-order index, the keyframe in progress from the claim index.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+COUNTED_TABLES = ("keyframes", "interpolations", "frames", "embeddings", "controls")
+# A heartbeat older than this means the daemon is gone even if its pid was reused.
+HEARTBEAT_STALE = timedelta(seconds=30)
+PENDING = ("available", "executing", "retryable")
+
+
+def connect(path: str | Path, timeout: float = 5.0) -> sqlite3.Connection:
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrations_dir() -> Path:
+    """Alembic's script location, shipped inside the package as dreamd.migrations."""
+    from importlib import resources
+
+    return Path(str(resources.files("dreamd.migrations")))
+
+
+def head_revision() -> str:
+    """The newest migration, read from the version files without importing Alembic
+    (which alone costs `dreamd status` a quarter of a second)."""
+    import re
+
+    from dreamd.errors import LedgerError
+
+    revs: dict[str, str | None] = {}
+    for f in (migrations_dir() / "versions").glob("*.py"):
+        text_ = f.read_text(encoding="utf-8")
+        rev = re.search(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", text_, re.M)
+        down = re.search(r"^down_revision\s*=\s*(?:['\"]([^'\"]+)['\"]|None)", text_, re.M)
+        if rev:
+            revs[rev.group(1)] = down.group(1) if down else None
+    heads = set(revs) - {d for d in revs.values() if d}
+    if len(heads) != 1:
+        raise LedgerError(f"{migrations_dir()}: expected one head revision, found {sorted(heads)}")
+    return heads.pop()
+
+
+def revision(conn: sqlite3.Connection) -> str | None:
+    if not _has(conn, "alembic_version"):
+        return None
+    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
+
+
+def _has(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() \
+        is not None
+
+
+def _all(conn, sql: str, params: dict[str, Any] | tuple = ()) -> list[dict[str, Any]]:
+    """Rows as dicts, whatever the connection's row factory."""
+    cur = conn.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, tuple(r))) for r in cur.fetchall()]
+
+
+def _one(conn, sql: str, params: dict[str, Any] | tuple = ()) -> dict[str, Any] | None:
+    rows = _all(conn, sql, params)
+    return rows[0] if rows else None
+
+
+def state_counts(conn) -> dict[str, dict[str, int]]:
+    """{table: {state: rows}}; each table's count walks its state index only."""
+    out: dict[str, dict[str, int]] = {}
+    for name in COUNTED_TABLES:
+        rows = conn.execute(f"SELECT state, count(*) FROM {name} GROUP BY state").fetchall()
+        out[name] = {state: n for state, n in sorted(tuple(r) for r in rows)}
+    return out
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _dt(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def json_object(raw: Any) -> dict[str, Any] | None:
+    """A JSON column holding an object, parsed; None when empty or not an object."""
+    try:
+        value = json.loads(raw) if raw else None
+    except (TypeError, ValueError):     # JSONDecodeError, and a BLOB that is not UTF-8
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def ago(seconds: float) -> str:
+    """A duration as people say it: 12 s, 5 min, 3.5 h, 4 days."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+# ---------------------------------------------------------------- is a daemon alive
+
+def pid_alive(pid: int) -> bool:
+    # psutil (dreamd/platform.py), never os.kill(pid, 0): on Windows that call ends the
+    # process it asks about, so `dreamd status` would have stopped the daemon
+    from dreamd.platform import pid_alive as alive
+    return alive(pid)
+
+
+@dataclass(frozen=True)
+class Liveness:
+    alive: bool
+    state: str                      # running | stopped | died | never
+    line: str                       # said plainly, for a person
+    run: dict[str, Any] | None = field(default=None, compare=False)
+
+
+def liveness(run: dict[str, Any] | None, now: datetime | None = None,
+             host: str | None = None) -> Liveness:
+    """The one rule every surface uses: the last run is alive when it recorded no stop,
+    its heartbeat (written every 5 s) is younger than HEARTBEAT_STALE, and, when it
+    runs on this host, its pid exists. The pid of a daemon on another host (a data dir
+    on a shared disk) cannot be checked from here: its heartbeat decides."""
+    if run is None:
+        return Liveness(False, "never", "no daemon has run on this data dir yet: start one "
+                        "with `dreamd run`")
+    now = now or utcnow()
+    host = host or socket.gethostname()
+    label = f"run {run['id']}, pid {run['pid']} on {run['host']}"
+    if run.get("stopped_at") is not None:
+        return Liveness(False, "stopped", f"no daemon running: the last one ({label}) "
+                        f"stopped {ago((now - _dt(run['stopped_at'])).total_seconds())} ago "
+                        f"({run.get('exit_reason') or 'stopped'})", run)
+    beat = _dt(run.get("heartbeat_at"))
+    age = (now - beat).total_seconds() if beat is not None else float("inf")
+    if age >= HEARTBEAT_STALE.total_seconds() or (run["host"] == host
+                                                  and not pid_alive(run["pid"])):
+        said = f"its heartbeat is {ago(age)} old" if beat is not None else "no heartbeat"
+        return Liveness(False, "died", f"no daemon running: the last one ({label}) died; "
+                        f"{said}", run)
+    return Liveness(True, "running", f"daemon running ({label}), heartbeat {ago(age)} ago",
+                    run)
+
+
+def last_run(conn) -> dict[str, Any] | None:
+    return _one(conn, "SELECT * FROM daemon_runs ORDER BY id DESC LIMIT 1")
+
+
+# ---------------------------------------------------------------- the playhead and the buffer
+# A playhead of (-1, -1) means "before the first frame" (chain indexes start at 0).
+_AFTER = "(chain_index > :c OR (chain_index = :c AND t > :t))"
+AHEAD_SQL = f"SELECT count(*) FROM frames WHERE state = 'ready' AND {_AFTER}"
+NEXT_SQL = (f"SELECT id, chain_index, t AS pos, path FROM frames WHERE state = 'ready' AND "
+            f"{_AFTER} ORDER BY chain_index, t LIMIT 1")
+MAKING_SQL = ("SELECT count(*) FROM interpolations WHERE state IN ('available', 'executing', "
+              "'retryable') AND chain_index >= :c AND chain_index < :until")
+
+
+def _playhead(chain: int | None, t: float | None) -> dict[str, Any]:
+    return {"c": -1, "t": -1.0} if chain is None else {"c": chain, "t": t}
+
+
+def frames_ahead(conn, chain: int | None, t: float | None) -> int:
+    """Ready frames after the playhead (chain, t), in playback order."""
+    return conn.execute(AHEAD_SQL, _playhead(chain, t)).fetchone()[0]
+
+
+class Ready(NamedTuple):
+    """A frame ready to show. (Its `t` is `pos`: Row.t is SQLAlchemy's tuple accessor.)"""
+
+    id: int
+    chain_index: int
+    pos: float
+    path: str
+
+
+def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
+    """The next ready frame after the playhead, unless an earlier segment is still being
+    made (its frames would have to come first): playback never goes out of order. With
+    no playhead yet every earlier segment counts: playback starts at the first."""
+    found = conn.execute(NEXT_SQL, _playhead(chain, t)).fetchone()
+    if found is None:
+        return None
+    row = Ready(*tuple(found))
+    if row.chain_index <= (-1 if chain is None else chain):
+        return row
+    making = conn.execute(MAKING_SQL, {"c": -1 if chain is None else chain,
+                                       "until": row.chain_index}).fetchone()[0]
+    return None if making else row
+
+
+@dataclass(frozen=True)
+class Buffer:
+    frames: int
+    seconds: float
+    target_seconds: float
+    fps: float
+
+
+def buffer(frames: int, fps: float, target_seconds: float) -> Buffer:
+    """The buffer as every surface says it: frames ahead, and seconds at the display rate."""
+    return Buffer(frames, round(frames / fps, 2), target_seconds, fps)
+
+
+# ---------------------------------------------------------------- the knobs in effect
+
+@dataclass(frozen=True)
+class Knob:
+    value: Any
+    source: str                     # "config" or "stored by `dreamd set`"
+    problem: str | None = None      # a stored value that no longer validates: why
+
+
+STORED = "stored by `dreamd set`"
+
+
+def check_stored(stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Stored knobs split into those that still validate and {key: why not} for the rest
+    (a NaN an older dreamd let through, a range or a key that changed since): the
+    daemon drops the second at start, with a warning each."""
+    from dreamd import config
+    from dreamd.errors import ConfigError
+
+    good, bad = {}, {}
+    for key, value in stored.items():
+        try:
+            good[key] = config.check_value(config.live_key(key), value)
+        except ConfigError as exc:
+            bad[key] = str(exc)
+    return good, bad
+
+
+def knobs(stored: dict[str, Any] | None, cfg) -> dict[str, Knob]:
+    """Every live knob's value in effect: the one `dreamd set` stored when it still
+    validates, else the config's (with why the stored one does not count)."""
+    from dreamd import config
+
+    good, bad = check_stored(stored or {})
+    out: dict[str, Knob] = {}
+    for key in config.live_knobs():
+        section, name = key.split(".")
+        if key in good:
+            out[key] = Knob(good[key], STORED)
+        else:
+            out[key] = Knob(getattr(getattr(cfg, section), name), "config", bad.get(key))
+    return out
+
+
+def stored_knobs(conn) -> dict[str, Any]:
+    """What `dreamd set` stored ({} on a ledger without its runtime row yet)."""
+    if not _has(conn, "runtime_state"):
+        return {}
+    row = _one(conn, "SELECT knobs FROM runtime_state WHERE id = 1")
+    return (json_object(row["knobs"]) if row else None) or {}
+
+
+# ---------------------------------------------------------------- the pause
+
+PAUSE_SOURCE_SQL = ("SELECT args FROM controls WHERE command = 'pause' AND state = 'applied' "
+                    "ORDER BY id DESC LIMIT 1")
+
+
+@dataclass(frozen=True)
+class Pause:
+    paused: bool
+    reason: str | None = None
+    by: str | None = None           # user | guard (the game guard: it resumes by itself)
+
+
+def pause(runtime: dict[str, Any] | None, conn) -> Pause:
+    """The pause in force and who made it: "guard" when the last applied pause came from
+    the game guard, else "user". A pause whose row was pruned counts as the user's: the
+    guard never undoes a pause it cannot prove is its own."""
+    from dreamd.guard import source_of
+
+    if not runtime or not runtime.get("paused"):
+        return Pause(False)
+    row = _one(conn, PAUSE_SOURCE_SQL)
+    return Pause(True, runtime.get("pause_reason"), source_of(row["args"]) if row else "user")
+
+
+# ---------------------------------------------------------------- work in progress
+
+IN_PROGRESS_SQL = ("SELECT chain_index, state, theme, attempt, started_at FROM keyframes "
+                   f"WHERE state IN {PENDING} ORDER BY chain_index DESC LIMIT 1")
+
+
+def in_progress(conn) -> dict[str, Any] | None:
+    """The keyframe being made (or waiting to be): the newest pending one."""
+    return _one(conn, IN_PROGRESS_SQL)
+
+
+# ---------------------------------------------------------------- the governor
+
+DECISIONS_SHOWN = 5
+
+
+def decisions(conn, limit: int = DECISIONS_SHOWN) -> list[dict[str, Any]]:
+    """The governor's last decisions, newest first (none on a ledger before 0006)."""
+    if conn is None or not _has(conn, "governor_decisions"):
+        return []
+    out = []
+    for d in _all(conn, "SELECT * FROM governor_decisions ORDER BY id DESC LIMIT ?", (limit,)):
+        try:
+            d["detail"] = json.loads(d["detail"]) if d["detail"] else None
+        except json.JSONDecodeError:
+            pass
+        out.append(d)
+    return out
+
+
+def governor(conn, cfg, alive: bool, knobs_: dict[str, Knob] | None = None) -> dict[str, Any]:
+    """{"enabled", "interpolation_frames", "resolution_divisor", "stretch", "settings",
+    "decisions"}: what the next batches use (the last decision's choice while a daemon
+    runs, else the user's settings, which the next start begins from unless the last
+    choice still fits), and the last decisions, newest first."""
+    g = cfg.generation
+    k = knobs_ if knobs_ is not None else knobs(stored_knobs(conn) if conn else None, cfg)
+    enabled = bool(k["governor.enabled"].value)
+    n = k["generation.interpolation_frames"].value
+    out: dict[str, Any] = {
+        "enabled": enabled, "interpolation_frames": n, "resolution_divisor": g.resolution_divisor,
+        "stretch": 1.0,
+        "settings": {"interpolation_frames": n, "resolution_divisor": g.resolution_divisor,
+                     "max_interpolation_frames": max(n, cfg.governor.max_interpolation_frames),
+                     "max_resolution_divisor": max(g.resolution_divisor,
+                                                   cfg.governor.max_resolution_divisor)},
+        "decisions": decisions(conn)}
+    last = out["decisions"][0] if out["decisions"] else None
+    if enabled and alive and last is not None:
+        out.update(interpolation_frames=last["interpolation_frames"],
+                   resolution_divisor=last["resolution_divisor"], stretch=last["stretch"])
+    return out
+
+
+# ---------------------------------------------------------------- all of it
+
+@dataclass
+class Status:
+    """What `dreamd status --json` says, and what every surface reads its answers from."""
+
+    revision: str | None = None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    last_run: dict[str, Any] | None = None
+    daemon: Liveness = field(default_factory=lambda: liveness(None))
+    pause: Pause = field(default_factory=lambda: Pause(False))
+    playhead: dict[str, Any] | None = None
+    in_progress: dict[str, Any] | None = None
+    buffer: Buffer | None = None
+    knobs: dict[str, Knob] = field(default_factory=dict)
+    comfyui: dict[str, Any] | None = None
+    storage_recorded: dict[str, Any] | None = None
+    governor: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts, "last_run": self.last_run, "alive": self.daemon.alive,
+            "daemon": self.daemon.line, "paused": self.pause.paused,
+            "pause_reason": self.pause.reason, "paused_by": self.pause.by,
+            "playhead": self.playhead, "in_progress": self.in_progress,
+            "buffer": asdict(self.buffer) if self.buffer else None,
+            "knobs": {k: asdict(v) for k, v in self.knobs.items()},
+            "comfyui": self.comfyui, "governor": self.governor}
+
+
+def status(conn, cfg, *, now: datetime | None = None, host: str | None = None,
+           counts: bool = True) -> Status:
+    """The dream as the ledger has it, in one read (the caller holds one transaction for
+    a consistent answer). `counts=False` skips the rows per state (the dashboard counts
+    less often)."""
+    out = Status(revision=revision(conn) if conn is not None else None)
+    if out.revision is None or not _has(conn, "runtime_state"):     # no ledger yet
+        out.knobs = knobs(None, cfg)
+        out.governor = governor(None, cfg, alive=False, knobs_=out.knobs)
+        return out
+    out.last_run = last_run(conn)
+    out.daemon = liveness(out.last_run, now, host)
+    # SELECT *: a ledger at an older revision answers too (and is told to upgrade)
+    rt = _one(conn, "SELECT * FROM runtime_state WHERE id = 1") or {}
+    out.knobs = knobs(json_object(rt.get("knobs")), cfg)
+    out.pause = pause(rt, conn)
+    chain, t = rt.get("playhead_chain_index"), rt.get("playhead_t")
+    if rt:
+        out.playhead = {"frame_id": rt.get("playhead_frame_id"), "chain_index": chain, "t": t,
+                        "frames_shown": rt.get("frames_shown"), "underruns": rt.get("underruns")}
+    out.buffer = buffer(frames_ahead(conn, chain, t), out.knobs["display.fps"].value,
+                        out.knobs["display.buffer_target_seconds"].value)
+    out.in_progress = in_progress(conn)
+    out.comfyui = json_object(rt.get("comfyui_health"))
+    out.storage_recorded = json_object(rt.get("storage"))
+    out.governor = governor(conn, cfg, out.daemon.alive, out.knobs)
+    if counts:
+        out.counts = state_counts(conn)
+    return out
