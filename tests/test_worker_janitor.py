@@ -232,7 +232,8 @@ def test_the_data_dir_is_measured_every_15_seconds(make_ctx):
     first = recorded(ctx)
     assert first["budget"] == int(1.5 * GB) and first["floor"] == 0 and first["low"] is None
     assert first["parts"]["ledger"] > 0 and "frames" not in first["parts"]
-    assert set(first) == {"total", "parts", "files", "free", "budget", "floor", "low"}
+    assert set(first) == {"total", "parts", "files", "free", "budget", "floor", "low",
+                          "wal_held"}
     shown_frames(ctx, 2, 1000)
     jan.measured_at = time.monotonic() - (MEASURE_EVERY - 2)
     jan.storage()
@@ -560,3 +561,63 @@ def test_a_row_whose_postpone_is_owed_is_not_rescued(make_ctx):
     assert janitor.rescue_all(ctx) == 1
     assert (state(ctx, "interpolation", owed), state(ctx, "interpolation", dead)) == (
         "executing", "available")
+
+
+# ---------------------------------------------------------------- a reader holding the WAL
+
+def test_a_reader_holding_the_ledger_is_said_and_its_wal_given_back(contexts, db_path, caplog):
+    """An open sqlite3 session in a transaction keeps the daemon's checkpoints from
+    folding the WAL back: said once after WAL_HELD_AFTER (log, status.json's problem,
+    the recorded storage), and the space given back once it lets go. A set clock: the
+    janitor is told the time of each checkpoint."""
+    import sqlite3
+
+    from dreamd.storage import space
+    from dreamd.workers import janitor as jan
+
+    caplog.set_level(logging.INFO, logger="dreamd.janitor")
+    ctx = contexts()
+    j = jan.Janitor(ctx)
+
+    def write(n: int) -> None:
+        for _ in range(n):
+            with ctx.engine.begin() as conn:
+                conn.execute(text("INSERT INTO controls (command, args, state, created_at) "
+                                  "VALUES ('pause', :a, 'rejected', '2030-01-01')"),
+                             {"a": "x" * 4000})
+
+    write(5)
+    j.checkpoint(now=0.0)
+    assert "wal_held" not in ctx.facts
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN")
+    holder.execute("SELECT count(*) FROM controls").fetchone()    # a snapshot, held
+    try:
+        write(3000)                                  # past the auto-checkpoint: it cannot fold
+        grown = space.wal_bytes(db_path)
+        assert grown > 2 * 4000 * 1000
+        j.checkpoint(now=1000.0)
+        j.checkpoint(now=1000.0 + jan.WAL_HELD_AFTER - 1)
+        assert "wal_held" not in ctx.facts          # not for long enough yet
+        j.checkpoint(now=1000.0 + jan.WAL_HELD_AFTER)
+        said = ctx.facts["wal_held"]
+        assert said.startswith("a reader has held the ledger since ") and "close that reader" \
+            in said and space.human(grown)[:-3] in said
+        j.checkpoint(now=1000.0 + 5 * jan.WAL_HELD_AFTER)
+        assert [r.getMessage() for r in caplog.records
+                if "a reader has held" in r.getMessage()] == [f"{said}; the space comes "
+                                                            f"back by itself once it lets go"]
+        j.measure()
+        with ctx.reader.connect() as conn:
+            recorded = json.loads(conn.execute(text("SELECT storage FROM runtime_state"))
+                                  .scalar())
+        assert recorded["wal_held"] == said and recorded["parts"]["ledger"] >= grown
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    j.checkpoint(now=1000.0 + 6 * jan.WAL_HELD_AFTER)
+    assert "wal_held" not in ctx.facts
+    assert space.wal_bytes(db_path) == 0            # truncated at once
+    assert any("let go of the ledger" in r.getMessage() for r in caplog.records)
+    write(5)
+    assert space.wal_bytes(db_path) < 1024 * 1024

@@ -128,6 +128,8 @@ def _print_storage(storage: dict[str, Any] | None, console: Console) -> None:
     console.print(line, highlight=False)
     if storage.get("low"):
         console.print(f"  [yellow]generation paused:[/] {storage['low']}", highlight=False)
+    if storage.get("wal_held"):
+        console.print(f"  [yellow]ledger held:[/] {storage['wal_held']}", highlight=False)
     shown = ", ".join(f"{k} {human(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
                       if not k.startswith(ORPHANED_PREFIX))
     if shown:

@@ -281,7 +281,8 @@ class DisplayWriter:
             last_update=status_json.now_iso(),
             # a condition of the machine, or generation paused under the free-space floor
             problem="; ".join(p for p in (ctx.conditions.summary(),
-                                          ctx.facts.get("storage_low")) if p) or None,
+                                          ctx.facts.get("storage_low"),
+                                          ctx.facts.get("wal_held")) if p) or None,
             stale_after_seconds=status_json.stale_after(fps),
             theme=self.theme,
             paused_by=facts.get("paused_by") if paused else None,

@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool, QueuePool
 from dreamd.errors import LedgerError
 
 BUSY_TIMEOUT_MS = 5000
+WAL_SIZE_LIMIT = 8 * 1024 * 1024   # bytes of WAL kept after a checkpoint (~2000 pages)
 
 
 def _on_connect(foreign_keys: bool, read_only: bool):
@@ -30,6 +31,9 @@ def _on_connect(foreign_keys: bool, read_only: bool):
         if not read_only:
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = NORMAL")
+            # a WAL a reader made grow (dreamd/workers/janitor.py) shrinks back to this
+            # at the first write after a complete checkpoint
+            cur.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         cur.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         cur.close()
     return connect

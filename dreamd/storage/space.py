@@ -74,6 +74,14 @@ class Usage:
                 "budget": self.budget, "floor": self.floor}
 
 
+def wal_bytes(db_path: Path) -> int:
+    """The size of the ledger's write-ahead log (0 when there is none)."""
+    try:
+        return os.stat(f"{db_path}-wal").st_size
+    except OSError:
+        return 0
+
+
 def free_bytes(path: Path) -> int | None:
     try:
         return shutil.disk_usage(path).free

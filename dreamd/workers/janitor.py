@@ -22,6 +22,10 @@ log = logging.getLogger("dreamd.janitor")
 DR = DaemonRun.__table__
 CHECKPOINT_EVERY = 60.0
 MEASURE_EVERY = 15.0        # seconds between walks of the data dir (the budget, the status)
+# A checkpoint that cannot fold the whole WAL back for this long means a reader holds an
+# old snapshot of the ledger (an open sqlite3 shell, a database browser): the WAL then
+# grows with every write (about 200 KB/s at the defaults) until that reader lets go.
+WAL_HELD_AFTER = 120.0
 
 
 def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
@@ -55,6 +59,7 @@ class Janitor:
         self.over = 0                   # bytes over the budget (or under the floor) to free
         self.freed = 0                  # bytes retention freed since the last measurement
         self.stuck_over = False         # over budget with nothing left to delete: said once
+        self.wal_incomplete_since: float | None = None   # monotonic: the first short checkpoint
 
     def tick(self) -> None:
         if self.ctx.owed_postpones:
@@ -63,7 +68,36 @@ class Janitor:
         self.storage()
         if time.monotonic() - self.last_checkpoint > CHECKPOINT_EVERY:
             self.last_checkpoint = time.monotonic()
-            database.pragma(self.ctx.engine, "PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoint()
+
+    # ------------------------------------------------------------ the WAL
+    def checkpoint(self, now: float | None = None) -> None:
+        """Fold the WAL back into the ledger (PASSIVE: never waits for anyone). When a
+        reader's old snapshot keeps part of it there for WAL_HELD_AFTER, say so once (the
+        log, status.json's problem, `dreamd status`); when it lets go, give the space
+        back at once (a truncating checkpoint; `journal_size_limit` caps it after that)."""
+        now = time.monotonic() if now is None else now
+        _busy, frames, folded = database.pragma(self.ctx.engine,
+                                                "PRAGMA wal_checkpoint(PASSIVE)")[0]
+        facts = self.ctx.facts
+        if frames > 0 and folded < frames:
+            if self.wal_incomplete_since is None:
+                self.wal_incomplete_since, facts["wal_held_at"] = now, utcnow()
+            if now - self.wal_incomplete_since >= WAL_HELD_AFTER and not facts.get("wal_held"):
+                size = space.wal_bytes(self.ctx.cfg.db_path)
+                since = facts["wal_held_at"].strftime("%H:%M UTC")
+                facts["wal_held"] = (f"a reader has held the ledger since {since} (an open "
+                                     f"sqlite3 shell or database browser?): its WAL has "
+                                     f"grown to {space.human(size)}; close that reader")
+                log.warning("%s; the space comes back by itself once it lets go",
+                            facts["wal_held"])
+            return
+        self.wal_incomplete_since = None
+        if facts.pop("wal_held", None):
+            facts.pop("wal_held_at", None)
+            database.pragma(self.ctx.engine, "PRAGMA wal_checkpoint(TRUNCATE)")
+            log.info("the reader let go of the ledger: its WAL is folded back and "
+                     "truncated (%s now)", space.human(space.wal_bytes(self.ctx.cfg.db_path)))
 
 
     # ------------------------------------------------------------ storage
@@ -104,7 +138,8 @@ class Janitor:
         self.set_low(low)
         try:
             with ctx.engine.begin() as conn:
-                queries.update_runtime(conn, storage=json.dumps({**u.as_dict(), "low": low}))
+                queries.update_runtime(conn, storage=json.dumps(
+                    {**u.as_dict(), "low": low, "wal_held": ctx.facts.get("wal_held")}))
         except Exception:   # a busy ledger: the next measurement records it
             log.debug("storage usage not recorded", exc_info=True)
 
