@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from sqlalchemy import Connection, func, insert, select, update
 
 from dreamd.governor.law import Bounds, Decision, Governor, Measurements, size_words, stretch
+from dreamd.ledger import queries
 from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
 
 log = logging.getLogger("dreamd.governor")
@@ -174,11 +175,10 @@ class GovernorWorker:
                      self.law.frames, size_words(self.law.divisor))
 
     def measure(self, conn: Connection, now: float) -> Measurements:
-        from dreamd.workers.planner import frames_ahead
 
         ctx = self.ctx
         fps = ctx.knob("display.fps")
-        buffer = frames_ahead(conn) / fps
+        buffer = queries.frames_ahead_of_playhead(conn) / fps
         self.samples.append((now, buffer))
         typical, slowest, count = keyframe_seconds(conn, self.since)
         per_frame, batches = inbetween_ms(conn, self.since)

@@ -66,6 +66,11 @@ def frames_ahead(conn: Connection, chain: int | None, t: float | None) -> int:
     return read_model.frames_ahead(dbapi(conn), chain, t)
 
 
+def frames_ahead_of_playhead(conn: Connection) -> int:
+    """Ready frames after the playhead the ledger records."""
+    return read_model.frames_ahead_of_playhead(dbapi(conn))
+
+
 def next_frame(conn: Connection, chain: int | None,
                t: float | None) -> read_model.Ready | None:
     """The next frame to show in playback order, or None (read_model.next_frame)."""

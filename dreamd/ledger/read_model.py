@@ -202,6 +202,14 @@ class Ready(NamedTuple):
     path: str
 
 
+def frames_ahead_of_playhead(conn) -> int:
+    """Ready frames after the playhead the ledger records (all of them before the first
+    frame is shown, or without a runtime row yet)."""
+    row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t FROM runtime_state "
+                     "WHERE id = 1") if _has(conn, "runtime_state") else None
+    return frames_ahead(conn, *((row["c"], row["t"]) if row else (None, None)))
+
+
 def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
     """The next ready frame after the playhead, unless an earlier segment is still being
     made (its frames would have to come first): playback never goes out of order. With

@@ -25,7 +25,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from dreamd.errors import StaleTransitionError
-from dreamd.ledger import transitions
+from dreamd.ledger import queries, transitions
 from dreamd.ledger.models import Embedding, Frame, Interpolation, Keyframe, utcnow
 from dreamd.memory import cache
 from dreamd.memory.embedder import Embedders
@@ -133,13 +133,12 @@ class EmbeddingWorker:
 
     def under_load(self) -> bool:
         """Playback is short of frames: keyframes and in-betweens get the CPU first."""
-        from dreamd.workers.planner import frames_ahead
 
         ctx = self.ctx
         need = ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps")
         with ctx.reader.connect() as conn:
             has_chain = conn.execute(select(func.count()).select_from(FR)).scalar_one()
-            return bool(has_chain) and frames_ahead(conn) < need
+            return bool(has_chain) and queries.frames_ahead_of_playhead(conn) < need
 
     # ------------------------------------------------------------ the work
     def process(self, emb, rows, owner: str) -> int:

@@ -31,15 +31,6 @@ def keyframe_seed(base: int, chain_index: int) -> int:
     return (base * 1_000_003 + chain_index * 7_919 + 1) % (2**31 - 1)
 
 
-def frames_ahead(conn: Connection) -> int:
-    """Ready frames after the playhead, in playback order."""
-    rt = conn.execute(select(RT.c.playhead_chain_index, RT.c.playhead_t)
-                      .where(RT.c.id == 1)).first()
-    if rt is None:
-        return queries.frames_ahead(conn, None, None)
-    return queries.frames_ahead(conn, rt.playhead_chain_index, rt.playhead_t)
-
-
 def frames_coming(conn: Connection) -> int:
     """Frames that interpolation batches not yet done will produce."""
     return conn.execute(select(func.coalesce(func.sum(IP.c.n_frames + 1), 0))
@@ -68,7 +59,7 @@ def tick(ctx: WorkerContext) -> int | None:
             return None
         last = conn.execute(select(KF).where(KF.c.state == J.completed)
                             .order_by(KF.c.chain_index.desc()).limit(1)).first()
-        ahead = frames_ahead(conn) + frames_coming(conn)
+        ahead = queries.frames_ahead_of_playhead(conn) + frames_coming(conn)
         # one keyframe beyond the interpolated ones: the next pair needs it anyway
         if last is not None and ahead >= target:
             return None
