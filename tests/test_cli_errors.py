@@ -167,3 +167,27 @@ def test_a_mistyped_command_gets_a_suggestion(dreamd_env):
     assert proc.returncode == 2 and "did you mean 'status'" in proc.stderr, proc.stderr
     proc = run(dreamd_env, "db", "upgrad")
     assert proc.returncode == 2 and "did you mean 'upgrade'" in proc.stderr, proc.stderr
+
+
+def test_global_options_are_taken_on_either_side_of_the_command(tmp_path, capsys,
+                                                                 monkeypatch):
+    """`dreamd run --data-dir DIR` used to fail with "unrecognized arguments": the global
+    options are taken after the command too, and there they win."""
+    import json
+
+    from dreamd import cli
+
+    monkeypatch.delenv("DREAMD_DATA_DIR", raising=False)
+    monkeypatch.delenv("DREAMD_CONFIG", raising=False)
+    before, after = tmp_path / "before", tmp_path / "after"
+    for argv, expect in ((["--data-dir", str(before), "status", "--json"], before),
+                         (["status", "--json", "--data-dir", str(after)], after),
+                         (["--data-dir", str(before), "status", "--data-dir", str(after),
+                           "--json"], after)):
+        assert cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["data_dir"] == str(expect), argv
+    cfg = tmp_path / "dreamd.toml"
+    cfg.write_text('[display]\nfps = 7.5\n')
+    assert cli.main(["config", "show", "--config", str(cfg), "--data-dir", str(after)]) == 0
+    shown = capsys.readouterr().out
+    assert f"# config file: {cfg}" in shown and "fps = 7.5" in shown

@@ -532,17 +532,27 @@ def _since(text: str) -> str:
     return when.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
+def _global_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--config", metavar="FILE", default=default,
+                        help="config file (default: $DREAMD_CONFIG, ./dreamd.toml, then the "
+                        "user config dir)")
+    parser.add_argument("--data-dir", metavar="DIR", default=default,
+                        help="where the ledger, frames and logs live (overrides "
+                        "$DREAMD_DATA_DIR and system.data_dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dreamd", description="Dream Window: a living AI dream on the desktop.")
     p.add_argument("--version", action="version", version=f"dreamd {__version__}")
-    p.add_argument("--config", metavar="FILE", help="config file (default: $DREAMD_CONFIG, "
-                   "./dreamd.toml, then the user config dir)")
-    p.add_argument("--data-dir", metavar="DIR", help="where the ledger, frames and logs live "
-                   "(overrides $DREAMD_DATA_DIR and system.data_dir)")
+    _global_options(p, None)
+    # the same options after the command too (`dreamd run --data-dir DIR`): given there,
+    # they win; not given, they leave the value before the command alone (SUPPRESS)
+    after = argparse.ArgumentParser(add_help=False)
+    _global_options(after, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, parent=sub):
-        sp = parent.add_parser(name, help=help, description=help)
+        sp = parent.add_parser(name, help=help, description=help, parents=[after])
         sp.set_defaults(func=fn)
         return sp
 
