@@ -26,11 +26,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Static
 
-from dreamd.tui import panels, steering
+from dreamd.tui import halfblocks, panels, steering
+from dreamd.tui.halfblocks import HalfBlocks
 from dreamd.tui.reading import Reader, Snapshot, utcnow
 
 LEDGER_EVERY = 1.0        # seconds between snapshots of the ledger
-PREVIEW_EVERY = 0.25      # seconds between looks at current_frame.png (at most 4 redraws/s)
+PREVIEW_EVERY = 0.5       # seconds between looks at current_frame.png (at most 2 redraws/s)
 # A half-block preview is drawn in Python on the event loop (about 50 ms for 90x30 cells
 # on an idle 2-core machine, 280 ms when it is loaded): it may take at most this share of
 # the loop's time, so keys and the other panels always get theirs (bench/RESULTS.md).
@@ -54,9 +55,11 @@ class Snapped(Message):
 
 
 class Previewed(Message):
-    def __init__(self, image: Any, caption: str, selected: bool) -> None:
+    def __init__(self, image: Any, caption: str, selected: bool,
+                 drawing: halfblocks.Drawing | None = None) -> None:
         super().__init__()
         self.image, self.caption, self.selected = image, caption, selected
+        self.drawing = drawing      # half blocks: drawn in the worker thread
 
 
 class ControlSent(Message):
@@ -84,13 +87,14 @@ class BufferPanel(Static):
 
 def image_widget(graphics: str):
     """The preview widget: the best protocol the terminal speaks (Kitty, Sixel), else
-    half blocks. textual-image asks the terminal at import, before the app starts."""
+    half blocks, drawn off the event loop (dreamd/tui/halfblocks.py). textual-image asks
+    the terminal at import, before the app starts."""
     from textual_image import widget
 
-    kinds = {"auto": widget.Image, "halfcell": widget.HalfcellImage,
-             "unicode": widget.UnicodeImage, "sixel": widget.SixelImage,
-             "kitty": widget.TGPImage}
-    return kinds[graphics]
+    kinds = {"auto": widget.Image, "halfcell": HalfBlocks, "unicode": widget.UnicodeImage,
+             "sixel": widget.SixelImage, "kitty": widget.TGPImage}
+    chosen = kinds[graphics]
+    return HalfBlocks if chosen is widget.HalfcellImage else chosen
 
 
 def load_image(path: Path):
@@ -157,6 +161,7 @@ class DreamApp(App):
         self._wake = threading.Event()
         self._history_key: tuple = ()
         self._render_cost = 0.0                   # seconds the last preview drawing took
+        self._said: dict[str | None, Any] = {}    # what each panel shows now (panels.said)
         self._events_key: int | None = None
 
     # ------------------------------------------------------------ layout
@@ -191,6 +196,15 @@ class DreamApp(App):
 
     def on_mount(self) -> None:
         preview = self.query_one("#preview")
+        if not isinstance(preview, HalfBlocks):
+            self._cache_drawing(preview)
+        self.query_one("#history", DataTable).add_columns(
+            "#", "theme", "denoise", "source", "backend", "ms", "state")
+        self.watch_ledger()
+        self.watch_preview()
+
+    def _cache_drawing(self, preview) -> None:
+        """textual-image's widgets (Kitty, Sixel, unicode blocks) draw on the loop."""
         draw = preview.render_lines
         drawn: dict[str, Any] = {}
 
@@ -208,10 +222,6 @@ class DreamApp(App):
             return strips
 
         preview.render_lines = cached
-        self.query_one("#history", DataTable).add_columns(
-            "#", "theme", "denoise", "source", "backend", "ms", "state")
-        self.watch_ledger()
-        self.watch_preview()
 
     def on_unmount(self) -> None:
         self._stop.set()
@@ -251,7 +261,8 @@ class DreamApp(App):
                     caption = "live: current_frame.png" if image else \
                         f"no frame yet ({path} does not exist)"
                     if self.selected is None:
-                        self.post_message(Previewed(image, caption, selected=False))
+                        self.post_message(Previewed(image, caption, selected=False,
+                                                    drawing=self._drawn(image)))
                         seen = mark
             else:
                 seen = "never looked"            # back to live: reload at once
@@ -273,7 +284,14 @@ class DreamApp(App):
             caption = f"keyframe {row['chain_index']} ({row['theme']}) from {where}"
         else:
             caption = f"keyframe {row['chain_index']}: its image is gone (retention)"
-        self.post_message(Previewed(image, caption, selected=True))
+        self.post_message(Previewed(image, caption, selected=True, drawing=self._drawn(image)))
+
+    def _drawn(self, image) -> halfblocks.Drawing | None:
+        """The half-block rows of `image` for the preview's size now (worker thread)."""
+        preview = self.query_one("#preview")
+        if image is None or not isinstance(preview, HalfBlocks):
+            return None
+        return halfblocks.draw(image, preview.size, preview.drawing)
 
     @work(thread=True, group="control")
     def send_control(self, request: steering.Request) -> None:
@@ -317,13 +335,13 @@ class DreamApp(App):
             line += f" · paused: {snap.pause_reason or 'paused'}"
         if snap.problem:
             line += f" · {snap.problem}"
-        daemon.update(line)
+        self._update(daemon, line)
         daemon.set_class(not snap.daemon.alive, "dead")
         if snap.buffer_seconds is not None:
             self._samples.append(float(snap.buffer_seconds))
         self.query_one("#buffer-text", BufferPanel).show(snap, list(self._samples))
-        self.query_one("#pipeline-text", Static).update(panels.pipeline(snap))
-        self.query_one("#gpu-text", Static).update(panels.gpu(snap))
+        self._update(self.query_one("#pipeline-text", Static), panels.pipeline(snap))
+        self._update(self.query_one("#gpu-text", Static), panels.gpu(snap))
         self._fill_history(snap)
         self._fill_events(snap)
         for cid, row in snap.controls.items():
@@ -332,6 +350,14 @@ class DreamApp(App):
                 continue
             outcome.state, outcome.error = row["state"], row["error"]
             self._say(outcome)
+
+    def _update(self, widget: Static, content: Any) -> None:
+        """Give a panel new content only when it says something else: an update costs a
+        layout and a repaint, once a second for each panel, all day."""
+        key = panels.said(content)
+        if self._said.get(widget.id) != key:
+            self._said[widget.id] = key
+            widget.update(content)
 
     def _fill_history(self, snap: Snapshot) -> None:
         key = tuple((h["id"], h["state"]) for h in snap.history)
@@ -360,7 +386,11 @@ class DreamApp(App):
         if message.selected != (self.selected is not None):
             return                               # a late frame of the other mode
         try:
-            self.query_one("#preview").image = message.image
+            preview = self.query_one("#preview")
+            if isinstance(preview, HalfBlocks):
+                preview.show(message.drawing, message.image)
+            else:
+                preview.image = message.image
             self.query_one("#preview-box").border_title = message.caption
         except NoMatches:
             pass

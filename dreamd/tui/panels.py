@@ -135,6 +135,16 @@ def gpu(snap: Snapshot) -> Table | Text:
     return t
 
 
+def said(content: Any) -> Any:
+    """What a panel's content says, comparable: the text of every cell of a table, the
+    text and styles of a Text, or the string itself."""
+    if isinstance(content, Table):
+        return tuple(tuple(said(c) for c in col._cells) for col in content.columns)
+    if isinstance(content, Text):
+        return content.plain, tuple(content.spans), str(content.style)
+    return content
+
+
 def history_row(h: dict[str, Any]) -> tuple[str, ...]:
     source = h["source"] or "-"
     if h.get("injection"):
