@@ -6,7 +6,7 @@ import bisect
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from dreamd.ledger import database, transitions as tr
 from dreamd.ledger.states import is_legal

@@ -11,9 +11,10 @@ from sqlalchemy import event, text
 
 from dreamd.errors import StaleTransitionError
 from dreamd.ledger import transitions as tr
+from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls, embedding, keyframe
 from dreamd.workers.embedding import EmbeddingWorker
-from dreamd.workers.governor import GovernorWorker
+from dreamd.governor.worker import GovernorWorker
 from tests.comfyui_double import ComfyUIDouble
 from tests.memory_chain import memory_contexts  # noqa: F401 (a fixture)
 from tests.test_governor_daemon import CONFIG as GOVERNOR_CONFIG
@@ -125,7 +126,7 @@ def test_controls_are_applied_in_the_order_sent_whatever_order_sqlite_scans_in(c
     ctx = contexts()
     with ctx.engine.begin() as conn:
         for fps in ("10", "12"):
-            controls.request(conn, "set", {"key": "display.fps", "value": fps})
+            ledger_controls.request(conn, "set", {"key": "display.fps", "value": fps})
     unordered_reads_reversed(ctx.reader)
     assert controls.tick(ctx) == 2
     assert ctx.knob("display.fps") == 12
@@ -137,8 +138,8 @@ def test_pending_sets_are_shown_in_the_order_sent_whatever_order_sqlite_scans_in
     ctx = contexts()
     with ctx.engine.begin() as conn:
         for fps in ("10", "12"):
-            controls.request(conn, "set", {"key": "display.fps", "value": fps})
+            ledger_controls.request(conn, "set", {"key": "display.fps", "value": fps})
     unordered_reads_reversed(ctx.reader)
     with ctx.reader.connect() as conn:
-        out, _ = controls.overrides(conn)
+        out, _ = ledger_controls.overrides(conn)
     assert out["display.fps"][0] == 12

@@ -27,8 +27,8 @@ def test_pid_alive_asks_psutil_never_a_signal(monkeypatch):
         raise AssertionError("os.kill called")
 
     monkeypatch.setattr(os, "kill", no_signals)
-    from dreamd.ledger import queries
-    assert platform.pid_alive(os.getpid()) and queries.pid_alive(proc.pid)
+    from dreamd.ledger import read_model
+    assert platform.pid_alive(os.getpid()) and read_model.pid_alive(proc.pid)
     monkeypatch.undo()
     proc.kill()
     wait_for(lambda: not platform.pid_alive(proc.pid), timeout=10,

@@ -16,7 +16,7 @@ from sqlalchemy import insert, update
 
 from dreamd.ledger import database, queries
 from dreamd.ledger import transitions as tr
-from dreamd.ledger.models import Control, DaemonRun, GovernorDecision, Injection, Keyframe
+from dreamd.ledger.models import DaemonRun, GovernorDecision, Injection, Keyframe
 from dreamd.ledger.models import utcnow
 from dreamd.ledger.sql import Shell, statements
 from tests.conftest import REPO

@@ -8,7 +8,6 @@ import http.client
 import io
 import json
 import logging
-import os
 import socket
 import stat
 import subprocess
@@ -468,6 +467,7 @@ def test_the_assets_ship_with_the_package():
     from importlib import resources
 
     text = (REPO / "pyproject.toml").read_text()
-    assert '"dreamd.web"' in text and '"dreamd.web" = ["static/*"]' in text
+    assert '"dreamd.web.static"' in text and \
+        '"dreamd.web.static" = ["*.html", "*.js", "*.css"]' in text
     folder = resources.files("dreamd.web") / "static"
     assert {p.name for p in folder.iterdir()} >= {"index.html", "viewer.js", "viewer.css"}
