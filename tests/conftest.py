@@ -87,6 +87,8 @@ import time  # noqa: E402
 FAST_CONFIG = """
 [web]
 port = 0    # any free port: the daemons of tests run side by side never collide
+[cache]
+embedder = "descriptor"     # "auto" imports open_clip to look for weights: 2.5 s of CPU
 [generation]
 resolution = [128, 64]
 interpolation_frames = 4
@@ -96,6 +98,15 @@ fps = 10.0
 buffer_target_seconds = 3.0
 min_buffer_seconds = 1.0
 """
+
+
+def with_keys(config_text: str, table: str, keys: str) -> str:
+    """`config_text` with `keys` (TOML lines) added to its `[table]` (a table cannot be
+    declared twice, so a test adds to FAST_CONFIG's tables instead of appending them)."""
+    header = f"[{table}]\n"
+    if header not in config_text:
+        return config_text + header + keys.strip() + "\n"
+    return config_text.replace(header, header + keys.strip() + "\n", 1)
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):

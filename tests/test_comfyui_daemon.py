@@ -23,7 +23,8 @@ from dreamd.backends import KeyframeRequest
 from dreamd.errors import ConfigError, LedgerError, PermanentBackendError
 from tests import invariants
 from tests.comfyui_double import ComfyUIDouble
-from tests.conftest import FAST_CONFIG, REPO, dreamd_cmd, free_port, wait_for, wheel_names
+from tests.conftest import (FAST_CONFIG, REPO, dreamd_cmd, free_port, wait_for, wheel_names,
+                            with_keys)
 
 CKPT = "random-sd15.safetensors"
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
@@ -198,8 +199,8 @@ def test_sigterm_during_a_keyframe_stops_at_once_and_cleans_up(daemon, double):
     double.delay = 300.0
     # the aesthetic memory off: its first tick imports open_clip, slow enough on a loaded
     # machine to sit out the grace on its own, which is not what this test is about
-    daemon.config.write_text(comfy_config([double.url], deadline_seconds=600.0)
-                             + "[cache]\nenabled = false\n")
+    daemon.config.write_text(with_keys(comfy_config([double.url], deadline_seconds=600.0),
+                                       "cache", "enabled = false"))
     proc = daemon.start()
     try:
         wait_for(lambda: double.running is not None, timeout=90,

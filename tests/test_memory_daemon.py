@@ -12,19 +12,17 @@ import subprocess
 from sqlalchemy import text
 
 from tests import invariants
-from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for
+from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, wait_for, with_keys
 from tests.test_daemon import ledger_rows
 
 # FAST_CONFIG's display at 4 fps, so a loaded test machine keeps the buffer above its
 # minimum (below it the embedding worker waits: playback comes first)
-MEMORY = FAST_CONFIG.replace("fps = 10.0", "fps = 4.0").replace(
-    "min_buffer_seconds = 1.0", "min_buffer_seconds = 0.5") + """
-[cache]
-embedder = "descriptor"
+MEMORY = with_keys(FAST_CONFIG.replace("fps = 10.0", "fps = 4.0").replace(
+    "min_buffer_seconds = 1.0", "min_buffer_seconds = 0.5"), "cache", """
 warmup_keyframes = 2
 cooldown_keyframes = 1
 injection_probability = 1.0
-"""
+""")
 
 
 def remembered(data_dir) -> bool:

@@ -17,14 +17,13 @@ from types import SimpleNamespace
 import pytest
 
 from tests import invariants
-from tests.conftest import FAST_CONFIG, DaemonRunner, dreamd_cmd, mount_tmpfs, wait_for
+from tests.conftest import (FAST_CONFIG, DaemonRunner, dreamd_cmd, mount_tmpfs, wait_for,
+                            with_keys)
 
 # Short horizons and a small budget: every kind of retention happens within seconds. A
 # small cache: its members (and the rows their frames name) outlive every horizon.
-TIGHT = FAST_CONFIG + """
+TIGHT = with_keys(FAST_CONFIG, "cache", "max_size = 4") + """
 max_output_frames = 10
-[cache]
-max_size = 4
 [storage]
 budget_gb = 0.012
 keyframe_hours = 0.0005
