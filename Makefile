@@ -39,7 +39,7 @@ run: $(VENV)/.installed-run
 # --durations: the slowest tests in every run's log, to keep `make test` short.
 # Exit status 5 is "no test selected" (a PYTEST_ARGS that picks none of one part).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(WORKERS) --durations=30 -m "$(TIER) not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -n $(WORKERS) --dist worksteal --durations=30 -m "$(TIER) not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest --durations=10 -m "$(TIER) serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: $(VENV)/.installed-dev

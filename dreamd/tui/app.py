@@ -162,6 +162,7 @@ class DreamApp(App):
         self._history_key: tuple = ()
         self._render_cost = 0.0                   # seconds the last preview drawing took
         self._said: dict[str | None, Any] = {}    # what each panel shows now (panels.said)
+        self._preview: Any = None                 # the preview widget, found at mount
         self._events_key: int | None = None
 
     # ------------------------------------------------------------ layout
@@ -195,7 +196,7 @@ class DreamApp(App):
         return v
 
     def on_mount(self) -> None:
-        preview = self.query_one("#preview")
+        preview = self._preview = self.query_one("#preview")
         if not isinstance(preview, HalfBlocks):
             self._cache_drawing(preview)
         self.query_one("#history", DataTable).add_columns(
@@ -287,11 +288,12 @@ class DreamApp(App):
         self.post_message(Previewed(image, caption, selected=True, drawing=self._drawn(image)))
 
     def _drawn(self, image) -> halfblocks.Drawing | None:
-        """The half-block rows of `image` for the preview's size now (worker thread)."""
-        preview = self.query_one("#preview")
-        if image is None or not isinstance(preview, HalfBlocks):
+        """The half-block rows of `image` for the preview's size now (worker thread:
+        only plain attributes of the widget are read, never the DOM)."""
+        preview = self._preview
+        if image is None or not isinstance(preview, HalfBlocks) or not preview.cells.area:
             return None
-        return halfblocks.draw(image, preview.size, preview.drawing)
+        return halfblocks.draw(image, preview.cells, preview.drawing)
 
     @work(thread=True, group="control")
     def send_control(self, request: steering.Request) -> None:

@@ -126,6 +126,12 @@ class HalfBlocks(Widget):
         super().__init__(**kw)
         self._drawing: Drawing | None = None
         self.image: Any = None          # the image on show (what the app and tests ask)
+        # the size in cells, kept on the loop for the worker thread that draws: a thread
+        # must not ask a widget (its size makes scrollbars, and they need the loop)
+        self.cells = Size(0, 0)
+
+    def on_resize(self, event) -> None:
+        self.cells = event.size
 
     @property
     def drawing(self) -> Drawing | None:
