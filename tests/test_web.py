@@ -155,6 +155,10 @@ def test_status_carries_the_overlay_facts(site):
     assert status["theme"] == "theme1"              # the keyframe on screen, from the ledger
     assert status["knobs"] == {"generation.denoise": 0.3, "display.fps": 4.0,
                                "generation.interpolation_frames": 10}
+    # the page's sliders: the range and step of each knob, from the config schema
+    assert status["knob_ranges"]["generation.denoise"] == {"min": 0.05, "max": 1.0,
+                                                           "step": 0.05, "label": "denoise"}
+    assert set(status["knob_ranges"]) == set(status["knobs"])
     assert status["web"] == {"controls": True, "exposed": False}
     assert status["age_seconds"] > 0 and body["frame"] is None
 

@@ -108,6 +108,27 @@ def test_the_page_plays_shows_status_and_pauses(daemon: DaemonRunner, page):
     page.click("#c-pause")                     # resume: it plays on
     wait_js(page, f"dreamdViewer.shown > {held}", 60)
 
+    # a slider per knob the config schema steps, with the schema's range and step; moving
+    # one sends a control the daemon applies, and the page shows the value in effect
+    wait_js(page, "document.querySelectorAll('#knobs input[type=range]').length === 3", 30)
+    slider = "#knobs input[data-key='generation.denoise']"
+    assert [page.get_attribute(slider, a) for a in ("min", "max", "step")] == \
+        ["0.05", "1", "0.05"]
+    page.evaluate(f"""(() => {{ const i = document.querySelector("{slider}");
+        i.value = 0.55; i.dispatchEvent(new Event('change')); }})()""")
+    db = daemon.db()
+    try:
+        def set_rows():
+            with db.connect() as conn:
+                return conn.execute(text("SELECT args, state FROM controls WHERE "
+                                         "command = 'set'")).all()
+        wait_for(lambda: [(json.loads(a), st) for a, st in set_rows()] ==
+                 [({"key": "generation.denoise", "value": "0.55"}, "applied")], 30,
+                 what="the slider's control applied")
+    finally:
+        db.dispose()
+    wait_js(page, f"document.querySelector(\"{slider}\").value === '0.55'", 30)
+
     # the overlay hides and comes back
     page.click("#hide")
     assert not page.locator("#overlay").is_visible() and page.locator("#show").is_visible()

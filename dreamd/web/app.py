@@ -45,7 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dreamd.web.controls import ControlRefused, send
-from dreamd.web.state import WEB_KNOBS, ViewerState
+from dreamd.web.state import KNOB_RANGES, WEB_KNOBS, ViewerState
 
 log = logging.getLogger("dreamd.web")
 ASSETS = {"index.html": "text/html; charset=utf-8", "viewer.js": "text/javascript; charset=utf-8",
@@ -95,7 +95,8 @@ def _ledger_facts(state: ViewerState, keyframe_index: int | None) -> dict[str, A
                 "LIMIT 1"), {"k": keyframe_index}).scalar()
         in_effect = read_model.knobs(read_model.stored_knobs(dbapi(conn)),
                                      state.cfg)
-    return {"theme": theme, "knobs": {key: in_effect[key].value for key in WEB_KNOBS}}
+    return {"theme": theme, "knobs": {key: in_effect[key].value for key in WEB_KNOBS},
+            "knob_ranges": KNOB_RANGES}
 
 
 def _history(state: ViewerState) -> list[dict[str, Any]]:

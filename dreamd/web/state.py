@@ -5,6 +5,7 @@ control (dreamd/web/controls.py uses them; dreamd/web/app.py serves the routes).
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,13 @@ from starlette.requests import Request
 from dreamd.config import Config, stepped_knobs
 from dreamd.web.hub import FrameHub
 
-# the knobs the page's sliders set: those the config schema gives a step
+# the knobs the page's sliders set: those the config schema gives a step, with its range
+# (a slider's values are min + k * step: its min is the schema's rounded up to a step, so
+# denoise moves through 0.05, 0.10, … rather than 0.01, 0.06, …)
 WEB_KNOBS = tuple(stepped_knobs())
+KNOB_RANGES = {key: {"min": round(math.ceil(low / step - 1e-9) * step, 6), "max": high,
+                     "step": step, "label": key.split(".")[1].replace("_", " ")}
+               for key, (step, low, high) in stepped_knobs().items()}
 TOKEN_HEADER = "x-dreamd-token"
 
 

@@ -122,12 +122,12 @@
     $("exposed").hidden = !(s.web && s.web.exposed);
     $("controls").hidden = kiosk || !(s.web && s.web.controls);
     text("c-pause", s.paused ? "resume" : "pause");
-    for (const [id, out] of [["k-denoise", "o-denoise"], ["k-fps", "o-fps"], ["k-frames", "o-frames"]]) {
-      const input = $(id);
+    sliders(s.knob_ranges || {});
+    for (const input of document.querySelectorAll("#knobs input")) {
       const value = s.knobs ? s.knobs[input.dataset.key] : undefined;
       if (value !== undefined && document.activeElement !== input) {
         input.value = value;
-        text(out, value);
+        input.previousElementSibling.textContent = value;
       }
     }
     const key = `${s.keyframe_index}`;
@@ -219,13 +219,25 @@
   $("c-pause").addEventListener("click", () =>
     send(status && status.paused ? { command: "resume" } : { command: "pause" }));
   $("c-theme").addEventListener("click", () => send({ command: "theme", name: "next" }));
-  for (const [id, out] of [["k-denoise", "o-denoise"], ["k-fps", "o-fps"], ["k-frames", "o-frames"]]) {
-    const input = $(id);
-    input.addEventListener("input", () => text(out, input.value));
-    input.addEventListener("change", () => {
-      send({ command: "set", key: input.dataset.key, value: Number(input.value) });
-      input.blur();
-    });
+  // one slider per knob the server offers, with the schema's range and step (made once)
+  function sliders(ranges) {
+    const box = $("knobs");
+    if (box.dataset.made || !Object.keys(ranges).length) return;
+    box.dataset.made = "1";
+    for (const [key, r] of Object.entries(ranges)) {
+      const label = document.createElement("label");
+      const out = document.createElement("output");
+      const input = document.createElement("input");
+      label.append(r.label + " ", out, input);
+      Object.assign(input, { type: "range", min: r.min, max: r.max, step: r.step });
+      input.dataset.key = key;
+      input.addEventListener("input", () => { out.textContent = input.value; });
+      input.addEventListener("change", () => {
+        send({ command: "set", key, value: Number(input.value) });
+        input.blur();
+      });
+      box.append(label);
+    }
   }
 
   // ------------------------------------------------------------ the overlay
