@@ -261,6 +261,53 @@ class GovernorDecision(Base):
 
     __table_args__ = (Index("ix_governor_decisions_at", "at"),)
 
+
+class Quality(Base):
+    """What the viewer saw, measured (dreamd/quality/): one row per segment (an
+    interpolation batch: motion, flicker, the pop where it begins) and one per keyframe
+    (colour in CIELAB, saturation, brightness, contrast, change from the previous
+    keyframe, drift from the chain's reference). A row goes with the keyframe or batch
+    it describes (ON DELETE CASCADE): the same history horizon."""
+
+    __tablename__ = "quality"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    entity: Mapped[str] = mapped_column(String(16))              # segment | keyframe
+    chain_index: Mapped[int] = mapped_column(Integer)
+    keyframe_id: Mapped[int | None] = mapped_column(
+        ForeignKey("keyframes.id", ondelete="CASCADE"))
+    interpolation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("interpolations.id", ondelete="CASCADE"))
+    # a segment (0-255 mean absolute differences of small copies)
+    n_frames: Mapped[int | None] = mapped_column(Integer)
+    motion: Mapped[float | None] = mapped_column(Float)         # consecutive frames
+    flicker: Mapped[float | None] = mapped_column(Float)        # second difference
+    boundary: Mapped[float | None] = mapped_column(Float)       # into the first frame
+    pop: Mapped[float | None] = mapped_column(Float)            # boundary / typical step
+    # a keyframe (CIELAB D65; delta E = CIE76)
+    lab_l: Mapped[float | None] = mapped_column(Float)
+    lab_a: Mapped[float | None] = mapped_column(Float)
+    lab_b: Mapped[float | None] = mapped_column(Float)
+    lab_l_std: Mapped[float | None] = mapped_column(Float)
+    lab_a_std: Mapped[float | None] = mapped_column(Float)
+    lab_b_std: Mapped[float | None] = mapped_column(Float)
+    saturation: Mapped[float | None] = mapped_column(Float)     # mean HSV, 0-1
+    brightness: Mapped[float | None] = mapped_column(Float)     # RGB mean, 0-255
+    contrast: Mapped[float | None] = mapped_column(Float)       # RGB std, 0-255
+    change: Mapped[float | None] = mapped_column(Float)         # delta E from the previous
+    drift: Mapped[float | None] = mapped_column(Float)          # delta E of means from reference
+    reference_id: Mapped[int | None] = mapped_column(Integer)   # keyframes.id (may be pruned)
+    measure_ms: Mapped[float | None] = mapped_column(Float)     # what measuring cost
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint("entity IN ('segment', 'keyframe')", name="entity"),
+        # one row per thing measured; also the cascade's index
+        UniqueConstraint("keyframe_id"),
+        UniqueConstraint("interpolation_id"),
+        Index("ix_quality_created_at", "created_at"),
+        Index("ix_quality_entity_chain_index", "entity", "chain_index"),
+    )
+
 # entity name (as in `transitions.entity`) -> model
 ENTITY_MODELS: dict[str, type[Base]] = {
     "keyframe": Keyframe,
