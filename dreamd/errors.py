@@ -17,8 +17,11 @@ something first), 1 on any other DreamdError.
     │   ├── TransientBackendError    worth retrying: refused, reset, timeout, 5xx
     │   └── PermanentBackendError    retrying cannot help: a rejected workflow, a bad image
     ├── CodecError                   a latent codec cannot be built or loaded (names the file)
-    └── EmbedderError                an embedder cannot be used here (names the file it needs);
-                                     the memory falls back to the descriptor
+    ├── EmbedderError                an embedder cannot be used here (names the file it needs);
+    │                                the memory falls back to the descriptor
+    └── ModelError                   an in-process diffusion model cannot be found or used
+                                     (names the file and the fix); the dream goes on with the
+                                     procedural backend meanwhile
 
 The docstring of each class is its default message.
 """
@@ -79,3 +82,7 @@ class CodecError(DreamdError):
 
 class EmbedderError(DreamdError):
     """An embedder cannot be used here (no weights on this machine, or they do not load)."""
+
+
+class ModelError(DreamdError):
+    """The diffusion model cannot be found or used."""
