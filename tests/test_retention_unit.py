@@ -15,7 +15,7 @@ from PIL import Image
 from sqlalchemy import insert, text
 
 from dreamd.ledger import transitions as tr
-from dreamd.ledger.models import Injection
+from dreamd.ledger.models import Injection, Quality
 from dreamd.storage import retention as ret
 from dreamd.storage.retention import PassReport
 from tests.conftest import wait_for
@@ -551,6 +551,35 @@ def test_prune_rows_history_days_children_first(make_ctx):
                            "keyframes": 4}
     assert report.freed == freed
     assert sql(ctx, "SELECT COUNT(*) FROM transitions")[0][0] == n_transitions
+
+
+def test_prune_rows_takes_quality_rows_with_what_they_measure(make_ctx):
+    """A keyframe's or a batch's quality row goes with it, at its horizon (ON DELETE
+    CASCADE), never before and never alone."""
+    ctx = make_ctx("[storage]\nframe_history_hours = 0\nhistory_days = 1\n")
+    old, new = NOW - timedelta(days=1, minutes=1), NOW - timedelta(hours=23)
+    k0, k1 = keyframe(ctx, 0, at=old), keyframe(ctx, 1, at=old)
+    k2 = keyframe(ctx, 2, at=new)
+    head = keyframe(ctx, 3, at=old)                          # the chain's head stays
+    b_old, b_new = batch(ctx, k0, k1, at=old), batch(ctx, k2, head, at=new)
+    with ctx.engine.begin() as conn:
+        q = {}
+        for name, entity, kid, bid in (("k0", "keyframe", k0, None), ("k1", "keyframe", k1, None),
+                                       ("k2", "keyframe", k2, None),
+                                       ("head", "keyframe", head, None),
+                                       ("b_old", "segment", None, b_old),
+                                       ("b_new", "segment", None, b_new)):
+            # measured long after the row it describes: the row's age decides
+            q[name] = conn.execute(insert(Quality.__table__).values(
+                entity=entity, chain_index=0, keyframe_id=kid, interpolation_id=bid,
+                motion=1.0, created_at=new)).inserted_primary_key[0]
+    ret.prune_rows(ctx, NOW, PassReport())
+    assert {i for i, in sql(ctx, "SELECT id FROM keyframes")} == {k2, head}
+    assert {i for i, in sql(ctx, "SELECT id FROM interpolations")} == {b_new}
+    assert {i for i, in sql(ctx, "SELECT id FROM quality")} == {q["k2"], q["head"], q["b_new"]}
+    ctx.cfg.storage.history_days = 0                        # 0 = keep every row
+    ret.prune_rows(ctx, NOW + timedelta(days=365), PassReport())
+    assert sql(ctx, "SELECT COUNT(*) FROM quality")[0][0] == 3
 
 
 def test_prune_rows_zero_keeps_everything(make_ctx):

@@ -536,6 +536,6 @@ def test_each_batch_logs_its_timing_line_for_the_bench(ctx, caplog):
     assert len(lines) == 1
     assert re.fullmatch(rf"timing interpolation id={bid} codec_ms=[\d.]+ encode_ms=[\d.]+ "
                         r"slerp_ms=[\d.]+ decode_ms=[\d.]+ write_ms=[\d.]+ ledger_ms=[\d.]+ "
-                        r"frames=4", lines[0]), lines[0]
+                        r"quality_ms=[\d.]+ frames=4", lines[0]), lines[0]
     (ms,) = rows(ctx, "SELECT duration_ms FROM interpolations")[0]
     assert 0 < ms <= wall_ms

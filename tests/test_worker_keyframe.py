@@ -562,7 +562,7 @@ def test_each_keyframe_logs_its_timing_line_for_the_bench(ctx, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing ")]
     assert len(lines) == 1
     assert re.fullmatch(rf"timing keyframe id={kid} generate_ms=[\d.]+ write_ms=[\d.]+ "
-                        r"ledger_ms=[\d.]+ ", lines[0]), lines[0]
+                        r"ledger_ms=[\d.]+ quality_ms=[\d.]+ ", lines[0]), lines[0]
     assert "keyframe 0 ready (ethereal, " in caplog.text
     assert 0 < row(ctx, kid).generation_ms <= wall_ms      # measured inside the call
 

@@ -13,7 +13,8 @@ What goes, and when (the README's "Storage" section is the contract):
   oldest first, until the data dir fits;
 - rows: frames, embeddings (not cache members) and transitions past
   `storage.frame_history_hours`; keyframes, interpolations, injections, controls and
-  thumbnails past `storage.history_days`; the file is given back (incremental vacuum).
+  thumbnails past `storage.history_days` (the `quality` rows measuring a keyframe or a
+  batch go with it: ON DELETE CASCADE); the file is given back (incremental vacuum).
 
 Never deleted while live: frames ahead of the playhead, the playhead's frame (on
 screen) and the one before it, in-flight work and its inputs, the chain's newest

@@ -27,6 +27,7 @@ from dreamd.faults import pause_point, slow_down
 from dreamd.errors import CodecError, StaleTransitionError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
+from dreamd.quality import recorder as quality
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 from dreamd.governor import worker as governor
@@ -206,6 +207,8 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                     batch.chain_index, exc)
         return 0
     ctx.facts["interpolation_ms_per_frame"] = ms / max(1, len(written))
+    with timed(timings, "quality"):     # never fails the batch (dreamd/quality/recorder.py)
+        quality.record_segment(ctx, batch, frames)
     log_timing(log, "interpolation", batch.id, timings, frames=len(written))
     log.info("in-betweens of keyframe %d ready (%d frames, %.0f ms; batch %d)",
              batch.chain_index, len(written), ms, batch.id)

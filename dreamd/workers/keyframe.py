@@ -23,6 +23,7 @@ from dreamd.faults import pause_point, slow_down
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
+from dreamd.quality import recorder as quality
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
 from dreamd.governor import worker as governor
@@ -153,6 +154,10 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         log.warning("keyframe %d: %s (its lease was lost; another attempt will redo it)",
                     row.chain_index, exc)
         return 0
+    # measured before the planner wakes, so it plans the next one knowing this one's
+    # change and drift; never fails the keyframe (dreamd/quality/recorder.py)
+    with timed(timings, "quality"):
+        quality.record_keyframe(ctx, row, image)
     for stage in ("interpolation", "planner", "embedding"):
         ctx.wake(stage)
     ctx.facts["generation_time"] = ms / 1000
