@@ -82,9 +82,9 @@ def export(cfg, args: argparse.Namespace) -> int:
         raise DreamdError(f"no ledger at {cfg.db_path} yet: start the daemon first")
     conn = read_model.connect(cfg.db_path)
     try:
-        knobs = read_model.json_object(conn.execute(
-            "SELECT knobs FROM runtime_state WHERE id = 1").fetchone()[0]) or {}
-        display_fps = float(knobs.get("display.fps", cfg.display.fps))
+        # the display rate in effect (the read model's knobs: stored and valid, else config)
+        display_fps = float(read_model.knobs(read_model.stored_knobs(conn),
+                                             cfg)["display.fps"].value)
         if args.contact_sheet:
             return _sheet(cfg, conn, args)
         return _video(cfg, conn, args, display_fps)

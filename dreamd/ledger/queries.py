@@ -6,7 +6,6 @@ asked here on the same transaction. No torch.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
@@ -50,11 +49,8 @@ def update_runtime(conn: Connection, **values: Any) -> None:
 
 
 def knobs(row: Row) -> dict[str, Any]:
-    try:
-        value = json.loads(row.knobs or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    """The knobs `dreamd set` stored, as the runtime row holds them (unchecked)."""
+    return read_model.json_object(row.knobs) or {}
 
 
 # ---------------------------------------------------------------- playback order
