@@ -138,7 +138,10 @@ COUNTED = 20.0      # seconds of looks that count, in all
 OLDEST = 4.0
 
 
+# serial: it judges the daemon's own clock against the wall (writes a second), so it
+# runs alone, after the parallel part of `make test`, where no other test takes its CPU
 @pytest.mark.slow
+@pytest.mark.serial
 def test_status_json_is_rewritten_at_least_once_a_second_even_below_one_fps(dreamd_env,
                                                                             tmp_path):
     """At 0.2 fps a display tick comes every 5 s; status.json must not wait for it (the

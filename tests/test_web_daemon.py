@@ -119,7 +119,9 @@ FRAMES_UNDER_FLOOD = 40
 ANSWERS_UNDER_FLOOD = 100
 
 
+# serial: the flood and the display share this machine's two cores with nothing else
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_request_flood_does_not_stall_the_display(daemon: DaemonRunner):
     """24 clients ask without pause until the display has shown 40 frames and the server
     has answered 100 requests, all counted from the moment every client has had an
