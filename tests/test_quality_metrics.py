@@ -127,12 +127,38 @@ def test_colour_drift_is_the_distance_between_mean_colours():
     assert m.colour_drift((53, 14, -5), (50, 10, -5)) == pytest.approx(5.0)
 
 
-def test_small_copy_keeps_the_aspect_and_a_thumbnail_compares_with_a_full_frame():
+def test_small_copy_is_the_exact_mean_of_whole_blocks():
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    small = m.small_copy(Image.fromarray(frame))
+    assert small.shape == (32, 64, 3) and small.dtype == np.float32
+    exact = frame.reshape(32, 8, 64, 8, 3).mean(axis=(1, 3))
+    assert np.abs(small - exact).max() < 1e-4              # not rounded to 8 bits
+    assert np.abs(m.small_copy(frame.astype(np.float64)) - exact).max() < 1e-4
+    # a size that is no multiple: whole blocks, the edge left out
+    odd = m.small_copy(Image.new("RGB", (200, 101), (9, 8, 7)))
+    assert odd.shape == (33, 66, 3) and float(odd[..., 0].mean()) == 9.0
+    # narrower than twice the width: kept as it is
+    assert m.small_copy(Image.new("RGB", (100, 33), 0)).shape == (33, 100, 3)
+    gray = m.small_copy(Image.new("L", (128, 64), 90))
+    assert gray.shape == (32, 64, 3) and float(gray.mean()) == 90.0
+
+
+def test_a_thumbnail_compares_with_the_full_frame_it_was_made_from():
     im = Image.new("RGB", (512, 256), (200, 40, 40))
-    assert m.small_copy(im).shape == (32, 64, 3)
-    assert m.small_copy(Image.new("RGB", (100, 33), 0)).shape == (21, 64, 3)
     thumb = m.small_copy(Image.new("RGB", (128, 62), (200, 40, 40)))   # a pixel off
     assert thumb.shape == (31, 64, 3)
     assert m.keyframe_change(thumb, m.small_copy(im)) == pytest.approx(0.0, abs=1e-6)
-    gray = m.small_copy(Image.new("L", (128, 64), 90))
-    assert gray.shape == (32, 64, 3) and float(gray.mean()) == 90.0
+    assert m.boundary_change(thumb, m.small_copy(im)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_fade_measured_through_small_copies_has_no_rounding_floor():
+    """8-bit frames of a slow fade: the small copies keep the block means unrounded, so
+    the flicker is that of the frames themselves (a fade that dithers between levels)."""
+    rng = np.random.default_rng(5)
+    base = rng.uniform(40, 200, (256, 512, 3))
+    frames = [Image.fromarray(np.round(base + 0.37 * i).astype(np.uint8)) for i in range(11)]
+    smalls = [m.small_copy(f) for f in frames]
+    assert m.motion(smalls) == pytest.approx(0.37, abs=0.02)
+    # rounding errors averaged over 8x8 blocks: ~0.07 (8-bit small copies gave ~0.57)
+    assert m.flicker(smalls) < 0.15
