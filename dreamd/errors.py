@@ -20,8 +20,10 @@ something first), 1 on any other DreamdError.
     ├── EmbedderError                an embedder cannot be used here (names the file it needs);
     │                                the memory falls back to the descriptor
     └── ModelError                   an in-process diffusion model cannot be found or used
-                                     (names the file and the fix); the dream goes on with the
-                                     procedural backend meanwhile
+        │                            (names the file and the fix); the dream goes on with the
+        │                            procedural backend meanwhile
+        └── ModelFetchError          `dreamd models pull` could not fetch a model, or what came
+                                     does not match the hub's listing (names the file)
 
 The docstring of each class is its default message.
 """
@@ -86,3 +88,7 @@ class EmbedderError(DreamdError):
 
 class ModelError(DreamdError):
     """The diffusion model cannot be found or used."""
+
+
+class ModelFetchError(ModelError):
+    """A model could not be fetched from the hub, or what came does not check out."""

@@ -22,7 +22,8 @@ sys.exit(rc)
 
 LIGHT_COMMANDS = [
     ["status"], ["status", "--json"], ["config", "show"], ["db", "current"], ["db", "history"],
-    ["db", "upgrade"], ["stats"], ["stats", "--json"],
+    ["db", "upgrade"], ["stats"], ["stats", "--json"], ["models", "list"],
+    ["models", "list", "--json"],
 ]
 
 

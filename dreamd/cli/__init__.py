@@ -125,6 +125,16 @@ def _stored_knobs(cfg) -> dict[str, str]:
     return bad
 
 
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from dreamd.models.command import pull
+    return pull(args)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from dreamd.models.command import list_models
+    return list_models(_config(args), args)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from dreamd import config
 
@@ -622,6 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr = add("doctor", cmd_doctor, "what this machine and config will use (backend, codec, "
              "embedder, GPU, seeds) and why")
     dr.add_argument("--json", action="store_true")
+
+    mo = sub.add_parser("models", help="get a diffusion model; the ones usable here")
+    mo_sub = mo.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    from dreamd.models.command import add_pull_arguments
+    add_pull_arguments(add("pull", cmd_models_pull, "download a model from the Hugging Face hub "
+                           "into its cache, checked (the only command that uses the network)",
+                           mo_sub))
+    ml = add("list", cmd_models_list, "the diffusion models and LoRAs usable here: the Hugging "
+             "Face cache, comfyui.models_dir, diffusion.model", mo_sub)
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
 
     cfg = sub.add_parser("config", help="show or check configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
