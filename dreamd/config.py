@@ -384,6 +384,32 @@ class Storage:
                                    "0 = keep everything", min=0.0, max=1_000_000.0)
 
 
+@dataclass
+class Quality:
+    # dreamd/quality/: the controls against what img2img loops do to a dream over hours
+    # (README "Colour drift and stagnation"); the measurements themselves need no keys
+    coherence: str = key("histogram", "pull each img2img input towards the palette of its "
+                                      "theme run's first keyframe against colour drift: "
+                                      "histogram = match the CIELAB histograms, mean = match "
+                                      "CIELAB mean and spread, off", live=True,
+                         choices=("histogram", "mean", "off"))
+    coherence_strength: float = key(0.5, "how far each input is pulled towards the reference "
+                                         "palette (0 = not at all, 1 = all the way)",
+                                    min=0.0, max=1.0, live=True)
+    stagnation_floor: float = key(2.3, "a keyframe changed less than this from the previous "
+                                       "one (mean delta E) counts as stagnant", min=0.0,
+                                  max=100.0, live=True)
+    stagnation_keyframes: int = key(4, "stagnant keyframes in a row that start a break "
+                                       "(0 = never break)", min=0, max=10_000, live=True)
+    breaker_keyframes: int = key(3, "keyframes a break lasts, made at breaker_denoise",
+                                 min=1, max=1000, live=True)
+    breaker_denoise: float = key(0.6, "the denoise of a break's keyframes (never below "
+                                      "generation.denoise)", min=0.01, max=1.0, live=True)
+    ease: str = key("linear", "slerp positions of the in-betweens: linear = even steps; "
+                              "smooth = slower near each keyframe, so the change of direction "
+                              "there does not pop", choices=("linear", "smooth"), live=True)
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -412,6 +438,7 @@ class Config:
     guard: Guard = field(default_factory=Guard)
     governor: Governor = field(default_factory=Governor)
     storage: Storage = field(default_factory=Storage)
+    quality: Quality = field(default_factory=Quality)
     web: Web = field(default_factory=Web)
     # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -43,6 +43,10 @@ class KeyframeRequest:
     # `image` as the PNG file it was read from, when that file already is an RGB PNG of
     # width x height: a remote backend may upload these bytes instead of encoding again.
     image_png: bytes | None = field(default=None, compare=False, repr=False)
+    # The colour reference `image` was pulled towards (dreamd/quality/coherence.py), None
+    # when coherence did not apply: a backend that feeds latents instead of `image` matches
+    # its latent to this reference's with coherence.match_latent.
+    palette: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

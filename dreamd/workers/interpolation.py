@@ -145,6 +145,7 @@ def tick(ctx: WorkerContext, codecs: Codecs) -> int:
 def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
     import torch
 
+    from dreamd.latent.ease import eased
     from dreamd.latent.images import to_images
     from dreamd.latent.slerp import slerp
 
@@ -164,7 +165,9 @@ def process(ctx: WorkerContext, codecs: Codecs, batch, owner: str) -> int:
                 la, lb = encode_keyframe(ctx, codec, a), encode_keyframe(ctx, codec, b)
             with torch.inference_mode():
                 with timed(timings, "slerp"):
-                    latents = slerp(la, lb, torch.tensor(ts, dtype=torch.float32))
+                    # played at t, slerped at the eased t (quality.ease)
+                    latents = slerp(la, lb, torch.tensor(eased(ts, ctx.knob("quality.ease")),
+                                                         dtype=torch.float32))
                 with timed(timings, "decode"):
                     frames = to_images(codec.decode(latents))
                     # a test's slow decoder (DREAMD_SLOW), by area like a real one's

@@ -15,6 +15,7 @@ from dreamd.conditions import settle_postpones
 from dreamd.ledger import database, queries, transitions
 from dreamd.ledger.models import DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
+from dreamd.quality import coherence
 from dreamd.storage import retention, space
 from dreamd.workers.context import WorkerContext
 
@@ -83,14 +84,17 @@ class Janitor:
         if frames > 0 and folded < frames:
             if self.wal_incomplete_since is None:
                 self.wal_incomplete_since, facts["wal_held_at"] = now, utcnow()
-            if now - self.wal_incomplete_since >= WAL_HELD_AFTER and not facts.get("wal_held"):
+            if now - self.wal_incomplete_since >= WAL_HELD_AFTER:
+                said = facts.get("wal_held")
                 size = space.wal_bytes(self.ctx.cfg.db_path)
                 since = facts["wal_held_at"].strftime("%H:%M UTC")
+                # the size kept current at each look; the log says it once
                 facts["wal_held"] = (f"a reader has held the ledger since {since} (an open "
                                      f"sqlite3 shell or database browser?): its WAL has "
                                      f"grown to {space.human(size)}; close that reader")
-                log.warning("%s; the space comes back by itself once it lets go",
-                            facts["wal_held"])
+                if not said:
+                    log.warning("%s; the space comes back by itself once it lets go",
+                                facts["wal_held"])
             return
         self.wal_incomplete_since = None
         if facts.pop("wal_held", None):
@@ -108,6 +112,7 @@ class Janitor:
             self.measure()
         started = time.perf_counter()
         report = retention.run_pass(ctx, over_budget=self.over)
+        report.freed += coherence.prune_palettes(ctx)   # colour references no run needs
         self.over = max(0, self.over - report.freed)
         self.freed += report.freed
         if log.isEnabledFor(logging.DEBUG):   # bench/churn.py reads these

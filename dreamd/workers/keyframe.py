@@ -23,6 +23,7 @@ from dreamd.faults import pause_point, slow_down
 from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
+from dreamd.quality import coherence
 from dreamd.quality import recorder as quality
 from dreamd.storage.paths import resolve, stored
 from dreamd.workers.context import WorkerContext, drain, log_timing, timed
@@ -87,15 +88,18 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             with ctx.engine.begin() as conn:
                 conn.execute(update(KF).where(KF.c.id == row.id, KF.c.lease_owner == owner)
                              .values(prompt_id=prompt_id))
+        raw = load_input(row, row.width, row.height, ctx.cfg.data_dir)
+        # colour coherence: the input pulled towards its theme run's palette
+        steered, palette = coherence.steer(ctx, row, raw)
         request = KeyframeRequest(
             chain_index=row.chain_index, width=row.width, height=row.height, seed=row.seed,
             theme=row.theme, prompt=row.prompt, negative_prompt=row.negative_prompt,
             denoise=row.denoise, steps=ctx.knob("generation.steps"),
             cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
             scheduler=ctx.cfg.generation.scheduler,
-            image=load_input(row, row.width, row.height, ctx.cfg.data_dir), prompt_id=prompt_id,
+            image=steered, palette=palette, prompt_id=prompt_id,
             image_png=(input_png(row, row.width, row.height, ctx.cfg.data_dir)
-                       if backend.name != "procedural" else None),
+                       if backend.name != "procedural" and steered is raw else None),
             server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
         with ctx.lease("keyframe", row.id, owner), timed(timings, "generate"):
             result = backend.generate(request)
