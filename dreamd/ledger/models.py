@@ -308,6 +308,32 @@ class Quality(Base):
         Index("ix_quality_entity_chain_index", "entity", "chain_index"),
     )
 
+
+class Break(Base):
+    """A stagnation break (dreamd/quality/breaker.py): the chain had stopped changing
+    (`stagnant` keyframes in a row changed less than `floor` from their predecessor), so
+    the planner made the next `keyframes` keyframes, from `keyframe_id` on, at `denoise`
+    instead of the user's `user_denoise`. Goes with its first keyframe (ON DELETE
+    CASCADE): the same history horizon."""
+
+    __tablename__ = "breaks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    keyframe_id: Mapped[int] = mapped_column(ForeignKey("keyframes.id", ondelete="CASCADE"))
+    chain_index: Mapped[int] = mapped_column(Integer)           # the break's first keyframe
+    reason: Mapped[str] = mapped_column(String(32))             # stagnation
+    keyframes: Mapped[int] = mapped_column(Integer)             # how many it lasts
+    denoise: Mapped[float] = mapped_column(Float)               # its keyframes' denoise
+    user_denoise: Mapped[float] = mapped_column(Float)          # generation.denoise then
+    stagnant: Mapped[int] = mapped_column(Integer)              # keyframes in a row below floor
+    change: Mapped[float | None] = mapped_column(Float)         # their largest change (delta E)
+    floor: Mapped[float] = mapped_column(Float)                 # quality.stagnation_floor then
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_breaks_chain_index", "chain_index"),
+        Index("ix_breaks_keyframe_id", "keyframe_id"),      # the cascade's lookup
+    )
+
 # entity name (as in `transitions.entity`) -> model
 ENTITY_MODELS: dict[str, type[Base]] = {
     "keyframe": Keyframe,

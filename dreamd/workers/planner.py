@@ -18,6 +18,7 @@ from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
 from dreamd.ledger.states import JobState as J
 from dreamd.storage.paths import resolve, stored
 from dreamd.memory import injection as memory_injection
+from dreamd.quality import breaker
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.planner")
@@ -95,6 +96,8 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
               "prompt": theme.positive, "negative_prompt": theme.negative, "seed": seed,
               "denoise": ctx.knob("generation.denoise"), "width": width, "height": height,
               "max_attempts": cfg.generation.max_attempts}
+    # a chain that stopped changing is made to move: a few keyframes at a higher denoise
+    values["denoise"], brk = breaker.denoise_for(ctx, k, values["denoise"])
     if last is not None and not head_image(ctx, last):
         # the chain's newest image is gone (moved aside, deleted by hand): a new chain
         # starts at the next index from a seed, instead of a keyframe that cannot run
@@ -130,6 +133,7 @@ def plan(ctx: WorkerContext, last, theme_offset: int = 0) -> int:
                                          **(injection.detail() if injection else {})})
         if injection is not None:
             memory_injection.record(conn, kid, injection)
+        breaker.record(conn, kid, k, brk)
     log.debug("planned keyframe %d (chain %d, %s, theme %s)", kid, k, values["source"],
               theme.name)
     ctx.wake("keyframe")
