@@ -424,21 +424,29 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from dreamd.ledger import database
+    from dreamd.ledger import database, queries
     from dreamd.memory import stats
+    from dreamd.quality import report as quality
 
     cfg = _config(args)
     if database.current_revision(cfg.db_path) is None:
         print(f"no ledger at {cfg.db_path} yet: nothing to report (start the daemon first)")
         return 0
+    window = args.window or cfg.cache.collapse_window
     engine = _reader(cfg)
     try:
         with engine.connect() as conn:
-            report = stats.collect(conn, window=args.window or cfg.cache.collapse_window,
-                                   model=args.model, cache=cfg.cache)
+            report = stats.collect(conn, window=window, model=args.model, cache=cfg.cache)
+            report["quality"] = quality.collect(queries.dbapi(conn))
     finally:
         engine.dispose()
-    print(stats.as_json(report) if args.json else stats.render(report))
+    print(stats.as_json(report) if args.json
+          else "\n".join([stats.render(report), *quality.lines(report["quality"])]))
+    if args.plot:
+        from dreamd.quality.plot import draw     # matplotlib: only when asked
+        draw(cfg, args.plot, window=window, model=report["model"],
+             collapse=report["similarity"]["collapse_threshold"])
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -618,12 +626,15 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--timeout", type=_at_least_zero(float), metavar="SECONDS",
                     help="stop a statement after this long (default 30; 0 = never)")
     sa = add("stats", cmd_stats, "the aesthetic memory over the ledger: keyframe similarity "
-             "(consecutive and recent), cache size and hits, injections by reason")
+             "(consecutive and recent), cache size and hits, injections by reason; the "
+             "dream's quality (motion, flicker, pops, colour drift, stagnation)")
     sa.add_argument("--window", type=int, metavar="W", help="keyframes per recent window "
                     "(default: cache.collapse_window)")
     sa.add_argument("--model", help="compare vectors of this model (default: the model with "
                     "the most embedded keyframes)")
     sa.add_argument("--json", action="store_true", help="machine-readable output")
+    sa.add_argument("--plot", metavar="FILE.png", help="also draw motion, flicker, pops, "
+                    "colour drift, similarity and injections over time into this PNG")
     se = add("seeds", cmd_seeds, "make more starting images")
     se.add_argument("-n", "--count", type=int, default=6)
     se.add_argument("--dir", help="where to write them (default: <data_dir>/seeds, or "

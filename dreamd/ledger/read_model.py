@@ -387,6 +387,7 @@ class Status:
     comfyui: dict[str, Any] | None = None
     storage_recorded: dict[str, Any] | None = None
     governor: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None   # the last hour's (ledgers from 0008 on)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -396,7 +397,7 @@ class Status:
             "playhead": self.playhead, "in_progress": self.in_progress,
             "buffer": asdict(self.buffer) if self.buffer else None,
             "knobs": {k: asdict(v) for k, v in self.knobs.items()},
-            "comfyui": self.comfyui, "governor": self.governor}
+            "comfyui": self.comfyui, "governor": self.governor, "quality": self.quality}
 
 
 def status(conn, cfg, *, now: datetime | None = None, host: str | None = None,
@@ -425,6 +426,127 @@ def status(conn, cfg, *, now: datetime | None = None, host: str | None = None,
     out.comfyui = json_object(rt.get("comfyui_health"))
     out.storage_recorded = json_object(rt.get("storage"))
     out.governor = governor(conn, cfg, out.daemon.alive, out.knobs)
+    out.quality = quality(conn, now)
     if counts:
         out.counts = state_counts(conn)
+    return out
+
+
+# ---------------------------------------------------------------- the dream's quality
+# Rows of `quality` (dreamd/quality/recorder.py): per segment and per keyframe. A
+# window's averages walk ix_quality_created_at; the newest rows ix_quality_entity_chain_index.
+
+QUALITY_HOUR = timedelta(hours=1)
+STREAK_LOOKBACK = 100       # keyframes looked at for the stagnant streak
+# Where a measurement becomes a flag (the view quality_per_hour, migration 0008, has
+# the same numbers in its SQL). A boundary change this many times the typical step
+# around it is a pop (a smooth slerp chain stays near 1); a keyframe whose mean
+# per-pixel delta E to the previous one is below STAGNANT_CHANGE (about one
+# just-noticeable difference) looks the same as it: stagnant.
+POP_RATIO = 3.0
+STAGNANT_CHANGE = 2.3
+
+QUALITY_WINDOW_SQL = (
+    "SELECT sum(entity = 'segment') AS segments, avg(motion) AS motion_avg, "
+    "max(motion) AS motion_max, avg(flicker) AS flicker_avg, max(flicker) AS flicker_max, "
+    "sum(entity = 'segment' AND pop >= :pop) AS pops, max(pop) AS pop_max, "
+    "sum(entity = 'keyframe') AS keyframes, avg(drift) AS drift_avg, max(drift) AS drift_max, "
+    "avg(change) AS change_avg, sum(entity = 'keyframe' AND change < :floor) AS stagnant "
+    "FROM quality WHERE created_at >= :since")
+# a keyframe's colour beside its reference's (the first of its run of one theme)
+QUALITY_KEYFRAMES_SQL = (
+    "SELECT q.chain_index, q.created_at, q.lab_l, q.lab_a, q.lab_b, q.lab_l_std, "
+    "q.saturation, q.brightness, q.contrast, q.change, q.drift, r.chain_index AS reference, "
+    "r.lab_l AS reference_l, r.lab_a AS reference_a, r.lab_b AS reference_b "
+    "FROM quality q LEFT JOIN quality r ON r.keyframe_id = q.reference_id "
+    "WHERE q.entity = 'keyframe' ")
+QUALITY_SEGMENTS_SQL = (
+    "SELECT chain_index, created_at, n_frames, motion, flicker, boundary, pop, measure_ms "
+    "FROM quality q WHERE entity = 'segment' ")
+NEWEST = " ORDER BY q.chain_index DESC, q.id DESC LIMIT 1"
+OLDEST_FIRST = " AND q.created_at >= :since ORDER BY q.chain_index, q.id"
+
+
+def _rounded(row: dict[str, Any] | None, digits: int = 3) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _since(when: datetime | None) -> str:
+    """A time as the ledger stores it (text compares in order); '' = from the first row."""
+    return "" if when is None else when.isoformat(sep=" ", timespec="microseconds")
+
+
+def quality_window(conn, since: datetime | None) -> dict[str, Any]:
+    """Segments and keyframes measured since `since` (None: all the ledger keeps):
+    motion and flicker (mean, max), pops (boundaries at or above POP_RATIO times the
+    typical step) and the worst, keyframe drift from its reference (mean, max) and
+    change from the previous keyframe (mean), stagnant keyframes (change below
+    STAGNANT_CHANGE), and stagnation breaks when the ledger records them."""
+    row = _one(conn, QUALITY_WINDOW_SQL, {"pop": POP_RATIO, "floor": STAGNANT_CHANGE,
+                                          "since": _since(since)}) or {}
+    out = {k: (v or 0) if k in ("segments", "pops", "keyframes", "stagnant") else v
+           for k, v in row.items()}
+    if _has(conn, "breaks"):        # the stagnation breaker's record (dreamd/quality/)
+        out["breaks"] = conn.execute("SELECT count(*) FROM breaks WHERE created_at >= ?",
+                                     (_since(since),)).fetchone()[0]
+    return _rounded(out)
+
+
+def stagnant_streak(conn) -> int:
+    """How many of the newest keyframes in a row changed less than STAGNANT_CHANGE."""
+    streak = 0
+    for (change,) in conn.execute(
+            "SELECT change FROM quality WHERE entity = 'keyframe' "
+            "ORDER BY chain_index DESC, id DESC LIMIT ?", (STREAK_LOOKBACK,)).fetchall():
+        if change is None or change >= STAGNANT_CHANGE:
+            break
+        streak += 1
+    return streak
+
+
+def quality(conn, now: datetime | None = None, start: datetime | None = None,
+            ) -> dict[str, Any] | None:
+    """The dream's quality as every surface says it: the last hour's window, the
+    window since `start` when given (`dreamd stats`: the last run's start), the newest
+    keyframe (its colour against its reference's) and segment, and the stagnant
+    streak. None on a ledger before 0008."""
+    if conn is None or not _has(conn, "quality"):
+        return None
+    now = now or utcnow()
+    out: dict[str, Any] = {"last_hour": quality_window(conn, now - QUALITY_HOUR)}
+    if start is not None:
+        out["since_start"] = quality_window(conn, start)
+        out["start"] = _since(start)
+    out["keyframe"] = _rounded(_one(conn, QUALITY_KEYFRAMES_SQL + NEWEST))
+    out["segment"] = _rounded(_one(conn, QUALITY_SEGMENTS_SQL + NEWEST))
+    out["stagnant_streak"] = stagnant_streak(conn)
+    out["thresholds"] = {"pop_ratio": POP_RATIO, "stagnant_change": STAGNANT_CHANGE}
+    return out
+
+
+def quality_series(conn, since: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Everything `dreamd stats --plot` draws, oldest first: segments (motion, flicker,
+    pop), keyframes (colour and its reference's, drift, change), injections, the
+    keyframes' embedding vectors (float32 blobs) and stagnation breaks."""
+    params = {"since": _since(since)}
+    out: dict[str, list[dict[str, Any]]] = {"segments": [], "keyframes": [],
+                                            "injections": [], "vectors": [], "breaks": []}
+    if not _has(conn, "quality"):
+        return out
+    out["segments"] = _all(conn, QUALITY_SEGMENTS_SQL + OLDEST_FIRST, params)
+    out["keyframes"] = _all(conn, QUALITY_KEYFRAMES_SQL + OLDEST_FIRST, params)
+    out["injections"] = _all(
+        conn, "SELECT k.chain_index, i.kind, i.reason, i.created_at FROM injections i "
+        "JOIN keyframes k ON k.id = i.keyframe_id WHERE i.created_at >= :since "
+        "ORDER BY k.chain_index", params)
+    out["vectors"] = _all(
+        conn, "SELECT f.chain_index, f.created_at, e.model, e.vector FROM embeddings e "
+        "JOIN frames f ON f.id = e.frame_id WHERE e.state = 'completed' "
+        "AND f.kind = 'keyframe' AND e.vector IS NOT NULL AND f.created_at >= :since "
+        "ORDER BY f.chain_index", params)
+    if _has(conn, "breaks"):
+        out["breaks"] = _all(conn, "SELECT chain_index, created_at FROM breaks "
+                                   "WHERE created_at >= :since ORDER BY chain_index", params)
     return out

@@ -17,16 +17,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from dreamd.ledger.read_model import POP_RATIO, STAGNANT_CHANGE   # the flags' thresholds
+
+__all__ = ["POP_RATIO", "STAGNANT_CHANGE", "small_copy", "steps", "motion", "flicker",
+           "boundary_change", "pop_ratio", "SegmentQuality", "measure_segment", "lab",
+           "keyframe_change", "colour_drift", "KeyframeQuality", "measure_keyframe"]
+
 SMALL_WIDTH = 64            # px: about the width of the copies measured
 # The smallest typical step a pop ratio divides by (half a grey level, below anything
 # visible): a still segment does not turn a one-level jump into an infinite ratio.
 MIN_STEP = 0.5
-# A boundary change this many times the segment's typical step is counted as a pop
-# (`pops` in quality_per_hour, `dreamd stats`). A smooth slerp chain stays near 1.
-POP_RATIO = 3.0
-# A keyframe whose mean per-pixel delta E to the previous keyframe is below this looks
-# the same as it (about one just-noticeable difference): counted as stagnant.
-STAGNANT_CHANGE = 2.3
 
 
 def small_copy(image: Image.Image | np.ndarray, width: int = SMALL_WIDTH) -> np.ndarray:

@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from dreamd.quality.report import summary as quality_summary
 from dreamd.tui.reading import Snapshot
 
 STATE_ORDER = ("available", "executing", "retryable", "completed", "discarded", "cancelled",
@@ -71,6 +72,9 @@ def pipeline(snap: Snapshot) -> Table:
     t.add_row("frames/s", f"produced {produced} (last min), shown {shown}")
     t.add_row("underruns", "-" if snap.underruns is None else str(snap.underruns))
     t.add_row("backend", f"{snap.backend or '-'}, codec {snap.codec or '-'}")
+    problem = (snap.status or {}).get("problem")    # status.json's: a condition, a fallback
+    if problem:
+        t.add_row("problem", Text(problem, style="red"))
     if snap.in_progress:
         p = snap.in_progress
         t.add_row("making", f"keyframe {p['chain_index']} ({p['state']}, attempt "
@@ -82,6 +86,9 @@ def pipeline(snap: Snapshot) -> Table:
         g = snap.governor
         t.add_row("governor", f"{g['message']} (N {g['interpolation_frames']}, divisor "
                               f"{g['resolution_divisor']:g}, at {str(g['at'])[11:19]})")
+    quality = quality_summary(snap.quality)
+    if quality:
+        t.add_row("quality", quality)
     for line in comfyui_lines(snap.comfyui):
         t.add_row("comfyui", line)
     return t

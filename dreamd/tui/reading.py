@@ -59,6 +59,7 @@ class Snapshot:
     events: list[dict[str, Any]] = field(default_factory=list)
     controls: dict[int, dict[str, Any]] = field(default_factory=dict)
     governor: dict[str, Any] | None = None    # its last decision (ledgers from 0006 on)
+    quality: dict[str, Any] | None = None     # the read model's, last hour (0008 on)
     gpu: gpu.Reading | None = None
     found: Any = None               # the read model's Status this snapshot was made from
 
@@ -164,6 +165,7 @@ class Reader:
         snap.knobs = {k: v.value for k, v in found.knobs.items()}
         snap.in_progress = found.in_progress
         snap.comfyui = found.comfyui
+        snap.quality = found.quality
         if found.playhead:
             snap.underruns, snap.frames_shown = (found.playhead["underruns"],
                                                  found.playhead["frames_shown"])

@@ -82,8 +82,9 @@ def not_found() -> Response:
 # ---------------------------------------------------------------- the ledger, read-only
 
 def _ledger_facts(state: ViewerState, keyframe_index: int | None) -> dict[str, Any]:
-    """The theme on screen and the knobs the page offers, as they are in effect (the read
-    model's answer: a stored knob when it still validates, else the config's)."""
+    """The theme on screen, the knobs the page offers, as they are in effect (the read
+    model's answer: a stored knob when it still validates, else the config's), and the
+    dream's quality over the last hour."""
     from dreamd.ledger import read_model
     from dreamd.ledger.queries import dbapi
 
@@ -95,8 +96,10 @@ def _ledger_facts(state: ViewerState, keyframe_index: int | None) -> dict[str, A
                 "LIMIT 1"), {"k": keyframe_index}).scalar()
         in_effect = read_model.knobs(read_model.stored_knobs(dbapi(conn)),
                                      state.cfg)
+        # the dream's quality, the last hour (read model: the same as `dreamd status --json`)
+        quality = read_model.quality(dbapi(conn))
     return {"theme": theme, "knobs": {key: in_effect[key].value for key in WEB_KNOBS},
-            "knob_ranges": KNOB_RANGES}
+            "knob_ranges": KNOB_RANGES, "quality": quality}
 
 
 def _history(state: ViewerState) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ down_revision = '0007'
 branch_labels = None
 depends_on = None
 
-# The thresholds are dreamd/quality/metrics.py's POP_RATIO (3.0) and STAGNANT_CHANGE
+# The thresholds are dreamd/ledger/read_model.py's POP_RATIO (3.0) and STAGNANT_CHANGE
 # (2.3); tests/test_quality_ledger.py checks that they agree.
 VIEWS = {
     # Per UTC hour: segments and keyframes measured, motion and flicker (mean and
