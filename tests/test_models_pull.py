@@ -5,12 +5,17 @@ refused before anything is fetched, and the config lines it ends with, found by 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,6 +88,8 @@ def test_pull_fetches_what_img2img_needs_and_ends_with_the_config_lines(hub, env
     assert f"{len(wanted)} files, {human(size)}; to fetch {human(size)};" in first
     assert f"free in {env['HF_HOME']}/hub" in first
 
+    # without a terminal, a line per file instead of a bar
+    assert "  fetched unet/diffusion_pytorch_model.fp16.safetensors (2.36 MB)" in out
     snap = snapshot(env, repo)
     assert files_under(snap) == wanted
     for name in wanted:
@@ -214,6 +221,39 @@ def test_a_killed_pull_resumes_where_the_disk_stopped(hub, env):
     assert not part.exists()
     data = (snapshot(env, repo) / BIG_FILE).read_bytes()
     assert hashlib.sha256(data).hexdigest() == repo.sha256(BIG_FILE)
+
+
+def test_on_a_terminal_the_pull_draws_one_progress_bar(hub, env):
+    repo = big_repo(hub)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    proc = subprocess.Popen(dreamd_cmd("models", "pull", BIG), env=env, stdout=subprocess.PIPE,
+                            stderr=slave, text=True)
+    os.close(slave)
+    screen: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:             # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            screen.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=120)
+    reader.join(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    drawn = b"".join(screen).decode(errors="replace")
+    size = len(repo.files[BIG_FILE])
+    total = f"{size / 1e6:.1f}M"
+    assert "pull: 100%" in drawn and f"{total}/{total}" in drawn, drawn
+    # on a terminal the bar replaces the line per file a log gets
+    assert f"  fetched {BIG_FILE}" not in out and "25.68 MB fetched now" in out
 
 
 # ---------------------------------------------------------------- refused

@@ -133,6 +133,8 @@ def _model_info(repo_id: str, revision: str):
 def _licence(info) -> str | None:
     card = getattr(info, "card_data", None)
     licence = card.get("license") if card is not None else None
+    if licence == "other" and card.get("license_name"):
+        licence = card.get("license_name")      # sd-turbo: other + sai-nc-community
     if not licence:
         licence = next((t.split(":", 1)[1] for t in info.tags or ()
                         if t.startswith("license:")), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dreamd.errors import UsageError
 
@@ -130,3 +131,17 @@ def _pipeline(repo_id: str, files: list[RepoFile], index: dict) -> Selection:
     # fp16 ones (diffusers' variant_compatible_siblings), so one fp16 component is enough
     variant = "fp16" if "fp16" in variants else None
     return Selection("pipeline", chosen, None, variant)
+
+
+def folder_variant(folder: str | Path) -> str | None:
+    """The variant a diffusers folder must be loaded with (from_pretrained(variant=)): "fp16"
+    when a component holds only fp16 weights, as a pull leaves them (diffusers finds no
+    model.safetensors there without it, and takes plain weights where a component has no
+    fp16 ones); None for a folder of plain weights."""
+    folder = Path(folder)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        variants = {_variant(p.name) for p in (folder / component).glob("*.safetensors")}
+        if "fp16" in variants and None not in variants:
+            return "fp16"
+    return None
+
