@@ -166,7 +166,7 @@ def _palette_lab(path: Path) -> np.ndarray:
     if hit is not None and hit[0] == mtime:
         return hit[1]
     with Image.open(path) as im:
-        lab = rgb2lab(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0)
+        lab = rgb2lab(np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255))
     with _lab_lock:
         _lab_cache.clear()          # one reference at a time: the cache stays small
         _lab_cache[str(path)] = (mtime, lab)
@@ -183,15 +183,29 @@ def match_lab(lab: np.ndarray, reference: np.ndarray, method: str,
     if method == "histogram":
         from skimage.exposure import match_histograms
 
-        matched = match_histograms(lab, reference, channel_axis=-1)
+        # on 8-bit CIELAB, as A1111 does (OpenCV's LAB is 8-bit): scikit-image then counts
+        # levels instead of sorting every value, ~6 ms instead of ~45 at 512x256; only the
+        # correction is quantised (within a level of float matching), not the picture
+        source = _lab8(lab)
+        shift = match_histograms(source, _lab8(reference), channel_axis=-1).astype(np.float32)
+        matched = lab + (shift - source) / _LAB8_SCALE
     elif method == "mean":
         mean, std = lab.mean(axis=(0, 1)), lab.std(axis=(0, 1))
         r_mean, r_std = reference.mean(axis=(0, 1)), reference.std(axis=(0, 1))
         matched = (lab - mean) / np.maximum(std, _EPS) * r_std + r_mean
     else:
         raise ValueError(f"quality.coherence = {method!r}: expected one of {METHODS}")
-    s = min(max(float(strength), 0.0), 1.0)
+    s = np.float32(min(max(float(strength), 0.0), 1.0))
     return lab + s * (matched - lab)
+
+
+# CIELAB on 0-255 levels: L 0-100 scaled, a and b offset (as OpenCV's 8-bit LAB)
+_LAB8_SCALE = np.array([255 / 100, 1.0, 1.0], np.float32)
+_LAB8_OFFSET = np.array([0.0, 128.0, 128.0], np.float32)
+
+
+def _lab8(lab: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(lab * _LAB8_SCALE + _LAB8_OFFSET), 0, 255).astype(np.uint8)
 
 
 def match_image(image: Image.Image, reference_lab: np.ndarray, method: str,
@@ -199,8 +213,10 @@ def match_image(image: Image.Image, reference_lab: np.ndarray, method: str,
     """An RGB picture pulled towards a reference palette (CIELAB array), as RGB."""
     from skimage.color import lab2rgb, rgb2lab
 
-    lab = rgb2lab(np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0)
-    out = match_lab(lab, reference_lab, method, strength)
+    # float32 all the way: half the time of scikit-image's float64 default, and far
+    # finer than the 8-bit picture it becomes
+    lab = rgb2lab(np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255))
+    out = match_lab(lab, reference_lab.astype(np.float32, copy=False), method, strength)
     with warnings.catch_warnings():
         # colours matched outside the sRGB gamut are clipped, as they should be
         warnings.simplefilter("ignore", UserWarning)

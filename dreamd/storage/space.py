@@ -15,7 +15,7 @@ GB = 1024 ** 3
 MB = 1024 ** 2
 # The folders the daemon owns under the data dir, each a part of the size report;
 # everything else (logs, output, seeds, orphaned-*) is reported under its own name.
-OWNED = ("frames", "keyframes", "thumbs", "latents", "injections")
+OWNED = ("frames", "keyframes", "thumbs", "latents", "injections", "palette")
 LEDGER_FILES = ("dreamd.db", "dreamd.db-wal", "dreamd.db-shm")
 ORPHANED_PREFIX = "orphaned-"
 
