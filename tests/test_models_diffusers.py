@@ -26,8 +26,12 @@ def tiny_pipeline(folder: Path) -> dict[str, bytes]:
     """The files of a saved tiny pipeline (diffusers' get_dummy_components sizes), and the
     parts of a real SD 1.5 repo that pull must leave on the hub."""
     import torch
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)

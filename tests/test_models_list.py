@@ -140,9 +140,9 @@ def test_a_model_elsewhere_on_disk_is_listed_and_an_empty_machine_says_what_to_d
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert f"run `dreamd models pull {SD15}` to fetch it" in proc.stdout
-    assert proc.stderr.strip().splitlines() == [
+    assert proc.stderr.strip().splitlines() == [(
         f"no model yet: `dreamd models pull {SD15}`, or set diffusion.model to a "
-        f".safetensors checkpoint you have"]
+        f".safetensors checkpoint you have")]
 
 
 def test_list_imports_neither_torch_nor_numpy(hub, env, comfy, tmp_path):

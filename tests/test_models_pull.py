@@ -136,10 +136,10 @@ def test_a_repo_of_several_checkpoints_needs_file_and_then_gets_a_path(hub, env)
         "README.md": b"two mixes\n"}))
     proc = run(env, "pull", repo.repo_id)
     assert proc.returncode == 2
-    assert error_lines(proc) == [
+    assert error_lines(proc) == [(
         f"dreamd: {repo.repo_id} holds 2 .safetensors files; choose one with --file NAME: "
         f"a-mix.safetensors ({human(len(repo.files['a-mix.safetensors']))}), "
-        f"b-mix-xl.safetensors ({human(len(repo.files['b-mix-xl.safetensors']))})"]
+        f"b-mix-xl.safetensors ({human(len(repo.files['b-mix-xl.safetensors']))})")]
     assert not hub.file_requests()
 
     proc = run(env, "pull", repo.repo_id, "--file", "*xl*")
@@ -205,8 +205,8 @@ def test_a_killed_pull_resumes_where_the_disk_stopped(hub, env):
     kept = part.stat().st_size
     assert 0 < kept < size
     lines = error_lines(subprocess.CompletedProcess([], 130, out, err))
-    assert lines == [f"dreamd: interrupted; {human(kept)} of partial files kept in "
-                     f"{part.parent}: the same command resumes"]
+    assert lines == [(f"dreamd: interrupted; {human(kept)} of partial files kept in "
+                      f"{part.parent}: the same command resumes")]
 
     listed = run(env, "list", "--json")
     assert json.loads(listed.stdout)["partial"] == [
@@ -308,8 +308,8 @@ def test_unknown_repo_revision_and_an_unreachable_hub_are_one_line_each(hub, env
     hub.add(Repo(LORA, mf.lora_files()))
     proc = run(env, "pull", "nobody/nothing")
     assert proc.returncode == 2
-    assert error_lines(proc) == [f"dreamd: no model nobody/nothing on {hub.url} (a private "
-                                 f"one needs `hf auth login`)"]
+    assert error_lines(proc) == [(f"dreamd: no model nobody/nothing on {hub.url} (a private "
+                                  f"one needs `hf auth login`)")]
     proc = run(env, "pull", LORA, "--revision", "v9")
     assert proc.returncode == 2
     assert error_lines(proc) == [f"dreamd: {LORA} has no revision 'v9' on {hub.url}"]
@@ -325,8 +325,8 @@ def test_unknown_repo_revision_and_an_unreachable_hub_are_one_line_each(hub, env
 
     proc = run({**env, "HF_HUB_OFFLINE": "1"}, "pull", LORA)
     assert proc.returncode == 2
-    assert error_lines(proc) == ["dreamd: HF_HUB_OFFLINE is set: unset it for `dreamd models "
-                                 "pull` (the only dreamd command that uses the network)"]
+    assert error_lines(proc) == [("dreamd: HF_HUB_OFFLINE is set: unset it for `dreamd models "
+                                  "pull` (the only dreamd command that uses the network)")]
 
 
 # ---------------------------------------------------------------- the choice, from a listing

@@ -135,7 +135,7 @@ def _hub_cache(cache: Path, entries: list[Entry], partial: list[dict[str, Any]])
             weights = [f for f in revision.files
                        if f.file_name.lower().endswith(CHECKPOINT_SUFFIXES)]
             for f in sorted(weights, key=lambda f: str(f.file_path)):
-                kind, family, why = describe(Path(f.file_path))
+                kind, family, _ = describe(Path(f.file_path))
                 if kind == "unusable":
                     continue        # the cache holds other kinds of models too (LLMs...)
                 value = str(f.file_path)
@@ -191,9 +191,9 @@ def _configured(cfg, cache: Path, entries: list[Entry]) -> dict[str, str]:
     family = getattr(section, "family", "auto")
     family = None if family == "auto" else family
     base = cfg.file.parent if getattr(cfg, "file", None) else None
-    lookup = dict(models_dir=cfg.comfyui.models_dir or None,
-                  checkpoint=cfg.comfyui.checkpoint or None, base_dir=base, cache_dir=cache,
-                  family=family)
+    lookup = {"models_dir": cfg.comfyui.models_dir or None,
+              "checkpoint": cfg.comfyui.checkpoint or None, "base_dir": base,
+              "cache_dir": cache, "family": family}
     model = _mark(entries, "model", specs["model"], lookup)
     lora = specs["lora"]
     if lora.lower() == "auto":

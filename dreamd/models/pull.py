@@ -55,8 +55,9 @@ def pull(repo_id: str, revision: str = "main", pick: str | None = None, *,
     resumed = f", {human(plan.partial)} of it already here" if plan.partial else ""
     count = len(selection.files)
     print(f"{repo_id} @ {info.sha[:10]} ({revision}): {what}; {count} "
-          f"file{'s' if count != 1 else ''}, {human(selection.size)}; to fetch {human(plan.missing)}{resumed}; "
-          f"{human(free)} free in {cache}", file=out, flush=True)
+          f"file{'s' if count != 1 else ''}, {human(selection.size)}; "
+          f"to fetch {human(plan.missing)}{resumed}; {human(free)} free in {cache}",
+          file=out, flush=True)
     need = plan.missing - plan.partial
     if need > free:
         raise UsageError(f"{repo_id} needs {human(need)} more in {cache}, whose disk has "
@@ -92,8 +93,13 @@ def _hub_errors(repo_id: str, revision: str, exc: Exception) -> Exception:
     """One line for each way the hub can say no."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     endpoint = constants.ENDPOINT
     if isinstance(exc, GatedRepoError):

@@ -72,7 +72,8 @@ def choose(repo_id: str, files: list[RepoFile], index: dict | None,
         hint = (f" (it has {', '.join(others[:4])}: --file NAME takes one)" if others else "")
         raise UsageError(f"{repo_id} holds no .safetensors file and no model_index.json: "
                          f"nothing dreamd can load{hint}")
-    listed = ", ".join(f"{f.name} ({human(f.size)})" for f in sorted(weights, key=lambda f: f.name)[:8])
+    ordered = sorted(weights, key=lambda f: f.name)[:8]
+    listed = ", ".join(f"{f.name} ({human(f.size)})" for f in ordered)
     raise UsageError(f"{repo_id} holds {len(weights)} .safetensors files; choose one with "
                      f"--file NAME: {listed}")
 
