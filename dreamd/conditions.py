@@ -1,8 +1,9 @@
 """Conditions of the machine the daemon cannot fix and must not count as failures: the
 ledger busy (another process holds its write lock), no space left, permission denied,
-a read-only file system. Each is logged once when it starts and once when it clears
-(never a traceback per tick), named in status.json while it lasts, and work that hit
-one waits and retries without using up an attempt.
+a read-only file system, no memory left (a GPU a game has filled). Each is logged once
+when it starts and once when it clears (never a traceback per tick), named in
+status.json while it lasts, and work that hit one waits and retries without using up an
+attempt. Out of memory is cleared by the backend that hit it, on its next success.
 
     classify(exc)      which condition an exception is, or None (a real failure)
     Conditions         the ones in force: report / clear / summary
@@ -27,6 +28,7 @@ LEDGER_BUSY = "ledger busy"
 DISK_FULL = "disk full"
 PERMISSION = "permission denied"
 READ_ONLY = "read-only file system"
+OUT_OF_MEMORY = "out of memory"
 
 # What each means for the user, in the log line and in status.json's `problem`.
 EXPLAIN = {
@@ -39,6 +41,9 @@ EXPLAIN = {
                 "is used up) until it can write again",
     READ_ONLY: "the data dir is on a read-only file system; generation waits (no attempt "
                "is used up) until it can write again",
+    OUT_OF_MEMORY: "the GPU (or RAM) has no room for the model now (a game, another "
+                   "program?); the keyframe waits (no attempt is used up) and is tried "
+                   "again, the model loaded anew",
 }
 _ERRNO = {errno.ENOSPC: DISK_FULL, errno.EACCES: PERMISSION, errno.EPERM: PERMISSION,
           errno.EROFS: READ_ONLY}
@@ -49,7 +54,8 @@ _SQLITE = (("database is locked", LEDGER_BUSY), ("database is busy", LEDGER_BUSY
            ("readonly database", READ_ONLY))
 _WRAPPED = (("no space left on device", DISK_FULL), ("os error 28", DISK_FULL),
             ("read-only file system", READ_ONLY), ("os error 30", READ_ONLY),
-            ("os error 13", PERMISSION))
+            ("os error 13", PERMISSION), ("out of memory", OUT_OF_MEMORY),
+            ("can't allocate memory", OUT_OF_MEMORY))
 
 
 def classify(exc: BaseException | None) -> str | None:
@@ -64,6 +70,8 @@ def classify(exc: BaseException | None) -> str | None:
                 return found
         if isinstance(exc, OSError) and exc.errno in _ERRNO:
             return _ERRNO[exc.errno]
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return OUT_OF_MEMORY         # torch.cuda.OutOfMemoryError, without importing torch
         if isinstance(exc, sqlite3.Error):
             text = str(exc).lower()
             for needle, kind in _SQLITE:

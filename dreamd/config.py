@@ -141,7 +141,9 @@ class System:
 
 @dataclass
 class Generation:
-    backend: str = key("procedural", "keyframe backend", choices=("procedural", "comfyui"))
+    backend: str = key("procedural", "keyframe backend: procedural (embedded, no GPU), comfyui "
+                                     "(a ComfyUI server), diffusers (a model run in-process, "
+                                     "[diffusion])", choices=("procedural", "comfyui", "diffusers"))
     resolution: list[int] = key([512, 256], "keyframe size [width, height]", check=_resolution)
     interpolation_frames: int = key(10, "in-between frames per keyframe pair", min=0, max=240,
                                     live=True, step=1)
@@ -410,6 +412,43 @@ class Quality:
                               "there does not pop", choices=("linear", "smooth"), live=True)
 
 
+@dataclass
+class Diffusion:
+    # dreamd/backends/diffusion/: the in-process backend (generation.backend = "diffusers")
+    model: str = key("", "a checkpoint (.safetensors/.ckpt: a path, or a name in "
+                         "comfyui.models_dir/checkpoints), a diffusers folder, or a hub id in "
+                         "the Hugging Face cache (`dreamd models pull`); empty = "
+                         "comfyui.checkpoint when comfyui.models_dir has it, else "
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    family: str = key("auto", "auto reads it from the weights; sd15 = SD 1.x, sd21 = SD 2.x "
+                              "at 512 (SD-Turbo), sdxl", choices=("auto", "sd15", "sd21", "sdxl"))
+    config_dir: str = key("", "the diffusers config folder a single-file checkpoint is built "
+                              "from; empty = the one shipped for its family", path=True)
+    lora: str = key("auto", "a LoRA (a file, a name in comfyui.models_dir/loras, a folder or a "
+                            "hub id); auto = the family's LCM-LoRA, unless the model already "
+                            "makes images in a few steps (turbo, lightning, lcm); none = none")
+    steps: int = key(4, "denoising steps; raised when steps x generation.denoise < 1, so at "
+                        "least one runs", min=1, max=200)
+    guidance: float = key(1.0, "classifier-free guidance; 1 or less = none (LCM, turbo); above "
+                               "1 doubles the UNet's work", min=0.0, max=30.0)
+    scheduler: str = key("auto", "auto = lcm with an LCM model or LoRA, else euler_a (trailing "
+                                 "timesteps, right for turbo and lightning models)",
+                         choices=("auto", "lcm", "euler_a", "euler", "ddim", "dpmpp_2m"))
+    dtype: str = key("auto", "auto = fp16 on CUDA, fp32 on the CPU",
+                     choices=("auto", "fp32", "fp16", "bf16"))
+    device: str = key("auto", "auto = the GPU system.gpu when CUDA has it and this torch build "
+                              "can run it, else the CPU; cuda = the same, with a warning when "
+                              "it falls back; cpu", choices=("auto", "cpu", "cuda"))
+    seed_policy: str = key("per-keyframe", "per-keyframe = each keyframe's own seed (from "
+                                           "generation.seed and its index); fixed = "
+                                           "generation.seed every time (the same noise: "
+                                           "steadier, but texture can stick)",
+                           choices=("per-keyframe", "fixed"))
+    allow_downloads: bool = key(False, "let diffusers fetch missing files from the hub while "
+                                       "loading (never by default: `dreamd models pull` "
+                                       "fetches, `dreamd run` stays offline)")
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -438,6 +477,7 @@ class Config:
     guard: Guard = field(default_factory=Guard)
     governor: Governor = field(default_factory=Governor)
     storage: Storage = field(default_factory=Storage)
+    diffusion: Diffusion = field(default_factory=Diffusion)
     quality: Quality = field(default_factory=Quality)
     web: Web = field(default_factory=Web)
     # Where each value came from, by key path ("display.fps" -> "default" | "file:…" | …).

@@ -143,6 +143,9 @@ def make_backend(cfg: Config, ctx: Any = None):
     if name == "comfyui":
         from dreamd.backends.comfyui.daemon_backend import build_backend
         return build_backend(cfg, ctx)
+    if name == "diffusers":
+        from dreamd.backends.diffusion.backend import build_backend as build_diffusion
+        return build_diffusion(cfg, ctx)
     raise DaemonError(f"generation.backend = {name!r} is not a backend")
 
 

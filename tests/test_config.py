@@ -73,8 +73,8 @@ def test_data_dir_override_order(dreamd_env, tmp_path, monkeypatch):
     ("[generation]\ninterpolation_frames = 2.5\n", "generation.interpolation_frames = 2.5 is "
                                                    "invalid: expected an integer"),
     ("[generation]\nbackend = \"comfy\"\n", "generation.backend = 'comfy' is invalid: expected "
-                                            "one of 'procedural', 'comfyui' \\(did you mean "
-                                            "'comfyui'\\?\\)"),
+                                            "one of 'procedural', 'comfyui', 'diffusers' "
+                                            "\\(did you mean 'comfyui'\\?\\)"),
     ("[generation]\nresolution = [500, 256]\n", r"generation.resolution = \[500, 256\] is "
                                                 "invalid: expected .*multiple of 8"),
     ("[cache]\nenabled = 1\n", "cache.enabled = 1 is invalid: expected true or false"),

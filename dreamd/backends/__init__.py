@@ -1,6 +1,7 @@
 """The keyframe backend interface: one img2img (or txt2img) step of the dream chain.
 
-Implementations live in this folder: `procedural` (embedded, no GPU) and `comfyui/`.
+Implementations live in this folder: `procedural` (embedded, no GPU), `comfyui/` and
+`diffusion/` (a diffusers model run in the daemon).
 The keyframe worker claims a ledger row, builds a KeyframeRequest, calls `generate`
 outside any transaction, and stores the returned image. Backends raise
 TransientBackendError (retry) or PermanentBackendError (discard) from dreamd.errors.
@@ -31,6 +32,10 @@ class KeyframeRequest:
     sampler: str = "euler_ancestral"
     scheduler: str = "normal"
     image: Image.Image | None = None  # img2img input (RGB, width x height); None = txt2img
+    # The sha256 of the input file as read, before any steering (= keyframes.sha256 of the
+    # keyframe it is, when the input is the previous keyframe): a backend that keeps its
+    # keyframes' latents feeds that latent instead of encoding `image` again.
+    input_sha256: str | None = None
     # Chosen by the keyframe worker and committed to the ledger before the backend
     # is called, so a remote backend can re-attach to work it already submitted.
     prompt_id: str | None = None
@@ -57,7 +62,7 @@ class KeyframeResult:
 
 @runtime_checkable
 class KeyframeBackend(Protocol):
-    name: str                       # "procedural" | "comfyui"
+    name: str                       # "procedural" | "comfyui" | "diffusers"
 
     def generate(self, request: KeyframeRequest) -> KeyframeResult:
         """Make one keyframe. Blocking; may take seconds."""

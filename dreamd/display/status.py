@@ -23,7 +23,7 @@ KEYS = (
     "keyframe_index",         # chain index of the frame on screen
     "generation_time",        # seconds the last keyframe took
     "current_mode",           # hybrid (keyframes + in-betweens) | keyframes (N = 0)
-    "backend",                # procedural | comfyui
+    "backend",                # procedural | comfyui | diffusers (the one making keyframes now)
     "codec",                  # pixel | taesd | sd-vae | … (null until the first batch)
     "current_prompt",         # the prompt of the keyframe on screen
     "cache_size",             # frames in the aesthetic memory

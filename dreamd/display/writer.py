@@ -265,7 +265,9 @@ class DisplayWriter:
             keyframe_index=self.chain,
             generation_time=round(facts.get("generation_time", 0.0), 3),
             current_mode="hybrid" if n > 0 else "keyframes",
-            backend=ctx.cfg.generation.backend,
+            # the backend making keyframes now: an in-process model that cannot be used
+            # leaves them to the procedural fallback (backend_problem says why)
+            backend=facts.get("backend_now") or ctx.cfg.generation.backend,
             codec=facts.get("codec"),
             current_prompt=self.prompt,
             cache_size=facts.get("cache_size", 0),
@@ -282,7 +284,8 @@ class DisplayWriter:
             # a condition of the machine, or generation paused under the free-space floor
             problem="; ".join(p for p in (ctx.conditions.summary(),
                                           ctx.facts.get("storage_low"),
-                                          ctx.facts.get("wal_held")) if p) or None,
+                                          ctx.facts.get("wal_held"),
+                                          ctx.facts.get("backend_problem")) if p) or None,
             stale_after_seconds=status_json.stale_after(fps),
             theme=self.theme,
             paused_by=facts.get("paused_by") if paused else None,

@@ -7,6 +7,7 @@ Files are written to a temporary name, fsynced and renamed, like frames.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -47,6 +48,16 @@ def load_latent(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CodecError(f"{path}: not a stored latent ({why})") from e
     return tensor, meta
+
+
+def latent_file(data_dir: str | Path, image_sha256: str, codec: LatentCodec) -> Path:
+    """Where the latent of the image with this content hash, in this codec's space, lives:
+    named by what it is the latent of (the image's hash and the codec's identity: name,
+    divisor, weights), so it can never stand for another image, whatever became of row
+    ids. The interpolation worker reads it; an in-process diffusion backend writes its
+    keyframes' latents here when the codec decodes them as they are."""
+    space = hashlib.sha256(json.dumps(latent_meta(codec), sort_keys=True).encode())
+    return Path(data_dir) / "latents" / f"{image_sha256}-{space.hexdigest()[:12]}.safetensors"
 
 
 def latent_meta(codec: LatentCodec, **extra: Any) -> dict[str, Any]:

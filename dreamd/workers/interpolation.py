@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import threading
 import time
@@ -46,10 +45,9 @@ def latent_path(ctx: WorkerContext, image_sha256: str, codec) -> Path:
     identity (name, divisor, weights). A latent can never stand for another image,
     whatever became of row ids (a deleted ledger, a copied data dir); retention
     (dreamd/storage/retention.py) deletes it once no pending batch needs it."""
-    from dreamd.latent.storage import latent_meta
+    from dreamd.latent.storage import latent_file
 
-    space = hashlib.sha256(json.dumps(latent_meta(codec), sort_keys=True).encode())
-    return ctx.cfg.data_dir / "latents" / f"{image_sha256}-{space.hexdigest()[:12]}.safetensors"
+    return latent_file(ctx.cfg.data_dir, image_sha256, codec)
 
 
 def positions(n: int) -> list[float]:

@@ -68,6 +68,16 @@ def input_png(row, width: int, height: int, data_dir: Path) -> bytes | None:
     return data if fits else None
 
 
+def input_digest(row, data_dir: Path) -> str | None:
+    """The sha256 of the input file as it is on disk (KeyframeRequest.input_sha256)."""
+    if not row.input_path:
+        return None
+    try:
+        return hashlib.sha256(resolve(data_dir, row.input_path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def tick(ctx: WorkerContext, backend: KeyframeBackend) -> int:
     """Make keyframes while there are any to make; returns how many were completed."""
     # backend_unusable: the backend cannot make keyframes now (every server down, or
@@ -98,6 +108,8 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             cfg=ctx.knob("generation.cfg"), sampler=ctx.cfg.generation.sampler,
             scheduler=ctx.cfg.generation.scheduler,
             image=steered, palette=palette, prompt_id=prompt_id,
+            input_sha256=(input_digest(row, ctx.cfg.data_dir)
+                          if hasattr(backend, "keyframe_written") else None),
             image_png=(input_png(row, row.width, row.height, ctx.cfg.data_dir)
                        if backend.name != "procedural" and steered is raw else None),
             server_hint=row.server, on_server=_server_recorder(ctx, row.id, owner))
@@ -115,6 +127,10 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             path = keyframe_path(ctx, row.chain_index, row.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data, fsync=True)
+            sha = hashlib.sha256(data).hexdigest()
+            keep = getattr(backend, "keyframe_written", None)
+            if keep is not None:      # a backend that feeds latents keeps this one's
+                keep(row.chain_index, sha)
         pause_point("keyframe-written", ctx.cfg.data_dir)
     except (TransientBackendError, PermanentBackendError) as exc:
         if ctx.stopping.is_set() and isinstance(exc, TransientBackendError):
@@ -137,8 +153,11 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
         # the image is on disk: a busy ledger is waited out, not left to the lease
         with timed(timings, "ledger"), begin_retrying(ctx, f"keyframe {row.chain_index}") as conn:
             transitions.complete(conn, "keyframe", row.id, owner, detail={"ms": round(ms, 1)},
-                                 values={"path": stored(ctx.cfg.data_dir, path), "sha256": hashlib.sha256(data)
-                                         .hexdigest(), "generation_ms": ms,
+                                 values={"path": stored(ctx.cfg.data_dir, path), "sha256": sha,
+                                         "generation_ms": ms,
+                                         # the seed the backend used (a fixed-seed policy
+                                         # overrides the planner's): made again from it
+                                         "seed": result.info.get("seed", row.seed),
                                          "server": result.info.get("server"),
                                          # a fallback backend may have made it
                                          "backend": result.info.get("backend") or row.backend})

@@ -7,6 +7,7 @@ first step, and what `dreamd models list` and `dreamd doctor` ask).
     inspect_file(path)       a single-file checkpoint read from its safetensors header only:
                              family, tensor count, or a ModelError (truncated, not a checkpoint)
     folder_family(path)      the family of a diffusers folder, from its configs
+    folder_variant(path)     "fp16" when a pulled folder holds only fp16 weights
     lora_family(path)        which family a LoRA file was trained for (its cross-attention width)
     find_checkpoints(dir)    the weight files under a ComfyUI models dir's checkpoints/
     cached_snapshot(hub_id)  a hub id's snapshot folder in the HF cache, or None
@@ -271,6 +272,18 @@ def missing_parts(path: Path, family: str | None) -> list[str]:
     return out
 
 
+def folder_variant(folder: Path) -> str | None:
+    """The variant a diffusers folder loads with (from_pretrained(variant=)): "fp16" when a
+    component holds only fp16 weights, as `dreamd models pull` leaves a snapshot (diffusers
+    then takes the plain weights of a component that has no fp16 ones); None otherwise."""
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        names = [p.name for p in (folder / component).glob("*.safetensors")]
+        fp16 = [n for n in names if ".fp16." in n]
+        if fp16 and len(fp16) == len(names):
+            return "fp16"
+    return None
+
+
 def read_header(path: Path) -> dict[str, dict]:
     """The tensor table of a .safetensors file (name -> dtype, shape, data_offsets), checked
     against the file's size: a truncated or damaged file is a ModelError naming it."""
@@ -395,7 +408,7 @@ def _numel(shape: list[int]) -> int:
 
 def licence_notice(located: Located) -> str | None:
     """One line when the weights are published under a non-commercial licence."""
-    text = f"{located.hub_id or ''} {located.path}"
+    text = _names(located)
     for pattern, name in NON_COMMERCIAL:
         if pattern.search(text):
             return (f"note: {located.name} looks like {name}, released under the Stability AI "
@@ -406,4 +419,10 @@ def licence_notice(located: Located) -> str | None:
 
 def few_step(located: Located) -> bool:
     """A model distilled to make an image in a few steps (turbo, lightning, LCM...)."""
-    return bool(FEW_STEP.search(f"{located.hub_id or ''} {located.path}"))
+    return bool(FEW_STEP.search(_names(located)))
+
+
+def _names(located: Located) -> str:
+    """What a model is called: its hub id and file (or folder) name, never the folders
+    above it (a "turbo-tests/" directory does not make a model turbo)."""
+    return f"{located.hub_id or ''} {located.path.name}"
