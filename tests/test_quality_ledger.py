@@ -234,5 +234,5 @@ def test_recent_keeps_the_newest_few():
 
 def test_the_views_thresholds_are_the_modules():
     sql = (REPO / "migrations" / "versions" / "0008_quality.py").read_text()
-    assert re.search(rf"pop >= {metrics.POP_RATIO}\)", sql)
-    assert re.search(rf"change < {metrics.STAGNANT_CHANGE}\)", sql)
+    assert re.search(rf"pop >= {metrics.POP_RATIO} THEN", sql)
+    assert re.search(rf"change < {metrics.STAGNANT_CHANGE} THEN", sql)

@@ -16,7 +16,7 @@ from sqlalchemy import insert, update
 
 from dreamd.ledger import database, queries
 from dreamd.ledger import transitions as tr
-from dreamd.ledger.models import DaemonRun, GovernorDecision, Injection, Keyframe
+from dreamd.ledger.models import DaemonRun, GovernorDecision, Injection, Keyframe, Quality
 from dreamd.ledger.models import utcnow
 from dreamd.ledger.sql import Shell, statements
 from tests.conftest import REPO
@@ -90,7 +90,7 @@ def completed(conn, kid: int, chain: int, when: datetime, ms: float) -> None:
 
 
 def batch(conn, chain: int, from_id: int, to_id: int, when: datetime, codec: str,
-          ms: float) -> None:
+          ms: float) -> int:
     """The interpolation batch a completed keyframe creates: two in-betweens, run at once."""
     bid = tr.create(conn, "interpolation", {
         "chain_index": chain, "from_keyframe_id": from_id, "to_keyframe_id": to_id,
@@ -99,6 +99,16 @@ def batch(conn, chain: int, from_id: int, to_id: int, when: datetime, codec: str
     claim(conn, "interpolation", bid, when + S)
     tr.complete(conn, "interpolation", bid, "interpolation", now=when + 2 * S,
                 values={"codec": codec, "duration_ms": ms})
+    return bid
+
+
+def measured(conn, when: datetime, chain: int, *, keyframe_id: int | None = None,
+             interpolation_id: int | None = None, **values) -> None:
+    """A quality row as the recorder writes it (dreamd/quality/recorder.py)."""
+    conn.execute(insert(Quality.__table__).values(
+        entity="keyframe" if keyframe_id else "segment", chain_index=chain,
+        keyframe_id=keyframe_id, interpolation_id=interpolation_id, created_at=when,
+        measure_ms=1.0, **values))
 
 
 def frame(conn, chain: int, t: float, made: datetime, keyframe_id: int,
@@ -147,9 +157,12 @@ def build(conn, recent: datetime) -> None:
         started_at=at(12, 25), heartbeat_at=at(18, 2, 30)))
     k40 = keyframe(conn, 40, "ethereal", at(11, 29), source="seed")
     completed(conn, k40, 40, at(11, 30), 100.0)
+    measured(conn, at(11, 30), 40, keyframe_id=k40, change=None, drift=0.0)
     k41 = keyframe(conn, 41, "ethereal", at(11, 59), parent=k40)
     completed(conn, k41, 41, at(12, 0), 204.6)             # on the afternoon's first instant
-    batch(conn, 40, k40, k41, at(12, 0, 1), "pixel", 150.0)
+    measured(conn, at(12, 0), 41, keyframe_id=k41, change=6.0, drift=2.0)
+    b40 = batch(conn, 40, k40, k41, at(12, 0, 1), "pixel", 150.0)
+    measured(conn, at(12, 0, 3), 40, interpolation_id=b40, motion=1.5, flicker=0.1)
     control(conn, "set", '{"key": "display.fps", "value": 12}', at(12, 10), "applied", 250)
     control(conn, "set", '{"key": "generation.denoise", "value": 2}', at(12, 11), "rejected",
             40, error="generation.denoise: 2 is out of range (0 to 1)")
@@ -160,7 +173,10 @@ def build(conn, recent: datetime) -> None:
             now=at(12, 29, 31))
     claim(conn, "keyframe", k42, at(12, 29, 40))
     completed(conn, k42, 42, at(12, 30), 90.0)
-    batch(conn, 41, k41, k42, at(12, 30, 1), "vae", 301.0)
+    measured(conn, at(12, 30), 42, keyframe_id=k42, change=1.5, drift=4.0)    # stagnant
+    b41 = batch(conn, 41, k41, k42, at(12, 30, 1), "vae", 301.0)
+    measured(conn, at(12, 30, 3), 41, interpolation_id=b41, motion=2.5, flicker=0.3,
+             boundary=10.0, pop=5.0)                                            # a pop
     decision(conn, at(12, 40), "stretch", 2, 1.0, 0.8, "the buffer is low: 80 %")
     k43 = keyframe(conn, 43, "cathedral", at(17, 58), source="injection", parent=k42)
     conn.execute(insert(Injection.__table__).values(
@@ -168,13 +184,19 @@ def build(conn, recent: datetime) -> None:
         created_at=at(17, 58)))
     control(conn, "inject", "{}", at(17, 57, 59), "applied", 1500)
     completed(conn, k43, 43, at(17, 59), 110.0)
-    batch(conn, 42, k42, k43, at(17, 59, 1), "vae", 250.0)
+    measured(conn, at(17, 59), 43, keyframe_id=k43, change=8.0, drift=1.0)
+    b42 = batch(conn, 42, k42, k43, at(17, 59, 1), "vae", 250.0)
+    measured(conn, at(17, 59, 3), 42, interpolation_id=b42, motion=2.0, flicker=0.2,
+             boundary=2.0, pop=0.89)
     k44 = keyframe(conn, 44, "signal", at(18, 0), source="injection", parent=k43)
     conn.execute(insert(Injection.__table__).values(
         keyframe_id=k44, kind="cache", similarity=0.2, reason="chance", weight=0.5,
         created_at=at(18, 0)))
     completed(conn, k44, 44, at(18, 0, 30), 300.0)          # just after the afternoon
-    batch(conn, 43, k43, k44, at(18, 0, 31), "pixel", 120.0)
+    measured(conn, at(18, 0, 30), 44, keyframe_id=k44, change=2.0, drift=0.0)  # stagnant
+    b43 = batch(conn, 43, k43, k44, at(18, 0, 31), "pixel", 120.0)
+    measured(conn, at(18, 0, 33), 43, interpolation_id=b43, motion=1.0, flicker=0.05,
+             boundary=4.5, pop=3.0)                              # a pop: 3x counts
     decision(conn, at(18, 0, 40), "stretch_end", 2, 1.0, 1.0, "back at 10 fps")
     k45 = keyframe(conn, 45, "signal", at(18, 1), parent=k44)
     tr.fail(conn, "keyframe", k45, "keyframe", "workflow rejected", permanent=True,
@@ -298,6 +320,23 @@ FROM governor_decisions ORDER BY id DESC LIMIT 10;""":
 WHERE injection_reason = 'requested';""":
             (["chain_index", "injection", "theme", "picture"],
              [(43, "cache", "cathedral", "keyframes/k00043.png")]),
+
+        # hours of DAY: 11:00 only keyframe 40 (the first: no change, no segment yet)
+        """SELECT hour, segments, motion_avg, flicker_max, pops, drift_max, change_avg, stagnant
+FROM quality_per_hour ORDER BY hour;""":
+            (["hour", "segments", "motion_avg", "flicker_max", "pops", "drift_max",
+              "change_avg", "stagnant"],
+             [("2026-11-30 11:00", 0, None, None, 0, 0.0, None, 0),
+              ("2026-11-30 12:00", 2, 2.0, 0.3, 1, 4.0, 3.75, 1),
+              ("2026-11-30 17:00", 1, 2.0, 0.2, 0, 1.0, 8.0, 0),
+              ("2026-11-30 18:00", 1, 1.0, 0.05, 1, 0.0, 2.0, 1)]),
+
+        """SELECT chain_index, round(pop, 1) AS pop, round(boundary, 1) AS boundary,
+       round(motion, 2) AS motion, created_at
+FROM quality WHERE entity = 'segment' AND pop >= 3 ORDER BY pop DESC LIMIT 5;""":
+            (["chain_index", "pop", "boundary", "motion", "created_at"],
+             [(41, 5.0, 10.0, 2.5, stamp(at(12, 30, 3))),
+              (43, 3.0, 4.5, 1.0, stamp(at(18, 0, 33)))]),
 
         """SELECT command, args, state, error, latency_ms FROM control_log ORDER BY control_id DESC LIMIT 10;""":
             (["command", "args", "state", "error", "latency_ms"],

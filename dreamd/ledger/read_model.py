@@ -449,9 +449,10 @@ STAGNANT_CHANGE = 2.3
 QUALITY_WINDOW_SQL = (
     "SELECT sum(entity = 'segment') AS segments, avg(motion) AS motion_avg, "
     "max(motion) AS motion_max, avg(flicker) AS flicker_avg, max(flicker) AS flicker_max, "
-    "sum(entity = 'segment' AND pop >= :pop) AS pops, max(pop) AS pop_max, "
-    "sum(entity = 'keyframe') AS keyframes, avg(drift) AS drift_avg, max(drift) AS drift_max, "
-    "avg(change) AS change_avg, sum(entity = 'keyframe' AND change < :floor) AS stagnant "
+    "count(CASE WHEN entity = 'segment' AND pop >= :pop THEN 1 END) AS pops, "
+    "max(pop) AS pop_max, sum(entity = 'keyframe') AS keyframes, avg(drift) AS drift_avg, "
+    "max(drift) AS drift_max, avg(change) AS change_avg, "
+    "count(CASE WHEN entity = 'keyframe' AND change < :floor THEN 1 END) AS stagnant "
     "FROM quality WHERE created_at >= :since")
 # a keyframe's colour beside its reference's (the first of its run of one theme)
 QUALITY_KEYFRAMES_SQL = (

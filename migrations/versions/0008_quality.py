@@ -15,7 +15,9 @@ branch_labels = None
 depends_on = None
 
 # The thresholds are dreamd/ledger/read_model.py's POP_RATIO (3.0) and STAGNANT_CHANGE
-# (2.3); tests/test_quality_ledger.py checks that they agree.
+# (2.3); tests/test_quality_ledger.py checks that they agree. Flags are counted with
+# count(CASE ...), never sum(a AND b): a NULL pop or change (the first keyframe, a
+# boundary not known) would make an hour's sum NULL instead of 0.
 VIEWS = {
     # Per UTC hour: segments and keyframes measured, motion and flicker (mean and
     # worst), pops (boundaries at or above 3x the typical step) and the worst one, the
@@ -29,14 +31,14 @@ VIEWS = {
                round(max(motion), 2) AS motion_max,
                round(avg(flicker), 2) AS flicker_avg,
                round(max(flicker), 2) AS flicker_max,
-               sum(entity = 'segment' AND pop >= 3.0) AS pops,
+               count(CASE WHEN entity = 'segment' AND pop >= 3.0 THEN 1 END) AS pops,
                round(max(pop), 2) AS pop_max,
                sum(entity = 'keyframe') AS keyframes,
                round(avg(drift), 2) AS drift_avg,
                round(max(drift), 2) AS drift_max,
                round(avg(change), 2) AS change_avg,
                round(min(change), 2) AS change_min,
-               sum(entity = 'keyframe' AND change < 2.3) AS stagnant
+               count(CASE WHEN entity = 'keyframe' AND change < 2.3 THEN 1 END) AS stagnant
         FROM quality
         GROUP BY hour
         ORDER BY hour
