@@ -91,6 +91,7 @@ def steer(ctx, row, image: Image.Image | None) -> tuple[Image.Image | None, Pale
 
 
 _failed_once = threading.Event()
+_told_gone: set[tuple[str, int]] = set()
 
 
 def _failed(chain_index: int, exc: BaseException) -> None:
@@ -129,12 +130,15 @@ def palette_for(ctx, row, method: str, strength: float) -> Palette | None:
         return None
     path = palette_path(data_dir, ref.id, ref.sha256)
     if not path.exists():
-        source = resolve(data_dir, ref.path if ref.pruned_at is None else None) or \
-            resolve(data_dir, ref.thumb_path)
-        if source is None or not source.exists():
-            log.info("keyframe %d: the image of its colour reference (keyframe row %d) is "
-                     "gone; its input goes unmatched", row.chain_index, ref.id)
+        found = [p for p in (resolve(data_dir, ref.path if ref.pruned_at is None else None),
+                             resolve(data_dir, ref.thumb_path)) if p is not None and p.exists()]
+        if not found:
+            if (str(data_dir), ref.id) not in _told_gone:   # once per reference
+                _told_gone.add((str(data_dir), ref.id))
+                log.info("keyframe %d: the image of its colour reference (keyframe row %d) "
+                         "is gone; this theme run goes unmatched", row.chain_index, ref.id)
             return None
+        source = found[0]
         write_palette(source, path)
         log.info("keyframe %d: colour reference is keyframe row %d (%s)", row.chain_index,
                  ref.id, path.name)
