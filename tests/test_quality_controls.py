@@ -14,6 +14,7 @@ until the colours run out of gamut.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from datetime import datetime, timedelta
@@ -67,9 +68,7 @@ def chain(contexts, ledger_template, tmp_path):
 # ---------------------------------------------------------------- colour coherence
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["histogram", "mean"])
-def test_a_drifting_chain_stays_near_its_palette_with_coherence_and_drifts_without(
-        chain, method):
+def test_a_drifting_chain_stays_near_its_palette_with_coherence_and_drifts_without(chain):
     off = chain('coherence = "off"\nstagnation_keyframes = 0')
     run_chain(off, DriftingBackend(), CHAIN)
     free = drifts(off)
@@ -79,16 +78,18 @@ def test_a_drifting_chain_stays_near_its_palette_with_coherence_and_drifts_witho
     assert early < middle < late, (early, middle, late)
     assert late > 3 * DRIFT_BOUND, late
 
-    on = chain(f'coherence = "{method}"\nstagnation_keyframes = 0', own=True)
-    run_chain(on, DriftingBackend(), CHAIN)
-    held = drifts(on)
-    assert len(held) == CHAIN
-    assert max(held) <= DRIFT_BOUND, (int(np.argmax(held)), max(held))
-    # one reference for the whole run, its first keyframe, and one palette file for it
-    (ref,), = rows(on, "SELECT DISTINCT reference_id FROM quality WHERE entity = 'keyframe'")
-    sha = rows(on, "SELECT sha256 FROM keyframes WHERE id = :i", i=ref)[0][0]
-    assert [p.name for p in (on.cfg.data_dir / "palette").iterdir()] == [
-        coherence.palette_path(on.cfg.data_dir, ref, sha).name]
+    for method in ("histogram", "mean"):
+        on = chain(f'coherence = "{method}"\nstagnation_keyframes = 0', own=True)
+        run_chain(on, DriftingBackend(), CHAIN)
+        held = drifts(on)
+        assert len(held) == CHAIN
+        assert max(held) <= DRIFT_BOUND, (method, int(np.argmax(held)), max(held))
+        # one reference for the whole run, its first keyframe, and one palette file for it
+        (ref,), = rows(on, "SELECT DISTINCT reference_id FROM quality "
+                           "WHERE entity = 'keyframe'")
+        sha = rows(on, "SELECT sha256 FROM keyframes WHERE id = :i", i=ref)[0][0]
+        assert [p.name for p in (on.cfg.data_dir / "palette").iterdir()] == [
+            coherence.palette_path(on.cfg.data_dir, ref, sha).name]
 
 
 def test_coherence_pulls_a_cast_input_back_to_the_palette_by_its_strength():
@@ -183,6 +184,22 @@ def test_a_theme_change_renews_the_reference_and_the_old_palette_goes(chain):
     (folder / ".ref.png.123.tmp").write_bytes(b"x")
     coherence.prune_palettes(ctx, now=time.time() + 60)
     assert [p.name.split("-")[1] for p in folder.iterdir()] == [str(kid[10])]
+
+
+def test_the_janitor_deletes_the_palettes_no_run_needs(chain):
+    from dreamd.workers.janitor import Janitor
+
+    ctx = chain()
+    ctx.set_knobs({"prompts.rotation_interval": 4})
+    run_chain(ctx, DriftingBackend(), 11)     # runs 0-3, 4-7, 8-10: palettes of 0, 4, 8
+    folder = ctx.cfg.data_dir / "palette"
+    assert len(list(folder.iterdir())) == 3
+    hour_ago = time.time() - 3600
+    for p in folder.iterdir():
+        os.utime(p, (hour_ago, hour_ago))
+    Janitor(ctx).storage()
+    ref = rows(ctx, "SELECT id FROM keyframes WHERE chain_index = 8")[0].id
+    assert [p.name.split("-")[1] for p in folder.iterdir()] == [str(ref)]
 
 
 def test_a_reference_whose_image_is_gone_uses_its_thumbnail_or_none(chain, caplog):
