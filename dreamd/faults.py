@@ -2,7 +2,8 @@
 
 `DREAMD_PAUSE_AT=keyframe-written,frames-written` makes the daemon, on reaching such a
 point, create `<data_dir>/paused-at-<point>` and sleep. Unset (always, in real use)
-this costs one dict lookup. Points: keyframe-written (file on disk, row not yet
+this costs one dict lookup. Points: keyframe-denoising (the in-process diffusion
+backend's first step of a keyframe), keyframe-written (file on disk, row not yet
 completed), frames-written (a batch's files on disk, rows not yet created),
 frame-displayed (current_frame.png replaced, frame not yet marked shown),
 retention-frames-evicted, retention-images-pruned, retention-rows-pruned (a retention

@@ -35,6 +35,7 @@ from dreamd.backends.diffusion import latents as kept
 from dreamd.backends.diffusion import load
 from dreamd.conditions import OUT_OF_MEMORY, classify
 from dreamd.errors import ModelError, TransientBackendError
+from dreamd.faults import pause_point
 
 log = logging.getLogger("dreamd.diffusion")
 
@@ -279,6 +280,8 @@ class DiffusionBackend:
             image = self._decode(latents)
         self._last = (request.chain_index, latents[0].detach().to("cpu", torch.float32),
                       request.width, request.height)
+        log.debug("keyframe %d: input %s, seed %d, %d steps", request.chain_index, how, seed,
+                  steps)
         return KeyframeResult(image=image, info={"backend": "diffusers", "seed": int(seed),
                                                  "steps": steps, "input": how})
 
@@ -397,6 +400,8 @@ class DiffusionBackend:
 
     def _on_step(self, chain_index: int):
         def step(pipe, i, _t, kwargs):
+            if i == 0:     # a crash test's moment: the keyframe claimed and half made
+                pause_point("keyframe-denoising", self.cfg.data_dir)
             self.facts["keyframe_progress"] = {
                 "keyframe": chain_index, "step": i + 1, "steps": pipe.num_timesteps,
                 "node": "unet", "node_type": "denoising"}

@@ -203,7 +203,9 @@ def build(p: Plan, *, dtype: str = "fp32", device: str = "cpu", scheduler: str =
 
     quiet()
     with offline(allow_downloads):
-        family = p.family or _ckpt_family(p.model.path)
+        # a .ckpt is read to be told; a folder of unknown widths is built as SD 1.x/2.x
+        # (one pipeline class for both; only the tokenizer's padding differs)
+        family = p.family or (_ckpt_family(p.model.path) if p.model.kind == "file" else "sd15")
         pipe = _load(p, family, torch_dtype(dtype), allow_downloads)
         if p.lora is not None:
             _fuse_lora(pipe, p, family)
@@ -246,7 +248,7 @@ def _load(p: Plan, family: str, dtype, allow_downloads: bool):
             if family == "sdxl":
                 extra["tokenizer_2"] = clip_tokenizer("sdxl-2")
             config = p.config_dir or skeleton_dir(family)
-            return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype,
+            return cls.from_single_file(str(path), config=str(config), dtype=dtype,
                                         local_files_only=not allow_downloads, **extra)
         # a diffusers folder: its own tokenizer when it has one (a partial pull may not)
         if not (path / "tokenizer").is_dir():
@@ -254,7 +256,7 @@ def _load(p: Plan, family: str, dtype, allow_downloads: bool):
         if family == "sdxl" and not (path / "tokenizer_2").is_dir():
             extra["tokenizer_2"] = clip_tokenizer("sdxl-2")
         variant = where.folder_variant(path)
-        return cls.from_pretrained(str(path), torch_dtype=dtype, variant=variant,
+        return cls.from_pretrained(str(path), dtype=dtype, variant=variant,
                                    local_files_only=not allow_downloads, **extra)
     except ModelError:
         raise
