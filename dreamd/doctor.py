@@ -1,9 +1,9 @@
 """`dreamd doctor`: what this machine and config will actually use, and why.
 
-It builds what the daemon would build (the latent codec, the embedder), asks each
-ComfyUI server for /system_stats and /object_info when the backend is ComfyUI (can it run
-the workflows: checkpoint, sampler, scheduler, nodes), counts the seeds,
-and reads the GPU. Slow-ish (it loads torch and weights), so `status` stays light.
+It builds what the daemon would build (the latent codec, the embedder, the in-process
+diffusion model: loaded on the CPU, never run), asks each ComfyUI server for
+/system_stats and /object_info when the backend is ComfyUI (can it run the workflows:
+checkpoint, sampler, scheduler, nodes), counts the seeds, and reads the GPU. Slow-ish (it loads torch and weights), so `status` stays light.
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def _seeds(cfg: Config):
 def _backend(cfg: Config):
     if cfg.generation.backend == "procedural":
         return "ok", "procedural (embedded, no GPU or weights needed)"
+    if cfg.generation.backend == "diffusers":
+        from dreamd.backends.diffusion.doctor import check
+        return check(cfg)
     from dreamd.backends.comfyui.doctor import check_servers
     return check_servers(cfg)
 

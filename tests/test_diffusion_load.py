@@ -175,3 +175,39 @@ def test_cuda_asked_for_without_a_gpu_warns_and_uses_the_cpu(monkeypatch, caplog
     placed = device.place("cuda", 0, "fp16")
     assert (placed.device, placed.dtype) == ("cpu", "fp32")
     assert any("diffusion.device = cuda" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- dreamd doctor
+
+def test_doctor_loads_the_model_without_running_it_and_counts_its_memory(tmp_path,
+                                                                         monkeypatch):
+    from dreamd.backends.diffusion import doctor
+
+    parts = tiny.tiny_parts(seed=8)
+    ckpt = tiny.save_ldm(tmp_path / "mine.safetensors", parts)
+    skeleton = tiny.save_skeleton(tmp_path / "skeleton", parts)
+    lora = tiny.save_lora(tmp_path / "lcm-lora-mine.safetensors", parts["unet"])
+    refuse_sockets(monkeypatch)
+    plan_for(tmp_path, model=str(ckpt), config_dir=str(skeleton), lora=str(lora))
+    cfg = C.load(tmp_path / "dreamd.toml", data_dir=tmp_path / "data")
+    ran = []
+    monkeypatch.setattr(torch.nn.Module, "__call__", lambda *a, **kw: ran.append(a))
+    verdict, detail = doctor.check(cfg)
+    assert verdict == "ok" and ran == [], detail
+    params = sum(p.numel() for name in ("unet", "vae", "text_encoder")
+                 for p in parts[name].parameters())
+    assert f"{params / 1e6:,.1f} M parameters" in detail
+    for words in ("mine.safetensors", "loads", "LoRA lcm-lora-mine.safetensors fused",
+                  "tokenizer 49,408 tokens", "runs on cpu, fp32", "scheduler lcm"):
+        assert words in detail, (words, detail)
+
+
+def test_doctor_names_a_missing_model_and_its_pull_command(tmp_path, monkeypatch):
+    from dreamd.backends.diffusion import doctor
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "dreamd.toml").write_text('[diffusion]\nmodel = "someone/nothing-here"\n')
+    verdict, detail = doctor.check(C.load(tmp_path / "dreamd.toml", data_dir=tmp_path / "d"))
+    assert verdict == "problem"
+    assert "`dreamd models pull someone/nothing-here`" in detail
+    assert "procedural backend" in detail

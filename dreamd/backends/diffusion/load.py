@@ -147,8 +147,9 @@ def memory_estimate(p: Plan, dtype: str) -> str:
     """Weights in memory: parameters x bytes per parameter (activations come on top)."""
     if not p.parameters:
         return "size not known before loading (a .ckpt)"
-    gib = p.parameters * BYTES.get(dtype, 4) / 2**30
-    return f"about {gib:.1f} GiB of weights ({p.parameters / 1e6:,.0f} M parameters in {dtype})"
+    size = p.parameters * BYTES.get(dtype, 4)
+    said = f"{size / 2**30:.1f} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.0f} MiB"
+    return f"about {said} of weights ({p.parameters / 1e6:,.1f} M parameters in {dtype})"
 
 
 # ---------------------------------------------------------------- building

@@ -184,8 +184,8 @@ def locate(spec: str, *, what: str = "model", key: str = "diffusion.model",
             if c.is_file():
                 return _file(spec, c, f"{sub}/ of comfyui.models_dir")
         looked.append(f"{folder}/{spec}")
-    if is_hub_id(spec):
-        return _hub(spec, spec, cache_dir, key, what, looked)
+    if is_hub_id(spec):     # (the paths looked at are noise beside a hub id)
+        return _hub(spec, spec, cache_dir, key, what, [])
     hint = (f"; or `{pull_command(DEFAULT_MODEL)}` and set {key} = \"{DEFAULT_MODEL}\""
             if what == "model" else f"; or `{pull_command(LCM_LORA['sd15'])}` and set "
             f"{key} = \"{LCM_LORA['sd15']}\"")
