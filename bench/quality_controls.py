@@ -87,6 +87,7 @@ def bench_drift(root: Path, n: int) -> list[str]:
     out = ["| coherence | " + " | ".join(f"drift @{k}" for k in marks)
            + " | max drift | mean change | contrast @0 → @end | s |",
            "|---|" + "---|" * (len(marks) + 4)]
+    print("\n".join(out), flush=True)
     for i, (name, q) in enumerate(cases):
         ctx = context(root, f"drift{i}", config(quality=q + "\nstagnation_keyframes = 0"))
         started = time.perf_counter()
@@ -111,6 +112,7 @@ def bench_breaks(root: Path, n_embedded: int) -> list[str]:
     out = ["| chain | keyframes | stagnant (change < floor) | breaks | keyframes boosted | "
            "mean change: the 4 before each break / in breaks | drift mean / max | s |",
            "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(out), flush=True)
     cases = [("converging double, 256x128", ConvergingBackend(), 200,
               config(quality='coherence = "off"')),
              ("embedded procedural, 512x256, coherence off", ProceduralBackend(), n_embedded,
@@ -177,6 +179,7 @@ def bench_pops(root: Path, n: int) -> list[str]:
 
     out = ["| segments | ease | pop ratio: mean | p95 | max | pops (>= 3) | motion | "
            "flicker |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(out), flush=True)
     for ease in ("linear", "smooth"):
         pops, flick = crafted_pops(ease)
         out.append(f"| crafted: slow, fast turn, slow (N = 10) | {ease} | "
@@ -227,9 +230,11 @@ def bench_cost(root: Path) -> list[str]:
     image = Image.fromarray(np.clip(start_image(512, 256, 4) * 1.1 + 10, 0, 255)
                             .astype(np.uint8))
     out = ["| what | median ms |", "|---|---|"]
+    print("\n".join(out), flush=True)
     for method in ("histogram", "mean"):
         ms = _median_ms(lambda: coherence.match_image(image, ref_lab, method, 0.5), 20)
         out.append(f"| match_image, {method}, 512x256 against a 256x128 palette | {ms:.1f} |")
+        print(out[-1], flush=True)
     # the keyframe worker's whole call, on a real chain's ledger (its fourth keyframe)
     ctx = context(root, "cost", config(resolution=(512, 256)))
     run_chain(ctx, ProceduralBackend(), 3)
@@ -242,18 +247,19 @@ def bench_cost(root: Path) -> list[str]:
         current = im.convert("RGB")
     ms = _median_ms(lambda: coherence.steer(ctx, Row, current), 20)
     out.append(f"| coherence.steer (the keyframe worker's call), histogram, 512x256 | {ms:.1f} |")
+    print(out[-1], flush=True)
     request = KeyframeRequest(chain_index=4, width=512, height=256, seed=4, theme=head.theme,
                               prompt=head.prompt, negative_prompt="", denoise=0.3,
                               image=current)
     backend = ProceduralBackend()
     ms = _median_ms(lambda: backend.generate(request), 10)
     out.append(f"| a procedural keyframe (generate), 512x256, for scale | {ms:.1f} |")
+    print(out[-1], flush=True)
     close_worker_context(ctx)
     lat, lref = torch.randn(1, 4, 32, 64), torch.randn(4, 16, 32)
     ms = _median_ms(lambda: coherence.match_latent(lat, lref, 0.5), 50)
     out.append(f"| match_latent, 4x32x64 latent (512x256 image), CPU | {ms:.2f} |")
-    for line in out[2:]:
-        print(line, flush=True)
+    print(out[-1], flush=True)
     return out
 
 
@@ -275,7 +281,7 @@ def main() -> int:
     try:
         for name in only:
             print(f"\n{name}")
-            print("\n".join(benches[name]()))
+            benches[name]()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
