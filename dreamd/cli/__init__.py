@@ -437,7 +437,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         with engine.connect() as conn:
             report = stats.collect(conn, window=window, model=args.model, cache=cfg.cache)
-            report["quality"] = quality.collect(queries.dbapi(conn))
+            report["quality"] = quality.collect(queries.dbapi(conn), cfg)
     finally:
         engine.dispose()
     print(stats.as_json(report) if args.json

@@ -426,7 +426,7 @@ def status(conn, cfg, *, now: datetime | None = None, host: str | None = None,
     out.comfyui = json_object(rt.get("comfyui_health"))
     out.storage_recorded = json_object(rt.get("storage"))
     out.governor = governor(conn, cfg, out.daemon.alive, out.knobs)
-    out.quality = quality(conn, now)
+    out.quality = quality(conn, now, floor=out.knobs["quality.stagnation_floor"].value)
     if counts:
         out.counts = state_counts(conn)
     return out
@@ -479,13 +479,14 @@ def _since(when: datetime | None) -> str:
     return "" if when is None else when.isoformat(sep=" ", timespec="microseconds")
 
 
-def quality_window(conn, since: datetime | None) -> dict[str, Any]:
+def quality_window(conn, since: datetime | None,
+                   floor: float = STAGNANT_CHANGE) -> dict[str, Any]:
     """Segments and keyframes measured since `since` (None: all the ledger keeps):
     motion and flicker (mean, max), pops (boundaries at or above POP_RATIO times the
     typical step) and the worst, keyframe drift from its reference (mean, max) and
     change from the previous keyframe (mean), stagnant keyframes (change below
     STAGNANT_CHANGE), and stagnation breaks when the ledger records them."""
-    row = _one(conn, QUALITY_WINDOW_SQL, {"pop": POP_RATIO, "floor": STAGNANT_CHANGE,
+    row = _one(conn, QUALITY_WINDOW_SQL, {"pop": POP_RATIO, "floor": floor,
                                           "since": _since(since)}) or {}
     out = {k: (v or 0) if k in ("segments", "pops", "keyframes", "stagnant") else v
            for k, v in row.items()}
@@ -495,35 +496,37 @@ def quality_window(conn, since: datetime | None) -> dict[str, Any]:
     return _rounded(out)
 
 
-def stagnant_streak(conn) -> int:
-    """How many of the newest keyframes in a row changed less than STAGNANT_CHANGE."""
+def stagnant_streak(conn, floor: float = STAGNANT_CHANGE) -> int:
+    """How many of the newest keyframes in a row changed less than `floor`."""
     streak = 0
     for (change,) in conn.execute(
             "SELECT change FROM quality WHERE entity = 'keyframe' "
             "ORDER BY chain_index DESC, id DESC LIMIT ?", (STREAK_LOOKBACK,)).fetchall():
-        if change is None or change >= STAGNANT_CHANGE:
+        if change is None or change >= floor:
             break
         streak += 1
     return streak
 
 
 def quality(conn, now: datetime | None = None, start: datetime | None = None,
-            ) -> dict[str, Any] | None:
+            floor: float = STAGNANT_CHANGE) -> dict[str, Any] | None:
     """The dream's quality as every surface says it: the last hour's window, the
     window since `start` when given (`dreamd stats`: the last run's start), the newest
     keyframe (its colour against its reference's) and segment, and the stagnant
-    streak. None on a ledger before 0008."""
+    streak. `floor`: the stagnation floor in effect (the knob quality.stagnation_floor,
+    which the breaker uses too; the view quality_per_hour counts with the default).
+    None on a ledger before 0008."""
     if conn is None or not _has(conn, "quality"):
         return None
     now = now or utcnow()
-    out: dict[str, Any] = {"last_hour": quality_window(conn, now - QUALITY_HOUR)}
+    out: dict[str, Any] = {"last_hour": quality_window(conn, now - QUALITY_HOUR, floor)}
     if start is not None:
-        out["since_start"] = quality_window(conn, start)
+        out["since_start"] = quality_window(conn, start, floor)
         out["start"] = _since(start)
     out["keyframe"] = _rounded(_one(conn, QUALITY_KEYFRAMES_SQL + NEWEST))
     out["segment"] = _rounded(_one(conn, QUALITY_SEGMENTS_SQL + NEWEST))
-    out["stagnant_streak"] = stagnant_streak(conn)
-    out["thresholds"] = {"pop_ratio": POP_RATIO, "stagnant_change": STAGNANT_CHANGE}
+    out["stagnant_streak"] = stagnant_streak(conn, floor)
+    out["thresholds"] = {"pop_ratio": POP_RATIO, "stagnant_change": floor}
     return out
 
 

@@ -9,14 +9,16 @@ from datetime import datetime
 from typing import Any
 
 
-def collect(conn) -> dict[str, Any] | None:
+def collect(conn, cfg) -> dict[str, Any] | None:
     """The read model's quality for `dreamd stats`: the last hour and since the last
-    run began (`conn`: a DB-API connection to the ledger)."""
+    run began (`conn`: a DB-API connection to the ledger), stagnation judged with the
+    floor in effect."""
     from dreamd.ledger import read_model
 
     run = read_model.last_run(conn)
     start = datetime.fromisoformat(str(run["started_at"])) if run else None
-    return read_model.quality(conn, start=start)
+    floor = read_model.knobs(read_model.stored_knobs(conn), cfg)["quality.stagnation_floor"]
+    return read_model.quality(conn, start=start, floor=floor.value)
 
 
 def _f(value: Any, digits: int = 2) -> str:

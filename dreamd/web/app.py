@@ -97,7 +97,8 @@ def _ledger_facts(state: ViewerState, keyframe_index: int | None) -> dict[str, A
         in_effect = read_model.knobs(read_model.stored_knobs(dbapi(conn)),
                                      state.cfg)
         # the dream's quality, the last hour (read model: the same as `dreamd status --json`)
-        quality = read_model.quality(dbapi(conn))
+        quality = read_model.quality(
+            dbapi(conn), floor=in_effect["quality.stagnation_floor"].value)
     return {"theme": theme, "knobs": {key: in_effect[key].value for key in WEB_KNOBS},
             "knob_ranges": KNOB_RANGES, "quality": quality}
 
