@@ -771,6 +771,7 @@ def test_status_of_a_fresh_ledger(db_path):
     got = _status(db_path, FPS_12).as_json()
     knobs = got.pop("knobs")
     gov = got.pop("governor")
+    quality = got.pop("quality")
     assert got == {
         "counts": {t: {} for t in read_model.COUNTED_TABLES}, "last_run": None, "alive": False,
         "daemon": "no daemon has run on this data dir yet: start one with `dreamd run`",
@@ -780,6 +781,7 @@ def test_status_of_a_fresh_ledger(db_path):
         "comfyui": None}
     assert knobs["display.fps"] == {"value": 12.0, "source": "config", "problem": None}
     assert (gov["enabled"], gov["decisions"]) == (True, [])
+    assert quality["last_hour"]["segments"] == 0 and quality["keyframe"] is None
 
 
 def test_status_reports_what_dreamd_status_shows(engine, db_path):
