@@ -13,6 +13,13 @@ endif
 # its subprocess, so more workers than cores pays. Tests marked serial run after, alone.
 WORKERS ?= 4
 PYTEST_ARGS ?=
+# Bytecode is cached (in the ignored __pycache__/): with PYTHONDONTWRITEBYTECODE set, as
+# some shells set it, every test worker and every daemon a test starts compiled the
+# package and re-rewrote the tests' asserts from source: 10 s of each worker's start.
+unexport PYTHONDONTWRITEBYTECODE
+# The serial part collects only the files that have serial tests (collecting all of them
+# again costs more than the tests it selects in the fast tier).
+SERIAL_FILES := $(shell grep -l 'mark.serial' tests/test_*.py)
 
 .PHONY: run test test-all bench bench-ledger bench-codecs bench-churn bench-governor rmskin clean-venv
 
@@ -40,7 +47,7 @@ run: $(VENV)/.installed-run
 # Exit status 5 is "no test selected" (a PYTEST_ARGS that picks none of one part).
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n $(WORKERS) --dist worksteal --durations=30 -m "$(TIER) not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest --durations=10 -m "$(TIER) serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest --durations=10 -m "$(TIER) serial" $(or $(PYTEST_ARGS),$(SERIAL_FILES)) || [ $$? -eq 5 ]
 
 test-all: $(VENV)/.installed-dev
 	$(MAKE) test TIER=

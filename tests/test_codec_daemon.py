@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests import invariants
 from tests.conftest import FAST_CONFIG, dreamd_cmd
 from tests.conftest_codecs import diffusers_tiny, save_taesd_pair
 
 
+@pytest.mark.slow
 def test_daemon_interpolates_with_taesd_found_in_comfyui_models_dir(daemon, tmp_path):
     models = tmp_path / "ComfyUI" / "models"
     save_taesd_pair(models / "vae_approx", diffusers_tiny())

@@ -128,6 +128,7 @@ def test_keyframes_come_from_comfyui_and_free_reaches_it(daemon, double):
     assert status(daemon)["backend"] == "comfyui"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_the_server_lacks_stops_the_backend_once(daemon, double):
     daemon.config.write_text(comfy_config([double.url], checkpoint="nope.safetensors"))
     result = daemon.run(4)

@@ -203,6 +203,7 @@ EVICTABLE = """SELECT count(*) FROM frames f LEFT JOIN runtime_state r ON r.id =
   AND f.id NOT IN (SELECT frame_id FROM embeddings WHERE in_cache = 1)"""
 
 
+@pytest.mark.slow
 def test_retention_keeps_disk_bounded(daemon, tmp_path):
     keep = 10
     daemon.config.write_text(FAST_CONFIG.replace(

@@ -159,8 +159,15 @@ def bad_models(files: dict, tmp: Path) -> dict[str, tuple[dict, list[str]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "missing hub id", "truncated", "not a checkpoint",
-                                  "lora of another family"])
+# Every bad input is also refused in-process (test_diffusion_load); a real daemon for
+# each is the slow tier's, the fast tier keeps two.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated",
+                                  pytest.param("missing hub id", marks=SLOW),
+                                  pytest.param("not a checkpoint", marks=SLOW),
+                                  pytest.param("lora of another family", marks=SLOW)])
 def test_a_bad_model_is_one_line_and_the_dream_goes_on(daemon, model, tmp_path, case):
     keys, words = bad_models(model, tmp_path)[case]
     daemon.config.write_text(diffusion_config(model, **keys))

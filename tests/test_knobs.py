@@ -92,6 +92,7 @@ def test_set_and_config_check_refuse_nan(dreamd_env, tmp_path):
 
 # ---------------------------------------------------------------- stored knobs
 
+@pytest.mark.slow
 def test_a_stored_knob_that_no_longer_validates_is_dropped_at_start(daemon):
     db = daemon.data_dir / "dreamd.db"
     assert run(daemon.env, "db", "upgrade").returncode == 0
@@ -110,6 +111,7 @@ def test_a_stored_knob_that_no_longer_validates_is_dropped_at_start(daemon):
     assert again.returncode == 0 and "stored knob" not in again.stdout
 
 
+@pytest.mark.slow
 def test_config_show_names_stored_knobs_and_set_reset_clears_them(dreamd_env, tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[display]\nfps = 8.0\n")

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 
+import pytest
 from sqlalchemy import text
 
 from tests import invariants
@@ -37,6 +38,7 @@ def remembered(data_dir) -> bool:
     return done >= 3 and members >= 1 and injections >= 1
 
 
+@pytest.mark.slow
 def test_a_run_embeds_admits_and_injects(dreamd_env, tmp_path):
     # until the memory has done its work, not for 12 s (a loaded machine may not get
     # there in 12 s); then a clean stop, and the ledger is judged as it was left

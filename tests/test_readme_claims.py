@@ -63,6 +63,7 @@ def shown_and_made(d) -> tuple[int, int]:
     return shown, made
 
 
+@pytest.mark.slow
 def test_controls_made_while_stopped_apply_at_the_next_start_and_survive_restarts(daemon):
     run_until(daemon, lambda: status(daemon).get("frame_number", 0) >= 1, "the first frame")
     (last_chain,), = ledger_rows(daemon.data_dir, "SELECT max(chain_index) FROM keyframes")
@@ -194,6 +195,7 @@ def test_status_json_is_rewritten_at_least_once_a_second_even_below_one_fps(drea
     assert max(ages) < OLDEST, (max(ages), sorted(ages)[-10:])
 
 
+@pytest.mark.slow
 def test_current_mode_is_keyframes_when_n_is_zero(dreamd_env, tmp_path):
     """README (status.json): `current_mode` is `keyframes` when N = 0; every frame is
     then a keyframe at t = 0 and playback goes keyframe to keyframe."""

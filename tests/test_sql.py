@@ -71,6 +71,7 @@ def attacks(db: Path, tmp: Path) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_attacks_change_nothing(dreamd_env, ledger, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -151,6 +152,7 @@ def test_a_million_rows_in_a_table_show_the_first_thousand(dreamd_env, ledger, t
     assert peak < 100, f"{peak} MiB"
 
 
+@pytest.mark.slow
 def test_a_million_rows_stream_in_json(dreamd_env, ledger, tmp_path):
     out = tmp_path / "out.json"
     with out.open("w") as f:
