@@ -161,3 +161,18 @@ def python_for_windows(executable: str | None = None) -> tuple[str, str]:
     if PureWindowsPath(exe).name.lower() == "python.exe":
         return exe, str(PureWindowsPath(exe).with_name("pythonw.exe"))
     return exe, exe
+
+
+def give_heap_back(libc: Any = None) -> bool:
+    """Return freed heap to the system (glibc's malloc_trim). Freeing a model's tensors
+    leaves most of their pages in the allocator: measured on SD 1.5 on the CPU, 2.4 of
+    4.5 GB stayed in the daemon's RSS after `free` until a trim. No-op elsewhere."""
+    if libc is None:
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:                  # musl and the like: nothing to trim with
+            return False
+    trim = getattr(libc, "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False

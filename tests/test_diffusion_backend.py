@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dreamd import config as C
+from dreamd import platform as dreamd_platform
 from dreamd.backends import KeyframeRequest
 from dreamd.backends.diffusion import backend as diffusion
 from dreamd.backends.diffusion import latents as kept
@@ -225,14 +226,19 @@ def test_a_vae_codec_from_the_same_checkpoint_shares_the_space(tmp_path, model):
     assert not kept.shares_space(codec, "sdxl", (model["ckpt"],))
 
 
-def test_free_gives_the_model_back_and_the_next_keyframe_loads_it(tmp_path, model, caplog):
+def test_free_gives_the_model_back_and_the_next_keyframe_loads_it(tmp_path, model, caplog,
+                                                                  monkeypatch):
     b = diffusion.DiffusionBackend(make_cfg(tmp_path, model)).start()
     b.generate(request(1))
     unet = weakref.ref(b._pipe.unet)
     caplog.set_level(logging.INFO, logger="dreamd.diffusion")
+    trimmed: list[bool] = []
+    monkeypatch.setattr(dreamd_platform, "give_heap_back",
+                        lambda: trimmed.append(unet() is None) or True)
     assert b.free() == {}
     gc.collect()
     assert b._pipe is None and unet() is None              # no reference left anywhere
+    assert trimmed == [True]             # the heap handed back once the model was gone
     assert any("unloaded (free)" in r.getMessage() for r in caplog.records)
     assert b.generate(request(2)).info["backend"] == "diffusers"
     assert b.loads == 2

@@ -167,3 +167,23 @@ def test_python_and_pythonw_of_a_windows_venv():
     assert platform.python_for_windows(exe) == (
         exe, r"C:\Program Files\dream window\.venv\Scripts\pythonw.exe")
     assert platform.python_for_windows("/usr/bin/python3") == ("/usr/bin/python3",) * 2
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(pad)
+        return 1
+
+
+def test_the_heap_is_trimmed_with_no_padding_kept():
+    libc = FakeLibc()
+    assert platform.give_heap_back(libc) is True and libc.calls == [0]
+    assert platform.give_heap_back(object()) is False        # a libc without malloc_trim
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_the_real_trim_runs_here():
+    assert platform.give_heap_back() in (True, False)       # ran, whatever it released

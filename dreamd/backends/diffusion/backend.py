@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 
+from dreamd import platform
 from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.backends.diffusion import latents as kept
 from dreamd.backends.diffusion import load
@@ -219,6 +220,7 @@ class DiffusionBackend:
         self._embeds.clear()
         self._refs.clear()
         gc.collect()
+        platform.give_heap_back()
         if device.startswith("cuda"):
             import torch
             torch.cuda.empty_cache()
