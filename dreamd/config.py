@@ -1,7 +1,8 @@
 """Configuration: one optional TOML file, typed and validated at load.
 
-Every key has a built-in default (the schema below is the single source of truth,
-and the README documents every key; tests/test_docs.py fails when one is not).
+Every key has a built-in default (the schema below is the single source of truth;
+docs/configuration.md is generated from it by dreamd/config_reference.py, and
+tests/test_docs.py fails when the two differ).
 `load()` finds the file, validates it, applies the data-dir override and records
 where each value came from, so `dreamd config show` can say so.
 """

@@ -90,3 +90,26 @@ def test_every_link_between_the_docs_lands(page):
         if fragment and dest.suffix == ".md":
             assert fragment in _anchors(dest.read_text(encoding="utf-8")), \
                 f"{page}: link to {target}: no such heading"
+
+
+def _commands(parser, prefix=()):
+    import argparse
+    for action in parser._actions:                                  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):          # noqa: SLF001
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_command_is_in_the_commands_reference():
+    """A command added to the parser is documented in docs/commands.md: `dreamd NAME`,
+    and each of its actions on the line that names it."""
+    from dreamd.cli import build_parser
+
+    text = (DOCS / "commands.md").read_text(encoding="utf-8")
+    for path in _commands(build_parser()):
+        lines = [x for x in text.splitlines() if f"`dreamd {path[0]}" in x]
+        assert lines, f"dreamd {path[0]} is not in docs/commands.md"
+        if len(path) > 1:
+            assert any(re.search(rf"\b{path[1]}\b", x) for x in lines), \
+                f"dreamd {' '.join(path)} is not in docs/commands.md"
