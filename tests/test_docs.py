@@ -113,3 +113,20 @@ def test_every_command_is_in_the_commands_reference():
         if len(path) > 1:
             assert any(re.search(rf"\b{path[1]}\b", x) for x in lines), \
                 f"dreamd {' '.join(path)} is not in docs/commands.md"
+
+
+def test_the_readme_s_knobs_table_agrees_with_the_schema():
+    """README "Tune: the knobs that matter": each default as the schema has it, and
+    "(live)" exactly on the rows whose keys are all live knobs."""
+    fields = dict(config.key_paths())
+    section = README.split("## Tune: the knobs that matter", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 8
+    for row in rows:
+        knobs, default, what = [c.strip() for c in row.strip().strip("|").split(" | ")]
+        keys = re.findall(r"`([a-z_]+\.[a-z_]+)`", knobs)
+        assert keys and all(k in fields for k in keys), row
+        shown = re.findall(r"`([^`]+)`", default)
+        backticked = [k for k in keys if config_reference._default(k, fields[k]).startswith("`")]
+        assert shown == [config_reference._default(k, fields[k]).strip("`") for k in backticked], row
+        assert what.endswith("(live)") == all(fields[k].metadata["live"] for k in keys), row
