@@ -1,7 +1,8 @@
 """Configuration: one optional TOML file, typed and validated at load.
 
-Every key has a built-in default (the schema below is the single source of truth,
-and the README documents every key; tests/test_docs.py fails when one is not).
+Every key has a built-in default (the schema below is the single source of truth;
+docs/configuration.md is generated from it by dreamd/config_reference.py, and
+tests/test_docs.py fails when the two differ).
 `load()` finds the file, validates it, applies the data-dir override and records
 where each value came from, so `dreamd config show` can say so.
 """
@@ -730,7 +731,7 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{origin}: not valid TOML: {exc}{_backslash_hint(text, exc)}") from None
     sources = {} if sources is None else sources
     cfg = Config()
     for section, table in raw.items():
@@ -759,6 +760,17 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
             if value and not Path(value).expanduser().is_absolute():
                 setattr(obj, name, str((base_dir / value).resolve()))
     return cfg
+
+
+def _backslash_hint(text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """A Windows path in double quotes, where TOML reads each backslash as an escape."""
+    where = re.search(r"at line (\d+)", str(exc))
+    lines = text.splitlines()
+    line = lines[int(where.group(1)) - 1] if where and int(where.group(1)) <= len(lines) else ""
+    if "\\" in line and '"' in line:
+        return (" (a Windows path? in double quotes a backslash starts an escape: write it "
+                "in single quotes, 'C:\\ComfyUI\\models')")
+    return ""
 
 
 def load(config_file: str | os.PathLike[str] | None = None,

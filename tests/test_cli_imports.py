@@ -23,7 +23,7 @@ sys.exit(rc)
 LIGHT_COMMANDS = [
     ["status"], ["status", "--json"], ["config", "show"], ["db", "current"], ["db", "history"],
     ["db", "upgrade"], ["stats"], ["stats", "--json"], ["models", "list"],
-    ["models", "list", "--json"],
+    ["models", "list", "--json"], ["service", "show"], ["uninstall", "--dry-run"],
 ]
 
 

@@ -477,8 +477,7 @@ def test_the_windows_install_script_does_what_the_readme_says():
                    '"rainmeter", "install"', '"--skins-dir"', '"--data-dir"',
                    "--no-autostart", "$LASTEXITCODE"):
         assert needle in script, needle
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## On Windows", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "docs" / "windows.md").read_text(encoding="utf-8")
     for command in (r"py -3 -m venv .venv", r".venv\Scripts\python -m pip install -e .",
                     r".venv\Scripts\dreamd run", r".venv\Scripts\dreamd rainmeter install",
                     r"rainmeter_skin\install.ps1"):

@@ -1,4 +1,5 @@
-"""The README's SQL stays true: every example query, read from the README and run through
+"""The documented SQL stays true (docs/ledger.md, the README's reference on the ledger):
+every example query, read from there and run through
 `dreamd sql`'s own read-only shell against a ledger of known contents, gives the answer
 worked out by hand below; and every view in a migrated ledger is documented in the
 README's Views table with exactly its columns."""
@@ -22,11 +23,11 @@ from dreamd.ledger.sql import Shell, statements
 from tests.conftest import REPO
 from tests.tui_ledger import prepare
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+README = (REPO / "docs" / "ledger.md").read_text(encoding="utf-8")   # the README's ledger part
 
 
 def example_queries() -> list[str]:
-    section = README.split("### Example queries", 1)[1]
+    section = README.split("## Example queries", 1)[1]
     block = re.search(r"```sql\n(.*?)```", section, re.S).group(1)
     return list(statements(block.splitlines(keepends=True)))
 
@@ -37,7 +38,7 @@ def sql_of(statement: str) -> str:
 
 
 def documented_views() -> dict[str, list[str]]:
-    table = README.split("Views:", 1)[1].split("### States", 1)[0]
+    table = README.split("Views:", 1)[1].split("## States", 1)[0]
     out = {}
     for line in table.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]

@@ -682,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "empties the ledger (to base)")
     add("current", cmd_db_current, "the ledger's revision", db_sub)
     add("history", cmd_db_history, "every migration, base to head", db_sub)
+
+    from dreamd.cli.life import add_commands          # service, uninstall
+    add_commands(sub, add)
     return p
 
 
