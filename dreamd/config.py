@@ -578,7 +578,9 @@ def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is list:
         (inner,) = get_args(tp)
-        return f"a list of {_type_name(inner)}s" if inner is not Theme else "a list of tables"
+        # "a list of strings", not "a list of a strings"
+        return f"a list of {_type_name(inner).split(' ', 1)[-1]}s" if inner is not Theme \
+            else "a list of tables"
     if origin is dict:
         inner = _type_name(get_args(tp)[1])
         return f"a table of {inner.split(' ', 1)[-1]}s"

@@ -136,3 +136,11 @@ def test_daemon_refuses_invalid_config(dreamd_env, tmp_path):
     assert proc.returncode == 2
     assert "display.fps = -1" in proc.stderr
     assert not (tmp_path / "data" / "dreamd.db").exists()
+
+
+def test_a_value_of_the_wrong_type_names_the_type_in_plain_words(tmp_path):
+    path = tmp_path / "dreamd.toml"
+    path.write_text('[comfyui]\nurls = "http://127.0.0.1:8188"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, data_dir=tmp_path / "data")
+    assert "expected a list of strings" in str(err.value), str(err.value)
