@@ -245,3 +245,35 @@ def test_a_healthy_orphan_is_re_adopted_not_killed(tmp_path):
     finally:
         orphan.kill()
         orphan.wait(timeout=10)
+
+
+def test_a_log_past_its_limit_is_cut_in_place_and_the_child_writes_on(tmp_path):
+    """copytruncate: the writer keeps its handle, opened for appending as the
+    supervisor opens it, and goes on at the new end (no hole of zeros before it)."""
+    from dreamd.backends.comfyui.supervisor import trim_log
+    path, go = tmp_path / "comfyui.log", tmp_path / "go"
+    child = ("import os, sys, time\n"
+             "sys.stdout.write('before ' * 2000 + '\\n'); sys.stdout.flush()\n"
+             f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+             "sys.stdout.write('after\\n'); sys.stdout.flush()\n")
+    with open(path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=log)
+    assert until(lambda: path.stat().st_size > 10_000, timeout=60)
+    assert trim_log(path, limit=10_000) is True
+    go.touch()
+    assert proc.wait(timeout=60) == 0
+    assert path.read_bytes() == b"after\n"
+    assert path.with_name("comfyui.log.1").read_text().startswith("before before")
+    assert trim_log(path, limit=10_000) is False           # under the limit: left alone
+
+
+def test_the_supervisor_trims_the_log_of_a_running_comfyui(supervise, monkeypatch):
+    from dreamd.backends.comfyui import supervisor
+    monkeypatch.setattr(supervisor, "LOG_MAX_BYTES", 10)   # the start's header alone is more
+    sup = supervise()
+    assert sup.start() is True
+    old = sup.log_path.with_name("comfyui.log.1")
+    # the header, then the child's own first line: each cut as soon as it is past the limit
+    assert until(lambda: old.exists() and "listening on" in old.read_text(), timeout=60)
+    assert "listening on" not in sup.log_path.read_text()
+    assert sup.stop() == 0

@@ -28,6 +28,7 @@ import ctypes
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from dreamd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-LOG_MAX_BYTES = 20_000_000   # ComfyUI's output is appended; at start a bigger log moves to .1
+LOG_MAX_BYTES = 20_000_000   # ComfyUI's log: past it, moved (at start) or copied (running) to .1
 PR_SET_PDEATHSIG = 1         # linux/prctl.h
 
 
@@ -233,6 +234,21 @@ def rotate_log(path: Path) -> None:
         pass
 
 
+def trim_log(path: Path, limit: int | None = None) -> bool:
+    """Keep the log of a ComfyUI that runs for months bounded while it runs: past the
+    limit its text is copied to .1 and the file cut to nothing in place. The child keeps
+    its handle (opened for appending, so it goes on at the new end); a line written
+    between the copy and the cut is lost, as with logrotate's copytruncate."""
+    try:
+        if path.stat().st_size <= (LOG_MAX_BYTES if limit is None else limit):
+            return False
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        os.truncate(path, 0)
+        return True
+    except OSError:              # gone, or held by another process (Windows): next pass
+        return False
+
+
 @dataclass(frozen=True)
 class SupervisorStatus:
     state: str                 # stopped | starting | running | restarting | gave_up
@@ -411,6 +427,7 @@ class ComfyUISupervisor:
             if code is None:
                 if self._state == "starting" and self.healthy():
                     self._state = "running"
+                trim_log(self.log_path)
                 self._stopping.wait(self.check_interval)
                 continue
             with self._lock:
