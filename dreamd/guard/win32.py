@@ -1,0 +1,138 @@
+"""The guard's senses on Windows, through ctypes and nothing else: the foreground window
+(its rect, class, process, maximised or not), the monitors, Direct3D exclusive
+full-screen (SHQueryUserNotificationState), battery saver (GetSystemPowerStatus) and a
+locked session (the input desktop is not "Default" while the lock screen or a UAC
+prompt has it). Each call is one line of Win32; what it means is dreamd/guard/presence.py.
+
+The DLLs are arguments so tests drive this module with stand-ins on any machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from ctypes import wintypes
+from typing import Any, Callable
+
+import psutil
+
+from dreamd.guard.presence import Look, Rect, Window
+from dreamd.guard.senses import Senses, read_battery
+
+log = logging.getLogger("dreamd.guard")
+
+QUNS_RUNNING_D3D_FULL_SCREEN = 3
+DESKTOP_READOBJECTS = 0x0001
+UOI_NAME = 2
+
+
+class SYSTEM_POWER_STATUS(ctypes.Structure):
+    _fields_ = [("ACLineStatus", wintypes.BYTE), ("BatteryFlag", wintypes.BYTE),
+                ("BatteryLifePercent", wintypes.BYTE), ("SystemStatusFlag", wintypes.BYTE),
+                ("BatteryLifeTime", wintypes.DWORD), ("BatteryFullLifeTime", wintypes.DWORD)]
+
+
+MONITORENUMPROC = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.HMONITOR, wintypes.HDC,
+                                     ctypes.POINTER(wintypes.RECT), wintypes.LPARAM) \
+    if hasattr(ctypes, "WINFUNCTYPE") else ctypes.CFUNCTYPE(
+        wintypes.BOOL, wintypes.HMONITOR, wintypes.HDC, ctypes.POINTER(wintypes.RECT),
+        wintypes.LPARAM)
+
+
+def _rect(r: wintypes.RECT) -> Rect:
+    return Rect(r.left, r.top, r.right, r.bottom)
+
+
+def process_name(pid: int) -> str:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return ""
+
+
+class WindowsSenses(Senses):
+    name = "windows"
+    can = frozenset({"fullscreen", "battery", "locked"})
+
+    def __init__(self, user32: Any = None, kernel32: Any = None, shell32: Any = None,
+                 name_of: Callable[[int], str] = process_name,
+                 battery: Callable[[], Any] = read_battery) -> None:
+        windll = getattr(ctypes, "windll", None)
+        self.user32 = user32 or windll.user32
+        self.kernel32 = kernel32 or windll.kernel32
+        self.shell32 = shell32 or windll.shell32
+        self.name_of, self.battery = name_of, battery
+        if user32 is None:      # the real DLL: say what handles are (64-bit pointers)
+            self.user32.GetForegroundWindow.restype = wintypes.HWND
+            self.user32.OpenInputDesktop.restype = wintypes.HANDLE
+
+    def look(self, want: frozenset[str]) -> Look:
+        out = Look()
+        if "fullscreen" in want:
+            out.foreground = self.foreground()
+            out.monitors = self.monitors() if out.foreground is not None else []
+            out.exclusive = self.exclusive()
+        if "battery" in want:
+            out.battery = self.battery()
+            if out.battery is not None:
+                out.battery = type(out.battery)(out.battery.plugged, out.battery.percent,
+                                                self.saver())
+        if "locked" in want:
+            out.locked = self.locked()
+        return out
+
+    def foreground(self) -> Window | None:
+        u = self.user32
+        hwnd = u.GetForegroundWindow()
+        if not hwnd:
+            return None         # no window has the focus (the lock screen, a switch)
+        r = wintypes.RECT()
+        if not u.GetWindowRect(hwnd, ctypes.byref(r)):
+            return None
+        cls = ctypes.create_unicode_buffer(256)
+        u.GetClassNameW(hwnd, cls, 256)
+        title = ctypes.create_unicode_buffer(256)
+        u.GetWindowTextW(hwnd, title, 256)
+        pid = wintypes.DWORD()
+        u.GetWindowThreadProcessId(hwnd, ctypes.byref(pid))
+        return Window(process=self.name_of(pid.value), rect=_rect(r), class_name=cls.value,
+                      title=title.value, maximized=bool(u.IsZoomed(hwnd)),
+                      minimized=bool(u.IsIconic(hwnd)))
+
+    def monitors(self) -> list[Rect]:
+        found: list[Rect] = []
+
+        def each(_monitor, _dc, rect, _data):
+            found.append(_rect(rect.contents))
+            return True
+        self.user32.EnumDisplayMonitors(None, None, MONITORENUMPROC(each), 0)
+        return found
+
+    def exclusive(self) -> bool:
+        state = ctypes.c_int(0)
+        if self.shell32.SHQueryUserNotificationState(ctypes.byref(state)) != 0:
+            return False        # an HRESULT error: say nothing rather than guess
+        return state.value == QUNS_RUNNING_D3D_FULL_SCREEN
+
+    def saver(self) -> bool:
+        status = SYSTEM_POWER_STATUS()
+        if not self.kernel32.GetSystemPowerStatus(ctypes.byref(status)):
+            return False
+        return status.SystemStatusFlag == 1
+
+    def locked(self) -> bool:
+        """The input desktop is the secure one (Winlogon) or cannot even be opened: the
+        lock screen (or a UAC prompt, for as long as it is up)."""
+        u = self.user32
+        desk = u.OpenInputDesktop(0, False, DESKTOP_READOBJECTS)
+        if not desk:
+            return True
+        try:
+            name = ctypes.create_unicode_buffer(64)
+            needed = wintypes.DWORD()
+            if not u.GetUserObjectInformationW(desk, UOI_NAME, name, ctypes.sizeof(name),
+                                               ctypes.byref(needed)):
+                return False
+            return name.value.lower() != "default"
+        finally:
+            u.CloseDesktop(desk)
