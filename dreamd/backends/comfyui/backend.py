@@ -293,6 +293,13 @@ class ComfyUIBackend:
         for job in jobs:
             job.interrupted = True
             self._cancel(job)
+        # a prompt being posted right now is cancelled by its own generate() once the POST
+        # returns (within STOP_CHECK): wait for that, so /interrupt goes before the /free
+        # that follows this call
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(
+                not j.cancelled and j.prompt_id in self._in_flight for j in jobs):
+            time.sleep(0.01)
         return ", ".join(f"prompt {j.prompt_id} on {j.url or 'no server yet'}" for j in jobs)
 
     def _cancel(self, job: _Job) -> None:
@@ -476,6 +483,7 @@ class ComfyUIBackend:
             job.reuploaded = True
             number = client.queue_prompt(self._prepare(url, job), job.prompt_id)
         job.posts += 1
+        job.url = url
         self._placements[job.prompt_id] = url
         self._placements.move_to_end(job.prompt_id)
         while len(self._placements) > PLACEMENTS_KEPT:
