@@ -6,6 +6,8 @@ that frees only when told to, a rule set to keep, the resume delay against flapp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 from sqlalchemy import text
@@ -204,3 +206,55 @@ def test_turned_off_the_guard_asks_the_platform_nothing(make):
     senses.now.battery, senses.now.locked, games.playing = ON_BATTERY, True, ["bg3.exe"]
     guard.tick()
     assert not ctx.paused() and rows(ctx) == [] and senses.asked == []
+
+
+# ---------------------------------------------------------------- a real daemon
+
+def write_look(path, look: dict) -> None:
+    """What the platform layer reads next (atomically, as a test hook's file must be)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(look))
+    os.replace(tmp, path)
+
+
+@pytest.mark.slow        # a daemon's start, a pause and a resume: about 10 s here
+def test_a_daemon_on_a_fake_battery_pauses_unplugged_and_resumes_plugged_in(daemon, tmp_path):
+    from tests.conftest import FAST_CONFIG, dreamd_cmd, with_keys
+    from tests.test_comfyui_daemon import rows as daemon_rows, status
+    from tests.test_daemon import RUN_DEADLINE, stop, wait_in
+
+    look = tmp_path / "presence.json"
+    write_look(look, {"battery": {"plugged": True, "percent": 90}})
+    daemon.config.write_text(with_keys(FAST_CONFIG, "guard", "check_interval_seconds = 0.5\n"
+                                       "presence_resume_seconds = 2.0\n"))
+    proc = daemon.start(extra_env={"DREAMD_PRESENCE_FILE": str(look)})
+    try:
+        wait_in(daemon, lambda: status(daemon).get("status") == "playing", "playback",
+                RUN_DEADLINE)
+        write_look(look, {"battery": {"plugged": False, "percent": 89}})       # unplugged
+        wait_in(daemon, lambda: status(daemon).get("paused") is True, "the pause", 60)
+        st = status(daemon)
+        assert (st["status"], st["pause_reason"], st["paused_by"]) == (
+            "paused", "on battery", "guard")
+        report = json.loads(subprocess.run(
+            dreamd_cmd("--config", str(daemon.config), "status", "--json"), env=daemon.env,
+            capture_output=True, text=True, timeout=60, check=True).stdout)
+        assert (report["pause_reason"], report["paused_by"]) == ("on battery", "guard")
+        made = daemon_rows(daemon, "SELECT count(*) FROM keyframes")[0][0]
+        write_look(look, {"battery": {"plugged": True, "percent": 89}})        # plugged in
+        wait_in(daemon, lambda: status(daemon).get("paused") is False, "the resume", 60)
+        wait_in(daemon, lambda: daemon_rows(daemon, "SELECT count(*) FROM keyframes")[0][0]
+                > made, "a keyframe after the resume", 60)
+    finally:
+        stop(daemon, proc)
+    got = [(c, s, json.loads(a), w) for c, s, a, w in daemon_rows(
+        daemon, "SELECT c.command, c.state, c.args, t.worker FROM controls c JOIN "
+                "transitions t ON t.entity = 'control' AND t.entity_id = c.id AND "
+                "t.event = 'created' ORDER BY c.id")]
+    assert got == [
+        ("pause", "applied", {"reason": "on battery", "source": "guard"}, "guard"),
+        ("resume", "applied", {"reason": "on battery: over for 2 s", "source": "guard"},
+         "guard")]
+    log = (daemon.data_dir / "logs" / "dreamd.log").read_text()
+    assert "guard: on battery: pausing the dream" in log
+    assert "guard: on battery: over for 2 s: resuming" in log
