@@ -28,7 +28,7 @@ class FakeSenses(Senses):
     """The platform layer, reporting what the test sets."""
 
     name = "fake"
-    can = frozenset({"fullscreen", "battery", "locked"})
+    can = frozenset({"fullscreen", "battery", "saver", "locked"})
 
     def __init__(self) -> None:
         self.now = Look(monitors=FHD, battery=ON_AC)
@@ -258,3 +258,14 @@ def test_a_daemon_on_a_fake_battery_pauses_unplugged_and_resumes_plugged_in(daem
     log = (daemon.data_dir / "logs" / "dreamd.log").read_text()
     assert "guard: on battery: pausing the dream" in log
     assert "guard: on battery: over for 2 s: resuming" in log
+
+
+def test_battery_saver_pauses_on_mains_too(make):
+    ctx, guard, senses, _, now = make()
+    senses.now.battery = Battery(plugged=True, percent=30.0, saver=True)
+    guard.tick()
+    assert ctx.facts["pause_reason"] == "battery saver is on"
+    senses.now.battery = Battery(plugged=False, percent=30.0, saver=True)
+    now[0] += 1.0
+    guard.tick()
+    assert ctx.facts["pause_reason"] == "on battery; battery saver is on"

@@ -310,7 +310,7 @@ def windows(user32=None, saver=0, quns=1, battery=Battery(False, 60.0)):
 
 
 def test_windows_reads_the_foreground_window_and_the_monitors():
-    look = windows().look(frozenset({"fullscreen", "battery", "locked"}))
+    look = windows().look(frozenset({"fullscreen", "battery", "locked"}))     # no saver asked
     assert look.foreground == Window("EldenRing.exe", Rect(0, 0, 1920, 1080), "ELDEN RING",
                                      "title", False, False)
     assert look.monitors == [Rect(0, 0, 1920, 1080)] and look.exclusive is False
@@ -327,7 +327,8 @@ def test_windows_reads_d3d_exclusive_battery_saver_and_the_lock():
     from dreamd.guard.win32 import QUNS_RUNNING_D3D_FULL_SCREEN
 
     look = windows(User32(rect=(0, 0, 640, 480)), saver=1,
-                   quns=QUNS_RUNNING_D3D_FULL_SCREEN).look(frozenset({"fullscreen", "battery"}))
+                   quns=QUNS_RUNNING_D3D_FULL_SCREEN).look(frozenset({"fullscreen", "battery",
+                                                                      "saver"}))
     assert look.exclusive and look.battery.saver
     assert presence.fullscreen(look) == "a full-screen window: EldenRing.exe"
     assert presence.battery_saver(look) == "battery saver is on"
@@ -336,3 +337,23 @@ def test_windows_reads_d3d_exclusive_battery_saver_and_the_lock():
     assert user32.closed == [0x99]
     assert windows(User32(desktop=None)).look(frozenset({"locked"})).locked is True
     assert windows(User32(hwnd=0)).look(frozenset({"fullscreen"})).foreground is None
+
+
+def test_doctor_says_each_rule_whether_it_can_tell_and_what_would_pause_now(tmp_path,
+                                                                            monkeypatch):
+    from dreamd.doctor import _guard
+
+    path = tmp_path / "presence.json"
+    path.write_text(json.dumps({"battery": {"plugged": False, "percent": 40}}))
+    monkeypatch.setenv("DREAMD_PRESENCE_FILE", str(path))
+    cfg = config.parse('[guard]\nknown_games = []\non_locked = "keep"\non_battery = "free"\n')
+    verdict, detail = _guard(cfg)
+    assert verdict == "ok"
+    assert ("presence: full-screen pause, battery free, battery saver pause, locked off; "
+            "now: on battery (a daemon would pause)") in detail
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.delenv("DREAMD_PRESENCE_FILE")
+    monkeypatch.setenv("XDG_SESSION_ID", "no-such-session-for-dreamd")
+    detail = _guard(cfg)[1]
+    assert "full-screen pause (not readable on linux)" in detail
+    assert "battery saver pause (not readable on linux)" in detail

@@ -101,13 +101,13 @@ def test_before_a_game_it_says_what_it_watches_and_does_nothing(make, caplog):
     guard = Guard(ctx)
     assert ctx.facts["guard"] == {"enabled": True, "engaged": None, "reasons": {},
                                   "games": 2, "gpu": "off",
-                                  "presence": "file: battery, fullscreen, locked"}
+                                  "presence": "file: battery, fullscreen, locked, saver"}
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         guard.tick()
         guard.tick()
     assert [r.getMessage() for r in caplog.records] == [
         "guard: on; watching 2 process names, GPU off, presence file: battery, fullscreen, "
-        "locked"]
+        "locked, saver"]
     assert controls_rows(ctx) == [] and not ctx.paused()
     guard.close()
 
@@ -209,7 +209,7 @@ def test_turned_off_it_ignores_games(make, game, caplog):
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         guard.tick()
     assert said(caplog) == ["guard: off; watching 2 process names, GPU off, presence file: "
-                            "battery, fullscreen, locked"]
+                            "battery, fullscreen, locked, saver"]
     assert controls_rows(ctx) == [] and ctx.facts["guard"]["engaged"] is None
     proc.kill()
     proc.wait()

@@ -27,15 +27,17 @@ from dreamd.guard.presence import Battery, Look, Rect, Window
 log = logging.getLogger("dreamd.guard")
 ENV = "DREAMD_PRESENCE_FILE"
 LOGIND_EVERY = 5.0      # seconds between two `loginctl` runs (a process each: ~5 ms of CPU)
-PARTS = frozenset({"fullscreen", "battery", "locked"})
+PARTS = frozenset({"fullscreen", "battery", "saver", "locked"})
 
 
 class Senses:
     """What a platform can tell; `can` lists the parts it reads ("fullscreen", "battery",
-    "locked"), `look(want)` reads only those asked for."""
+    "saver", "locked"), `look(want)` reads only those asked for. `broken` says why a part
+    it should read cannot be (logind unreachable), for `dreamd doctor`."""
 
     name = "none"
     can: frozenset[str] = frozenset()
+    broken: str | None = None
 
     def look(self, want: frozenset[str]) -> Look:
         return Look()
@@ -94,8 +96,9 @@ class LinuxSenses(Senses):
         except (OSError, subprocess.SubprocessError) as exc:
             return self._broken(f"loginctl: {exc}")
         if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
             return self._broken(f"loginctl show-session {self.session}: "
-                                f"{(done.stderr or done.stdout).strip() or done.returncode}")
+                                f"{said[0] if said else done.returncode}")
         self.last = parse_logind(done.stdout)
         return self.last
 

@@ -52,7 +52,7 @@ def process_name(pid: int) -> str:
 
 class WindowsSenses(Senses):
     name = "windows"
-    can = frozenset({"fullscreen", "battery", "locked"})
+    can = frozenset({"fullscreen", "battery", "saver", "locked"})
 
     def __init__(self, user32: Any = None, kernel32: Any = None, shell32: Any = None,
                  name_of: Callable[[int], str] = process_name,
@@ -72,9 +72,9 @@ class WindowsSenses(Senses):
             out.foreground = self.foreground()
             out.monitors = self.monitors() if out.foreground is not None else []
             out.exclusive = self.exclusive()
-        if "battery" in want:
+        if want & {"battery", "saver"}:
             out.battery = self.battery()
-            if out.battery is not None:
+            if out.battery is not None and "saver" in want:
                 out.battery = type(out.battery)(out.battery.plugged, out.battery.percent,
                                                 self.saver())
         if "locked" in want:

@@ -35,7 +35,7 @@ POLL = 0.05
 ON_LOCAL_MODELS = ("interpolation", "embedding")
 # rule -> the config key of its action and the part of the platform it reads
 PRESENCE = {"fullscreen": ("on_fullscreen", "fullscreen"), "battery": ("on_battery", "battery"),
-            "saver": ("on_battery_saver", "battery"), "locked": ("on_locked", "locked")}
+            "saver": ("on_battery_saver", "saver"), "locked": ("on_locked", "locked")}
 
 
 class Guard:
