@@ -169,7 +169,7 @@ def for_platform(environ: dict[str, str] | None = None) -> Senses:
         return FileSenses(Path(environ[ENV]))
     if sys.platform == "win32":
         from dreamd.guard.win32 import WindowsSenses
-        return WindowsSenses()
+        return WindowsSenses(read_battery)
     if sys.platform.startswith("linux"):
         return LinuxSenses(environ=environ)
     return BatteryOnly()

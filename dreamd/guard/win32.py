@@ -16,8 +16,7 @@ from typing import Any, Callable
 
 import psutil
 
-from dreamd.guard.presence import Look, Rect, Window
-from dreamd.guard.senses import Senses, read_battery
+from dreamd.guard.presence import Battery, Look, Rect, Window
 
 log = logging.getLogger("dreamd.guard")
 
@@ -50,13 +49,16 @@ def process_name(pid: int) -> str:
         return ""
 
 
-class WindowsSenses(Senses):
+class WindowsSenses:
+    """A senses.Senses (by shape: senses.py imports this module, not the other way)."""
+
     name = "windows"
     can = frozenset({"fullscreen", "battery", "saver", "locked"})
+    broken: str | None = None
 
-    def __init__(self, user32: Any = None, kernel32: Any = None, shell32: Any = None,
-                 name_of: Callable[[int], str] = process_name,
-                 battery: Callable[[], Any] = read_battery) -> None:
+    def __init__(self, battery: Callable[[], Battery | None], user32: Any = None,
+                 kernel32: Any = None, shell32: Any = None,
+                 name_of: Callable[[int], str] = process_name) -> None:
         windll = getattr(ctypes, "windll", None)
         self.user32 = user32 or windll.user32
         self.kernel32 = kernel32 or windll.kernel32
@@ -75,11 +77,14 @@ class WindowsSenses(Senses):
         if want & {"battery", "saver"}:
             out.battery = self.battery()
             if out.battery is not None and "saver" in want:
-                out.battery = type(out.battery)(out.battery.plugged, out.battery.percent,
+                out.battery = Battery(out.battery.plugged, out.battery.percent,
                                                 self.saver())
         if "locked" in want:
             out.locked = self.locked()
         return out
+
+    def close(self) -> None:
+        pass
 
     def foreground(self) -> Window | None:
         u = self.user32
