@@ -78,7 +78,7 @@ class WindowsSenses:
             out.battery = self.battery()
             if out.battery is not None and "saver" in want:
                 out.battery = Battery(out.battery.plugged, out.battery.percent,
-                                                self.saver())
+                                      self.saver())
         if "locked" in want:
             out.locked = self.locked()
         return out
