@@ -269,3 +269,23 @@ def test_battery_saver_pauses_on_mains_too(make):
     now[0] += 1.0
     guard.tick()
     assert ctx.facts["pause_reason"] == "on battery; battery saver is on"
+
+
+def test_a_restart_during_a_battery_pause_goes_on_with_it(make):
+    """The daemon restarts while the guard's pause for the battery is in force: still on
+    battery, the pause is simply the battery's (no new row); plugged in, it resumes
+    after the presence delay, not a game's grace."""
+    ctx, guard, senses, _, now = make()
+    senses.now.battery = ON_BATTERY
+    guard.tick()
+    ctx.facts.clear()
+    controls.restore(ctx)                           # a restart, as the daemon does
+    guard = Guard(ctx, senses=senses, games=FakeGames(), clock=lambda: now[0])
+    guard.tick()
+    assert ctx.paused() and ctx.facts["guard"]["reasons"] == {"battery": "pause"}
+    senses.now.battery = ON_AC
+    now[0] += 3.0
+    guard.tick()
+    assert not ctx.paused()
+    assert [(c, r) for c, _, r, _ in rows(ctx)] == [
+        ("pause", "on battery"), ("resume", "on battery: over for 3 s")]

@@ -69,18 +69,20 @@ class Guard:
     def tick(self) -> None:
         ctx, g = self.ctx, self.ctx.cfg.guard
         now = self.clock()
+        sensed = self.sense() if g.enabled else {}
         if not self.started:
             self.started = True
             log.info("guard: %s; watching %d process names, GPU %s, presence %s",
                      "on" if g.enabled else "off", len(self.games.known), self.gpu.state,
                      self.describe()["presence"])
-            if ctx.facts.get("paused_by") == GUARD:
-                # paused by the guard of an earlier run: resume once the grace has passed
-                # with no reason (or at once when the guard was turned off since)
+            if ctx.facts.get("paused_by") == GUARD and not sensed:
+                # paused by the guard of an earlier run and no cause seen now: resume once
+                # the game's grace has passed with none (or at once when the guard was
+                # turned off since). A cause seen now simply takes the pause over.
                 self.reasons.hold("earlier", Sensed(
                     ctx.facts.get("pause_reason") or "a reason of the last run", "pause",
                     g.resume_after_seconds), now)
-        change = self.reasons.update(self.sense(), now) if g.enabled else self.reasons.clear()
+        change = self.reasons.update(sensed, now) if g.enabled else self.reasons.clear()
         if change.added:
             self.engage(change)
         elif change.words is None and change.ended:
