@@ -357,3 +357,29 @@ def test_doctor_says_each_rule_whether_it_can_tell_and_what_would_pause_now(tmp_
     detail = _guard(cfg)[1]
     assert "full-screen pause (not readable on linux)" in detail
     assert "battery saver pause (not readable on linux)" in detail
+
+
+def test_every_windows_call_is_declared_with_its_types():
+    """Undeclared, ctypes passes a handle as a C int: a 64-bit HWND would be cut. The
+    declarations are set on stand-ins that record them (no Windows here)."""
+    from ctypes import wintypes
+
+    from dreamd.guard.win32 import SYSTEM_POWER_STATUS, WindowsSenses, declare
+
+    class Dll:
+        def __init__(self):
+            self.fns = {}
+
+        def __getattr__(self, name):
+            return self.fns.setdefault(name, SimpleNamespace())
+
+    user32, kernel32, shell32 = Dll(), Dll(), Dll()
+    declare(user32, kernel32, shell32)
+    called = {name for name in vars(User32) if name[0].isupper()}
+    assert set(user32.fns) == called
+    assert all(hasattr(f, "argtypes") and hasattr(f, "restype") for f in user32.fns.values())
+    assert user32.fns["GetForegroundWindow"].restype is wintypes.HWND        # a pointer
+    assert user32.fns["GetWindowRect"].argtypes[0] is wintypes.HWND
+    assert kernel32.fns["GetSystemPowerStatus"].argtypes[0]._type_ is SYSTEM_POWER_STATUS
+    assert set(shell32.fns) == {"SHQueryUserNotificationState"}
+    assert WindowsSenses.can == frozenset({"fullscreen", "battery", "saver", "locked"})

@@ -38,6 +38,31 @@ MONITORENUMPROC = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.HMONITOR, wintypes.
         wintypes.LPARAM)
 
 
+def declare(user32: Any, kernel32: Any, shell32: Any) -> None:
+    """Argument and result types of every call made, so a 64-bit handle is never cut to
+    a C int (ctypes' default)."""
+    HWND, DWORD, BOOL, HANDLE = wintypes.HWND, wintypes.DWORD, wintypes.BOOL, wintypes.HANDLE
+    for name, res, args in (
+            ("GetForegroundWindow", HWND, []),
+            ("GetWindowRect", BOOL, [HWND, ctypes.POINTER(wintypes.RECT)]),
+            ("GetClassNameW", ctypes.c_int, [HWND, wintypes.LPWSTR, ctypes.c_int]),
+            ("GetWindowTextW", ctypes.c_int, [HWND, wintypes.LPWSTR, ctypes.c_int]),
+            ("GetWindowThreadProcessId", DWORD, [HWND, ctypes.POINTER(DWORD)]),
+            ("IsZoomed", BOOL, [HWND]), ("IsIconic", BOOL, [HWND]),
+            ("EnumDisplayMonitors", BOOL, [wintypes.HDC, ctypes.c_void_p, MONITORENUMPROC,
+                                           wintypes.LPARAM]),
+            ("OpenInputDesktop", HANDLE, [DWORD, BOOL, DWORD]),
+            ("GetUserObjectInformationW", BOOL, [HANDLE, ctypes.c_int, ctypes.c_void_p, DWORD,
+                                                 ctypes.POINTER(DWORD)]),
+            ("CloseDesktop", BOOL, [HANDLE])):
+        fn = getattr(user32, name)
+        fn.restype, fn.argtypes = res, args
+    kernel32.GetSystemPowerStatus.restype = BOOL
+    kernel32.GetSystemPowerStatus.argtypes = [ctypes.POINTER(SYSTEM_POWER_STATUS)]
+    shell32.SHQueryUserNotificationState.restype = ctypes.c_long       # HRESULT
+    shell32.SHQueryUserNotificationState.argtypes = [ctypes.POINTER(ctypes.c_int)]
+
+
 def _rect(r: wintypes.RECT) -> Rect:
     return Rect(r.left, r.top, r.right, r.bottom)
 
@@ -64,9 +89,8 @@ class WindowsSenses:
         self.kernel32 = kernel32 or windll.kernel32
         self.shell32 = shell32 or windll.shell32
         self.name_of, self.battery = name_of, battery
-        if user32 is None:      # the real DLL: say what handles are (64-bit pointers)
-            self.user32.GetForegroundWindow.restype = wintypes.HWND
-            self.user32.OpenInputDesktop.restype = wintypes.HANDLE
+        if user32 is None:      # the real DLLs: handles are pointers, not 32-bit ints
+            declare(self.user32, self.kernel32, self.shell32)
 
     def look(self, want: frozenset[str]) -> Look:
         out = Look()
