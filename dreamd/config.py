@@ -350,8 +350,10 @@ ACTIONS = ("keep", "pause", "free")     # a presence rule's action (dreamd/guard
 @dataclass
 class Guard:
     # dreamd/guard/ and dreamd/workers/guard.py: the game guard
-    enabled: bool = key(True, "pause generation and free VRAM (ComfyUI's /free, local models "
-                              "off the GPU) while a known game runs; resume after it ends")
+    enabled: bool = key(True, "the guard: pause generation (and free VRAM) while a known "
+                              "game runs, a full-screen window is in front, on battery or "
+                              "with the session locked (each rule's on_* key says what it "
+                              "does); resume once every reason is gone; false = all off")
     known_games: list[str] = key(DEFAULT_GAMES, "process names that pause the dream "
                                                 "(case-insensitive, \".exe\" optional)",
                                  check=_process_names)
