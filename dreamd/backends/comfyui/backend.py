@@ -63,6 +63,7 @@ from dreamd.errors import KeyframeInterruptedError, PermanentBackendError, Trans
 log = logging.getLogger(__name__)
 
 PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
+INTERRUPT_WAIT = 10.0   # seconds interrupt() waits for a prompt being posted to be cancelled
 STOP_CHECK = 0.25       # seconds: how soon a wait on the socket notices that dreamd stops
 
 TRANSIENT_EXECUTION = re.compile(
@@ -295,8 +296,8 @@ class ComfyUIBackend:
             self._cancel(job)
         # a prompt being posted right now is cancelled by its own generate() once the POST
         # returns (within STOP_CHECK): wait for that, so /interrupt goes before the /free
-        # that follows this call
-        deadline = time.monotonic() + 2.0
+        # that follows this call (milliseconds; the bound is for a POST that hangs)
+        deadline = time.monotonic() + INTERRUPT_WAIT
         while time.monotonic() < deadline and any(
                 not j.cancelled and j.prompt_id in self._in_flight for j in jobs):
             time.sleep(0.01)
