@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 
-
 from dreamd.errors import KeyframeInterruptedError
 from dreamd.workers import controls, keyframe
 from tests.comfyui_double import ComfyUIDouble
