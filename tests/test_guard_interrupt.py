@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+
+import pytest
 
 from dreamd.errors import KeyframeInterruptedError
 from dreamd.workers import controls, keyframe
@@ -121,3 +124,60 @@ def test_without_interrupt_free_only_frees(make):
         thread.join(timeout=60)
         assert "result" in out and double.count("POST", "/interrupt") == 0
         assert double.freed == 1
+
+
+@pytest.mark.slow        # a daemon on ComfyUI, a keyframe cut short and made again: ~15 s
+def test_a_daemon_frees_comfyui_at_once_for_a_full_screen_window(daemon, tmp_path):
+    """End to end: a daemon whose keyframe is running on ComfyUI when a full-screen window
+    comes in front (guard.on_fullscreen = "free", through the platform layer's test
+    hook): the double sees /interrupt for that prompt, then /free; the keyframe is
+    postponed, and made once the window is gone."""
+    from tests.conftest import with_keys
+    from tests.test_comfyui_daemon import comfy_config, rows, status
+    from tests.test_daemon import RUN_DEADLINE, stop, wait_in
+    from tests.test_guard_presence import write_look
+
+    look = tmp_path / "presence.json"
+    write_look(look, {"monitors": [[0, 0, 1920, 1080]]})
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        daemon.config.write_text(with_keys(comfy_config([double.url]), "guard",
+                                           'check_interval_seconds = 0.5\n'
+                                           'presence_resume_seconds = 1.0\n'
+                                           'on_fullscreen = "free"\n'))
+        proc = daemon.start(extra_env={"DREAMD_PRESENCE_FILE": str(look)})
+        try:
+            wait_in(daemon, lambda: status(daemon).get("status") == "playing", "playback",
+                    RUN_DEADLINE)
+            double.delay = 120.0                  # the next keyframe would take 2 minutes
+
+            def slow_prompt():
+                """The prompt running under the long delay (not one that began before)."""
+                item = double.running
+                began = double.started_at.get(item.prompt_id) if item else None
+                return item if began and time.monotonic() - began > 1.0 else None
+            running = wait_for(slow_prompt, timeout=60, what="a slow prompt running")
+            write_look(look, {"monitors": [[0, 0, 1920, 1080]], "foreground": {
+                "process": "vlc.exe", "rect": [0, 0, 1920, 1080]}})
+            wait_for(lambda: double.freed >= 1, timeout=60, what="POST /free")
+            posts = [(r.path, r.body) for r in double.requests
+                     if r.path in ("/interrupt", "/free")]
+            assert posts[:2] == [("/interrupt", {"prompt_id": running.prompt_id}),
+                                 ("/free", {"unload_models": True, "free_memory": True})]
+            wait_for(lambda: status(daemon).get("pause_reason")
+                     == "a full-screen window: vlc.exe", timeout=60, what="the pause's reason")
+            postponed = wait_for(lambda: rows(
+                daemon, "SELECT k.id, k.chain_index FROM keyframes k JOIN transitions t ON "
+                        "t.entity = 'keyframe' AND t.entity_id = k.id WHERE "
+                        "t.event = 'postponed' AND t.detail LIKE '%paused%'"),
+                timeout=60, what="the keyframe postponed")
+            double.delay = 0.0
+            write_look(look, {"monitors": [[0, 0, 1920, 1080]]})
+            wait_for(lambda: rows(daemon, "SELECT 1 FROM keyframes WHERE id = :i AND "
+                                          "state = 'completed'", i=postponed[0].id),
+                     timeout=60, what="the postponed keyframe made after the resume")
+        finally:
+            stop(daemon, proc)
+    assert rows(daemon, "SELECT count(*) FROM keyframes WHERE state = 'discarded'")[0][0] == 0
+    made = rows(daemon, "SELECT prompt_id, attempt FROM keyframes WHERE id = :i",
+                i=postponed[0].id)[0]
+    assert made.prompt_id != running.prompt_id and made.attempt == 1
