@@ -345,11 +345,16 @@ class Governor:
                                min=1.0, max=3600.0)
 
 
+ACTIONS = ("keep", "pause", "free")     # a presence rule's action (dreamd/guard/reasons.py)
+
+
 @dataclass
 class Guard:
     # dreamd/guard/ and dreamd/workers/guard.py: the game guard
-    enabled: bool = key(True, "pause generation and free VRAM (ComfyUI's /free, local models "
-                              "off the GPU) while a known game runs; resume after it ends")
+    enabled: bool = key(True, "the guard: pause generation (and free VRAM) while a known "
+                              "game runs, a full-screen window is in front, on battery or "
+                              "with the session locked (each rule's on_* key says what it "
+                              "does); resume once every reason is gone; false = all off")
     known_games: list[str] = key(DEFAULT_GAMES, "process names that pause the dream "
                                                 "(case-insensitive, \".exe\" optional)",
                                  check=_process_names)
@@ -364,6 +369,30 @@ class Guard:
     gpu_utilization_percent: float = key(0.0, "pause while another process uses more than "
                                               "this share of the generation GPU's compute; "
                                               "0 = off", min=0.0, max=100.0)
+    # presence rules (dreamd/guard/presence.py): keep = the rule is off, pause = pause
+    # generation, free = pause and give the GPU back (the keyframe in flight interrupted)
+    on_game: str = key("free", "what a known game or GPU contention does: keep (nothing), "
+                               "pause, or free (pause, interrupt the keyframe in flight and "
+                               "give the GPU back)", choices=ACTIONS)
+    on_fullscreen: str = key("pause", "what a full-screen or maximised window in front does "
+                                      "(Windows: covering 95 % of its monitor, or Direct3D "
+                                      "exclusive full-screen; never the desktop, the taskbar "
+                                      "or Rainmeter): keep, pause or free", choices=ACTIONS)
+    on_battery: str = key("pause", "what running on battery does: keep, pause or free",
+                          choices=ACTIONS)
+    on_battery_saver: str = key("pause", "what battery saver does (Windows reports it): "
+                                         "keep, pause or free", choices=ACTIONS)
+    on_locked: str = key("pause", "what a locked session or a display asleep does (Windows: "
+                                  "the lock screen; Linux: logind's LockedHint / IdleHint): "
+                                  "keep, pause or free", choices=ACTIONS)
+    fullscreen_ignore: list[str] = key([], "process names whose windows never count as "
+                                           "full-screen (Rainmeter and the wallpaper hosts "
+                                           "never do)", check=_process_names)
+    presence_resume_seconds: float = key(3.0, "how long a full-screen window, the battery "
+                                              "or the lock must have been gone before that "
+                                              "reason ends (so a click on the taskbar does "
+                                              "not flap the pause); a game waits "
+                                              "resume_after_seconds", min=0.0, max=86_400.0)
 
 
 @dataclass

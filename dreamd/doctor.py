@@ -134,8 +134,40 @@ def _guard(cfg: Config):
               f"{g.resume_after_seconds:g} s after; GPU thresholds {gpu.state}")
     if running:
         detail += f"; running now: {', '.join(running)} (a daemon would pause)"
+    detail += "; " + _presence(cfg)
     # thresholds asked for but unreadable: only the names are watched
     return ("warning" if gpu.state.startswith("unavailable") else "ok"), detail
+
+
+def _presence(cfg: Config) -> str:
+    """The presence rules: each one's action, whether this platform can tell, and what
+    would pause a daemon now."""
+    from dreamd.guard import presence
+    from dreamd.guard.senses import for_platform
+
+    g = cfg.guard
+    senses = for_platform()
+    rules = (("full-screen", g.on_fullscreen, "fullscreen", presence.fullscreen),
+             ("battery", g.on_battery, "battery", presence.on_battery),
+             ("battery saver", g.on_battery_saver, "saver", presence.battery_saver),
+             ("locked", g.on_locked, "locked", presence.locked))
+    look = senses.look(senses.can)
+    said, now = [], []
+    for name, action, part, sense in rules:
+        if action == "keep":
+            said.append(f"{name} off")
+        elif part not in senses.can:
+            said.append(f"{name} {action} (not readable on {senses.name})")
+        else:
+            said.append(f"{name} {action}")
+            words = sense(look)
+            if words:
+                now.append(words)
+    senses.close()
+    out = "presence: " + ", ".join(said)
+    if senses.broken:
+        out += f" ({senses.broken}: the lock rule is off)"
+    return out + (f"; now: {'; '.join(now)} (a daemon would pause)" if now else "")
 
 
 def print_report(rows: list[tuple[str, str, str]], console: Any = None) -> None:

@@ -74,6 +74,11 @@ class TransientBackendError(BackendError):
     """A keyframe backend failed in a way worth retrying."""
 
 
+class KeyframeInterruptedError(TransientBackendError):
+    """The keyframe in flight was interrupted for a pause (the guard freeing the GPU): its
+    row is postponed with its attempt given back, never counted as a failure."""
+
+
 class PermanentBackendError(BackendError):
     """A keyframe backend failed in a way retrying cannot help."""
 

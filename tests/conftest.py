@@ -67,7 +67,10 @@ def dreamd_env(tmp_path, monkeypatch) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMD_")}
     env.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
                 "XDG_DATA_HOME": str(home / ".local/share"),
-                "DREAMD_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"})
+                "DREAMD_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1",
+                # the guard's presence rules read nothing of this machine's battery, lock
+                # or windows (a laptop on battery would pause every test's daemon)
+                "DREAMD_PRESENCE_FILE": os.devnull})
     for key in ("DREAMD_CONFIG", "DREAMD_DATA_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
@@ -120,6 +123,12 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str
 
 
 _STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_real_presence(monkeypatch):
+    """A guard made in-process reads no presence of this machine either (dreamd_env)."""
+    monkeypatch.setenv("DREAMD_PRESENCE_FILE", os.devnull)
 
 
 @pytest.fixture(autouse=True)

@@ -359,3 +359,29 @@ def test_a_lora_that_fits_is_fused_and_changes_the_image(tmp_path, model):
     assert not np.array_equal(pixels(a.image), pixels(b.image))
     names = [n for n, _ in with_lora._pipe.unet.named_modules()]
     assert not any("lora" in n for n in names)               # fused: no adapter layers
+
+
+def test_the_guards_free_interrupts_the_keyframe_and_unloads_the_model(tmp_path, model):
+    """A game starts mid-keyframe: interrupt() stops it at its next step (the UNet runs
+    once more at most, not the remaining steps), the keyframe is KeyframeInterruptedError
+    (postponed by its worker, never failed) and free() unloads the model right after."""
+    from dreamd.errors import KeyframeInterruptedError
+    from dreamd.workers import controls
+
+    ctx = context(make_cfg(tmp_path, model, steps=8))
+    b = diffusion.DiffusionBackend(ctx.cfg, ctx).start()
+    assert b.interrupt() == ""                              # nothing being made
+    b.generate(request(1))
+    original = b._pipe.unet.forward
+    calls: list = []
+
+    def forward(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:                     # the controls worker, while the UNet runs
+            controls.free(b, None, interrupt=True)
+        return original(*a, **kw)
+    b._pipe.unet.forward = forward
+    with pytest.raises(KeyframeInterruptedError, match="interrupted for a pause"):
+        b.generate(dataclasses.replace(request(2), denoise=1.0))
+    assert len(calls) <= 3 and b._pipe is None              # of 8 steps; unloaded
+    assert b.generate(request(3)).info["backend"] == "diffusers"   # the next loads it

@@ -32,6 +32,7 @@ from tests.test_daemon import RUN_DEADLINE, stop
 # (another run of the guard's tests, by a person or a mutation run, must not see this
 # one's games), at most 15 characters (Linux's comm).
 GAME = f"dgame{os.getpid()}"
+PLAYING = f"a game: {GAME}"       # the guard's words for it
 
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
@@ -192,18 +193,19 @@ def test_the_guard_pauses_frees_then_resumes_after_the_grace(db_path, game):
     # past it (as in tests/test_worker_guard.py), so nothing waits on the wall clock
     for ctx in worker_context(db_path, GUARD_CONFIG.replace("2.0", "600.0")):
         ctx.wake = lambda name: controls.tick(ctx) if name == "controls" else None
-        guard = Guard(ctx)
+        now = [0.0]
+        guard = Guard(ctx, clock=lambda: now[0])
         guard.tick()
         assert not ctx.paused() and ctx.facts["guard"]["gpu"] == "off"
         running = game()
         wait_for(lambda: guard.tick() or ctx.paused(), timeout=60, what="the pause")
-        assert (ctx.facts["pause_reason"], ctx.facts["paused_by"]) == (GAME, "guard")
-        assert ctx.facts["guard"]["engaged"] == GAME
+        assert (ctx.facts["pause_reason"], ctx.facts["paused_by"]) == (PLAYING, "guard")
+        assert ctx.facts["guard"]["engaged"] == PLAYING
         running.kill()
         running.wait()
         guard.tick()
         assert ctx.paused()                    # the grace period has not passed yet
-        guard.last_seen -= 601.0               # ...and now it has
+        now[0] += 601.0                        # ...and now it has
         guard.tick()
         assert not ctx.paused() and ctx.facts["guard"]["engaged"] is None
         with ctx.reader.connect() as conn:
@@ -211,8 +213,8 @@ def test_the_guard_pauses_frees_then_resumes_after_the_grace(db_path, game):
                                     "ORDER BY id")).all()
         assert [(c, st) for c, st, _ in got] == [("pause", "applied"), ("free", "applied"),
                                                  ("resume", "applied")]
-        assert json.loads(got[0].args) == {"reason": GAME, "source": "guard"}
-        assert json.loads(got[2].args) == {"reason": f"{GAME} ended 600 s ago",
+        assert json.loads(got[0].args) == {"reason": PLAYING, "source": "guard"}
+        assert json.loads(got[2].args) == {"reason": f"{PLAYING}: over for 600 s",
                                            "source": "guard"}
 
 
@@ -235,7 +237,7 @@ def guard_rows(daemon) -> list:
 def stays_count(daemon) -> int:
     """How many times the guard saw a game end and left the dream as the user left it."""
     log = daemon.data_dir / "logs" / "dreamd.log"
-    return log.read_text().count("ended; the dream stays as the user left it")
+    return log.read_text().count("; the dream stays as the user left it")
 
 
 def keyframes(daemon) -> int:
@@ -259,12 +261,12 @@ def test_a_game_pauses_and_frees_its_end_resumes_and_a_user_pause_outlives_it(
                      what="the guard's pause")
             st = status(daemon)
             assert (st["status"], st["pause_reason"], st["paused_by"]) == \
-                ("paused", GAME, "guard")
+                ("paused", PLAYING, "guard")
             wait_for(lambda: double.freed >= 1, timeout=60, what="POST /free")
             report = json.loads(subprocess.run(
                 dreamd_cmd(*cli, "status", "--json"), env=daemon.env, capture_output=True,
                 text=True, timeout=60, check=True).stdout)
-            assert (report["pause_reason"], report["paused_by"]) == (GAME, "guard")
+            assert (report["pause_reason"], report["paused_by"]) == (PLAYING, "guard")
             made = keyframes(daemon)
             # the game ends: after the grace period the dream goes on by itself
             running.kill()

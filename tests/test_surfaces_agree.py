@@ -1,10 +1,11 @@
 """Every surface reads the dream through one read model (dreamd/ledger/read_model.py), so
 the same question gets the same answer everywhere: one ledger prepared in several
 states (a daemon running here, one running on another host, stopped, gone stale, paused
-by the game guard, a ledger another process holds locked), and `dreamd status --json`
-(a real subprocess), the dashboard's reading, the web viewer's `/api/status` (a real
-server on 127.0.0.1) and status.json (written by the display writer, as the daemon
-writes it) asked the same questions."""
+by the game guard, by the guard's presence rules for two reasons, a ledger another
+process holds locked), and `dreamd status --json` (a real subprocess), the dashboard's
+reading, the web viewer's `/api/status` (a real server on 127.0.0.1), status.json
+(written by the display writer, as the daemon writes it) and the Rainmeter skin (its
+WebParser expression applied to that status.json) asked the same questions."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from sqlalchemy import insert, text
 from dreamd import config
 from dreamd.ledger.models import DaemonRun, Frame, Keyframe, RuntimeState, utcnow
 from tests.conftest import WriteLock, close_worker_context, dreamd_cmd, open_worker_context
+from tests.test_rainmeter import child_value, pcre_to_python, webparser
+from tests.test_rainmeter import skin as rainmeter_skin
 
 CONFIG = """
 [web]
@@ -47,6 +50,7 @@ class State:
     paused_by: str | None = None    # None | user | guard
     knobs: dict[str, Any] | None = None
     locked: bool = False            # another process holds the write lock while we ask
+    reason: str | None = None       # the pause's reason, when not the default one
 
 
 STATES = [
@@ -57,6 +61,8 @@ STATES = [
     State("stale", socket.gethostname(), 90.0),
     State("paused by the guard", socket.gethostname(), 1.0, paused_by="guard",
           knobs={"generation.interpolation_frames": 12}),
+    State("paused by the guard for presence", socket.gethostname(), 1.0, paused_by="guard",
+          reason="a full-screen window: vlc.exe; on battery"),
     State("paused by the user, ledger busy", socket.gethostname(), 1.0, paused_by="user",
           locked=True),
 ]
@@ -99,7 +105,8 @@ def prepare(engine, state: State) -> None:
         conn.execute(insert(RuntimeState.__table__).values(
             id=1, playhead_chain_index=0, playhead_t=0.25, frames_shown=2, underruns=0,
             paused=int(state.paused_by is not None),
-            pause_reason={"guard": "a game: bg3.exe", "user": "mine"}.get(state.paused_by),
+            pause_reason=state.reason or {"guard": "a game: bg3.exe",
+                                          "user": "mine"}.get(state.paused_by),
             knobs=json.dumps(state.knobs or {})))
         if state.paused_by:
             args = {"reason": "x", "source": "guard"} if state.paused_by == "guard" else {}
@@ -142,7 +149,14 @@ def answers(db_path: Path, env: dict[str, str], cfg_file: Path) -> dict[str, dic
     cli = json.loads(subprocess.run(dreamd_cmd("--config", str(cfg_file), "status", "--json"),
                                     env=env, capture_output=True, text=True, timeout=120,
                                     check=True).stdout)
-    status_file = json.loads((db_path.parent / "output" / "status.json").read_text())
+    raw = (db_path.parent / "output" / "status.json").read_text(encoding="utf-8")
+    status_file = json.loads(raw)
+    sections = rainmeter_skin()
+    match = pcre_to_python(webparser(sections)[0]).search(raw)
+    assert match, f"the skin's expression does not match status.json:\n{raw}"
+
+    def skin_says(measure: str) -> str:
+        return child_value(match, sections[measure])
     cfg = config.load(cfg_file, data_dir=db_path.parent)
     snap = Reader(cfg).read(with_gpu=False)
     viewer = web.start(cfg, quiet=True)
@@ -183,6 +197,10 @@ def answers(db_path: Path, env: dict[str, str], cfg_file: Path) -> dict[str, dic
             "buffer_seconds": status_file["buffer_seconds"], "fps": status_file["fps"],
             "buffer_target": status_file["buffer_target_seconds"],
             "generation.denoise": status_file["denoise"]},
+        "Rainmeter skin": {
+            "paused": skin_says("MeasurePaused") == "true",
+            "pause_reason": skin_says("MeasurePauseReason") or None,
+            "paused_by": skin_says("MeasurePausedBy") or None},
     }
 
 
@@ -208,6 +226,8 @@ def test_every_surface_gives_the_same_answers(state, db_path, engine, dreamd_env
     expect_alive = not state.stopped and state.beat_age < 30
     assert reference["alive"] is expect_alive
     assert reference["paused_by"] == state.paused_by
+    if state.reason:
+        assert reference["pause_reason"] == state.reason
     fps = (state.knobs or {}).get("display.fps", 4.0)
     assert reference["buffer_seconds"] == round(10 / fps, 2)     # 10 ready after (0, 0.25)
     assert reference["making"] == 3

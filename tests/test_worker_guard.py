@@ -20,13 +20,29 @@ from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GB, GpuWatch
 from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
-from dreamd.workers.guard import Guard
+from dreamd.workers import guard as guard_module
 from tests.conftest import wait_for
 from tests.test_guard import GAME, FakeNvml, game, start_game  # noqa: F401 (a fixture)
 
 # the stand-in games (tests/test_guard.py): GAME, a name of this test process's own, and
 # OTHER, a second one
 OTHER = f"dwother{os.getpid()}"
+PLAYING = f"a game: {GAME}"
+
+
+class Clock:
+    """The guard's clock, set by the test: a grace passes without waiting for it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def Guard(ctx, **kw) -> guard_module.Guard:
+    """The guard on a clock of the test's (guard.clock.t += 31: 31 s later)."""
+    return guard_module.Guard(ctx, clock=Clock(), **kw)
 
 CONFIG = f"""
 [guard]
@@ -83,12 +99,15 @@ def user(ctx, command: str, **args) -> None:
 def test_before_a_game_it_says_what_it_watches_and_does_nothing(make, caplog):
     ctx = make()
     guard = Guard(ctx)
-    assert ctx.facts["guard"] == {"enabled": True, "engaged": None, "games": 2, "gpu": "off"}
+    assert ctx.facts["guard"] == {"enabled": True, "engaged": None, "reasons": {},
+                                  "games": 2, "gpu": "off",
+                                  "presence": "file: battery, fullscreen, locked, saver"}
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         guard.tick()
         guard.tick()
     assert [r.getMessage() for r in caplog.records] == [
-        "game guard: on; watching 2 process names, GPU off"]
+        "guard: on; watching 2 process names, GPU off, presence file: battery, fullscreen, "
+        "locked, saver"]
     assert controls_rows(ctx) == [] and not ctx.paused()
     guard.close()
 
@@ -111,25 +130,27 @@ def test_a_game_pauses_then_frees_and_its_end_resumes_after_the_grace(make, game
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         see(guard, ctx)
     assert ctx.paused() and ctx.facts["paused_by"] == "guard"
-    assert ctx.facts["guard"]["engaged"] == GAME
+    assert ctx.facts["guard"]["engaged"] == PLAYING
+    assert ctx.facts["guard"]["reasons"] == {"game": "free"}
     assert controls_rows(ctx) == [
-        ("pause", "applied", {"reason": GAME, "source": "guard"}, "guard"),
-        ("free", "applied", {"reason": GAME, "source": "guard"}, "guard")]
+        ("pause", "applied", {"reason": PLAYING, "source": "guard"}, "guard"),
+        ("free", "applied", {"reason": PLAYING, "source": "guard", "interrupt": True},
+         "guard")]
     assert [n for n, _ in ctx.woken] == ["controls", "controls"]
-    assert (f"game guard: {GAME} is running: pausing the dream and freeing the GPU"
+    assert (f"guard: {PLAYING}: pausing the dream and freeing the GPU"
             in said(caplog))
     proc.kill()
     proc.wait()
     guard.tick()
     assert ctx.paused()                          # gone for less than the grace
-    guard.last_seen -= 31.0                      # …and now for longer
+    guard.clock.t += 31.0                        # …and now for longer
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         guard.tick()
     assert not ctx.paused() and ctx.facts["guard"]["engaged"] is None
     assert controls_rows(ctx)[2:] == [
-        ("resume", "applied", {"reason": f"{GAME} ended 30 s ago", "source": "guard"},
+        ("resume", "applied", {"reason": f"{PLAYING}: over for 30 s", "source": "guard"},
          "guard")]
-    assert f"game guard: {GAME} ended 30 s ago: resuming" in said(caplog)
+    assert f"guard: {PLAYING}: over for 30 s: resuming" in said(caplog)
 
 
 def test_a_game_still_running_keeps_the_pause_however_long(make, game):
@@ -137,7 +158,7 @@ def test_a_game_still_running_keeps_the_pause_however_long(make, game):
     guard = Guard(ctx)
     game()
     see(guard, ctx)
-    guard.last_seen -= 1000.0
+    guard.clock.t += 1000.0
     guard.tick()                                # seen again: still engaged
     assert ctx.paused() and [c for c, *_ in controls_rows(ctx)] == ["pause", "free"]
 
@@ -150,15 +171,17 @@ def test_a_pause_the_user_made_is_kept_but_the_gpu_is_still_freed(make, game, ca
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         see(guard, ctx)
         assert [(c, a) for c, _, a, _ in controls_rows(ctx)] == [
-            ("pause", {"reason": "mine"}), ("free", {"reason": GAME, "source": "guard"})]
+            ("pause", {"reason": "mine"}),
+            ("free", {"reason": PLAYING, "source": "guard", "interrupt": True})]
         proc.kill()
         proc.wait()
         guard.tick()
     assert ctx.paused() and ctx.facts["paused_by"] == "user"
     assert ctx.facts["guard"]["engaged"] is None
     assert [c for c, *_ in controls_rows(ctx)] == ["pause", "free"]      # no resume
-    assert f"game guard: {GAME} is running; the dream is already paused (mine)" in said(caplog)
-    assert f"game guard: {GAME} ended; the dream stays as the user left it" in said(caplog)
+    assert f"guard: {PLAYING}; the dream is already paused (mine)" in said(caplog)
+    assert (f"guard: {PLAYING}: over for 0 s; the dream stays as the user left it"
+            in said(caplog))
 
 
 def test_a_user_who_resumes_during_a_game_is_not_paused_again_for_it(make, game):
@@ -185,7 +208,8 @@ def test_turned_off_it_ignores_games(make, game, caplog):
     wait_for(lambda: GameWatch([GAME]).running(), timeout=10, what="the game process")
     with caplog.at_level(logging.INFO, logger="dreamd.guard"):
         guard.tick()
-    assert said(caplog) == ["game guard: off; watching 2 process names, GPU off"]
+    assert said(caplog) == ["guard: off; watching 2 process names, GPU off, presence file: "
+                            "battery, fullscreen, locked, saver"]
     assert controls_rows(ctx) == [] and ctx.facts["guard"]["engaged"] is None
     proc.kill()
     proc.wait()
@@ -205,11 +229,11 @@ def test_a_pause_an_earlier_runs_guard_made_is_lifted_after_the_grace(make):
     guard = Guard(ctx)
     guard.tick()
     assert ctx.paused() and ctx.facts["guard"]["engaged"] == "Cyberpunk2077"
-    guard.last_seen -= 61.0
+    guard.clock.t += 61.0
     guard.tick()
     assert not ctx.paused()
     assert controls_rows(ctx)[-1][:3] == (
-        "resume", "applied", {"reason": "Cyberpunk2077 ended 60 s ago", "source": "guard"})
+        "resume", "applied", {"reason": "Cyberpunk2077: over for 60 s", "source": "guard"})
 
 
 def test_turned_off_since_an_earlier_runs_guard_pause_it_resumes_at_once(make):
@@ -219,7 +243,8 @@ def test_turned_off_since_an_earlier_runs_guard_pause_it_resumes_at_once(make):
     guard = Guard(ctx)
     guard.tick()
     assert not ctx.paused()
-    assert controls_rows(ctx)[-1][2] == {"reason": "a game ended 600 s ago", "source": "guard"}
+    assert controls_rows(ctx)[-1][2] == {"reason": "a reason of the last run: over for 600 s",
+                                         "source": "guard"}
 
 
 def test_a_users_pause_from_an_earlier_run_is_not_the_guards(make):
@@ -233,19 +258,31 @@ def test_a_users_pause_from_an_earlier_run_is_not_the_guards(make):
     assert [c for c, *_ in controls_rows(ctx)] == ["pause"]
 
 
+class Holder:
+    """A local model holder (the codecs, the embedders): notes what was in hand when it
+    was released."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx, self.released = ctx, []
+
+    def release(self) -> None:
+        self.released.append(sorted(self.ctx.in_hand))
+
+
 @pytest.mark.parametrize("local, keyframe", [("interpolation", True), ("embedding", True),
                                              ("interpolation", False)])
-def test_the_gpu_is_freed_only_after_local_work_in_flight_not_a_keyframe(make, game, local,
-                                                                         keyframe):
-    """The codec and the embedder leave the device only once the batch using them is
-    done; a keyframe in flight is ComfyUI's business (it frees after its prompt)."""
+def test_the_backend_is_freed_at_once_the_local_models_after_local_work(make, game, local,
+                                                                        keyframe):
+    """The free (the keyframe in flight interrupted, ComfyUI's memory) goes at once; the
+    codec and the embedder leave the device only once the batch using them is done."""
     ctx = make()
+    ctx.codecs, ctx.embedders = Holder(ctx), Holder(ctx)
     ctx.in_hand.update({(local, 7), ("keyframe", 3)} if keyframe else {(local, 7)})
     guard = Guard(ctx)
     done = threading.Event()
 
     def finish():
-        wait_for(ctx.paused, timeout=10, what="the pause")
+        wait_for(lambda: len(ctx.woken) >= 2, timeout=10, what="the free")
         time.sleep(0.3)
         ctx.in_hand.discard((local, 7))
         done.set()
@@ -253,10 +290,11 @@ def test_the_gpu_is_freed_only_after_local_work_in_flight_not_a_keyframe(make, g
     game()
     see(guard, ctx)
     assert done.is_set()
+    in_hand = sorted([("keyframe", 3), (local, 7)] if keyframe else [(local, 7)])
     pause, free = ctx.woken
-    assert pause == ("controls", sorted([("keyframe", 3), (local, 7)] if keyframe
-                                        else [(local, 7)]))
-    assert free == ("controls", [("keyframe", 3)] if keyframe else [])
+    assert pause == free == ("controls", in_hand)
+    left = [("keyframe", 3)] if keyframe else []
+    assert ctx.codecs.released == ctx.embedders.released == [left]
 
 
 def test_stopping_the_daemon_does_not_wait_for_the_pause_or_the_work(make, game, monkeypatch):
@@ -295,7 +333,7 @@ def test_another_process_busy_on_the_gpu_pauses_like_a_game(make, game):
     nvml.graphics = [(2000, 3 * GB)]
     game()
     see(guard, ctx)
-    assert ctx.facts["pause_reason"] == GAME
+    assert ctx.facts["pause_reason"] == PLAYING
     guard.close()
     assert watch.handle is None
 
@@ -308,7 +346,7 @@ def test_two_games_are_named_together(make, game, tmp_path):
         guard = Guard(ctx)
         wait_for(lambda: len(guard.games.running()) == 2, timeout=10, what="both games")
         guard.tick()
-        assert ctx.facts["pause_reason"] == f"{GAME}, {OTHER}"
+        assert ctx.facts["pause_reason"] == f"a game: {GAME}, {OTHER}"
     finally:
         proc.kill()
         proc.wait()

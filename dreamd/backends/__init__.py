@@ -71,3 +71,8 @@ class KeyframeBackend(Protocol):
     def close(self) -> None:
         """Release connections, processes and memory."""
         ...
+
+    # Optional, for the guard (dreamd/workers/controls.py `free`): `free()` gives the
+    # backend's GPU memory back; `interrupt()` stops the keyframe in flight so that its
+    # generate() raises KeyframeInterruptedError (the row is postponed, not failed) and
+    # returns words for the log ("" when nothing was in flight).

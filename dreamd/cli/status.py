@@ -34,6 +34,9 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
     if report.get("paused"):
         console.print(f"[bold]paused[/]     yes: {report.get('pause_reason') or 'no reason given'}"
                       f" (`dreamd resume` resumes)", highlight=False)
+        if report.get("paused_by") == "guard":
+            console.print("             by the guard: it resumes by itself once every "
+                          "reason is gone", highlight=False)
     buffer = report.get("buffer")
     if buffer:
         console.print(f"[bold]buffer[/]     {buffer['seconds']:g} s ahead ({buffer['frames']} "
@@ -45,9 +48,6 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
         console.print(f"[bold]making[/]     keyframe {making['chain_index']} "
                       f"({making['state']}, attempt {making['attempt']}, theme "
                       f"{making['theme']}{since})", highlight=False)
-    if report.get("paused_by") == "guard":
-        console.print("             by the game guard: it resumes by itself once the game "
-                      "has been gone guard.resume_after_seconds", highlight=False)
     playhead = report.get("playhead")
     if playhead and playhead.get("chain_index") is not None:
         console.print(f"[bold]playhead[/]   keyframe {playhead['chain_index']} t="

@@ -229,14 +229,16 @@ def fail(conn: Connection, entity: str, row_id: int, owner: str, error: str, *,
 
 
 def postpone(conn: Connection, entity: str, row_id: int, owner: str, error: str, *,
-             delay_seconds: float, now: datetime | None = None) -> None:
+             delay_seconds: float, now: datetime | None = None,
+             why: str = "environment") -> None:
     """executing -> retryable, with the attempt given back: the job did not fail, the
-    machine could not take it (disk full, read-only, permission denied). Event
-    `postponed`; it is tried again after `delay_seconds`, with no attempt used up."""
+    machine could not take it (disk full, read-only, permission denied: why
+    "environment"; a pause interrupted it: why "paused"). Event `postponed`; it is tried
+    again after `delay_seconds`, with no attempt used up."""
     table = _table(entity)
     now = now or utcnow()
     transition(conn, entity, row_id, J.executing, J.retryable, owner=owner, now=now,
-               event="postponed", detail={"error": error[:500], "why": "environment"},
+               event="postponed", detail={"error": error[:500], "why": why},
                values={"error": error[:4000], "lease_owner": None, "lease_expires_at": None,
                        "scheduled_at": now + timedelta(seconds=delay_seconds)})
     conn.execute(update(table).where(table.c.id == row_id, table.c.attempt > 0)

@@ -74,6 +74,8 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
           backend: Any = None) -> dict[str, Any]:
     """Act on one control; returns the runtime_state columns to change."""
     if command == "free":
+        if args.get("interrupt"):       # the guard's: at once, the local models after
+            return free(backend, None, interrupt=True)
         return free(backend, ctx)
     if command == "inject":
         return inject(ctx)
@@ -135,10 +137,18 @@ def inject(ctx: WorkerContext) -> dict[str, Any]:
     return {}
 
 
-def free(backend: Any, ctx: WorkerContext | None = None) -> dict[str, Any]:
+def free(backend: Any, ctx: WorkerContext | None = None, *,
+         interrupt: bool = False) -> dict[str, Any]:
     """Give back GPU memory: the local models (latent codec, embedder) leave the device
     and come back lazily on next use; the keyframe backend frees its own (ComfyUI's
-    POST /free on every server that answers). Rejected only when no server could."""
+    POST /free on every server that answers). Rejected only when no server could.
+    `interrupt` (the guard's): the keyframe in flight is stopped first (ComfyUI's
+    /interrupt; the in-process model at its next step), and postponed by its worker."""
+    stop = getattr(backend, "interrupt", None) if interrupt else None
+    if stop is not None:
+        stopped = stop()
+        if stopped:
+            log.info("free: interrupted the keyframe in flight (%s)", stopped)
     for holder in (getattr(ctx, "codecs", None), getattr(ctx, "embedders", None)):
         if holder is not None and hasattr(holder, "release"):
             holder.release()

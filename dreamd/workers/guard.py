@@ -1,24 +1,28 @@
-"""The game guard: every `guard.check_interval_seconds` it looks for a known game (by
-process name) and, when configured, another process busy on the generation GPU. When
-one appears it pauses the dream, lets work in flight finish, then frees the GPU
-(ComfyUI's /free on every server, the local codec and embedder off the device); once
-the game has been gone for `guard.resume_after_seconds` it resumes.
+"""The guard: every `guard.check_interval_seconds` it asks its rules whether the dream
+should pause: a known game or another process busy on the GPU (dreamd/guard/games.py,
+gpu.py), a full-screen window in front, the battery, a locked session (presence.py,
+through the platform layer senses.py). Each rule's action is keep, pause or free (pause,
+interrupt the keyframe in flight and give the GPU back). Reasons combine in
+dreamd/guard/reasons.py: the pause lasts while any is held, each for its delay after its
+cause was last seen; then the guard resumes.
 
 Everything it does is a control row (`source: guard`, worker `guard`), applied by the
 controls worker like a pause from the CLI, so the ledger says why the dream stopped.
 A pause the user made is never lifted by the guard (controls.apply refuses a guard
-resume of it); a user who resumes during a game is not paused again for that game.
+resume of it); a user who resumes during a reason is not paused again for it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
-from dreamd.guard import GUARD
+from dreamd.guard import GUARD, presence
 from dreamd.guard.games import GameWatch
 from dreamd.guard.gpu import GpuWatch
+from dreamd.guard.reasons import Change, Reasons, Sensed
+from dreamd.guard.senses import Senses, for_platform
 from dreamd.ledger import controls
 from dreamd.workers.context import WorkerContext
 
@@ -26,93 +30,148 @@ log = logging.getLogger("dreamd.guard")
 APPLY_WAIT = 10.0      # seconds the guard waits for its pause to be applied
 FREE_WAIT = 30.0       # ...and for local work in flight to finish before it frees anyway
 POLL = 0.05
-# Work that holds the local models (the codec, the embedder). A keyframe in flight is
-# not waited for: ComfyUI acts on /free once the prompt it is running ends, so the
-# request can go at once (it went up to 10 s later while a keyframe finished)
+# Work that holds the local models (the codec, the embedder): they leave the device only
+# once no batch uses them. A keyframe in flight is not waited for: it is interrupted.
 ON_LOCAL_MODELS = ("interpolation", "embedding")
+# rule -> the config key of its action and the part of the platform it reads
+PRESENCE = {"fullscreen": ("on_fullscreen", "fullscreen"), "battery": ("on_battery", "battery"),
+            "saver": ("on_battery_saver", "saver"), "locked": ("on_locked", "locked")}
 
 
 class Guard:
     def __init__(self, ctx: WorkerContext, *, games: GameWatch | None = None,
-                 gpu: GpuWatch | None = None) -> None:
+                 gpu: GpuWatch | None = None, senses: Senses | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
         g = ctx.cfg.guard
         self.games = games or GameWatch(g.known_games)
         self.gpu = gpu or GpuWatch(ctx.cfg.system.gpu, g.gpu_vram_gb,
                                    g.gpu_utilization_percent)
-        self.engaged: str | None = None     # the reason the guard acted on, while it lasts
-        self.last_seen = 0.0                # monotonic time the reason was last seen
+        self.senses = senses or for_platform()
+        self.clock = clock
+        self.reasons = Reasons()
+        self.ignore = frozenset(presence.normal(n) for n in g.fullscreen_ignore)
+        # the platform parts a rule that is not `keep` needs, and this platform reads
+        self.want = frozenset(part for rule, (key, part) in PRESENCE.items()
+                              if getattr(g, key) != "keep") & self.senses.can
         self.started = False
         ctx.facts["guard"] = self.describe()
 
     def describe(self) -> dict[str, Any]:
-        """What status.json and the TUI show about the guard."""
+        """What the guard holds and watches (ctx.facts["guard"], for the logs and tests)."""
         g = self.ctx.cfg.guard
-        return {"enabled": g.enabled, "engaged": self.engaged, "games": len(self.games.known),
-                "gpu": self.gpu.state}
+        return {"enabled": g.enabled, "engaged": self.reasons.words(),
+                "reasons": {r: h.action for r, h in self.reasons.held.items()},
+                "games": len(self.games.known), "gpu": self.gpu.state,
+                "presence": f"{self.senses.name}: {', '.join(sorted(self.want)) or 'nothing'}"}
 
     # ------------------------------------------------------------ the tick
     def tick(self) -> None:
         ctx, g = self.ctx, self.ctx.cfg.guard
+        now = self.clock()
+        sensed = self.sense() if g.enabled else {}
         if not self.started:
             self.started = True
-            log.info("game guard: %s; watching %d process names, GPU %s",
-                     "on" if g.enabled else "off", len(self.games.known), self.gpu.state)
-            if ctx.facts.get("paused_by") == GUARD:
-                # paused by the guard of an earlier run: resume once the grace has passed
-                # with no game (or at once when the guard was turned off since)
-                self.engaged = ctx.facts.get("pause_reason") or "a game"
-                self.last_seen = time.monotonic()
-        reason = self.detect() if g.enabled else None
-        now = time.monotonic()
-        if reason is not None:
-            self.last_seen = now
-            if self.engaged is None:
-                self.engage(reason)
-        elif self.engaged is not None and (not g.enabled
-                                           or now - self.last_seen >= g.resume_after_seconds):
-            self.disengage()
+            log.info("guard: %s; watching %d process names, GPU %s, presence %s",
+                     "on" if g.enabled else "off", len(self.games.known), self.gpu.state,
+                     self.describe()["presence"])
+            if ctx.facts.get("paused_by") == GUARD and not sensed:
+                # paused by the guard of an earlier run and no cause seen now: resume once
+                # the game's grace has passed with none (or at once when the guard was
+                # turned off since). A cause seen now simply takes the pause over.
+                self.reasons.hold("earlier", Sensed(
+                    ctx.facts.get("pause_reason") or "a reason of the last run", "pause",
+                    g.resume_after_seconds), now)
+        change = self.reasons.update(sensed, now) if g.enabled else self.reasons.clear()
+        if change.added:
+            self.engage(change)
+        elif change.words is None and change.ended:
+            self.disengage(change)
+        elif change.words != change.before:
+            self.reword(change)
         ctx.facts["guard"] = self.describe()
 
-    def detect(self) -> str | None:
-        """The first known game running, else the GPU's contention, else None."""
-        games = self.games.running()
-        if games:
-            return ", ".join(games)
-        return self.gpu.contention()
+    def sense(self) -> dict[str, Sensed]:
+        """Every rule whose cause is there now (rules set to keep are not asked)."""
+        g = self.ctx.cfg.guard
+        out: dict[str, Sensed] = {}
+        if g.on_game != "keep":
+            games = self.games.running()
+            if games:
+                out["game"] = Sensed("a game: " + ", ".join(games), g.on_game,
+                                     g.resume_after_seconds)
+            else:
+                busy = self.gpu.contention()
+                if busy:
+                    out["gpu"] = Sensed(busy, g.on_game, g.resume_after_seconds)
+        if not self.want:
+            return out
+        look = self.senses.look(self.want)
+        found = {"fullscreen": presence.fullscreen(look, self.ignore),
+                 "battery": presence.on_battery(look), "saver": presence.battery_saver(look),
+                 "locked": presence.locked(look)}
+        for rule, (key, part) in PRESENCE.items():
+            action = getattr(g, key)
+            if found[rule] and action != "keep" and part in self.want:
+                out[rule] = Sensed(found[rule], action, g.presence_resume_seconds)
+        return out
 
     # ------------------------------------------------------------ acting
-    def engage(self, reason: str) -> None:
-        """Pause (unless the user already has), wait for work in flight, then free."""
+    def engage(self, change: Change) -> None:
+        """Pause (unless the user already has), free when a new reason asks for it."""
         ctx = self.ctx
-        self.engaged = reason
-        if ctx.paused():
-            log.info("game guard: %s is running; the dream is already paused (%s)", reason,
+        new = "; ".join(h.text for h in change.added)
+        if ctx.paused() and ctx.facts.get("paused_by") != GUARD:
+            log.info("guard: %s; the dream is already paused (%s)", new,
                      ctx.facts.get("pause_reason"))
+        elif ctx.paused():
+            if change.words != ctx.facts.get("pause_reason"):
+                self._control("pause", {"reason": change.words, "source": GUARD})
+            log.info("guard: %s; still paused, now for: %s", new, change.words)
         else:
-            self._control("pause", {"reason": reason, "source": GUARD})
-            log.warning("game guard: %s is running: pausing the dream and freeing the GPU",
-                        reason)
-            self._wait(ctx.paused, APPLY_WAIT)
-        # the local models must not leave the device under a batch still using them
+            self._control("pause", {"reason": change.words, "source": GUARD})
+            log.warning("guard: %s: pausing the dream%s", new,
+                        " and freeing the GPU" if change.frees else "")
+        if change.frees:
+            self.free(new)
+
+    def free(self, reason: str) -> None:
+        """The keyframe in flight interrupted and the backend's memory freed at once (a
+        control row the controls worker applies right after the pause); the local models
+        (codec, embedder) leave the device once no batch uses them."""
+        ctx = self.ctx
+        self._control("free", {"reason": reason, "source": GUARD, "interrupt": True})
+        self._wait(ctx.paused, APPLY_WAIT)      # no new batch is claimed after this
         waited = time.monotonic()
         self._wait(lambda: not any(e in ON_LOCAL_MODELS for e, _ in list(ctx.in_hand)),
                    FREE_WAIT)
         waited = time.monotonic() - waited
         if waited > 0.5:
-            log.info("game guard: waited %.1f s for work in flight before freeing", waited)
-        self._control("free", {"reason": reason, "source": GUARD})
+            log.info("guard: waited %.1f s for work in flight before freeing the local "
+                     "models", waited)
+        for holder in (ctx.codecs, ctx.embedders):
+            if holder is not None and hasattr(holder, "release"):
+                holder.release()
 
-    def disengage(self) -> None:
+    def disengage(self, change: Change) -> None:
         ctx = self.ctx
-        reason, self.engaged = self.engaged, None
+        ended = "; ".join(h.ended() for h in change.ended)
         if ctx.paused() and ctx.facts.get("paused_by") == GUARD:
-            gone = ctx.cfg.guard.resume_after_seconds
-            self._control("resume", {"reason": f"{reason} ended {gone:g} s ago",
-                                     "source": GUARD})
-            log.info("game guard: %s ended %g s ago: resuming", reason, gone)
+            self._control("resume", {"reason": ended, "source": GUARD})
+            log.info("guard: %s: resuming", ended)
         else:
-            log.info("game guard: %s ended; the dream stays as the user left it", reason)
+            log.info("guard: %s; the dream stays as the user left it", ended)
+
+    def reword(self, change: Change) -> None:
+        """Reasons remain but changed (one ended, a second game started): the guard's
+        pause says what it is for now."""
+        ctx = self.ctx
+        if (ctx.paused() and ctx.facts.get("paused_by") == GUARD
+                and change.words != ctx.facts.get("pause_reason")):
+            self._control("pause", {"reason": change.words, "source": GUARD})
+        if change.ended:
+            log.info("guard: %s; still paused for: %s",
+                     "; ".join(h.ended() for h in change.ended), change.words)
 
     def _control(self, command: str, args: dict[str, Any]) -> None:
         with self.ctx.engine.begin() as conn:
@@ -129,3 +188,4 @@ class Guard:
 
     def close(self) -> None:
         self.gpu.close()
+        self.senses.close()

@@ -20,7 +20,8 @@ from dreamd.backends import KeyframeBackend, KeyframeRequest
 from dreamd.conditions import begin_retrying, classify, environment_recovered, postpone_for
 from dreamd.storage.files import write_atomic
 from dreamd.faults import pause_point, slow_down
-from dreamd.errors import PermanentBackendError, StaleTransitionError, TransientBackendError
+from dreamd.errors import (KeyframeInterruptedError, PermanentBackendError, StaleTransitionError,
+                           TransientBackendError)
 from dreamd.ledger import transitions
 from dreamd.ledger.models import Keyframe
 from dreamd.quality import coherence
@@ -132,6 +133,9 @@ def process(ctx: WorkerContext, backend: KeyframeBackend, row, owner: str) -> in
             if keep is not None:      # a backend that feeds latents keeps this one's
                 keep(row.chain_index, sha)
         pause_point("keyframe-written", ctx.cfg.data_dir)
+    except KeyframeInterruptedError as exc:
+        _postpone_for_pause(ctx, row, owner, str(exc))
+        return 0
     except (TransientBackendError, PermanentBackendError) as exc:
         if ctx.stopping.is_set() and isinstance(exc, TransientBackendError):
             # the stop cut the wait short: the daemon releases the lease, the next start
@@ -197,6 +201,21 @@ def _server_recorder(ctx: WorkerContext, row_id: int, owner: str):
             conn.execute(update(KF).where(KF.c.id == row_id, KF.c.lease_owner == owner)
                          .values(server=url))
     return record
+
+
+def _postpone_for_pause(ctx: WorkerContext, row, owner: str, error: str) -> None:
+    """Interrupted for a pause (the guard freeing the GPU): back to wait with its attempt
+    given back, never discarded; its prompt id is dropped, since ComfyUI's history now
+    says that prompt was interrupted, and a new one is posted once the dream resumes."""
+    try:
+        with begin_retrying(ctx, f"keyframe {row.chain_index}") as conn:
+            transitions.postpone(conn, "keyframe", row.id, owner, error,
+                                 delay_seconds=0.0, why="paused")
+            conn.execute(update(KF).where(KF.c.id == row.id)
+                         .values(prompt_id=None, server=None))
+        log.info("keyframe %d (row %d) postponed: %s", row.chain_index, row.id, error)
+    except StaleTransitionError as exc:
+        log.warning("keyframe %d: %s", row.chain_index, exc)
 
 
 def _fail(ctx: WorkerContext, row, owner: str, error: str, permanent: bool) -> None:

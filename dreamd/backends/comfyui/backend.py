@@ -58,11 +58,12 @@ from dreamd.backends.comfyui.servers import ServerHealth, ServerPool
 from dreamd.backends.comfyui.workflow import (InputPath, Workflow, WorkflowError, check_against,
                                               checkpoints_in, fill, load_workflow, output_node,
                                               require, resolve_mapping)
-from dreamd.errors import PermanentBackendError, TransientBackendError
+from dreamd.errors import KeyframeInterruptedError, PermanentBackendError, TransientBackendError
 
 log = logging.getLogger(__name__)
 
 PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
+INTERRUPT_WAIT = 10.0   # seconds interrupt() waits for a prompt being posted to be cancelled
 STOP_CHECK = 0.25       # seconds: how soon a wait on the socket notices that dreamd stops
 
 TRANSIENT_EXECUTION = re.compile(
@@ -129,6 +130,9 @@ class _Job:
     entry: dict[str, Any] | None = None
     told: str | None = None           # the server last reported through request.on_server
     pushed: bool = False              # followed over the websocket to the end
+    url: str | None = None            # the server that has it, once posted or found
+    interrupted: bool = False         # interrupt() was called: a pause wants the GPU
+    cancelled: bool = False           # /interrupt and the queue delete were sent
 
 
 @dataclass
@@ -197,6 +201,9 @@ class ComfyUIBackend:
             for u in self.pool.urls}
         # prompt_id -> server it was last posted to by this process (a retry asks it first).
         self._placements: OrderedDict[str, str] = OrderedDict()
+        # generate() calls in progress (prompt_id -> job), for interrupt() from another thread
+        self._in_flight: dict[str, _Job] = {}
+        self._flight_lock = threading.Lock()
 
     # -- surface -----------------------------------------------------------------------------
 
@@ -250,11 +257,15 @@ class ComfyUIBackend:
         started = self._clock()
         job = self._job(request)
         self._check_stop()
+        with self._flight_lock:
+            self._in_flight[job.prompt_id] = job
         try:
             url = self._reattach(job, server_hint)
             if url is None:
                 url = self._submit_somewhere(job)
+            job.url = url
             try:
+                self._check_interrupted(job)
                 entry = job.entry or self._wait(url, job)
                 return self._result(url, job, entry, started)
             except ServerUnreachableError as exc:
@@ -262,8 +273,53 @@ class ComfyUIBackend:
                 raise TransientBackendError(f"lost ComfyUI at {url} while waiting for prompt "
                                             f"{job.prompt_id} (it is re-attached on retry): "
                                             f"{exc}") from exc
+        except TransientBackendError as exc:
+            if job.interrupted and not isinstance(exc, KeyframeInterruptedError):
+                # ComfyUI said "interrupted" before our own check did: the same pause
+                raise KeyframeInterruptedError(f"prompt {job.prompt_id} was interrupted for "
+                                               f"a pause ({exc})") from exc
+            raise
         finally:
+            with self._flight_lock:
+                self._in_flight.pop(job.prompt_id, None)
             self._progress(None)
+
+    def interrupt(self) -> str:
+        """Stop every prompt this backend is waiting for, now (the guard frees the GPU for
+        a game): POST /interrupt (targeted at the prompt) and take it off the queue when it
+        has not started; the waiting generate() raises KeyframeInterruptedError within
+        STOP_CHECK seconds. Returns which prompts were stopped, "" when none was."""
+        with self._flight_lock:
+            jobs = list(self._in_flight.values())
+        for job in jobs:
+            job.interrupted = True
+            self._cancel(job)
+        # a prompt being posted right now is cancelled by its own generate() once the POST
+        # returns (within STOP_CHECK): wait for that, so /interrupt goes before the /free
+        # that follows this call (milliseconds; the bound is for a POST that hangs)
+        deadline = time.monotonic() + INTERRUPT_WAIT
+        while time.monotonic() < deadline and any(
+                not j.cancelled and j.prompt_id in self._in_flight for j in jobs):
+            time.sleep(0.01)
+        return ", ".join(f"prompt {j.prompt_id} on {j.url or 'no server yet'}" for j in jobs)
+
+    def _cancel(self, job: _Job) -> None:
+        with self._flight_lock:
+            if job.cancelled or job.url is None:
+                return          # not posted yet: generate() cancels it once it is
+            job.cancelled = True
+        client = self._servers[job.url].lookup
+        try:
+            client.interrupt(job.prompt_id)
+            client.delete_queued([job.prompt_id])
+        except (ServerUnreachableError, PermanentBackendError) as exc:
+            log.warning("interrupting prompt %s on %s failed: %s", job.prompt_id, job.url, exc)
+
+    def _check_interrupted(self, job: _Job) -> None:
+        if job.interrupted:
+            self._cancel(job)       # posted after interrupt() looked: stop it now
+            raise KeyframeInterruptedError(f"prompt {job.prompt_id} was interrupted for a "
+                                           "pause")
 
     def free(self) -> dict[str, str | None]:
         """POST /free (unload models, free memory) on every server not benched: the guard's
@@ -428,6 +484,7 @@ class ComfyUIBackend:
             job.reuploaded = True
             number = client.queue_prompt(self._prepare(url, job), job.prompt_id)
         job.posts += 1
+        job.url = url
         self._placements[job.prompt_id] = url
         self._placements.move_to_end(job.prompt_id)
         while len(self._placements) > PLACEMENTS_KEPT:
@@ -494,6 +551,7 @@ class ComfyUIBackend:
                             "step": p.step, "steps": p.steps})
         while True:
             self._check_stop()
+            self._check_interrupted(job)
             now = self._clock()
             if now >= deadline_at:      # first: looks slower than the interval never starve it
                 return self._give_up(url, job)

@@ -140,6 +140,11 @@ class DaemonBackend:
                      "(pause first to keep the memory free)")
         return self.comfy.free()
 
+    def interrupt(self) -> str:
+        """Stop the keyframe in flight (the guard, before it frees): see
+        ComfyUIBackend.interrupt."""
+        return self.comfy.interrupt()
+
     def close(self) -> None:
         if self._closed:
             return

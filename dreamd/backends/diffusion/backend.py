@@ -35,7 +35,7 @@ from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.backends.diffusion import latents as kept
 from dreamd.backends.diffusion import load
 from dreamd.conditions import OUT_OF_MEMORY, classify
-from dreamd.errors import ModelError, TransientBackendError
+from dreamd.errors import KeyframeInterruptedError, ModelError, TransientBackendError
 from dreamd.faults import pause_point
 
 log = logging.getLogger("dreamd.diffusion")
@@ -69,6 +69,7 @@ class DiffusionBackend:
         self._failed_print: tuple | None = None
         self._retry_at = 0.0
         self._unload_after = False
+        self._interrupting = False      # interrupt(): the keyframe being made stops at its next step
         self._clamp_said: set[tuple[int, float]] = set()
         self._embeds: OrderedDict[tuple, dict] = OrderedDict()
         self._latents: OrderedDict[str, Any] = OrderedDict()
@@ -101,6 +102,7 @@ class DiffusionBackend:
 
     def generate(self, request: KeyframeRequest) -> KeyframeResult:
         with self._lock:
+            self._interrupting = False
             try:
                 if not self._ready():
                     return self._fall_back(request)
@@ -139,6 +141,15 @@ class DiffusionBackend:
                 kept.save_for_codec(self.cfg.data_dir, sha256, codec, latent, width, height)
         except Exception as exc:   # a full disk is said by the frames' own writes
             log.debug("keyframe %d: its latent was not stored: %s", chain_index, exc)
+
+    def interrupt(self) -> str:
+        """Stop the keyframe being made at its next denoising step (the guard, before it
+        frees): generate() raises KeyframeInterruptedError and the model is unloaded
+        right after by free(). "" when no keyframe was being made."""
+        if not self._lock.locked():
+            return ""
+        self._interrupting = True
+        return "the in-process keyframe"
 
     def free(self) -> dict[str, str]:
         """Unload the model (the game guard, `dreamd free`). A keyframe being made keeps it
@@ -279,6 +290,9 @@ class DiffusionBackend:
                                num_inference_steps=steps).images
             if self.stopping.is_set():
                 raise TransientBackendError("dreamd is stopping")
+            if self._interrupting:
+                raise KeyframeInterruptedError(f"keyframe {request.chain_index} was "
+                                               "interrupted for a pause")
             image = self._decode(latents)
         self._last = (request.chain_index, latents[0].detach().to("cpu", torch.float32),
                       request.width, request.height)
@@ -407,7 +421,7 @@ class DiffusionBackend:
             self.facts["keyframe_progress"] = {
                 "keyframe": chain_index, "step": i + 1, "steps": pipe.num_timesteps,
                 "node": "unet", "node_type": "denoising"}
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self._interrupting:
                 pipe._interrupt = True      # the rest of the steps are skipped
             return kwargs
         return step
