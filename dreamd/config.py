@@ -724,13 +724,31 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> tuple[Pa
     return None, "no file: built-in defaults"
 
 
+def _backslash_hint(text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """A Windows path in double quotes ("C:\\ComfyUI\\models") is the usual cause of a
+    bad escape: TOML reads `\\C` as an escape. Point at single quotes, which take a
+    backslash as it is."""
+    where = re.search(r"at line (\d+)", str(exc))
+    lines = text.splitlines()
+    if not where or not 0 < int(where.group(1)) <= len(lines):
+        return ""
+    line = lines[int(where.group(1)) - 1]
+    quoted = re.search(r'"([^"]*\\[^"]*)"?', line)
+    if quoted is None:
+        return ""
+    value = quoted.group(1)
+    return (f"; a backslash in double quotes starts an escape: write a Windows path in "
+            f"single quotes, '{value}' (or double each backslash)")
+
+
 def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
           sources: dict[str, str] | None = None) -> Config:
     """Validate TOML text into a Config (no data-dir override, no file lookup)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{origin}: not valid TOML: {exc}{_backslash_hint(text, exc)}") \
+            from None
     sources = {} if sources is None else sources
     cfg = Config()
     for section, table in raw.items():
