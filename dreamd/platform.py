@@ -74,9 +74,11 @@ def end_process_tree(pid: int, timeout: float = 5.0) -> list[int]:
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """The signals that stop the daemon cleanly here: SIGINT and SIGTERM everywhere, and
-    SIGBREAK (Ctrl-Break) on Windows."""
-    extra = (signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()
+    """The signals that stop the daemon cleanly here: SIGINT and SIGTERM everywhere,
+    SIGHUP on POSIX (a closed terminal sends it: unhandled, it killed the daemon with
+    its stop unrecorded), and SIGBREAK (Ctrl-Break) on Windows."""
+    extra = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGBREAK")
+                  if hasattr(signal, name))
     return (signal.SIGINT, signal.SIGTERM, *extra)
 
 
