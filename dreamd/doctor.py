@@ -44,6 +44,12 @@ def _torch(cfg: Config):
         detail += f", {gpus} GPU(s); system.gpu = {cfg.system.gpu}"
         if cfg.system.gpu >= gpus:
             return "warning", detail + f": there is no GPU {cfg.system.gpu}"
+        return "ok", detail
+    # an NVIDIA card torch cannot use (a CPU-only build): say how to get the CUDA one
+    from dreamd import cuda_check
+    found = cuda_check.check(cuda_check.nvidia_gpus(), cuda_check.torch_build())
+    if found:
+        return found[0], f"{detail}; {found[1]}"
     return "ok", detail
 
 
