@@ -108,12 +108,19 @@ def _backend(cfg: Config):
     return check_servers(cfg)
 
 
+def _comfyui_folders(cfg: Config):
+    from dreamd.backends.comfyui.folders import describe
+    return describe(cfg)
+
+
 def diagnose(cfg: Config) -> list[tuple[str, str, str]]:
     logging.getLogger().setLevel(logging.ERROR)   # the checks speak for themselves
     return [
         ("config", "ok", f"{cfg.file or 'no file: built-in defaults'}; data dir {cfg.data_dir}"),
         _check("ledger", lambda: _ledger(cfg)),
         _check("backend", lambda: _backend(cfg)),
+        *([_check("folders", lambda: _comfyui_folders(cfg))]
+          if cfg.generation.backend == "comfyui" else []),
         _check("torch", lambda: _torch(cfg)),
         _check("gpu", lambda: _gpu(cfg)),
         _check("codec", lambda: _codec(cfg)),
