@@ -152,6 +152,7 @@ def test_a_remote_server_s_files_are_left_alone(double, make):
     assert len(double.files.names("temp")) == 1
 
 
+@pytest.mark.slow
 def test_many_keyframes_through_the_daemon_leave_nothing_behind(daemon, double):
     """The daemon on the double, comfyui.models_dir naming the double's models/: after
     many keyframes its input/ and temp/ hold only what is in flight, output/ nothing;
@@ -205,10 +206,6 @@ def test_many_keyframes_through_the_daemon_leave_nothing_behind(daemon, double):
                                                               "keyframe_final.png")]
     log = (daemon.data_dir / "logs" / "dreamd.log").read_text()
     assert "removed 5 file(s) earlier versions of dreamd left" in log
-
-
-test_many_keyframes_through_the_daemon_leave_nothing_behind = pytest.mark.slow(
-    test_many_keyframes_through_the_daemon_leave_nothing_behind)
 
 
 # ---------------------------------------------------------------- where the folders are
