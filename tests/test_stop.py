@@ -71,7 +71,12 @@ def test_a_closed_terminal_s_sighup_is_a_clean_recorded_stop(daemon, dreamd_env)
     """A closed terminal sends SIGHUP: the daemon stops as on SIGTERM (exit 0, leases
     released, the stop in daemon_runs), so the next look at the data dir says stopped,
     not died."""
-    proc = start(daemon)
+    # a daemon started with SIGHUP ignored (this test run under nohup) keeps it ignored
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proc = start(daemon)
+    finally:
+        signal.signal(signal.SIGHUP, before)
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=STOP_DEADLINE) == 0, daemon.output()[-3000:]
     pid, stopped_at, reason = last_run(daemon.data_dir)
