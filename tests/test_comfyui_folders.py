@@ -132,6 +132,20 @@ def test_a_keyframe_s_files_go_once_the_ledger_has_it_and_not_before(double, mak
     assert tidy.pending == []
 
 
+def test_while_a_keyframe_is_made_the_inputs_wait(double, make):
+    """An input slot may have just been overwritten by the keyframe being made: during a
+    keyframe only outputs go, the inputs at the next pause (or the stop)."""
+    tidy = Tidy(known(double), [double.url], lambda k, p: "completed")
+    result = chain(make(double.url, input_tag="dreamd_t"), 1)[0]
+    tidy.add(result.info, 0)
+    assert tidy.tidy(inputs=False) == 1
+    assert double.files.names("temp") == [] and len(double.files.names("input", "dreamd")) == 1
+    assert [files for _, _, files in tidy.pending] == [[
+        ("input", "dreamd", "dreamd_t_input_0.png", result.info["upload_sha256"])]]
+    assert tidy.tidy() == 1 and double.files.names("input", "dreamd") == []
+    assert tidy.pending == []
+
+
 def test_a_file_rewritten_since_is_not_removed(double, make):
     tidy = Tidy(known(double), [double.url], lambda k, p: "completed")
     result = chain(make(double.url, input_tag="dreamd_t"), 1)[0]

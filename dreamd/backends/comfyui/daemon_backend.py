@@ -71,6 +71,7 @@ class DaemonBackend:
         # the ledger has it (folders.py), and what older versions left is swept once
         self.tidy, self._sweep = tidy, sweep
         self._tidy_lock = threading.Lock()
+        self._generating = 0           # keyframes being made now (their uploads in use)
         self.facts = facts if facts is not None else {}
         self.engine = engine
         self.fallback = fallback
@@ -107,6 +108,8 @@ class DaemonBackend:
         if self.fallback is not None and self._all_down():
             return self._fall_back(request)
         self._chain_index = request.chain_index
+        with self._tidy_lock:
+            self._generating += 1
         try:
             result = self.comfy.generate(request)
         except (WorkflowError, PromptRejectedError) as exc:
@@ -131,6 +134,9 @@ class DaemonBackend:
                 return self._fall_back(request)
             self.publish()
             raise
+        finally:
+            with self._tidy_lock:
+                self._generating -= 1
         with self._lock:
             self._permanent = 0
             self._ever_up = True
@@ -145,7 +151,7 @@ class DaemonBackend:
         if self.tidy is None:
             return 0
         with self._tidy_lock:
-            return self.tidy.tidy()
+            return self.tidy.tidy(inputs=not self._generating)
 
     def free(self) -> dict[str, str | None]:
         """Unload models and free memory on every server that answers (the guard's call when

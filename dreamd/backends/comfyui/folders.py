@@ -207,8 +207,12 @@ class Tidy:
             self.pending.append((chain_index, info["prompt_id"], leftovers(info)))
             del self.pending[:-self.KEPT]
 
-    def tidy(self) -> int:
-        """Remove the files of every keyframe now safe in the ledger; returns how many."""
+    def tidy(self, inputs: bool = True) -> int:
+        """Remove the files of every keyframe now safe in the ledger; returns how many.
+        `inputs=False` while a keyframe is being made: its upload may have just replaced
+        an input slot's file, which must not go between the upload and ComfyUI's read
+        (the bytes check would pass a moment before the overwrite). Those wait for a
+        pause between keyframes, or the stop; outputs never share a name in use."""
         keep, removed = [], 0
         for chain_index, prompt_id, files in self.pending:
             try:
@@ -219,8 +223,12 @@ class Tidy:
             if state in ("available", "executing", "retryable"):
                 keep.append((chain_index, prompt_id, files))
                 continue
+            later = [f for f in files if f[0] == "input" and not inputs]
             for kind, sub, name, sha in files:
-                removed += remove_if_same(self.folders.path(kind, sub, name), sha)
+                if (kind, sub, name, sha) not in later:
+                    removed += remove_if_same(self.folders.path(kind, sub, name), sha)
+            if later:
+                keep.append((chain_index, prompt_id, later))
         self.pending = keep
         self.removed += removed
         return removed
