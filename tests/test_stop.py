@@ -107,6 +107,18 @@ def test_dreamd_stop_stops_a_running_daemon_and_waits_for_it(daemon, dreamd_env)
     assert again.returncode == EXIT_NOT_RUNNING and "no daemon running" in again.stdout
 
 
+@pytest.mark.slow
+def test_dreamd_stop_right_after_the_start_stops_it(daemon, dreamd_env):
+    """Asked as soon as the daemon holds its pid file, before (or just after) it records
+    its run: `dreamd stop` waits for the run and stops it."""
+    proc = daemon.start()
+    wait_in(daemon, lambda: holds_pid_file(daemon, proc), "the daemon's pid file")
+    out = dreamd(dreamd_env, "stop")
+    assert out.returncode == EXIT_STOPPED, out.stdout + out.stderr + daemon.output()[-3000:]
+    assert proc.wait(timeout=STOP_DEADLINE) == 0, daemon.output()[-3000:]
+    assert last_run(daemon.data_dir)[2] == "stopped by `dreamd stop`"
+
+
 def _stop_frozen(daemon, proc) -> None:
     """SIGSTOP the daemon at a moment it holds no write lock on the ledger (a freeze
     inside a write is the other case `dreamd stop` names; this test wants the control
@@ -207,6 +219,25 @@ def test_dreamd_stop_gives_up_after_its_timeout_on_a_live_run_that_reads_nothing
     assert conn.execute("SELECT command, args, state FROM controls").fetchall() == [
         ("stop", json.dumps({"run": run}), "available")]
     conn.close()
+
+
+def test_dreamd_stop_waits_for_a_starting_daemon_and_names_one_stuck_starting(
+        dreamd_env, ledger_template):
+    """The pid file comes before the run row (the ledger migrates in between): a live
+    process holding it is a daemon starting. One that records no run within --timeout
+    is named, exit 4, not called absent."""
+    from pathlib import Path
+
+    data = Path(dreamd_env["DREAMD_DATA_DIR"])
+    data.mkdir()
+    subprocess.run(["cp", str(ledger_template), str(data / "dreamd.db")], check=True)
+    _run_row(str(data / "dreamd.db"), pid=999_999, stopped=True)
+    (data / "dreamd.pid").write_text(f"{os.getpid()}\n")
+    out = dreamd(dreamd_env, "stop", "--timeout", "0.5")
+    assert out.returncode == EXIT_NO_ANSWER, out.stdout + out.stderr
+    assert f"daemon pid {os.getpid()} is starting" in out.stdout
+    assert f"pid {os.getpid()} holds {data / 'dreamd.pid'} but recorded no run" in out.stdout
+    assert f"kill {os.getpid()}" in out.stdout
 
 
 def test_dreamd_stop_returns_once_the_run_records_its_stop(dreamd_env, ledger_template):

@@ -90,6 +90,13 @@ def stop(cfg, timeout: float = DEFAULT_TIMEOUT,
         return EXIT_NOT_RUNNING
     run = _live_run(cfg, timeout, say)
     if run is None:
+        starting = _pid_file_owner(cfg.pid_path)
+        if starting is not None:
+            say(f"pid {starting} holds {cfg.pid_path} but recorded no run within "
+                f"{timeout:g} s: it may be stuck starting (see "
+                f"{cfg.logs_dir / 'dreamd.log'}); "
+                f"{_kill_hint({'pid': starting, 'host': socket.gethostname()})}")
+            return EXIT_NO_ANSWER
         say(read_model.liveness(_last_run(cfg.db_path)).line)
         return EXIT_NOT_RUNNING
     label = f"daemon run {run['id']} (pid {run['pid']} on {run['host']})"
