@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -175,82 +176,90 @@ def _run_row(db_path, *, pid: int, stopped: bool, beat_age: float = 0.0) -> int:
         conn.close()
 
 
-def test_dreamd_stop_without_a_ledger_says_no_daemon_runs(dreamd_env):
-    out = dreamd(dreamd_env, "stop")
-    assert out.returncode == EXIT_NOT_RUNNING
-    assert out.stdout.strip().startswith("no daemon running: no ledger at")
+def test_dreamd_stop_without_a_ledger_says_no_daemon_runs(dreamd_env, monkeypatch, capsys,
+                                                         tmp_path):
+    monkeypatch.setenv("DREAMD_DATA_DIR", dreamd_env["DREAMD_DATA_DIR"])
+    monkeypatch.chdir(tmp_path)
+    rc, out = stop_here(capsys)
+    assert rc == EXIT_NOT_RUNNING
+    assert out.strip().startswith("no daemon running: no ledger at")
+
+
+@pytest.fixture
+def data(dreamd_env, ledger_template, monkeypatch):
+    """A data dir with a migrated ledger, for `dreamd stop` run in-process (main())."""
+    from pathlib import Path
+
+    data = Path(dreamd_env["DREAMD_DATA_DIR"])
+    data.mkdir()
+    shutil.copy(ledger_template, data / "dreamd.db")
+    monkeypatch.setenv("DREAMD_DATA_DIR", str(data))
+    monkeypatch.chdir(data)          # no ./dreamd.toml of the checkout's
+    return data
+
+
+def stop_here(capsys, *args: str) -> tuple[int, str]:
+    from dreamd.cli import main
+    rc = main(["stop", *args])
+    return rc, capsys.readouterr().out
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (pids dreamd must name, or wait for)."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
 
 
 @pytest.mark.parametrize("stopped,beat_age,said", [
     (True, 0.0, "stopped"),          # the last run recorded its stop
     (False, 600.0, "died"),          # it never did and its heartbeat is old
 ])
-def test_dreamd_stop_when_no_daemon_runs_asks_nothing(dreamd_env, ledger_template, stopped,
-                                                      beat_age, said):
+def test_dreamd_stop_when_no_daemon_runs_asks_nothing(data, capsys, stopped, beat_age, said):
     """No live run: exit 3 with the status's own line, and no control written (a stop
     waiting in the ledger must not end the next daemon)."""
-    data = dreamd_env["DREAMD_DATA_DIR"]
-    os.makedirs(data)
-    db = os.path.join(data, "dreamd.db")
-    subprocess.run(["cp", str(ledger_template), db], check=True)
-    _run_row(db, pid=999_999, stopped=stopped, beat_age=beat_age)
-    out = dreamd(dreamd_env, "stop")
-    assert out.returncode == EXIT_NOT_RUNNING, out.stdout + out.stderr
-    assert out.stdout.startswith("no daemon running") and said in out.stdout
-    conn = sqlite3.connect(db)
-    assert conn.execute("SELECT count(*) FROM controls").fetchone() == (0,)
-    conn.close()
+    _run_row(data / "dreamd.db", pid=999_999, stopped=stopped, beat_age=beat_age)
+    rc, out = stop_here(capsys)
+    assert rc == EXIT_NOT_RUNNING, out
+    assert out.startswith("no daemon running") and said in out
+    assert ledger(data, "SELECT count(*) FROM controls") == [(0,)]
 
 
 def test_dreamd_stop_gives_up_after_its_timeout_on_a_live_run_that_reads_nothing(
-        dreamd_env, ledger_template):
-    """A run that looks alive (fresh heartbeat, its pid exists: this test's own) but whose
-    controls worker never reads: exit 4 after --timeout, naming the pid to end."""
-    data = dreamd_env["DREAMD_DATA_DIR"]
-    os.makedirs(data)
-    db = os.path.join(data, "dreamd.db")
-    subprocess.run(["cp", str(ledger_template), db], check=True)
-    run = _run_row(db, pid=os.getpid(), stopped=False)
-    out = dreamd(dreamd_env, "stop", "--timeout", "0.5")
-    assert out.returncode == EXIT_NO_ANSWER, out.stdout + out.stderr
-    assert f"daemon run {run} (pid {os.getpid()} on {socket.gethostname()})" in out.stdout
-    assert "has not read it" in out.stdout and f"kill {os.getpid()}" in out.stdout
-    conn = sqlite3.connect(db)
-    assert conn.execute("SELECT command, args, state FROM controls").fetchall() == [
+        data, capsys, other_process):
+    """A run that looks alive (fresh heartbeat, its pid exists) but whose controls worker
+    never reads: exit 4 after --timeout, naming the pid to end."""
+    run = _run_row(data / "dreamd.db", pid=other_process, stopped=False)
+    rc, out = stop_here(capsys, "--timeout", "0.5")
+    assert rc == EXIT_NO_ANSWER, out
+    assert f"daemon run {run} (pid {other_process} on {socket.gethostname()})" in out
+    assert "has not read it" in out and f"kill {other_process}" in out
+    assert ledger(data, "SELECT command, args, state FROM controls") == [
         ("stop", json.dumps({"run": run}), "available")]
-    conn.close()
 
 
 def test_dreamd_stop_waits_for_a_starting_daemon_and_names_one_stuck_starting(
-        dreamd_env, ledger_template):
+        data, capsys, other_process):
     """The pid file comes before the run row (the ledger migrates in between): a live
     process holding it is a daemon starting. One that records no run within --timeout
     is named, exit 4, not called absent."""
-    from pathlib import Path
-
-    data = Path(dreamd_env["DREAMD_DATA_DIR"])
-    data.mkdir()
-    subprocess.run(["cp", str(ledger_template), str(data / "dreamd.db")], check=True)
-    _run_row(str(data / "dreamd.db"), pid=999_999, stopped=True)
-    (data / "dreamd.pid").write_text(f"{os.getpid()}\n")
-    out = dreamd(dreamd_env, "stop", "--timeout", "0.5")
-    assert out.returncode == EXIT_NO_ANSWER, out.stdout + out.stderr
-    assert f"daemon pid {os.getpid()} is starting" in out.stdout
-    assert f"pid {os.getpid()} holds {data / 'dreamd.pid'} but recorded no run" in out.stdout
-    assert f"kill {os.getpid()}" in out.stdout
+    _run_row(data / "dreamd.db", pid=999_999, stopped=True)
+    (data / "dreamd.pid").write_text(f"{other_process}\n")
+    rc, out = stop_here(capsys, "--timeout", "0.5")
+    assert rc == EXIT_NO_ANSWER, out
+    assert f"daemon pid {other_process} is starting" in out
+    assert f"pid {other_process} holds {data / 'dreamd.pid'} but recorded no run" in out
+    assert f"kill {other_process}" in out
 
 
-def test_dreamd_stop_returns_once_the_run_records_its_stop(dreamd_env, ledger_template):
-    """The whole exchange in-process on the daemon's side: the controls worker applies
-    the stop for its run, and the run records its stop (what the daemon's wait does);
+def test_dreamd_stop_returns_once_the_run_records_its_stop(data, capsys, other_process):
+    """The whole exchange, the daemon's side in a thread: the controls worker applies the
+    stop for its run, and the run records its stop (what the daemon's wait does);
     `dreamd stop` sees it and exits 0."""
-    from pathlib import Path
-
-    data = Path(dreamd_env["DREAMD_DATA_DIR"])
-    data.mkdir()
     db = data / "dreamd.db"
-    subprocess.run(["cp", str(ledger_template), str(db)], check=True)
-    run = _run_row(str(db), pid=os.getpid(), stopped=False)
+    run = _run_row(db, pid=other_process, stopped=False)
     gen = worker_context(db, "")
     ctx = next(gen)
     ctx.run_id = run
@@ -270,14 +279,14 @@ def test_dreamd_stop_returns_once_the_run_records_its_stop(dreamd_env, ledger_te
     worker = threading.Thread(target=daemon_side)
     worker.start()
     try:
-        out = dreamd(dreamd_env, "stop", "--timeout", "120")
+        rc, out = stop_here(capsys, "--timeout", "120")
     finally:
         done.set()
         worker.join()
         gen.close()
-    assert out.returncode == EXIT_STOPPED, out.stdout + out.stderr
-    assert out.stdout.splitlines()[-1] == (f"stopped: daemon run {run} (pid {os.getpid()} on "
-                                           f"{socket.gethostname()}), stopped by `dreamd stop`")
+    assert rc == EXIT_STOPPED, out
+    assert out.splitlines()[-1] == (f"stopped: daemon run {run} (pid {other_process} on "
+                                    f"{socket.gethostname()}), stopped by `dreamd stop`")
 
 
 # ---------------------------------------------------------------- the control itself
