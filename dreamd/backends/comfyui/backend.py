@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
 # Inputs are uploaded under INPUT_SLOTS names, by chain index, overwriting: ComfyUI's input
 # dir keeps that many files for a whole run. Keyframes are made one after another (k+1 is
-# img2img of k), so two slots leave a prompt still queued its own input.
+# img2img of k), so with two slots a prompt still queued keeps its own input.
 INPUT_SLOTS = 2
 STOP_CHECK = 0.25       # seconds: how soon a wait on the socket notices that dreamd stops
 
