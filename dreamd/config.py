@@ -756,6 +756,23 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> tuple[Pa
     return None, "no file: built-in defaults"
 
 
+def _backslash_hint(text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """A Windows path in double quotes ("C:\\ComfyUI\\models") is the usual cause of a
+    bad escape: TOML reads `\\C` as an escape. Point at single quotes, which take a
+    backslash as it is."""
+    where = re.search(r"at line (\d+)", str(exc))
+    lines = text.splitlines()
+    if not where or not 0 < int(where.group(1)) <= len(lines):
+        return ""
+    line = lines[int(where.group(1)) - 1]
+    quoted = re.search(r'"([^"]*\\[^"]*)"?', line)
+    if quoted is None:
+        return ""
+    value = quoted.group(1)
+    return (f"; a backslash in double quotes starts an escape: write a Windows path in "
+            f"single quotes, '{value}' (or double each backslash)")
+
+
 def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
           sources: dict[str, str] | None = None) -> Config:
     """Validate TOML text into a Config (no data-dir override, no file lookup)."""
@@ -791,17 +808,6 @@ def parse(text: str, origin: str = "<string>", base_dir: Path | None = None,
             if value and not Path(value).expanduser().is_absolute():
                 setattr(obj, name, str((base_dir / value).resolve()))
     return cfg
-
-
-def _backslash_hint(text: str, exc: tomllib.TOMLDecodeError) -> str:
-    """A Windows path in double quotes, where TOML reads each backslash as an escape."""
-    where = re.search(r"at line (\d+)", str(exc))
-    lines = text.splitlines()
-    line = lines[int(where.group(1)) - 1] if where and int(where.group(1)) <= len(lines) else ""
-    if "\\" in line and '"' in line:
-        return (" (a Windows path? in double quotes a backslash starts an escape: write it "
-                "in single quotes, 'C:\\ComfyUI\\models')")
-    return ""
 
 
 def load(config_file: str | os.PathLike[str] | None = None,

@@ -2,7 +2,8 @@
 
 It owns the pid file, logging, the `daemon_runs` row and its heartbeat, the
 APScheduler clock (one tick job per worker, `max_instances=1`, `coalesce=True`;
-nothing durable lives in the scheduler), and signals: on SIGINT/SIGTERM it stops
+nothing durable lives in the scheduler), and signals: on SIGINT/SIGTERM (SIGHUP: a
+closed terminal; SIGBREAK on Windows) or a `stop` control (`dreamd stop`) it stops
 claiming, lets in-flight work finish for a few seconds, releases what is still
 leased, records the stop, and exits 0.
 """
@@ -245,12 +246,15 @@ class Daemon:
         self.signalled = f"signal {signal.Signals(signum).name}"
 
     def wait_for_stop(self, duration: float | None) -> bool:
-        """Until a signal, a console close or `duration` seconds (None: for ever); True
-        when stopped, False when the duration ran out."""
+        """Until a signal, a `stop` control, a console close or `duration` seconds (None:
+        for ever); True when stopped, False when the duration ran out."""
         deadline = None if duration is None else time.monotonic() + duration
         while not self.stop_event.is_set():
-            if self.signalled:
-                self.stop_reason = self.signalled
+            # a signal, or a `stop` control the controls worker applied (dreamd stop)
+            asked = self.signalled or getattr(self, "ctx", None) and \
+                self.ctx.facts.get("stop_requested")
+            if asked:
+                self.stop_reason = asked
                 self.stop_event.set()
                 break
             left = STOP_POLL if deadline is None else min(STOP_POLL, deadline - time.monotonic())

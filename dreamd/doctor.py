@@ -44,6 +44,12 @@ def _torch(cfg: Config):
         detail += f", {gpus} GPU(s); system.gpu = {cfg.system.gpu}"
         if cfg.system.gpu >= gpus:
             return "warning", detail + f": there is no GPU {cfg.system.gpu}"
+        return "ok", detail
+    # an NVIDIA card torch cannot use (a CPU-only build): say how to get the CUDA one
+    from dreamd import cuda_check
+    found = cuda_check.check(cuda_check.nvidia_gpus(), cuda_check.torch_build())
+    if found:
+        return found[0], f"{detail}; {found[1]}"
     return "ok", detail
 
 
@@ -102,12 +108,19 @@ def _backend(cfg: Config):
     return check_servers(cfg)
 
 
+def _comfyui_folders(cfg: Config):
+    from dreamd.backends.comfyui.folders import describe
+    return describe(cfg)
+
+
 def diagnose(cfg: Config) -> list[tuple[str, str, str]]:
     logging.getLogger().setLevel(logging.ERROR)   # the checks speak for themselves
     return [
         ("config", "ok", f"{cfg.file or 'no file: built-in defaults'}; data dir {cfg.data_dir}"),
         _check("ledger", lambda: _ledger(cfg)),
         _check("backend", lambda: _backend(cfg)),
+        *([_check("folders", lambda: _comfyui_folders(cfg))]
+          if cfg.generation.backend == "comfyui" else []),
         _check("torch", lambda: _torch(cfg)),
         _check("gpu", lambda: _gpu(cfg)),
         _check("codec", lambda: _codec(cfg)),

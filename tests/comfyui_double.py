@@ -33,10 +33,11 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -196,11 +197,109 @@ class _Server(ThreadingHTTPServer):
             self.open_sockets.clear()
 
 
+FOLDERS = ("input", "output", "temp")
+
+
+class Folders(MutableMapping):
+    """The server's folders on disk, as ComfyUI keeps them under its base directory:
+    <root>/input (uploads), <root>/output (SaveImage), <root>/temp (PreviewImage), keyed
+    (type, subfolder, name) -> bytes; a subfolder nests with "/". Real files, so what
+    the daemon deletes from a ComfyUI folder it knows is gone here too."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for kind in FOLDERS:
+            (root / kind).mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: tuple[str, str, str]) -> Path:
+        kind, subfolder, name = key
+        return self.root.joinpath(kind, *[p for p in subfolder.split("/") if p], name)
+
+    def __getitem__(self, key: tuple[str, str, str]) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+
+    def __setitem__(self, key: tuple[str, str, str], data: bytes) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def __delitem__(self, key: tuple[str, str, str]) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and len(key) == 3 and self.path(key).is_file()  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        for kind in FOLDERS:
+            base = self.root / kind
+            for path in sorted(base.rglob("*")):
+                if path.is_file():
+                    sub = path.parent.relative_to(base).as_posix()
+                    yield kind, "" if sub == "." else sub, path.name
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def names(self, kind: str, subfolder: str = "") -> list[str]:
+        folder = self.path((kind, subfolder, "x")).parent
+        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+class Inputs(MutableMapping):
+    """The input folder alone, keyed (subfolder, name): what LoadImage can load."""
+
+    def __init__(self, folders: Folders) -> None:
+        self.folders = folders
+
+    def __getitem__(self, key: tuple[str, str]) -> bytes:
+        return self.folders[("input", *key)]
+
+    def __setitem__(self, key: tuple[str, str], data: bytes) -> None:
+        self.folders[("input", *key)] = data
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        del self.folders[("input", *key)]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and ("input", *key) in self.folders
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((sub, name) for kind, sub, name in self.folders if kind == "input")
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def save_counter(folder: Path, stem: str) -> int:
+    """ComfyUI's folder_paths.get_save_image_path: one more than the highest counter of
+    the files named `<stem>_<counter>_…` in the folder (1 when there are none), so a
+    counter goes on from the files already there, and starts over when they are gone."""
+    best = 0
+    if folder.is_dir():
+        for name in os.listdir(folder):
+            head = name[:len(stem) + 1]
+            try:
+                digits = int(name[len(stem) + 1:].split("_")[0])
+            except ValueError:
+                digits = 0
+            if os.path.normcase(head[:-1]) == os.path.normcase(stem) and head[-1:] == "_":
+                best = max(best, digits)
+    return best + 1
+
+
 class ComfyUIDouble:
-    """Start with `start()` (or as a context manager); `url` is where it listens."""
+    """Start with `start()` (or as a context manager); `url` is where it listens. Its
+    folders (input/, output/, temp/) are real, under `root` (a temporary directory when
+    none is given); models/ is there too, for a config's comfyui.models_dir."""
 
     def __init__(self, port: int = 0, *, delay: float = 0.0,
-                 checkpoints: list[str] | None = None) -> None:
+                 checkpoints: list[str] | None = None, root: Path | str | None = None) -> None:
         self.delay = delay
         self.delay_max: float | None = None   # set: each prompt takes uniform(delay, delay_max)
         self.object_info = json.loads(shared_file("object_info.json").read_text())
@@ -209,8 +308,15 @@ class ComfyUIDouble:
             self.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = list(checkpoints)
         self.faults = Faults()
         self.requests: list[Recorded] = []
-        self.inputs: dict[tuple[str, str], bytes] = {}      # (subfolder, name) -> bytes
-        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, name) -> bytes
+        if root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="comfyui-double-")
+            root = self._tmp.name
+        self.root = Path(root)
+        (self.root / "models").mkdir(parents=True, exist_ok=True)
+        self.files = Folders(self.root)         # (type, subfolder, name) -> bytes, on disk
+        self.inputs = Inputs(self.files)        # (subfolder, name) -> bytes: input/ alone
+        self._clear_temp()                      # as ComfyUI does when it starts
+        self._preview_prefix: dict[str, str] = {}   # PreviewImage node -> its random prefix
         self.pending: list[Item] = []
         self.running: Item | None = None
         self.history: dict[str, dict[str, Any]] = {}
@@ -218,7 +324,6 @@ class ComfyUIDouble:
         self.started_at: dict[str, float] = {}    # prompt_id -> time.monotonic() it began running
         self.freed = 0
         self._number = 0
-        self._counters: dict[str, int] = {}
         self._generation = 0      # bumped by forget(): a run in flight is dropped
         self._interrupt = False
         self.sockets: dict[str, _Socket] = {}     # sid -> socket, as ComfyUI's server.sockets
@@ -277,14 +382,23 @@ class ComfyUIDouble:
             self.faults.fail.extend([(method, path, status)] * count)
 
     def forget(self) -> None:
-        """A simulated restart: queue, running prompt and history are gone (files stay)."""
+        """A simulated restart: queue, running prompt and history are gone, and temp/ is
+        emptied as ComfyUI empties it when it starts (input/ and output/ stay)."""
         with self._cond:
             self.pending.clear()
             self.running = None
             self.history.clear()
             self._cache.clear()
+            self._clear_temp()
+            self._preview_prefix.clear()
             self._generation += 1
             self._cond.notify_all()
+
+    def _clear_temp(self) -> None:
+        """ComfyUI's cleanup_temp() at start: the whole temp directory goes."""
+        import shutil
+        shutil.rmtree(self.root / "temp", ignore_errors=True)
+        (self.root / "temp").mkdir(parents=True, exist_ok=True)
 
     def posts_for(self, prompt_id: str) -> int:
         return sum(1 for r in self.requests if r.method == "POST" and r.path == "/prompt"
@@ -547,15 +661,22 @@ class ComfyUIDouble:
         return img
 
     def _save(self, out: str, prompt: dict[str, Any]) -> list[dict[str, str]]:
-        """SaveImage / PreviewImage: the rendered PNG under the next free counter."""
+        """SaveImage / PreviewImage, as ComfyUI's save_images: the rendered PNG named
+        <prefix>_<counter>_.png with the counter after the highest already in the folder.
+        SaveImage writes to output/ under its filename_prefix; PreviewImage to temp/ under
+        "ComfyUI_temp_" and five random letters, drawn once per node instance."""
         buf = io.BytesIO()
         self._render(out, prompt).save(buf, "PNG")
-        prefix = str(prompt[out]["inputs"].get("filename_prefix", "ComfyUI"))
+        if prompt[out]["class_type"] == "SaveImage":
+            kind, prefix = "output", str(prompt[out]["inputs"].get("filename_prefix", "ComfyUI"))
+        else:
+            kind = "temp"
+            prefix = self._preview_prefix.setdefault(out, "ComfyUI_temp_" + "".join(
+                random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5)))
         subfolder, _, stem = prefix.rpartition("/")
-        kind = "output" if prompt[out]["class_type"] == "SaveImage" else "temp"
         with self._cond:
-            self._counters[prefix] = self._counters.get(prefix, 0) + 1
-            filename = f"{stem}_{self._counters[prefix]:05d}_.png"
+            counter = save_counter(self.files.path((kind, subfolder, stem)).parent, stem)
+            filename = f"{stem}_{counter:05d}_.png"
             self.files[(kind, subfolder, filename)] = buf.getvalue()
         ref = {"filename": filename, "subfolder": subfolder, "type": kind}
         if self.faults.output_override:
@@ -954,7 +1075,6 @@ class ComfyUIDouble:
                     i += 1
                 name = candidate
             self.inputs[(subfolder, name)] = data
-            self.files[("input", subfolder, name)] = data
         self._json(h, {"name": name, "subfolder": subfolder, "type": "input"})
 
     def _get_view(self, h: _Handler, path: str, query: Any, *_: Any) -> None:

@@ -85,7 +85,10 @@ def test_img2img_keyframe(double, make, tmp_path):
     result = backend.generate(req)
     assert result.image.size == (64, 32) and result.image.mode == "RGB"
     assert result.info["prompt_id"] == req.prompt_id and result.info["server"] == double.url
-    assert result.info["outputs"]["8"]["images"][0]["subfolder"] == "dreamd"
+    # the shipped workflow ends in PreviewImage: the result is in ComfyUI's temp/
+    image = result.info["outputs"]["8"]["images"][0]
+    assert image["type"] == "temp" and image["subfolder"] == ""
+    assert image["filename"].startswith("ComfyUI_temp_") and result.info["output_type"] == "temp"
     assert Path(result.info["saved"]).is_relative_to(tmp_path / "data")
     posted = [r.body for r in double.requests if r.path == "/prompt"]
     assert len(posted) == 1 and posted[0]["prompt_id"] == req.prompt_id

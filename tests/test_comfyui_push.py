@@ -81,7 +81,7 @@ def test_progress_is_reported_step_by_step_then_cleared(double, make):
     backend.generate(req)
     steps = [(p["node"], p["node_type"], p["step"], p["steps"]) for p in seen if p and p["step"]]
     assert steps == [("6", "KSampler", i, 5) for i in range(1, 6)]
-    assert {"node": "8", "node_type": "SaveImage"}.items() <= next(
+    assert {"node": "8", "node_type": "PreviewImage"}.items() <= next(
         p for p in seen if p and p["node"] == "8").items()
     assert seen[-1] is None
 

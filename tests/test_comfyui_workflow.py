@@ -37,8 +37,9 @@ def test_shipped_img2img_mapping():
         "image": "2.inputs.image", "prompt": "4.inputs.text", "negative_prompt": "5.inputs.text",
         "seed": "6.inputs.seed", "steps": "6.inputs.steps", "cfg": "6.inputs.cfg",
         "sampler": "6.inputs.sampler_name", "scheduler": "6.inputs.scheduler",
-        "denoise": "6.inputs.denoise", "checkpoint": "1.inputs.ckpt_name",
-        "filename_prefix": "8.inputs.filename_prefix"}
+        "denoise": "6.inputs.denoise", "checkpoint": "1.inputs.ckpt_name"}
+    # PreviewImage: the result goes to ComfyUI's temp/, never piling up in its output/
+    assert wf["8"]["class_type"] == "PreviewImage" and output_node(wf, default_mapping(wf)) == "8"
 
 
 def test_shipped_txt2img_mapping_has_size_and_no_denoise():

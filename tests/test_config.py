@@ -94,6 +94,32 @@ def test_bad_values_name_the_key(tmp_path, text, message):
     assert str(f) in str(info.value)
 
 
+@pytest.mark.parametrize("path", [r"C:\ComfyUI\models", r"C:\Users\me\ComfyUI\models"])
+def test_a_windows_path_in_double_quotes_hints_at_single_quotes(tmp_path, dreamd_env, path):
+    """TOML reads a backslash in double quotes as an escape, so a pasted Windows path
+    breaks the file (`\\C` is no escape; `\\U` wants hex digits): the error says to write
+    it in single quotes, and that advice, followed, gives the path the user meant."""
+    f = write(tmp_path / "win.toml", f'[comfyui]\nmodels_dir = "{path}"\n')
+    with pytest.raises(ConfigError) as info:
+        config.check_file(f)
+    message = str(info.value)
+    assert "not valid TOML" in message and str(f) in message
+    assert f"single quotes, '{path}'" in message
+    fixed = write(tmp_path / "fixed.toml", f"[comfyui]\nmodels_dir = '{path}'\n")
+    assert config.parse(fixed.read_text()).comfyui.models_dir == path
+    cli = subprocess.run(dreamd_cmd("config", "check", str(f)), env=dreamd_env,
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and f"'{path}'" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_a_toml_error_without_a_backslash_gets_no_path_hint(tmp_path):
+    f = write(tmp_path / "bad.toml", '[comfyui]\nmodels_dir = "C:/ComfyUI/models\n')
+    with pytest.raises(ConfigError) as info:
+        config.check_file(f)
+    assert "not valid TOML" in str(info.value) and "single quotes" not in str(info.value)
+
+
 def test_themes_parse(tmp_path):
     f = write(tmp_path / "t.toml", '[[prompts.themes]]\nname = "sea"\npositive = "deep ocean"\n'
                                    '[[prompts.themes]]\nname = "fire"\npositive = "embers"\n'

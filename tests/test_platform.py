@@ -66,7 +66,25 @@ def test_a_process_tree_ends_without_posix_signals_of_our_own(kind):
 def test_stop_signals_add_ctrl_break_on_windows(monkeypatch):
     assert platform.stop_signals()[:2] == (signal.SIGINT, signal.SIGTERM)
     monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)    # what Windows has
-    assert platform.stop_signals()[-1] == 21
+    monkeypatch.delattr(signal, "SIGHUP", raising=False)          # and what it has not
+    assert platform.stop_signals() == (signal.SIGINT, signal.SIGTERM, 21)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: a closed terminal's SIGHUP")
+def test_a_closed_terminal_s_sighup_is_a_stop_signal():
+    assert signal.SIGHUP in platform.stop_signals()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: a closed terminal's SIGHUP")
+def test_under_nohup_sighup_stays_ignored():
+    """`nohup dreamd run` starts it with SIGHUP ignored, asking to outlive the terminal:
+    the daemon keeps that instead of stopping."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in platform.stop_signals()
+        assert platform.stop_signals()[:2] == (signal.SIGINT, signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 # ---------------------------------------------------------------- the console

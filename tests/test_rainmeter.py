@@ -425,7 +425,8 @@ def test_the_installer_writes_windows_paths_the_commands_survive(tmp_path, data_
     # the buttons: RunCommand runs Program + " " + Parameter (no cmd.exe in between)
     for name, tail in [("MeasureRunPause", ["pause", "--reason", "paused from Rainmeter"]),
                        ("MeasureRunResume", ["resume"]), ("MeasureRunTheme", ["theme", "next"]),
-                       ("MeasureRunDenoiseUp", ["set", "generation.denoise=0.40"])]:
+                       ("MeasureRunDenoiseUp", ["set", "generation.denoise=0.40"]),
+                       ("MeasureRunStop", ["stop"])]:
         keys = sections[name]
         line = substitute(keys["Program"] + " " + keys["Parameter"], v)
         line = re.sub(r"\[MeasureDenoise\w+:2\]", "0.40", line)
@@ -433,6 +434,16 @@ def test_the_installer_writes_windows_paths_the_commands_survive(tmp_path, data_
     # the launcher: Rainmeter's [file args] action, run without a console
     launch = re.search(r'\]\[("#PythonW#".*?)\]$', sections["MeasureMode"]["IfTrueAction4"])
     file, args = rainmeter_run(substitute(launch.group(1), v))
+    assert file == v["PythonW"]
+    assert command_line_to_argv('"x" ' + args)[1:] == ["-m", "dreamd", *head, "run"]
+    # the right-click menu stops the daemon (through `dreamd stop`) and starts it again,
+    # each noting the launch done so the launcher does not start it behind the user's back
+    menu = sections["Rainmeter"]
+    assert menu["ContextAction3"] == ('[!SetVariable Launched 1]'
+                                      '[!CommandMeasure MeasureRunStop "Run"]')
+    start = re.fullmatch(r'\[!SetVariable Launched 1\]\[("#PythonW#".*?)\]',
+                         menu["ContextAction4"])
+    file, args = rainmeter_run(substitute(start.group(1), v))
     assert file == v["PythonW"]
     assert command_line_to_argv('"x" ' + args)[1:] == ["-m", "dreamd", *head, "run"]
     # the images and status.json are read from the output dir

@@ -70,7 +70,7 @@ def test_request_refuses_an_unknown_command_naming_them_all(ctx):
         with pytest.raises(ConfigError) as err:
             ledger_controls.request(conn, "snooze")
     assert str(err.value) == ("unknown control 'snooze': expected one of pause, resume, set, "
-                              "theme, free, inject")
+                              "theme, free, inject, stop")
     assert rows(ctx, "SELECT count(*) FROM controls") == [(0,)]
 
 

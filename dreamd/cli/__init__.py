@@ -322,6 +322,11 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return _control(args, "inject", {})
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from dreamd.cli.stop import stop
+    return stop(_config(args), args.timeout)
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from dreamd.tui.app import run
@@ -579,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop cleanly after this long")
     run.add_argument("--backend", choices=("procedural", "comfyui"),
                      help="keyframe backend (overrides generation.backend)")
+
+    sp = add("stop", cmd_stop, "stop the running daemon cleanly (also one started by the "
+             "Rainmeter skin, at login, or on another host sharing the data dir) and wait "
+             "for its stop; exit 0 stopped, 3 none running, 4 no stop within --timeout")
+    sp.add_argument("--timeout", type=_at_least_zero(float), metavar="SECONDS", default=60.0,
+                    help="how long to wait for the daemon to record its stop (default 60)")
 
     st = add("status", cmd_status, "data dir, ledger revision, rows per state, daemon liveness")
     st.add_argument("--json", action="store_true", help="machine-readable output")

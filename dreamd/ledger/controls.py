@@ -8,7 +8,9 @@ who made the pause in force, and what `dreamd config show` adds to the file.
 Commands: pause [reason], resume, set KEY=VALUE (a live knob; or reset KEY|all back to
 the config file), theme [NAME|next], free (the backends unload their models and free
 memory: what the game guard asks for), inject (the next keyframe the planner makes is an
-injection, whatever the chance).
+injection, whatever the chance), stop {"run": RUN_ID} (`dreamd stop`, the dashboard, the
+skin: that run stops cleanly, as on SIGTERM; a later run rejects it, so a stop sent to a
+daemon that died never stops the next one).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dreamd.ledger import queries, read_model, transitions
 from dreamd.ledger.models import Control, RuntimeState
 
 CT = Control.__table__
-COMMANDS = ("pause", "resume", "set", "theme", "free", "inject")
+COMMANDS = ("pause", "resume", "set", "theme", "free", "inject", "stop")
 RESET_ALL = "all"           # `dreamd set --reset all`: every stored knob
 
 

@@ -79,6 +79,8 @@ def apply(ctx: WorkerContext, command: str, args: dict[str, Any],
         return free(backend, ctx)
     if command == "inject":
         return inject(ctx)
+    if command == "stop":
+        return stop(ctx, args)
     if command == "pause":
         reason = str(args.get("reason") or "paused by user")
         ctx.facts["paused"], ctx.facts["pause_reason"] = True, reason
@@ -134,6 +136,18 @@ def inject(ctx: WorkerContext) -> dict[str, Any]:
     if not c.injections:
         raise ValueError("injections are off (cache.injections = false)")
     ctx.facts["inject_requested"] = True
+    return {}
+
+
+def stop(ctx: WorkerContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Ask the daemon to stop, as a stop signal would (dreamd/daemon.py reads the fact
+    in its wait and records `exit_reason` from it). Only the run it was sent to obeys:
+    a stop left waiting by a daemon that died must not end the next one at its start."""
+    run = args.get("run")
+    if run is not None and run != ctx.run_id:
+        raise ValueError(f"meant for daemon run {run}, which is gone; this is run "
+                         f"{ctx.run_id}")
+    ctx.facts["stop_requested"] = str(args.get("reason") or "stopped by `dreamd stop`")
     return {}
 
 

@@ -34,6 +34,7 @@ history entry is told apart from the new run by its queue number.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 
 PLACEMENTS_KEPT = 1024  # retries come soon after a failure; older ones ask every server
 INTERRUPT_WAIT = 10.0   # seconds interrupt() waits for a prompt being posted to be cancelled
+# Inputs are uploaded under INPUT_SLOTS names, by chain index, overwriting: ComfyUI's input
+# dir keeps that many files for a whole run. Keyframes are made one after another (k+1 is
+# img2img of k), so with two slots a prompt still queued keeps its own input.
+INPUT_SLOTS = 2
 STOP_CHECK = 0.25       # seconds: how soon a wait on the socket notices that dreamd stops
 
 TRANSIENT_EXECUTION = re.compile(
@@ -155,7 +160,7 @@ class ComfyUIBackend:
                  txt2img_mapping: dict[str, str] | None = None,
                  checkpoint: str | None = None,
                  data_dir: str | Path | None = None,
-                 upload_subfolder: str = "dreamd",
+                 upload_subfolder: str = "dreamd", input_tag: str = "dreamd",
                  connect_timeout: float = 3.0, read_timeout: float = 30.0, tries: int = 4,
                  poll_interval: float = 0.25, queue_check_interval: float = 1.0,
                  deadline: float = 300.0, bench_base: float = 2.0, bench_cap: float = 300.0,
@@ -178,6 +183,9 @@ class ComfyUIBackend:
                                     "ckpt_name slot was found; map 'checkpoint' explicitly")
         self.data_dir = Path(data_dir) if data_dir else None
         self.upload_subfolder = upload_subfolder
+        # names this process's inputs: daemons on other data dirs sharing a server must not
+        # overwrite each other's slots
+        self.input_tag = input_tag
         self.poll_interval, self.queue_check_interval = poll_interval, queue_check_interval
         self.deadline = deadline
         self._sleep, self._clock = sleep, clock
@@ -517,8 +525,9 @@ class ComfyUIBackend:
         info = self._object_info(url)
         values = dict(job.values)
         if job.png is not None:
-            job.upload = values["image"] = self._servers[url].client.upload_image(
-                job.png, subfolder=self.upload_subfolder)
+            slot = job.request.chain_index % INPUT_SLOTS
+            job.upload = values["image"] = self._servers[url].client.upload_as(
+                job.png, f"{self.input_tag}_input_{slot}.png", subfolder=self.upload_subfolder)
         filled = fill(job.template.workflow, job.template.mapping, values)
         check_against(filled, info, source=job.template.source, server=url)
         return filled
@@ -638,6 +647,11 @@ class ComfyUIBackend:
         return KeyframeResult(image, info={
             "prompt_id": job.prompt_id, "server": url, "outputs": entry.get("outputs", {}),
             "output": str(ref.relative_path), "saved": str(saved) if saved else None,
+            # what the keyframe left in the server's folders, and their bytes' hashes: a
+            # ComfyUI whose folders the daemon knows has them removed once the keyframe is
+            # in the ledger (dreamd/backends/comfyui/folders.py), and only when they match
+            "output_type": ref.type, "output_sha256": hashlib.sha256(data).hexdigest(),
+            "upload_sha256": hashlib.sha256(job.png).hexdigest() if job.png else None,
             "workflow": job.template.source, "upload": job.upload, "posts": job.posts,
             "resubmissions": job.resubmissions, "reattached": job.reattached,
             "pushed": job.pushed,
@@ -652,7 +666,7 @@ class ComfyUIBackend:
             if images:
                 return check_output_ref(images[0])
         raise PermanentBackendError(f"ComfyUI at {url}: prompt {job.prompt_id} finished without an "
-                                    "image output; the workflow must end in SaveImage")
+                                    "image output; the workflow must end in PreviewImage or SaveImage")
 
     def _save(self, ref: OutputRef, data: bytes) -> Path | None:
         """Keep the raw output under data_dir, written to a temporary name and renamed."""

@@ -223,6 +223,7 @@ class ComfyUIClient:
         self._session = requests.Session()
         # sha name -> LoadImage reference ("subfolder/name"); what this process already uploaded.
         self._uploaded: OrderedDict[str, str] = OrderedDict()
+        self._slots: dict[str, tuple[str, str]] = {}   # "subfolder/name" -> (sha256, ref)
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -314,9 +315,29 @@ class ComfyUIClient:
             self._uploaded.popitem(last=False)
         return ref
 
+    def upload_as(self, png: bytes, name: str, *, subfolder: str = "dreamd") -> str:
+        """Upload under a fixed name, replacing the file there (overwrite=true, transcript
+        section 12): the daemon's inputs take a bounded set of names, so ComfyUI's input
+        dir holds a few files, not one per keyframe. The same bytes under the same name
+        are not sent twice. Returns the LoadImage value ("subfolder/name")."""
+        digest = hashlib.sha256(png).hexdigest()
+        key = f"{subfolder}/{name}"
+        if self._slots.get(key, (None,))[0] == digest:
+            return self._slots[key][1]
+        body = self._json("POST", "/upload/image", files={"image": (name, png, "image/png")},
+                          data={"subfolder": subfolder, "type": "input", "overwrite": "true"})
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise PermanentBackendError(f"POST {self.base_url}/upload/image answered {str(body)[:200]}")
+        ref = f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]
+        self._slots[key] = (digest, ref)
+        return ref
+
     def forget_upload(self, png: bytes) -> None:
         """The server lost the file (its input dir was cleaned): upload it again next time."""
         self._uploaded.pop(content_name(png), None)
+        digest = hashlib.sha256(png).hexdigest()
+        for key in [k for k, (d, _) in self._slots.items() if d == digest]:
+            del self._slots[key]
 
     def queue_prompt(self, workflow: dict[str, Any], prompt_id: str) -> int:
         """POST /prompt with our prompt_id (transcript section 34); returns its queue number."""

@@ -30,12 +30,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dreamd.backends import KeyframeRequest, KeyframeResult
 from dreamd.backends.comfyui.backend import ComfyUIBackend
 from dreamd.backends.comfyui.client import (ComfyUIClient, PromptRejectedError,
                                             ServerUnreachableError)
+from dreamd.backends.comfyui.folders import Tidy, locate, sweep_once
 from dreamd.backends.comfyui.supervisor import ComfyUISupervisor, stop_process_tree
 from dreamd.backends.comfyui.workflow import WorkflowError
 from dreamd.errors import ConfigError, PermanentBackendError, TransientBackendError
@@ -63,8 +64,14 @@ class DaemonBackend:
                  engine: Any = None, fallback: Any = None,
                  supervisor: ComfyUISupervisor | None = None, pid_path: Path | None = None,
                  probe_timeouts: tuple[float, float] = (3.0, 5.0),
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None, tidy: Tidy | None = None,
+                 sweep: Callable[[], int] | None = None) -> None:
         self.comfy = comfy
+        # a ComfyUI whose folders the daemon knows: each keyframe's files there go once
+        # the ledger has it (folders.py), and what older versions left is swept once
+        self.tidy, self._sweep = tidy, sweep
+        self._tidy_lock = threading.Lock()
+        self._generating = 0           # keyframes being made now (their uploads in use)
         self.facts = facts if facts is not None else {}
         self.engine = engine
         self.fallback = fallback
@@ -101,6 +108,8 @@ class DaemonBackend:
         if self.fallback is not None and self._all_down():
             return self._fall_back(request)
         self._chain_index = request.chain_index
+        with self._tidy_lock:
+            self._generating += 1
         try:
             result = self.comfy.generate(request)
         except (WorkflowError, PromptRejectedError) as exc:
@@ -125,11 +134,24 @@ class DaemonBackend:
                 return self._fall_back(request)
             self.publish()
             raise
+        finally:
+            with self._tidy_lock:
+                self._generating -= 1
         with self._lock:
             self._permanent = 0
             self._ever_up = True
         self._fallback_noted = False
+        if self.tidy is not None:
+            with self._tidy_lock:
+                self.tidy.add(result.info, request.chain_index)
         return result
+
+    def tidy_folders(self) -> int:
+        """Remove the server-side files of keyframes the ledger now has (health thread)."""
+        if self.tidy is None:
+            return 0
+        with self._tidy_lock:
+            return self.tidy.tidy(inputs=not self._generating)
 
     def free(self) -> dict[str, str | None]:
         """Unload models and free memory on every server that answers (the guard's call when
@@ -152,6 +174,10 @@ class DaemonBackend:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        try:
+            self.tidy_folders()         # the last keyframe's files, when it was completed
+        except Exception:
+            log.exception("removing keyframe files from ComfyUI's folders")
         if self.supervisor is not None:
             code = self.supervisor.stop()
             log.info("stopped the supervised ComfyUI (exit code %s)", code)
@@ -171,9 +197,15 @@ class DaemonBackend:
         return self
 
     def _run(self) -> None:
+        if self._sweep is not None:
+            try:
+                self._sweep()
+            except Exception:
+                log.exception("sweeping what earlier versions left in ComfyUI's folders")
         while not self._stopping.wait(TICK):
             try:
                 self.check()
+                self.tidy_folders()
             except Exception:  # the thread must outlive a surprise; the next pass retries
                 log.exception("ComfyUI health check failed")
 
@@ -414,7 +446,8 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
             connect_timeout=c.connect_timeout_seconds, read_timeout=c.read_timeout_seconds,
             tries=c.tries, poll_interval=c.poll_interval_seconds,
             deadline=c.deadline_seconds, bench_cap=c.bench_seconds_max, sleep=sleep,
-            lookup_timeout=c.lookup_timeout_seconds, push=c.push, stopping=stopping)
+            lookup_timeout=c.lookup_timeout_seconds, push=c.push, stopping=stopping,
+            input_tag=input_tag(cfg))
     except WorkflowError as exc:  # a file or mapping that cannot work with any server
         raise ConfigError(f"[comfyui]: {exc}") from None
     fallback = None
@@ -446,11 +479,44 @@ def build_backend(cfg, ctx=None) -> DaemonBackend:
             # stopped by close(), even when the daemon fails before its own shutdown runs
             atexit.register(supervisor.stop)
 
+    tidy, sweep = None, None
+    found = locate(cfg)
+    if found is not None:
+        log.info("ComfyUI's folders, from %s: %s, %s, %s (a keyframe's files there are "
+                 "removed once it is in the ledger)", found.source, found.input, found.output,
+                 found.temp)
+        sweep = lambda: sweep_once(found, c.upload_subfolder, cfg.data_dir)  # noqa: E731
+        if ctx is not None:
+            tidy = Tidy(found, comfy.pool.urls, _keyframe_state(ctx))
     backend = DaemonBackend(
         comfy, facts=ctx.facts if ctx is not None else None,
         engine=ctx.engine if ctx is not None else None, fallback=fallback,
         supervisor=supervisor, pid_path=pid_path if supervisor is not None else None,
         probe_timeouts=(c.connect_timeout_seconds,
                         min(c.lookup_timeout_seconds, c.read_timeout_seconds)),
-        stopping=stopping)
+        stopping=stopping, tidy=tidy, sweep=sweep)
     return backend.start()
+
+
+def input_tag(cfg) -> str:
+    """The name stem of this data dir's uploads: daemons on other machines or data dirs
+    that share a server keep their own slots."""
+    import hashlib
+    import socket
+    where = f"{socket.gethostname()}:{Path(cfg.data_dir).resolve()}"
+    return f"dreamd_{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
+
+def _keyframe_state(ctx):
+    """(chain index, prompt_id) -> the state of that keyframe in the ledger (None: no such
+    row); found through the chain index's index."""
+    from sqlalchemy import select
+
+    from dreamd.ledger.models import Keyframe
+    t = Keyframe.__table__
+
+    def state_of(chain_index: int, prompt_id: str) -> str | None:
+        with ctx.reader.connect() as conn:
+            return conn.execute(select(t.c.state).where(
+                t.c.chain_index == chain_index, t.c.prompt_id == prompt_id)).scalar()
+    return state_of
