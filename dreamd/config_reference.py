@@ -202,7 +202,9 @@ MORE: dict[str, str] = {
         'where the daemon\'s values go in `workflow`, as key = `"<node id>.inputs.<name>"`'
         ' (`""` = leave it to the workflow); empty = found by walking the graph. Keys: '
         '`image`, `prompt`, `negative_prompt`, `seed`, `steps`, `cfg`, `sampler`, '
-        '`scheduler`, `denoise`, `width`, `height`, `checkpoint`, `filename_prefix`'
+        '`scheduler`, `denoise`, `width`, `height`, `checkpoint`, `filename_prefix` (only '
+        'for a workflow that ends in SaveImage; the shipped ones end in PreviewImage, '
+        'whose temp file ComfyUI names itself)'
     ),
     'comfyui.poll_interval_seconds': (
         'how often /history is asked while a prompt runs without a websocket (`push = '
@@ -242,14 +244,24 @@ MORE: dict[str, str] = {
         '`<data_dir>/logs/comfyui.log`'
     ),
     'guard.enabled': (
-        "pause generation and free VRAM (ComfyUI's `/free`, the local codec and embedder "
-        'off the GPU) while a known game runs; resume after it ends (see [The game '
-        'guard](internals.md#the-game-guard))'
+        'the guard: pause generation while a known game or GPU contention, a full-screen '
+        'window in front, the battery, battery saver or a locked session says nobody can '
+        'see the dream or the machine needs its power (each rule\'s `on_*` key says what it '
+        'does), and resume once every reason is gone; `false` turns every rule off (see [The '
+        'guard](guard.md))'
     ),
     'guard.known_games': (
         'process names that pause the dream: case-insensitive, `.exe` optional '
         '(`"EldenRing.exe"` also matches `eldenring` under Proton); the executable of the'
         ' game, not its launcher'
+    ),
+    'guard.check_interval_seconds': (
+        'how often every rule looks: the process list, the GPU, the window in front, the '
+        "battery (on Linux the session's lock state is read at most every 5 s)"
+    ),
+    'guard.resume_after_seconds': (
+        'how long a game (or GPU contention) must have been gone before that reason ends; '
+        'the dream resumes by itself once no reason is left'
     ),
     'guard.gpu_vram_gb': (
         'also pause while another process holds more than this much memory on the '
@@ -259,6 +271,28 @@ MORE: dict[str, str] = {
     'guard.gpu_utilization_percent': (
         'also pause while another process uses more than this share of the generation '
         "GPU's compute; 0 = off"
+    ),
+    'guard.on_game': (
+        'what a known game or GPU contention does: `keep` = nothing, `pause` = pause '
+        'generation (models stay loaded), `free` = pause, interrupt the keyframe in flight '
+        "(ComfyUI's `/interrupt`, then `/free`) and give the GPU back; the keyframe is "
+        'made again after the resume'
+    ),
+    'guard.on_fullscreen': (
+        'what a full-screen or maximised window in front does (Windows only: maximised, '
+        'covering 95 % of its own monitor, or Direct3D exclusive full-screen; never the '
+        'desktop, the taskbar, Rainmeter or a wallpaper host); `free` also gives the GPU '
+        'to borderless games not in `known_games`'
+    ),
+    'guard.fullscreen_ignore': (
+        'process names whose windows never count as full-screen: case-insensitive, '
+        '`.exe` optional, as in `known_games` (Rainmeter, Lively and Wallpaper Engine '
+        'never count anyway)'
+    ),
+    'guard.presence_resume_seconds': (
+        'how long a full-screen window, the battery, battery saver or the lock must have '
+        'been gone before that reason ends (a click on the taskbar does not flap the '
+        'pause); a game waits `resume_after_seconds`'
     ),
     'governor.enabled': (
         'choose N and the interpolation size from measured speeds, between your '
