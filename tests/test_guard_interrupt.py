@@ -181,3 +181,20 @@ def test_a_daemon_frees_comfyui_at_once_for_a_full_screen_window(daemon, tmp_pat
     made = rows(daemon, "SELECT prompt_id, attempt FROM keyframes WHERE id = :i",
                 i=postponed[0].id)[0]
     assert made.prompt_id != running.prompt_id and made.attempt == 1
+
+
+def test_a_prompt_interrupt_took_off_the_queue_is_not_posted_again(make):
+    """The waiting generate() may look between interrupt()'s /queue delete and its own
+    check: the prompt is then neither queued nor in history, which otherwise means the
+    server restarted and forgot it. It must not be posted again (it ran on, queued,
+    after the pause: seen under load)."""
+    from dreamd.backends.comfyui.backend import _Job
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = make(double.url)
+        job = _Job(request=request(), template=None, png=None, prompt_id="p-1", values={})
+        job.interrupted = job.cancelled = True          # what interrupt() had done
+        since = len(double.requests)
+        with pytest.raises(KeyframeInterruptedError):
+            backend._forgotten(double.url, job)
+        assert job.resubmissions == 0
+        assert not [r for r in double.requests[since:] if r.path == "/prompt"]

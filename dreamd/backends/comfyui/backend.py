@@ -609,7 +609,9 @@ class ComfyUIBackend:
                 log.exception("publishing the progress of a prompt failed")
 
     def _forgotten(self, url: str, job: _Job) -> None:
-        """Neither queued nor in history: the server restarted. Post it once more."""
+        """Neither queued nor in history: the server restarted. Post it once more, unless
+        interrupt() took it off the queue (then the look saw our own deletion)."""
+        self._check_interrupted(job)
         if job.resubmissions >= 1:
             raise TransientBackendError(f"ComfyUI at {url} forgot prompt {job.prompt_id} again after "
                                         "it was resubmitted; is it restarting in a loop?")
