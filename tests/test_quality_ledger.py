@@ -236,3 +236,24 @@ def test_the_views_thresholds_are_the_modules():
     sql = (REPO / "migrations" / "versions" / "0008_quality.py").read_text()
     assert re.search(rf"pop >= {metrics.POP_RATIO} THEN", sql)
     assert re.search(rf"change < {metrics.STAGNANT_CHANGE} THEN", sql)
+
+
+def test_a_full_disk_is_one_line_without_a_traceback(ctx, monkeypatch, caplog):
+    """A condition the daemon already reports (here the ledger's disk is full) is one
+    warning naming it; a traceback is kept for what nobody explains."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    def full(*args, **kwargs):
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(recorder, "_insert", full)
+    monkeypatch.setattr(recorder, "_failed_once", set())
+    k = [stored_keyframe(ctx, i, c) for i, c in enumerate((RED, BLUE))]
+    batch(ctx, k[0], k[1], 0)
+    with caplog.at_level(logging.DEBUG, logger="dreamd.quality"):
+        assert interpolation.tick(ctx, interpolation.Codecs(ctx)) == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].exc_info is None, warnings
+    assert "quality of segment 0 not measured (disk full)" in warnings[0].getMessage()

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select, text
 
+from dreamd.conditions import classify
 from dreamd.ledger.models import Keyframe
 from dreamd.quality import recorder
 from dreamd.storage.files import write_atomic
@@ -97,9 +98,11 @@ _told_gone: set[tuple[str, int]] = set()
 def _failed(chain_index: int, exc: BaseException) -> None:
     if not _failed_once.is_set():
         _failed_once.set()
-        log.warning("keyframe %d: colour coherence failed (%s: %s); its input goes as it "
+        condition = classify(exc)       # disk full, ledger busy: said elsewhere, no traceback
+        log.warning("keyframe %d: colour coherence failed (%s); its input goes as it "
                     "was, and later failures are logged at debug level", chain_index,
-                    type(exc).__name__, exc, exc_info=exc)
+                    condition or f"{type(exc).__name__}: {exc}",
+                    exc_info=None if condition else exc)
     else:
         log.debug("keyframe %d: colour coherence failed: %s", chain_index, exc)
 

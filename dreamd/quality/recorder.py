@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import insert, text
 
+from dreamd.conditions import classify
 from dreamd.ledger.models import Quality
 from dreamd.quality.metrics import (KeyframeQuality, SegmentQuality, colour_drift,
                                     measure_keyframe, measure_segment, small_copy)
@@ -61,10 +62,14 @@ def _failed(kind: str, chain_index: int, exc: BaseException) -> None:
     with _failed_lock:
         first = kind not in _failed_once
         _failed_once.add(kind)
+    # a known condition (disk full, ledger busy...) is said by its own machinery: one
+    # line here, no traceback; anything else is a bug worth its traceback
+    condition = classify(exc)
     if first:
-        log.warning("quality of %s %d not measured (%s: %s); the dream goes on, and later "
+        log.warning("quality of %s %d not measured (%s); the dream goes on, and later "
                     "failures are logged at debug level", kind, chain_index,
-                    type(exc).__name__, exc, exc_info=exc)
+                    condition or f"{type(exc).__name__}: {exc}",
+                    exc_info=None if condition else exc)
     else:
         log.debug("quality of %s %d not measured: %s", kind, chain_index, exc)
 
