@@ -190,21 +190,50 @@ async def refresh(state: ViewerState) -> bool:
 
 async def watch_status(state: ViewerState) -> None:
     """Publish the status to every page when status.json changes (twice a second while
-    the daemon writes it), and at least every HEARTBEAT seconds."""
+    the daemon writes it), and at least every HEARTBEAT seconds. While no page listens
+    it reads nothing (a viewer nobody looks at costs the daemon nothing); a page that
+    connects gets a fresh status from `/api/events` itself."""
     last_sent = 0.0
     while True:
-        changed = await refresh(state)
-        now = time.monotonic()
-        if state.hub.subscribers and (changed or now - last_sent >= HEARTBEAT):
-            state.hub.publish("status", payload(state))
-            last_sent = now
+        if state.hub.subscribers:
+            changed = await refresh(state)
+            now = time.monotonic()
+            if changed or now - last_sent >= HEARTBEAT:
+                state.hub.publish("status", payload(state))
+                last_sent = now
         await asyncio.sleep(STATUS_POLL)
 
 
 # ---------------------------------------------------------------- routes
 
+def _playhead(state: ViewerState) -> tuple[int, int, float] | None:
+    with state.reader.connect() as conn:
+        row = conn.execute(text(
+            "SELECT playhead_frame_id, playhead_chain_index, playhead_t FROM runtime_state "
+            "WHERE id = 1")).first()
+    return tuple(row) if row and row[0] is not None else None
+
+
+async def seed_current(state: ViewerState) -> None:
+    """The frame on screen before this viewer started (the daemon restarted paused, or
+    between two frames): a page opened now shows it rather than black until the next
+    frame, which while paused never comes."""
+    path = state.cfg.output_dir / "current_frame.png"
+    try:
+        playhead = await anyio.to_thread.run_sync(_playhead, state)
+        swapped_at = path.stat().st_mtime
+    except Exception as exc:    # no frame shown yet, or the ledger is busy: nothing to seed
+        log.debug("viewer: no frame on screen to start with: %s", exc)
+        return
+    frame_id, chain, t = playhead or (0, 0, 0.0)
+    state.hub.seed(frame_id, chain, t, path, swapped_at)
+
+
 def build_app(state: ViewerState) -> Starlette:
+    # the page's default fit mode, from web.fit (a closed list of words: safe in HTML)
     assets = _asset_bytes()
+    assets["index.html"] = assets["index.html"].replace(
+        b"<body>", f'<body data-fit="{state.cfg.web.fit}">'.encode(), 1)
     etags = {name: '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
              for name, data in assets.items()}
 
@@ -254,6 +283,8 @@ def build_app(state: ViewerState) -> Starlette:
             return JSONResponse({"error": "too many open event streams"}, status_code=503,
                                 headers=_headers("no-store"))
 
+        await refresh(state)        # the watcher reads nothing while no page listens
+
         async def stream():
             try:
                 yield ServerSentEvent(data=json.dumps(payload(state)), event="status",
@@ -282,6 +313,7 @@ def build_app(state: ViewerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.hub.bind(asyncio.get_running_loop())
+        await seed_current(state)
         task = asyncio.create_task(watch_status(state))
         try:
             yield
