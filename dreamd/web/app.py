@@ -57,6 +57,9 @@ STATUS_POLL = 0.2       # seconds between looks at status.json's modification ti
 LEDGER_EVERY = 1.0      # seconds between ledger reads for the theme and the knobs
 HEARTBEAT = 2.0         # a status event at least this often, so a page can tell a hung daemon
 RETRY_MS = 1000         # EventSource's reconnection delay after the stream drops
+# status keys that move at every frame: sent with the heartbeat, not as news
+VOLATILE = frozenset({"frame_number", "last_update", "uptime_hours", "age_seconds",
+                      "buffer_seconds", "generation_time"})
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -188,19 +191,29 @@ async def refresh(state: ViewerState) -> bool:
     return changed
 
 
+def _telling(status: dict[str, Any]) -> str:
+    """The part of a status a page must hear at once; the counters that move at every
+    frame (VOLATILE) wait for the heartbeat."""
+    return json.dumps({k: v for k, v in status.items() if k not in VOLATILE},
+                      sort_keys=True, default=str)
+
+
 async def watch_status(state: ViewerState) -> None:
-    """Publish the status to every page when status.json changes (twice a second while
-    the daemon writes it), and at least every HEARTBEAT seconds. While no page listens
-    it reads nothing (a viewer nobody looks at costs the daemon nothing); a page that
-    connects gets a fresh status from `/api/events` itself."""
-    last_sent = 0.0
+    """Publish the status to every page when it changes in a way a page shows at once
+    (state, pause, keyframe, theme, knobs, a problem…), and at least every HEARTBEAT
+    seconds with the counters. status.json is rewritten at every frame: publishing each
+    rewrite sent every page five events a second to say the frame number moved. While
+    no page listens it reads nothing (a viewer nobody looks at costs the daemon
+    nothing); a page that connects gets a fresh status from `/api/events` itself."""
+    last_sent, last_told = 0.0, None
     while True:
         if state.hub.subscribers:
             changed = await refresh(state)
             now = time.monotonic()
-            if changed or now - last_sent >= HEARTBEAT:
+            told = _telling(payload(state)) if changed else last_told
+            if told != last_told or now - last_sent >= HEARTBEAT:
                 state.hub.publish("status", payload(state))
-                last_sent = now
+                last_sent, last_told = now, told
         await asyncio.sleep(STATUS_POLL)
 
 
