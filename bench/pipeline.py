@@ -12,7 +12,8 @@ DEBUG logs (the workers' `timing` lines), then reads the ledger:
 - idle CPU (a run of its own, `idle()`): the buffer filled with the display at 1 fps,
   then `dreamd set display.buffer_target_seconds=1` and `display.fps=<fps>` leave it far
   above target, so nothing needs producing while playback goes on at <fps>, every
-  surface on (web viewer, status.json, guard, janitor); the daemon's CPU time over that
+  surface on (web viewer with `--pages` pages open: 1 by default, each its event
+  stream and every frame announced; status.json, guard, janitor); the daemon's CPU time over that
   window / wall time, in slices (median, min-max: the spread says how noisy it was);
   `--idle-only` runs just this;
 - peak RSS: VmHWM of the daemon process.
@@ -21,6 +22,8 @@ DEBUG logs (the workers' `timing` lines), then reads the ledger:
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import platform
 import re
@@ -30,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from datetime import datetime
 from pathlib import Path
 
@@ -170,7 +175,40 @@ def cpu_slices(ps: psutil.Process, seconds: float) -> list[float]:
     return out
 
 
-def idle(fps: float, fill_seconds: float, idle_seconds: float) -> dict:
+class Page(threading.Thread):
+    """What an open viewer page asks of the daemon: its event stream, and each frame
+    announced on it (as viewer.js does; the browser's own CPU is bench/web.py's)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.base = urllib.parse.urlsplit(url)
+        self.frames = 0
+        self.conn: http.client.HTTPConnection | None = None
+
+    def run(self) -> None:
+        host, port = self.base.hostname, self.base.port
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        getter = http.client.HTTPConnection(host, port, timeout=60)
+        self.conn.request("GET", "/api/events")
+        kind = None
+        try:
+            for raw in self.conn.getresponse():
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "frame":
+                    getter.request("GET", json.loads(line[6:])["url"])
+                    getter.getresponse().read()
+                    self.frames += 1
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            pass                                        # closed, or the daemon stopped
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def idle(fps: float, fill_seconds: float, idle_seconds: float, pages: int = 0) -> dict:
     """The daemon's CPU with a full buffer at `fps`, nothing to produce, every surface on
     (the web viewer, status.json, the guard, the janitor). The buffer fills with the
     display at FILL_FPS (at 15 fps a busy 2-core machine produces little faster than it
@@ -194,9 +232,17 @@ def idle(fps: float, fill_seconds: float, idle_seconds: float) -> dict:
         count = "SELECT count(*) FROM frames"
         made_before = db.execute(count).fetchone()[0]
         ahead = db.execute("SELECT count(*) FROM frames WHERE state = 'ready'").fetchone()[0]
+        viewers = [Page(json.loads((data / "web.json").read_text())["url"])
+                   for _ in range(pages)]
+        for v in viewers:
+            v.start()
+        time.sleep(1 if viewers else 0)                  # connected, first frame fetched
         idle_from = datetime.utcnow()
         slices = cpu_slices(ps, idle_seconds)
         idle_to = datetime.utcnow()
+        fetched = sum(v.frames for v in viewers)
+        for v in viewers:
+            v.close()
         made_during = db.execute(count).fetchone()[0] - made_before
         shown = [datetime.fromisoformat(r[0]) for r in db.execute(
             "SELECT shown_at FROM frames WHERE shown_at IS NOT NULL ORDER BY shown_at")]
@@ -209,17 +255,19 @@ def idle(fps: float, fill_seconds: float, idle_seconds: float) -> dict:
               file=sys.stderr)
     return {"idle_cpu_pct": statistics.median(slices), "idle_cpu_min": min(slices),
             "idle_cpu_max": max(slices), "idle_ready_frames": ahead,
-            "idle_frames_made": made_during,
+            "idle_frames_made": made_during, "idle_frames_fetched": fetched,
             "quiet_jitter_p50_ms": pct(quiet, 50), "quiet_jitter_p99_ms": pct(quiet, 99)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=40.0, help="production + playback phase")
-    ap.add_argument("--fill-seconds", type=float, default=40.0,
+    ap.add_argument("--fill-seconds", type=float, default=80.0,
                     help="an idle run's filling phase (display at FILL_FPS)")
     ap.add_argument("--idle-seconds", type=float, default=20.0, help="idle CPU window")
     ap.add_argument("--fps", type=float, nargs="+", default=[4.0, 15.0])
+    ap.add_argument("--pages", type=int, default=1,
+                    help="viewer pages open during the idle window (event stream + frames)")
     ap.add_argument("--idle-only", action="store_true",
                     help="only the idle runs (the CPU with a full buffer), not production")
     args = ap.parse_args()
@@ -227,15 +275,16 @@ def main() -> None:
     print(f"# {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.1f}")
-    idles = [idle(fps, args.fill_seconds, args.idle_seconds) for fps in args.fps]
+    idles = [idle(fps, args.fill_seconds, args.idle_seconds, args.pages) for fps in args.fps]
     if args.idle_only:
         print("| measure | " + " | ".join(f"{fps:g} fps" for fps in args.fps) + " |")
         print("|---|" + "---|" * len(args.fps))
         print(f"| daemon CPU % of one core, buffer full (median of {IDLE_WINDOWS} slices, "
               "min-max) | " + " | ".join(f"{r['idle_cpu_pct']:.2f} ({r['idle_cpu_min']:.2f}-"
                                          f"{r['idle_cpu_max']:.2f})" for r in idles) + " |")
-        print("| frames ready / made in the window | " + " | ".join(
-            f"{r['idle_ready_frames']} / {r['idle_frames_made']}" for r in idles) + " |")
+        print("| frames ready / made in the window / fetched by the pages | " + " | ".join(
+            f"{r['idle_ready_frames']} / {r['idle_frames_made']} / {r['idle_frames_fetched']}"
+            for r in idles) + " |")
         return
     # INFO runs for playback, CPU and memory; one DEBUG run for the stage timings
     # (its per-frame log lines cost CPU of their own)
