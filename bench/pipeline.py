@@ -1,7 +1,7 @@
 """The daemon end to end on the embedded default: stage timings, production rate
 against the display rate, display jitter, idle CPU and peak RSS. Not a test.
 
-    .venv/bin/python bench/pipeline.py [--seconds 60] [--fps 4 15]      (or: make bench)
+    .venv/bin/python bench/pipeline.py [--seconds 60] [--fps 4 15] [--idle-only]  (or: make bench)
 
 For each display rate it runs `dreamd run` as a subprocess at 512x256, N=10, with
 DEBUG logs (the workers' `timing` lines), then reads the ledger:
@@ -9,15 +9,21 @@ DEBUG logs (the workers' `timing` lines), then reads the ledger:
   target is set far away so production never waits);
 - jitter: |interval between consecutive shows - 1/fps|, once playback started,
   excluding underrun holds (counted separately);
-- idle CPU: after filling, `dreamd set display.buffer_target_seconds=1` leaves the
-  buffer far above target, so nothing needs producing while playback goes on; the
-  daemon's CPU time over that window / wall time;
+- idle CPU (a run of its own, `idle()`): the buffer filled with the display at 1 fps,
+  then `dreamd set display.buffer_target_seconds=1` and `display.fps=<fps>` leave it far
+  above target, so nothing needs producing while playback goes on at <fps>, every
+  surface on (web viewer with `--pages` pages open: 1 by default, each its event
+  stream and every frame announced; status.json, guard, janitor); the daemon's CPU time over that
+  window / wall time, in slices (median, min-max: the spread says how noisy it was);
+  `--idle-only` runs just this;
 - peak RSS: VmHWM of the daemon process.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import platform
 import re
@@ -27,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from datetime import datetime
 from pathlib import Path
 
@@ -44,7 +52,11 @@ fps = {fps}
 buffer_target_seconds = 3000.0
 min_buffer_seconds = 5.0
 max_output_frames = 100000
+[web]
+port = 0
 """
+IDLE_WINDOWS = 4     # the idle window is measured in slices: median, and min-max for noise
+FILL_FPS = 1.0       # the display rate while an idle run fills its buffer
 
 
 def pct(values: list[float], q: float) -> float:
@@ -109,11 +121,8 @@ def run(fps: float, seconds: float, idle_seconds: float, level: str = "INFO") ->
         # in-flight work (and the embedding backlog: production too) finishes first
         wait_idle(data / "dreamd.db", timeout=300)
         idle_from = datetime.utcnow()
-        before, w0 = ps.cpu_times(), time.monotonic()
         time.sleep(idle_seconds)
-        after, w1 = ps.cpu_times(), time.monotonic()
         idle_to = datetime.utcnow()
-        idle_cpu = 100 * ((after.user + after.system) - (before.user + before.system)) / (w1 - w0)
         try:
             hwm = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status")
                                 .read_text()).group(1)) * 1024
@@ -135,7 +144,6 @@ def run(fps: float, seconds: float, idle_seconds: float, level: str = "INFO") ->
     period = 1 / fps
     # playback starts after min_buffer; skip the first few shows
     busy, holds = jitter([t for t in shown[5:] if t <= producing_until], period)
-    quiet, _ = jitter([t for t in shown if idle_from <= t <= idle_to], period)
     kf, ip, dp = (timing_lines(log, k) for k in ("keyframe", "interpolation", "display"))
     frames = sum(t.get("frames", 0) for t in ip) or 1
     return {
@@ -150,25 +158,137 @@ def run(fps: float, seconds: float, idle_seconds: float, level: str = "INFO") ->
         "display_write_ms": statistics.median(t["write"] for t in dp) if dp else float("nan"),
         "jitter_p50_ms": pct(busy, 50), "jitter_p99_ms": pct(busy, 99),
         "jitter_max_ms": max(busy) if busy else float("nan"),
-        "quiet_jitter_p50_ms": pct(quiet, 50), "quiet_jitter_p99_ms": pct(quiet, 99),
         "shows": len(shown), "underrun_holds": holds,
-        "idle_cpu_pct": idle_cpu, "peak_rss_mb": hwm / 2**20, "created_span_s": span,
+        "peak_rss_mb": hwm / 2**20, "created_span_s": span,
     }
+
+
+def cpu_slices(ps: psutil.Process, seconds: float) -> list[float]:
+    """The process's CPU (% of one core) over `seconds`, in IDLE_WINDOWS slices."""
+    out = []
+    for _ in range(IDLE_WINDOWS):
+        before, w0 = ps.cpu_times(), time.monotonic()
+        time.sleep(seconds / IDLE_WINDOWS)
+        after, w1 = ps.cpu_times(), time.monotonic()
+        out.append(100 * ((after.user + after.system) - (before.user + before.system))
+                   / (w1 - w0))
+    return out
+
+
+class Page(threading.Thread):
+    """What an open viewer page asks of the daemon: its event stream, and each frame
+    announced on it (as viewer.js does; the browser's own CPU is bench/web.py's)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.base = urllib.parse.urlsplit(url)
+        self.frames = 0
+        self.conn: http.client.HTTPConnection | None = None
+
+    def run(self) -> None:
+        host, port = self.base.hostname, self.base.port
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        getter = http.client.HTTPConnection(host, port, timeout=60)
+        self.conn.request("GET", "/api/events")
+        kind = None
+        try:
+            for raw in self.conn.getresponse():
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "frame":
+                    getter.request("GET", json.loads(line[6:])["url"])
+                    getter.getresponse().read()
+                    self.frames += 1
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            pass                                        # closed, or the daemon stopped
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def idle(fps: float, fill_seconds: float, idle_seconds: float, pages: int = 0) -> dict:
+    """The daemon's CPU with a full buffer at `fps`, nothing to produce, every surface on
+    (the web viewer, status.json, the guard, the janitor). The buffer fills with the
+    display at FILL_FPS (at 15 fps a busy 2-core machine produces little faster than it
+    plays, so the buffer would never be full), then the display goes to `fps` and the
+    target to 1 s: the buffer stays far above it for the whole window."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        cfg = Path(tmp) / "dreamd.toml"
+        cfg.write_text(CONFIG.format(fps=FILL_FPS, level="INFO"))
+        env = {**os.environ, "DREAMD_DATA_DIR": str(data)}
+        dreamd = [sys.executable, "-m", "dreamd", "--config", str(cfg)]
+        proc = subprocess.Popen([*dreamd, "run", "--duration",
+                                 str(fill_seconds + idle_seconds + 600)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ps = psutil.Process(proc.pid)
+        time.sleep(fill_seconds)
+        for knob in ("display.buffer_target_seconds=1", f"display.fps={fps:g}"):
+            subprocess.run([*dreamd, "set", knob], env=env, check=True, capture_output=True)
+        wait_idle(data / "dreamd.db", timeout=300)
+        db = sqlite3.connect(f"file:{data / 'dreamd.db'}?mode=ro", uri=True)
+        count = "SELECT count(*) FROM frames"
+        made_before = db.execute(count).fetchone()[0]
+        ahead = db.execute("SELECT count(*) FROM frames WHERE state = 'ready'").fetchone()[0]
+        viewers = [Page(json.loads((data / "web.json").read_text())["url"])
+                   for _ in range(pages)]
+        for v in viewers:
+            v.start()
+        time.sleep(1 if viewers else 0)                  # connected, first frame fetched
+        idle_from = datetime.utcnow()
+        slices = cpu_slices(ps, idle_seconds)
+        idle_to = datetime.utcnow()
+        fetched = sum(v.frames for v in viewers)
+        for v in viewers:
+            v.close()
+        made_during = db.execute(count).fetchone()[0] - made_before
+        shown = [datetime.fromisoformat(r[0]) for r in db.execute(
+            "SELECT shown_at FROM frames WHERE shown_at IS NOT NULL ORDER BY shown_at")]
+        db.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    quiet, _ = jitter([t for t in shown if idle_from <= t <= idle_to], 1 / fps)
+    if made_during:
+        print(f"# warning: {made_during} frames made during the idle window at {fps:g} fps",
+              file=sys.stderr)
+    return {"idle_cpu_pct": statistics.median(slices), "idle_cpu_min": min(slices),
+            "idle_cpu_max": max(slices), "idle_ready_frames": ahead,
+            "idle_frames_made": made_during, "idle_frames_fetched": fetched,
+            "quiet_jitter_p50_ms": pct(quiet, 50), "quiet_jitter_p99_ms": pct(quiet, 99)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=40.0, help="production + playback phase")
-    ap.add_argument("--idle-seconds", type=float, default=15.0, help="idle CPU window")
+    ap.add_argument("--fill-seconds", type=float, default=80.0,
+                    help="an idle run's filling phase (display at FILL_FPS)")
+    ap.add_argument("--idle-seconds", type=float, default=20.0, help="idle CPU window")
     ap.add_argument("--fps", type=float, nargs="+", default=[4.0, 15.0])
+    ap.add_argument("--pages", type=int, default=1,
+                    help="viewer pages open during the idle window (event stream + frames)")
+    ap.add_argument("--idle-only", action="store_true",
+                    help="only the idle runs (the CPU with a full buffer), not production")
     args = ap.parse_args()
     import torch
     print(f"# {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.1f}")
+    idles = [idle(fps, args.fill_seconds, args.idle_seconds, args.pages) for fps in args.fps]
+    if args.idle_only:
+        print("| measure | " + " | ".join(f"{fps:g} fps" for fps in args.fps) + " |")
+        print("|---|" + "---|" * len(args.fps))
+        print(f"| daemon CPU % of one core, buffer full (median of {IDLE_WINDOWS} slices, "
+              "min-max) | " + " | ".join(f"{r['idle_cpu_pct']:.2f} ({r['idle_cpu_min']:.2f}-"
+                                         f"{r['idle_cpu_max']:.2f})" for r in idles) + " |")
+        print("| frames ready / made in the window / fetched by the pages | " + " | ".join(
+            f"{r['idle_ready_frames']} / {r['idle_frames_made']} / {r['idle_frames_fetched']}"
+            for r in idles) + " |")
+        return
     # INFO runs for playback, CPU and memory; one DEBUG run for the stage timings
     # (its per-frame log lines cost CPU of their own)
-    results = [run(fps, args.seconds, args.idle_seconds) for fps in args.fps]
+    results = [{**run(fps, args.seconds, 0), **r} for fps, r in zip(args.fps, idles)]
     timed = run(args.fps[0], args.seconds, 5, level="DEBUG")
     for r in results:
         for k in ("keyframe_ms", "keyframe_write_ms", "interp_ms_per_frame",
@@ -191,7 +311,8 @@ def main() -> None:
         ("display jitter p99 ms, buffer full, nothing to produce", "quiet_jitter_p99_ms",
          "{:.2f}"),
         ("frames shown / underrun holds", None, None),
-        ("daemon CPU % of one core, buffer full, nothing to produce", "idle_cpu_pct", "{:.2f}"),
+        ("daemon CPU % of one core, buffer full, nothing to produce (median of "
+         f"{IDLE_WINDOWS} slices, min-max)", "idle_cpu_pct", "{:.2f}"),
         ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ]
     print("| measure | " + " | ".join(f"{r['fps']:g} fps" for r in results) + " |")
@@ -199,6 +320,9 @@ def main() -> None:
     for label, key, fmt in rows:
         if label.startswith("production /"):
             cells = [f"{r['production_fps'] / r['fps']:.1f}x" for r in results]
+        elif key == "idle_cpu_pct":
+            cells = [f"{r['idle_cpu_pct']:.2f} ({r['idle_cpu_min']:.2f}-{r['idle_cpu_max']:.2f})"
+                     for r in results]
         elif label.startswith("frames shown"):
             cells = [f"{r['shows']} / {r['underrun_holds']}" for r in results]
         else:

@@ -10,6 +10,7 @@ where each value came from, so `dreamd config show` can say so.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -494,6 +495,11 @@ class Web:
                               "needs the token stored in <data_dir>/web-token")
     controls: bool = key(True, "offer pause, resume, theme, denoise, fps and interpolation "
                                "frames on the page (false = a page that only shows)")
+    fit: str = key("cover", "how a frame fills the viewer's page: cover = the whole page, "
+                            "edges cropped; contain = the whole frame, black bars; stretch = "
+                            "the whole page, distorted (a page's ?fit= overrides it, so each "
+                            "monitor's page can have its own)",
+                   choices=("cover", "contain", "stretch"))
 
 
 @dataclass
@@ -560,11 +566,18 @@ SECTIONS = [f.name for f in fields(Config) if is_dataclass(f.default_factory)]  
 
 def key_paths() -> list[tuple[str, Any]]:
     """Every documented key as ("section.key", dataclass field)."""
+    return list(_key_paths())
+
+
+@functools.cache
+def _key_paths() -> tuple[tuple[str, Any], ...]:
+    # the schema never changes while the program runs, and evaluating its annotations
+    # (get_type_hints) is dear: the surfaces check knobs several times a second
     out = []
     for section in SECTIONS:
         cls = _section_class(section)
         out.extend((f"{section}.{f.name}", f) for f in fields(cls))
-    return out
+    return tuple(out)
 
 
 def live_knobs() -> dict[str, Any]:
@@ -598,7 +611,12 @@ def path_keys() -> list[tuple[str, Any]]:
 
 
 def _section_class(section: str) -> type:
-    return get_type_hints(Config)[section]
+    return _type_hints(Config)[section]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
 # ---------------------------------------------------------------- validation
@@ -872,7 +890,7 @@ def check_value(path: str, value: Any) -> Any:
     if path not in fields_:
         raise ConfigError(f"unknown key {path!r}")
     section, name = path.split(".")
-    tp = get_type_hints(_section_class(section))[name]
+    tp = _type_hints(_section_class(section))[name]
     return _check_value(path, value, tp, dict(fields_[path].metadata))
 
 

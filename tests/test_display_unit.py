@@ -72,6 +72,19 @@ def test_write_puts_one_key_a_line_and_replaces_the_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
+@pytest.mark.parametrize("progress", [None, {}, {"keyframe": 3, "step": 2, "steps": 4,
+                                                  "node": "6", "node_type": "KSampler"}])
+def test_the_encoding_is_json_indented_by_two_byte_for_byte(progress):
+    """status.json is encoded key by key with the C encoder (it is written at every
+    frame): the bytes must be json.dumps(indent=2)'s, nested values and escapes included."""
+    values = {k: None for k in status_json.KEYS}
+    values.update(status="playing", frame_number=12, current_prompt='a "dream"\nof é',
+                  buffer_seconds=2.5, paused=False, keyframe_progress=progress,
+                  generation_time=float("nan"))
+    status = status_json.build(**values)
+    assert status_json.encode(status) == json.dumps(status, indent=2).encode()
+
+
 def test_write_raises_an_error_that_is_not_a_full_disk(tmp_path):
     # the temp name next to a 250-character name is too long for the file system, but
     # the file itself can be opened: only a full disk may make it write in place

@@ -163,6 +163,56 @@ def test_status_carries_the_overlay_facts(site):
     assert status["age_seconds"] > 0 and body["frame"] is None
 
 
+@pytest.mark.parametrize("fit", [None, "cover", "contain", "stretch"])
+def test_the_page_carries_the_configured_fit_mode(db_path, fit):
+    viewer = web.start(make_cfg(db_path.parent, f'fit = "{fit}"\n' if fit else ""))
+    try:
+        page = get(viewer, "/")
+        assert f'<body data-fit="{fit or "cover"}">'.encode() in page.body
+        # the ETag is the served page's: a changed fit is not answered 304 from the old one
+        again = get(viewer, "/", {"If-None-Match": page.getheader("etag")})
+        assert again.status == 304
+    finally:
+        viewer.stop()
+
+
+def test_a_fit_mode_that_does_not_exist_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"web.fit.*'zoom'.*cover.*contain.*stretch"):
+        config.parse('[web]\nfit = "zoom"\n')
+
+
+def test_a_viewer_started_after_a_frame_was_shown_offers_that_frame(db_path, engine):
+    """A daemon restarted while paused shows no new frame: a page opened then still gets
+    the frame on screen (current_frame.png), never black."""
+    from sqlalchemy import update
+
+    from dreamd.ledger import queries
+    from dreamd.ledger.models import RuntimeState
+
+    data_dir = db_path.parent
+    (data_dir / "output").mkdir()
+    data = png((200, 30, 90))
+    (data_dir / "output" / "current_frame.png").write_bytes(data)
+    with engine.begin() as conn:
+        queries.runtime(conn)
+        conn.execute(update(RuntimeState.__table__).values(
+            playhead_frame_id=41, playhead_chain_index=3, playhead_t=0.5, paused=1))
+    viewer = web.start(make_cfg(data_dir))
+    try:
+        frame = json.loads(get(viewer, "/api/status").body)["frame"]
+        assert frame["id"] == 41 and frame["chain"] == 3 and frame["t"] == 0.5
+        assert frame["url"] == f"/frames/{hashlib.sha256(data).hexdigest()}.png"
+        assert get(viewer, frame["url"]).body == data
+        events = Events(viewer)
+        try:
+            wait_for(lambda: events.of("frame"), 30, what="the frame for a new page")
+            assert events.of("frame")[0]["id"] == 41
+        finally:
+            events.close()
+    finally:
+        viewer.stop()
+
+
 # ---------------------------------------------------------------- frames
 
 def test_a_frame_is_announced_and_served_by_its_content_address(site, tmp_path):

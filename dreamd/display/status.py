@@ -62,8 +62,23 @@ def stale_after(fps: float) -> float:
     return round(max(STALE_AFTER_MIN, 5.0 / fps), 1)
 
 
+def encode(status: dict[str, Any]) -> bytes:
+    """`json.dumps(status, indent=2)`, byte for byte, at a fraction of the CPU: with an
+    indent, json falls back to its pure-Python encoder, and this is written at every
+    frame. Flat values go through the C encoder one by one; a nested one (rare: a
+    ComfyUI prompt's progress) is indented as json would."""
+    if not status:
+        return b"{}"
+    lines = []
+    for k, v in status.items():
+        value = (json.dumps(v, indent=2).replace("\n", "\n  ") if isinstance(v, (dict, list))
+                 else json.dumps(v))
+        lines.append(f"  {json.dumps(k)}: {value}")
+    return ("{\n" + ",\n".join(lines) + "\n}").encode("utf-8")
+
+
 def write(path: Path, status: dict[str, Any]) -> None:
-    data = json.dumps(status, indent=2).encode("utf-8")
+    data = encode(status)
     try:
         write_atomic(path, data)
     except OSError as exc:

@@ -57,6 +57,9 @@ STATUS_POLL = 0.2       # seconds between looks at status.json's modification ti
 LEDGER_EVERY = 1.0      # seconds between ledger reads for the theme and the knobs
 HEARTBEAT = 2.0         # a status event at least this often, so a page can tell a hung daemon
 RETRY_MS = 1000         # EventSource's reconnection delay after the stream drops
+# status keys that move at every frame: sent with the heartbeat, not as news
+VOLATILE = frozenset({"frame_number", "last_update", "uptime_hours", "age_seconds",
+                      "buffer_seconds", "generation_time"})
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -188,23 +191,62 @@ async def refresh(state: ViewerState) -> bool:
     return changed
 
 
+def _telling(status: dict[str, Any]) -> str:
+    """The part of a status a page must hear at once; the counters that move at every
+    frame (VOLATILE) wait for the heartbeat."""
+    return json.dumps({k: v for k, v in status.items() if k not in VOLATILE},
+                      sort_keys=True, default=str)
+
+
 async def watch_status(state: ViewerState) -> None:
-    """Publish the status to every page when status.json changes (twice a second while
-    the daemon writes it), and at least every HEARTBEAT seconds."""
-    last_sent = 0.0
+    """Publish the status to every page when it changes in a way a page shows at once
+    (state, pause, keyframe, theme, knobs, a problem…), and at least every HEARTBEAT
+    seconds with the counters. status.json is rewritten at every frame: publishing each
+    rewrite sent every page five events a second to say the frame number moved. While
+    no page listens it reads nothing (a viewer nobody looks at costs the daemon
+    nothing); a page that connects gets a fresh status from `/api/events` itself."""
+    last_sent, last_told = 0.0, None
     while True:
-        changed = await refresh(state)
-        now = time.monotonic()
-        if state.hub.subscribers and (changed or now - last_sent >= HEARTBEAT):
-            state.hub.publish("status", payload(state))
-            last_sent = now
+        if state.hub.subscribers:
+            changed = await refresh(state)
+            now = time.monotonic()
+            told = _telling(payload(state)) if changed else last_told
+            if told != last_told or now - last_sent >= HEARTBEAT:
+                state.hub.publish("status", payload(state))
+                last_sent, last_told = now, told
         await asyncio.sleep(STATUS_POLL)
 
 
 # ---------------------------------------------------------------- routes
 
+def _playhead(state: ViewerState) -> tuple[int, int, float] | None:
+    with state.reader.connect() as conn:
+        row = conn.execute(text(
+            "SELECT playhead_frame_id, playhead_chain_index, playhead_t FROM runtime_state "
+            "WHERE id = 1")).first()
+    return tuple(row) if row and row[0] is not None else None
+
+
+async def seed_current(state: ViewerState) -> None:
+    """The frame on screen before this viewer started (the daemon restarted paused, or
+    between two frames): a page opened now shows it rather than black until the next
+    frame, which while paused never comes."""
+    path = state.cfg.output_dir / "current_frame.png"
+    try:
+        playhead = await anyio.to_thread.run_sync(_playhead, state)
+        swapped_at = path.stat().st_mtime
+    except Exception as exc:    # no frame shown yet, or the ledger is busy: nothing to seed
+        log.debug("viewer: no frame on screen to start with: %s", exc)
+        return
+    frame_id, chain, t = playhead or (0, 0, 0.0)
+    state.hub.seed(frame_id, chain, t, path, swapped_at)
+
+
 def build_app(state: ViewerState) -> Starlette:
+    # the page's default fit mode, from web.fit (a closed list of words: safe in HTML)
     assets = _asset_bytes()
+    assets["index.html"] = assets["index.html"].replace(
+        b"<body>", f'<body data-fit="{state.cfg.web.fit}">'.encode(), 1)
     etags = {name: '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
              for name, data in assets.items()}
 
@@ -254,6 +296,8 @@ def build_app(state: ViewerState) -> Starlette:
             return JSONResponse({"error": "too many open event streams"}, status_code=503,
                                 headers=_headers("no-store"))
 
+        await refresh(state)        # the watcher reads nothing while no page listens
+
         async def stream():
             try:
                 yield ServerSentEvent(data=json.dumps(payload(state)), event="status",
@@ -282,6 +326,7 @@ def build_app(state: ViewerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state.hub.bind(asyncio.get_running_loop())
+        await seed_current(state)
         task = asyncio.create_task(watch_status(state))
         try:
             yield

@@ -28,9 +28,19 @@ class FrameHub:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.frames: OrderedDict[str, bytes] = OrderedDict()
-        self.current: dict[str, Any] | None = None        # the last frame event
+        self._current: dict[str, Any] | None = None       # the last frame event
+        # the last frame announced while no page listened: read and hashed only when a
+        # page (or /api/status) asks, so a viewer nobody looks at costs no file reads
+        self._unread: tuple[int, int, float, Path, float] | None = None
         self.subscribers: set[asyncio.Queue] = set()
         self.closing: asyncio.Event | None = None
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        if self._unread is not None:
+            unread, self._unread = self._unread, None
+            self._admit(*unread, publish=False)    # the one asking gets it as it is
+        return self._current
 
     # ------------------------------------------------------------ any thread
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -44,13 +54,28 @@ class FrameHub:
         if loop is None:
             return
         try:
-            loop.call_soon_threadsafe(self._admit, frame_id, chain_index, t, path, swapped_at)
+            loop.call_soon_threadsafe(self._arrive, frame_id, chain_index, t, path, swapped_at)
         except RuntimeError:        # the server's loop is closed: the viewer has stopped
             pass
 
     # ------------------------------------------------------------ the event loop
+    def seed(self, frame_id: int, chain_index: int, t: float, path: Path,
+             swapped_at: float) -> None:
+        """The frame already on screen when the viewer started; a frame the display
+        announced meanwhile is newer and wins."""
+        if self._current is None and self._unread is None:
+            self._admit(frame_id, chain_index, t, path, swapped_at)
+
+    def _arrive(self, frame_id: int, chain_index: int, t: float, path: Path,
+                swapped_at: float) -> None:
+        if self.subscribers:
+            self._unread = None
+            self._admit(frame_id, chain_index, t, path, swapped_at)
+        else:
+            self._unread = (frame_id, chain_index, t, path, swapped_at)
+
     def _admit(self, frame_id: int, chain_index: int, t: float, path: Path,
-               swapped_at: float) -> None:
+               swapped_at: float, *, publish: bool = True) -> None:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:      # deleted meanwhile (retention): the next one will do
@@ -61,9 +86,10 @@ class FrameHub:
         self.frames.move_to_end(sha)
         while len(self.frames) > KEEP_FRAMES:
             self.frames.popitem(last=False)
-        self.current = {"id": frame_id, "url": f"/frames/{sha}.png", "chain": chain_index,
+        self._current = {"id": frame_id, "url": f"/frames/{sha}.png", "chain": chain_index,
                         "t": round(t, 6), "swapped_at": round(swapped_at * 1000.0, 1)}
-        self.publish("frame", self.current)
+        if publish:
+            self.publish("frame", self._current)
 
     def frame(self, sha: str) -> bytes | None:
         return self.frames.get(sha)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import threading
+import weakref
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -43,11 +46,40 @@ def restore(ctx: WorkerContext) -> None:
     ctx.set_knobs(knobs)
 
 
+# A look that finds nothing, ten times a second: through SQLAlchemy (a pooled connection,
+# a statement) it cost ~250 us of CPU, 1 % of a core; a kept read-only sqlite3
+# connection asks the same in ~6 us. Rows are then read the usual way.
+PROBE_SQL = "SELECT 1 FROM controls WHERE state = 'available' LIMIT 1"
+PENDING = select(CT).where(CT.c.state == "available").order_by(CT.c.id)
+_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # reader engine -> conn
+_probes_lock = threading.Lock()
+
+
+def _none_waiting(ctx: WorkerContext) -> bool:
+    """True when surely no control waits; False when one may (or the probe failed)."""
+    try:
+        with _probes_lock:
+            conn = _probes.get(ctx.reader)
+            if conn is None:
+                # autocommit: each look is its own read transaction, held for no longer
+                conn = sqlite3.connect(f"file:{ctx.cfg.db_path.resolve()}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False,
+                                       timeout=1.0)
+                _probes[ctx.reader] = conn
+            # fetchall: the statement runs to its end, so no read snapshot stays open
+            return not conn.execute(PROBE_SQL).fetchall()
+    except (sqlite3.Error, OSError):
+        with _probes_lock:
+            _probes.pop(ctx.reader, None)
+        return False
+
+
 def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None,
          backend: Any = None) -> int:
+    if _none_waiting(ctx):
+        return 0
     with ctx.reader.connect() as conn:
-        pending = conn.execute(select(CT).where(CT.c.state == "available")
-                               .order_by(CT.c.id)).all()
+        pending = conn.execute(PENDING).all()
     for row in pending:
         try:
             args = json.loads(row.args or "{}")

@@ -1,11 +1,23 @@
 // The Dream Window page: frames announced by server-sent events, each loaded and
 // decoded out of sight, then crossfaded in over the whole frame interval. All state is
 // bounded (three <img> layers reused, a fixed ring of latency samples), so a page left
-// open for days does not grow.
+// open for days does not grow. A hidden page (a wallpaper app hiding it, a background
+// tab) closes its stream and loads nothing; shown again, it picks up at the frame on
+// screen now. The last frame stays up through a pause, a hide or a lost daemon.
 "use strict";
 (() => {
   const params = new URLSearchParams(location.search);
   const kiosk = params.get("kiosk") === "1";
+  // how a frame fills the window: ?fit= for this page, else the server's web.fit
+  const FITS = { cover: "cover", contain: "contain", stretch: "fill" };
+  const askedFit = params.get("fit");
+  const fit = askedFit in FITS ? askedFit : document.body.dataset.fit in FITS ?
+              document.body.dataset.fit : "cover";
+  if (askedFit !== null && !(askedFit in FITS)) {
+    console.warn(`fit=${askedFit} is not a fit mode: expected cover, contain or stretch; ` +
+                 `using ${fit}`);
+  }
+  document.body.dataset.fit = fit;
   const $ = (id) => document.getElementById(id);
   const layers = Array.from(document.querySelectorAll("#stage img"));
   const LATENCY_SAMPLES = 600;
@@ -22,6 +34,7 @@
 
   // what tests and bench/web.py read: counts and swap-to-screen latencies (ms)
   const stats = { shown: 0, failed: 0, frameId: null, url: null, connected: false,
+                  fit, hidden: document.hidden, streams: 0,
                   latencies: new Array(LATENCY_SAMPLES).fill(null), latencyNext: 0 };
   window.dreamdViewer = stats;
 
@@ -39,7 +52,7 @@
   }
 
   async function pump() {
-    if (loading || !pending) return;
+    if (loading || !pending || document.hidden) return;
     const frame = pending;
     pending = null;
     const el = layers.find((l) => l !== front && (!fading || l !== fading.el));
@@ -50,12 +63,14 @@
     try {
       await el.decode();                      // on screen only once it can paint at once
     } catch (err) {
-      stats.failed += 1;                      // gone already (a page far behind): skip it
       loading = null;
+      if (document.hidden) return;            // cut short by hiding: the stream says anew
+      stats.failed += 1;                      // gone already (a page far behind): skip it
       pump();
       return;
     }
     loading = null;
+    if (document.hidden) return;              // hidden meanwhile: shown again, it catches up
     fadeIn(el, frame);
     pump();
   }
@@ -157,26 +172,60 @@
   let source = null;
 
   function connect() {
-    source = new EventSource("/api/events");
-    source.addEventListener("status", (e) => {
+    if (document.hidden || source) return;    // a hidden page listens to nothing
+    stats.streams += 1;
+    const es = new EventSource("/api/events");
+    source = es;
+    es.addEventListener("status", (e) => {
       lostAt = null;
       stopped = false;
       stats.connected = true;
       onStatus(JSON.parse(e.data));
       notice();
     });
-    source.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
-    source.addEventListener("bye", () => { stopped = true; });
-    source.onerror = () => {
+    es.addEventListener("frame", (e) => onFrame(JSON.parse(e.data)));
+    es.addEventListener("bye", () => { stopped = true; });
+    es.onerror = () => {
+      if (es !== source) return;              // closed by hiding meanwhile
       stats.connected = false;
       if (lostAt === null) lostAt = performance.now();
       notice();
-      if (source.readyState === EventSource.CLOSED) {   // refused for good: start over
-        source.close();
+      if (es.readyState === EventSource.CLOSED) {   // refused for good: start over
+        es.close();
+        source = null;
         setTimeout(connect, 2000);
       }
     };
   }
+
+  function disconnect() {
+    if (!source) return;
+    source.close();
+    source = null;
+    stats.connected = false;
+  }
+
+  // hidden: no stream, no frame loading, no timers; the frame on screen stays as it is.
+  // Shown: a new stream, whose first events are the status and the frame on screen now.
+  function onVisibility() {
+    stats.hidden = document.hidden;
+    if (document.hidden) {
+      disconnect();
+      pending = null;
+      if (loading) {                          // a frame half-loaded: let it go
+        loading.removeAttribute("src");
+        loading = null;
+      }
+      finishFade();
+      clearInterval(noticeTimer);
+      noticeTimer = null;
+    } else {
+      lostAt = null;
+      if (noticeTimer === null) noticeTimer = setInterval(notice, 500);
+      connect();
+    }
+  }
+  document.addEventListener("visibilitychange", onVisibility);
 
   function staleAfter() {
     return 1000 * ((status && status.stale_after_seconds) || 10);
@@ -199,7 +248,7 @@
     if (say !== null && el.textContent !== say) el.textContent = say;
     if (say !== null) text("f-state", say);
   }
-  setInterval(notice, 500);
+  let noticeTimer = document.hidden ? null : setInterval(notice, 500);
 
   // ------------------------------------------------------------ controls
   async function send(body) {
