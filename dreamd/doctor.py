@@ -160,7 +160,9 @@ def _presence(cfg: Config) -> str:
 
     g = cfg.guard
     senses = for_platform()
-    rules = (("full-screen", g.on_fullscreen, "fullscreen", presence.fullscreen),
+    ignore = presence.ignore_list(g.fullscreen_ignore)   # as the guard does
+    rules = (("full-screen", g.on_fullscreen, "fullscreen",
+              lambda look: presence.fullscreen(look, ignore)),
              ("battery", g.on_battery, "battery", presence.on_battery),
              ("battery saver", g.on_battery_saver, "saver", presence.battery_saver),
              ("locked", g.on_locked, "locked", presence.locked))

@@ -99,7 +99,8 @@ def test_which_windows_count_as_full_screen(name):
 
 def test_a_process_the_user_names_never_counts():
     look = look_from_json(RECORDED["a full-screen video"][0])
-    assert presence.fullscreen(look, frozenset({"vlc.exe"})) is None
+    assert presence.fullscreen(look, presence.ignore_list(["VLC.exe"])) is None
+    assert presence.fullscreen(look, presence.ignore_list(["vlc"])) is None
     cfg = config.parse('[guard]\nfullscreen_ignore = ["MyOverlay.exe"]\n')
     assert cfg.guard.fullscreen_ignore == ["MyOverlay.exe"]
     with pytest.raises(ConfigError, match=r"guard\.on_battery = 'stop' is invalid: expected "
@@ -183,6 +184,8 @@ def test_the_test_hook_reads_a_json_file_and_nothing_known_when_it_is_not_one(tm
     assert isinstance(senses, FileSenses)
     assert senses.look(senses.can) == Look()                 # no file yet
     path.write_text('{"battery": {"plugged": fal')           # half written
+    assert senses.look(senses.can) == Look()
+    path.write_text('{"foreground": {"process": "vlc.exe"}}')  # a window without its rect
     assert senses.look(senses.can) == Look()
     path.write_text(json.dumps({"battery": {"plugged": False, "percent": 50}, "locked": True}))
     look = senses.look(senses.can)
@@ -351,6 +354,12 @@ def test_doctor_says_each_rule_whether_it_can_tell_and_what_would_pause_now(tmp_
     assert verdict == "ok"
     assert ("presence: full-screen pause, battery free, battery saver pause, locked off; "
             "now: on battery (a daemon would pause)") in detail
+    # a full-screen window of a program the user ignores is not what "would pause"
+    path.write_text(json.dumps({"foreground": {"process": "vlc.exe", "rect": [0, 0, 1920, 1080]},
+                                "monitors": [[0, 0, 1920, 1080]]}))
+    assert "now: a full-screen window: vlc.exe" in _guard(cfg)[1]
+    ignoring = config.parse('[guard]\nknown_games = []\nfullscreen_ignore = ["VLC"]\n')
+    assert "now:" not in _guard(ignoring)[1]
     monkeypatch.setattr("sys.platform", "linux")
     monkeypatch.delenv("DREAMD_PRESENCE_FILE")
     monkeypatch.setenv("XDG_SESSION_ID", "no-such-session-for-dreamd")

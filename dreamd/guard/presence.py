@@ -7,6 +7,9 @@ user reads are decided here, so they are tested on recorded window lists on any 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
+
+from dreamd.guard.games import normalize
 
 COVERS = 0.95           # share of its monitor a foreground window must cover to count
 
@@ -20,11 +23,11 @@ SHELL_CLASSES = frozenset({
 # Processes whose windows show the dream or sit on it, never an app in front of it:
 # Rainmeter (the skin), the wallpaper hosts that show the web viewer, the shell's
 # experience hosts. guard.fullscreen_ignore adds the user's own.
-SHELL_PROCESSES = frozenset({
+SHELL_PROCESSES = frozenset(normalize(n) for n in (
     "rainmeter.exe", "lively.exe", "livelywpf.exe", "livelycefsharp.exe",
     "wallpaper32.exe", "wallpaper64.exe", "webwallpaper32.exe",
     "shellexperiencehost.exe", "startmenuexperiencehost.exe", "searchhost.exe",
-    "lockapp.exe"})
+    "lockapp.exe"))
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,11 @@ def normal(name: str) -> str:
     return name.strip().lower()
 
 
+def ignore_list(names: Iterable[str]) -> frozenset[str]:
+    """guard.fullscreen_ignore as compared: like known_games, any case, ".exe" optional."""
+    return frozenset(normalize(n) for n in names if n.strip())
+
+
 def monitor_of(window: Rect, monitors: list[Rect]) -> Rect | None:
     """The monitor the window is on: the one it overlaps most (MonitorFromWindow's
     MONITOR_DEFAULTTONEAREST, for a window on a monitor)."""
@@ -93,7 +101,7 @@ def counts(window: Window | None, monitors: list[Rect], ignore: frozenset[str] =
         return False
     if normal(window.class_name) in SHELL_CLASSES:
         return False
-    process = normal(window.process)
+    process = normalize(window.process)
     if process in SHELL_PROCESSES or process in ignore:
         return False
     if window.maximized:
@@ -109,8 +117,8 @@ def fullscreen(look: Look, ignore: frozenset[str] = frozenset()) -> str | None:
     """Words for the full-screen window in front, or None."""
     window = look.foreground
     name = (window.process or window.title or "an application") if window else None
-    if look.exclusive and not (window and (normal(window.process) in SHELL_PROCESSES
-                                           or normal(window.process) in ignore)):
+    if look.exclusive and not (window and (normalize(window.process) in SHELL_PROCESSES
+                                           or normalize(window.process) in ignore)):
         return f"a full-screen window: {name or 'a Direct3D game'}"
     if counts(window, look.monitors, ignore):
         return f"a full-screen window: {name}"

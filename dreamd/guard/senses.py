@@ -134,7 +134,10 @@ class FileSenses(Senses):
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return Look()
-        return look_from_json(data) if isinstance(data, dict) else Look()
+        try:
+            return look_from_json(data) if isinstance(data, dict) else Look()
+        except (KeyError, TypeError, ValueError):    # a window without its rect, and such
+            return Look()
 
 
 def look_from_json(data: dict[str, Any]) -> Look:

@@ -50,7 +50,7 @@ class Guard:
         self.senses = senses or for_platform()
         self.clock = clock
         self.reasons = Reasons()
-        self.ignore = frozenset(presence.normal(n) for n in g.fullscreen_ignore)
+        self.ignore = presence.ignore_list(g.fullscreen_ignore)
         # the platform parts a rule that is not `keep` needs, and this platform reads
         self.want = frozenset(part for rule, (key, part) in PRESENCE.items()
                               if getattr(g, key) != "keep") & self.senses.can
