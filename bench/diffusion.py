@@ -67,7 +67,6 @@ class Timer:
 
 
 def run(args) -> dict:
-    import torch
     from PIL import Image
 
     from dreamd import config as C

@@ -20,7 +20,7 @@ from dreamd.cli.stop import EXIT_NO_ANSWER, EXIT_NOT_RUNNING, EXIT_STOPPED
 from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls
 from tests.conftest import dreamd_cmd, wait_for, worker_context
-from tests.test_daemon import RUN_DEADLINE, STOP_DEADLINE, holds_pid_file, wait_in
+from tests.test_daemon import STOP_DEADLINE, holds_pid_file, wait_in
 
 
 def dreamd(env, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
