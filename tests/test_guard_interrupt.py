@@ -198,3 +198,23 @@ def test_a_prompt_interrupt_took_off_the_queue_is_not_posted_again(make):
             backend._forgotten(double.url, job)
         assert job.resubmissions == 0
         assert not [r for r in double.requests[since:] if r.path == "/prompt"]
+
+
+def test_interrupt_returns_only_once_the_cancel_is_sent_whoever_sends_it(make):
+    """The waiting generate() may have begun sending /interrupt and the /queue delete
+    itself (it saw the flag first); interrupt() must still wait for them, or the guard's
+    /free overtakes the delete (seen under load: /interrupt, /free, /queue)."""
+    from dreamd.backends.comfyui.backend import _Job
+    with ComfyUIDouble(checkpoints=[CKPT]) as double:
+        backend = make(double.url)
+        job = _Job(request=request(), template=None, png=None, prompt_id="p-2", values={})
+        job.url, job.cancelled = double.url, True       # generate() is sending them now
+        backend._in_flight[job.prompt_id] = job
+        returned = threading.Event()
+        waiter = threading.Thread(target=lambda: (backend.interrupt(), returned.set()),
+                                  daemon=True)
+        waiter.start()
+        assert not returned.wait(0.5)                   # still waiting for the sender
+        job.cancel_sent = True
+        assert returned.wait(60)
+        backend._in_flight.pop(job.prompt_id)

@@ -137,7 +137,8 @@ class _Job:
     pushed: bool = False              # followed over the websocket to the end
     url: str | None = None            # the server that has it, once posted or found
     interrupted: bool = False         # interrupt() was called: a pause wants the GPU
-    cancelled: bool = False           # /interrupt and the queue delete were sent
+    cancelled: bool = False           # /interrupt and the queue delete are being sent
+    cancel_sent: bool = False         # ... and were (whichever thread sent them)
 
 
 @dataclass
@@ -307,7 +308,7 @@ class ComfyUIBackend:
         # that follows this call (milliseconds; the bound is for a POST that hangs)
         deadline = time.monotonic() + INTERRUPT_WAIT
         while time.monotonic() < deadline and any(
-                not j.cancelled and j.prompt_id in self._in_flight for j in jobs):
+                not j.cancel_sent and j.prompt_id in self._in_flight for j in jobs):
             time.sleep(0.01)
         return ", ".join(f"prompt {j.prompt_id} on {j.url or 'no server yet'}" for j in jobs)
 
@@ -322,6 +323,10 @@ class ComfyUIBackend:
             client.delete_queued([job.prompt_id])
         except (ServerUnreachableError, PermanentBackendError) as exc:
             log.warning("interrupting prompt %s on %s failed: %s", job.prompt_id, job.url, exc)
+        finally:
+            # interrupt() returns (and the guard's /free follows) only after this, when the
+            # waiting generate() sent them itself: /free must not overtake them
+            job.cancel_sent = True
 
     def _check_interrupted(self, job: _Job) -> None:
         if job.interrupted:
