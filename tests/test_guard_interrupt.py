@@ -88,8 +88,13 @@ def test_a_keyframe_interrupted_for_a_pause_is_postponed_never_failed(ctx):
                 wait_for(lambda: double.running is not None, timeout=60, what="the prompt")
                 ctx.facts["paused"] = True          # the guard's pause, applied first
                 controls.free(backend, None, interrupt=True)
-            threading.Thread(target=interrupt_when_running, daemon=True).start()
+            guard = threading.Thread(target=interrupt_when_running, daemon=True)
+            guard.start()
             assert keyframe.tick(ctx, backend) == 0
+            # the worker may give up the prompt while the guard's thread is still sending
+            # /interrupt (it saw the flag first): the requests are read once that is done
+            guard.join(timeout=60)
+            assert not guard.is_alive()
             r = row(ctx, kid)
             # with one attempt allowed, a failure would have discarded it
             assert (r.state, r.attempt, r.prompt_id, r.server) == ("retryable", 0, None, None)
