@@ -25,9 +25,11 @@ import re
 import socket
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from tests.comfyui_double import _Server as TrackingServer
 
 LFS_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pth", ".onnx")
 
@@ -171,36 +173,13 @@ class HubDouble:
         self.stop()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(TrackingServer):
+    """The ComfyUI double's server (it drops kept-alive connections at stop), with the
+    hub's two faces: the API and the CDN that serves the large files."""
 
     def __init__(self, addr, handler, double: HubDouble, *, cdn: bool) -> None:
-        self.double = double
         self.cdn = cdn
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def process_request(self, request, client_address) -> None:
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request) -> None:
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        with self.sockets_lock:
-            for sock in list(self.open_sockets):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-            self.open_sockets.clear()
+        super().__init__(addr, handler, double)
 
 
 _INFO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?/?$")
