@@ -190,9 +190,9 @@ def free(backend: Any, ctx: WorkerContext | None = None, *,
     POST /free on every server that answers). Rejected only when no server could.
     `interrupt` (the guard's): the keyframe in flight is stopped first (ComfyUI's
     /interrupt; the in-process model at its next step), and postponed by its worker."""
-    stop = getattr(backend, "interrupt", None) if interrupt else None
-    if stop is not None:
-        stopped = stop()
+    cut = getattr(backend, "interrupt", None) if interrupt else None
+    if cut is not None:
+        stopped = cut()
         if stopped:
             log.info("free: interrupted the keyframe in flight (%s)", stopped)
     for holder in (getattr(ctx, "codecs", None), getattr(ctx, "embedders", None)):
