@@ -176,13 +176,13 @@ def display_interval(ctx) -> float:
 
 
 def workers(parts: Parts) -> list[tuple[str, float, Callable[[], Any]]]:
-    """Every worker of the daemon, once: (name, seconds between ticks, tick).
+    """Every APScheduler worker of the daemon, once: (name, seconds between ticks, tick).
+    (The display is not one: it has a thread of its own, dreamd/display/clock.py.)
 
     Idle ticks cost CPU (measured in bench/pipeline.py): each polls at the pace the
     buffer needs, not faster. A worker with work loops until it has none, and stages
     wake the next one (ctx.wake), so these intervals only bound how late a retry or a
     display-driven plan is noticed."""
-    from dreamd.display.writer import STATUS_EVERY
     from dreamd.workers import controls, interpolation, janitor, keyframe, planner
 
     ctx = parts.ctx
@@ -191,8 +191,6 @@ def workers(parts: Parts) -> list[tuple[str, float, Callable[[], Any]]]:
         ("keyframe", 2.0, lambda: keyframe.tick(ctx, parts.backend)),
         ("interpolation", 2.0, lambda: interpolation.tick(ctx, parts.codecs)),
         ("embedding", 2.0, parts.memory.tick),
-        ("display", display_interval(ctx), parts.display.tick),
-        ("status", STATUS_EVERY, parts.display.status_heartbeat),
         ("janitor", 5.0, parts.janitor.tick),
         ("governor", 2.0, parts.governor.tick),
         ("controls", controls.EVERY, lambda: parts.controls_tick(parts.on_knobs)),
@@ -217,7 +215,7 @@ class Daemon:
         exception kill the schedule. A condition of the machine (ledger busy, disk full)
         is one warning while it lasts, not a traceback per tick."""
         def run() -> None:
-            if self.ctx.stopping.is_set() and name not in ("display",):
+            if self.ctx.stopping.is_set() and name != "display":
                 return
             with self.running_lock:
                 self.running[name] = self.running.get(name, 0) + 1
@@ -294,6 +292,7 @@ class Daemon:
         self._job("controls", lambda: parts.controls_tick(None))()
         scheduler = self._schedule(parts)
         scheduler.start()
+        self.clock.start()
         try:
             if not self.wait_for_stop(duration):
                 self.stop_reason = f"duration {duration:g} s elapsed"
@@ -379,10 +378,14 @@ class Daemon:
         return parts
 
     def _schedule(self, parts: Parts):
-        """One APScheduler job per worker, from the table in `workers()`; stages wake the
-        next one (ctx.wake), and a change of the display rate reschedules the display."""
+        """One APScheduler job per worker, from the table in `workers()`, and the
+        display's clock (self.clock, started with the scheduler); stages wake the next
+        one (ctx.wake), and a change of the display rate retimes the clock."""
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
+
+        from dreamd.display.clock import DisplayClock
+        from dreamd.display.writer import STATUS_EVERY
 
         ctx, table = parts.ctx, workers(parts)
         scheduler = BackgroundScheduler(
@@ -395,9 +398,13 @@ class Daemon:
             except Exception:   # stopping: the job is gone, nothing to wake
                 pass
 
+        # the display rate, slowed by the governor's stretch while the buffer is low
+        self.clock = DisplayClock(self._job("display", parts.display.tick),
+                                  self._job("status", parts.display.status_heartbeat),
+                                  lambda: display_interval(ctx), STATUS_EVERY)
+
         def display_rate(*_: Any) -> None:
-            # the display rate, slowed by the governor's stretch while the buffer is low
-            scheduler.reschedule_job("display", trigger="interval", seconds=display_interval(ctx))
+            self.clock.retime()
 
         ctx.wake = wake
         parts.on_knobs = display_rate
@@ -412,6 +419,7 @@ class Daemon:
         ctx.stopping.set()
         scheduler.shutdown(wait=False)
         deadline = time.monotonic() + GRACE_SECONDS
+        self.clock.stop(timeout=GRACE_SECONDS)
         while self.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
         stuck = self.in_flight()

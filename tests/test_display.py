@@ -72,6 +72,8 @@ def test_plays_in_order_and_holds_on_underrun(ctx):
     add_segment(ctx, 0, 3)                       # 4 frames = 0.4 s >= min buffer 0.3 s
     for _ in range(4):
         w.tick()
+    assert shown(ctx) == [(0, 0.0)]            # the first at once, the rest in a batch
+    assert w.record()                            # (due RECORD_EVERY s later, or now)
     assert shown(ctx) == [(0, 0.0), (0, 0.25), (0, 0.5), (0, 0.75)]
     st = status(ctx)
     assert list(st) == list(KEYS) and st["status"] == "playing" and st["keyframe_index"] == 0
@@ -111,11 +113,13 @@ def test_playhead_survives_a_restart(ctx):
     w = DisplayWriter(ctx)
     for _ in range(3):
         w.tick()
+    assert w.flush(timeout=1.0)                  # as the daemon does when it stops
     again = DisplayWriter(ctx)                   # a new daemon on the same ledger
     assert (again.chain, again.t) == (0, 0.5)
     add_segment(ctx, 1, 3)
     for _ in range(6):
         again.tick()
+    again.record()
     order = shown(ctx)
     assert order == sorted(order) and len(set(order)) == len(order) == 8
 

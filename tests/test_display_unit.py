@@ -492,6 +492,14 @@ def wctx(db_path, clock):
                                        "buffer_target_seconds = 5.0\n")
 
 
+def frame_ticks(w, clock, n: int, fps: float = 10.0) -> None:
+    """`n` ticks as the display's clock makes them, 1/fps apart: status.json is written
+    with each frame only when frames are at least STATUS_GAP apart."""
+    for _ in range(n):
+        clock.now += 1 / fps
+        w.tick()
+
+
 def st(ctx) -> dict:
     return json.loads((ctx.cfg.output_dir / "status.json").read_text())
 
@@ -584,12 +592,15 @@ def test_playback_buffers_plays_and_counts_each_underrun_once(wctx, clock):
     add_segment(ctx, 1, 1)                   # 3 frames = 0.3 s: enough
     seen = []
     for _ in range(3):
-        w.tick()
+        frame_ticks(w, clock, 1)
         s = st(ctx)
         seen.append((s["status"], s["frame_number"], s["buffer_seconds"], s["is_buffering"]))
     assert seen == [("playing", 2, 0.2, False), ("playing", 3, 0.1, False),
                     ("playing", 4, 0.0, False)]
-    assert shown(ctx) == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
+    # recorded: the first frame at once, the one that began playback at once, the
+    # rest with the next record (RECORD_EVERY) or the underrun that follows
+    assert shown(ctx) == [(0, 0.0), (0, 0.5)]
+    assert w.record() and shown(ctx) == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
     for _ in range(3):                       # one underrun, however long
         w.tick()
         s = st(ctx)
@@ -601,9 +612,8 @@ def test_playback_buffers_plays_and_counts_each_underrun_once(wctx, clock):
     w.tick()
     assert (st(ctx)["status"], st(ctx)["frame_number"]) == ("underrun", 1 + 3)
     add_segment(ctx, 3, 1)                   # 3 frames ahead: playing again
-    for _ in range(3):
-        w.tick()
-    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 7
+    frame_ticks(w, clock, 3)
+    assert st(ctx)["status"] == "playing" and w.record() and len(shown(ctx)) == 7
     w.tick()
     assert ctx.runtime().underruns == 2      # a second episode counts again
     assert st(ctx)["status"] == "underrun"
@@ -631,8 +641,7 @@ def test_an_underrun_counts_the_frames_ready_past_the_gap_afresh(wctx, clock):
     w.tick()
     add_segment(ctx, 1, 3, batch_state="executing")     # being made: a gap
     add_segment(ctx, 2, 3)                   # 4 frames ready past it, not counted yet
-    for _ in range(2):
-        w.tick()
+    frame_ticks(w, clock, 2)
     assert (st(ctx)["status"], st(ctx)["buffer_seconds"]) == ("playing", 0.0)
     assert sum(clock.slept) < 0.5            # no recount due by the clock
     w.tick()
@@ -655,7 +664,7 @@ def test_the_stretch_slows_playback_on_a_low_buffer(wctx):
     assert changes and changes[-1] < 1.0 and ctx.facts["stretch"] < 1.0
 
 
-def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, caplog):
+def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, clock, caplog):
     ctx = wctx
     add_segment(ctx, 0, 2)
     add_segment(ctx, 1, 2)
@@ -676,11 +685,10 @@ def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, caplog
         ("prompt 0", "theme 0", 0)
     frames = sorted(ctx.cfg.frames_dir.glob("*.png"))
     by_name = {p.name: p.read_bytes() for p in frames}
-    for _ in range(3):
-        w.tick()
+    frame_ticks(w, clock, 3)
     assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
         ("prompt 1", "theme 1", 1)              # the new keyframe's, from its first frame
-    w.tick()
+    frame_ticks(w, clock, 1)
     assert (out / "current_frame.png").read_bytes() == by_name["1-1.png"]
     assert (out / "previous_frame.png").read_bytes() == by_name["1-0.png"]
     assert (st(ctx)["current_prompt"], st(ctx)["theme"], st(ctx)["keyframe_index"]) == \
@@ -694,6 +702,7 @@ def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, caplog
         (ids[2], 0, 0.6667, "0-2.png"), (ids[3], 1, 0.0, "1-0.png"),
         (ids[4], 1, 0.3333, "1-1.png")]
     assert all(abs(n[4] - time.time()) < 60 for n in news)
+    assert w.record()                        # the frames since the last record
     with ctx.reader.connect() as conn:
         rows = conn.execute(text(
             "SELECT entity_id, from_state, to_state, worker, event FROM transitions "
@@ -706,20 +715,19 @@ def test_each_frame_is_swapped_in_with_the_one_before_and_announced(wctx, caplog
     assert (rt.playhead_frame_id, rt.playhead_chain_index, rt.frames_shown) == (ids[4], 1, 5)
 
 
-def test_a_restart_mid_segment_names_the_prompt_on_screen(wctx):
+def test_a_restart_mid_segment_names_the_prompt_on_screen(wctx, clock):
     ctx = wctx
     add_segment(ctx, 0, 5)
     set_themes(ctx)
     w = DisplayWriter(ctx)
-    for _ in range(2):
-        w.tick()
+    frame_ticks(w, clock, 2)
+    assert w.flush(timeout=1.0)              # as the daemon's stop does
     w.close()
     again = DisplayWriter(ctx)               # same chain as the playhead, prompt unknown
-    again.tick()
-    again.tick()
+    frame_ticks(again, clock, 2)
     s = st(ctx)
     assert (s["current_prompt"], s["theme"], s["frame_number"]) == ("prompt 0", "theme 0", 4)
-    assert shown(ctx)[-1] == (0, 0.5)
+    assert again.record() and shown(ctx)[-1] == (0, 0.5)
 
 
 def test_a_keyframe_not_completed_names_no_prompt(wctx):
@@ -780,11 +788,11 @@ def test_the_buffer_is_recounted_twice_a_second_and_counted_down_between(wctx, c
     ctx = wctx
     add_segment(ctx, 0, 5)
     w = DisplayWriter(ctx)
-    for _ in range(3):
-        w.tick()
+    w.tick()
+    frame_ticks(w, clock, 2)
     assert st(ctx)["buffer_seconds"] == 0.3
     add_segment(ctx, 1, 3)                   # 4 more frames, not counted yet
-    w.tick()
+    frame_ticks(w, clock, 1)
     assert st(ctx)["buffer_seconds"] == 0.2
     clock.now += 0.5
     w.tick()
@@ -945,7 +953,7 @@ def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_
             assert (disk / "status.json").read_bytes() == raw
             (disk / "ballast").unlink()
             w.tick()
-            assert shown(ctx) == [(0, 0.0), (0, 1 / 6)]
+            assert w.record() and shown(ctx) == [(0, 0.0), (0, 1 / 6)]
 
 
 def test_a_restart_waits_for_the_minimum_buffer_before_it_plays_on(wctx):
@@ -956,12 +964,13 @@ def test_a_restart_waits_for_the_minimum_buffer_before_it_plays_on(wctx):
     w = DisplayWriter(ctx)
     for _ in range(3):
         w.tick()
+    assert w.flush(timeout=1.0)              # as the daemon's stop does
     add_segment(ctx, 1, 0)                   # one frame: 0.1 s < 0.3 s
     again = DisplayWriter(ctx)
     again.tick()
     assert len(shown(ctx)) == 3 and st(ctx)["status"] == "buffering"
     add_segment(ctx, 2, 1)
-    again.tick()
+    again.tick()                             # the first frame after a wait: recorded at once
     assert shown(ctx)[3:] == [(1, 0.0)] and st(ctx)["status"] == "playing"
 
 
@@ -1020,5 +1029,67 @@ def test_a_ledger_busy_from_the_first_frame_is_no_problem_for_three_seconds(wctx
         s = st(ctx)
         assert (s["frame_number"], s["problem"]) == (1, None)
     clock.now += 0.5
-    w.tick()
-    assert shown(ctx) == [(0, 0.0), (0, 0.25)]
+    w.tick()                                 # the record kept while it was busy goes in
+    assert shown(ctx) == [(0, 0.0)]          # first; this frame waits for its batch
+    assert w.record() and shown(ctx) == [(0, 0.0), (0, 0.25)]
+
+
+# ---------------------------------------------------------------- what a frame costs
+
+def test_status_json_comes_with_each_frame_but_at_most_every_status_gap(db_path, clock):
+    """At 15 fps (frames 67 ms apart) status.json is rewritten with every other frame,
+    never sooner than STATUS_GAP after the last; a change of state is written at once."""
+    for ctx in worker_context(db_path, "[display]\nfps = 15.0\nmin_buffer_seconds = 0.3\n"):
+        ctx.cfg.governor.stretch = False
+        add_segment(ctx, 0, 14)
+        w = DisplayWriter(ctx)
+        w.tick()
+        numbers = []
+        for _ in range(8):
+            frame_ticks(w, clock, 1, fps=15.0)
+            numbers.append(st(ctx)["frame_number"])
+        assert numbers == [1, 3, 3, 5, 5, 7, 7, 9] or numbers == [2, 2, 4, 4, 6, 6, 8, 8]
+        ctx.facts["paused"] = True            # a change: written at once
+        w.tick()
+        assert st(ctx)["status"] == "paused"
+
+
+def test_frames_are_recorded_in_batches_and_at_once_when_playback_stops(wctx, clock):
+    """While frames play the ledger is written every RECORD_EVERY seconds (one
+    transaction for the frames since the last); an underrun writes what is waiting at
+    once, with the frames' own shown_at times."""
+    ctx = wctx
+    ctx.cfg.governor.stretch = False
+    add_segment(ctx, 0, 9)                   # 10 frames
+    w = DisplayWriter(ctx)
+    counts = []
+    for _ in range(10):
+        frame_ticks(w, clock, 1)
+        counts.append(len(shown(ctx)))
+    # the first frame at once, then the ones since, once RECORD_EVERY (0.5 s, 5 frames
+    # at 10 fps) has passed: two writes in ten frames
+    first, second = sorted(set(counts))
+    assert first == 1 and counts.index(second) in (5, 6) and second >= 5
+    frame_ticks(w, clock, 1)                 # underrun: what waits is written now
+    assert len(shown(ctx)) == 10 and ctx.runtime().frames_shown == 10
+    with ctx.reader.connect() as conn:
+        at = [r[0] for r in conn.execute(text(
+            "SELECT shown_at FROM frames ORDER BY chain_index, t"))]
+        logged = conn.execute(text("SELECT count(*) FROM transitions WHERE entity = 'frame' "
+                                   "AND to_state = 'shown'")).scalar()
+    assert at == sorted(at) and len(set(at)) == 10 and logged == 10
+
+
+def test_a_frame_gone_before_its_batch_is_recorded_is_skipped_with_a_warning(wctx, clock,
+                                                                              caplog):
+    ctx = wctx
+    add_segment(ctx, 0, 4)
+    w = DisplayWriter(ctx)
+    frame_ticks(w, clock, 3)
+    victim = w.pending[0][0]
+    with ctx.engine.begin() as conn:         # evicted meanwhile (retention, a reset)
+        conn.execute(text("UPDATE frames SET state = 'evicted' WHERE id = :i"), {"i": victim})
+    with caplog.at_level("WARNING", logger="dreamd.display"):
+        assert w.record()
+    assert f"frame {victim}: no longer ready" in caplog.text
+    assert len(shown(ctx)) == 2 and ctx.runtime().frames_shown == 3

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from dreamd.display.writer import BUSY_AFTER, RECORD_RETRY
+from dreamd.display.writer import BUSY_AFTER, RECORD_EVERY, RECORD_RETRY
 from tests import invariants
 from tests.conftest import FAST_CONFIG, WriteLock, wait_for
 from tests.test_display import add_segment, ctx, shown, status  # noqa: F401 (fixture)
@@ -28,13 +28,16 @@ def test_playback_goes_on_while_another_process_holds_the_write_lock(ctx, db_pat
     w = DisplayWriter(ctx)
     w.tick()
     w.tick()
-    assert shown(ctx) == [(0, 0.0), (0, 0.2)]
+    assert w.record() and shown(ctx) == [(0, 0.0), (0, 0.2)]
     current = ctx.cfg.output_dir / "current_frame.png"
     seen = []
     with WriteLock(db_path):
         for _ in range(5):
             w.tick()                                  # never raises, never waits long
             seen.append(current.read_bytes())
+        time.sleep(RECORD_EVERY)
+        w.tick()                                      # a batch is due: its record fails
+        seen.append(current.read_bytes())
         w._status_maybe(ctx.knob("display.fps"), force=True)
         # a lock held briefly (the daemon's own writers do) is not called busy
         assert status(ctx)["problem"] is None
@@ -44,16 +47,18 @@ def test_playback_goes_on_while_another_process_holds_the_write_lock(ctx, db_pat
         w._status_maybe(ctx.knob("display.fps"), force=True)
         st = status(ctx)
         assert st["status"] == "playing" and "ledger busy" in (st["problem"] or "")
-        assert st["frame_number"] == 8
+        assert st["frame_number"] == 9
         assert st["stale_after_seconds"] >= 10          # readers judge liveness by it
         assert shown(ctx) == [(0, 0.0), (0, 0.2)]     # the ledger could not know yet
-    assert len(set(seen)) == 6                        # six new frames on screen
+    assert len(set(seen)) == 7                        # seven new frames on screen
     time.sleep(RECORD_RETRY + 0.1)
     w.tick()                                          # the ledger is free: caught up
+    assert len(shown(ctx)) == 9                       # (this tick's frame: next batch)
+    assert w.record()
     order = shown(ctx)
-    assert order == sorted(order) and len(order) == 9
+    assert order == sorted(order) and len(order) == 10
     rt = ctx.runtime()
-    assert (rt.playhead_chain_index, rt.playhead_t, rt.frames_shown) == (w.chain, w.t, 9)
+    assert (rt.playhead_chain_index, rt.playhead_t, rt.frames_shown) == (w.chain, w.t, 10)
     for _ in range(3):
         w.tick()
     w._status_maybe(ctx.knob("display.fps"), force=True)
@@ -67,7 +72,7 @@ def test_an_underrun_on_a_busy_ledger_is_counted_later(ctx, db_path):
     w = DisplayWriter(ctx)
     for _ in range(4):
         w.tick()
-    assert len(shown(ctx)) == 4
+    assert w.record() and len(shown(ctx)) == 4
     with WriteLock(db_path):
         w.tick()                                      # underrun, recorded later
         assert status(ctx)["status"] == "underrun"

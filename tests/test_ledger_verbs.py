@@ -377,3 +377,37 @@ def test_replay_names_the_entry_that_breaks_a_history(engine):
                        match=rf"^keyframe {kid}: history entry {bad.id} None -> completed is "
                              "illegal$"):
         tr.replay([bad])
+
+
+def test_transition_each_moves_the_rows_still_in_the_state_and_names_the_others(engine):
+    """Many rows in one go (the display records the frames it showed this way): each
+    with its own time and values, one log entry each; a row that left the state
+    meanwhile is not touched and its id comes back."""
+    kids = make_keyframes(engine, 3)
+    t0 = utcnow()
+    with engine.begin() as conn:
+        tr.transition(conn, "keyframe", kids[1], "available", "cancelled", worker="user")
+        stale = tr.transition_each(conn, "keyframe", [
+            (kid, t0 + timedelta(seconds=i), {"error": f"reason {i}"})
+            for i, kid in enumerate(kids)], "available", "cancelled", worker="w")
+        rows = [row(conn, kid) for kid in kids]
+        entries = [tr.history(conn, "keyframe", kid)[-1] for kid in kids]
+    assert stale == [kids[1]]
+    assert [r.state for r in rows] == ["cancelled"] * 3
+    assert [r.error for r in rows] == ["reason 0", None, "reason 2"]
+    assert [(e.worker, e.at) for e in entries] == [
+        ("w", t0), ("user", entries[1].at), ("w", t0 + timedelta(seconds=2))]
+
+
+def test_transition_each_refuses_an_illegal_edge_or_mixed_values_before_writing(engine):
+    kids = make_keyframes(engine, 2)
+    with engine.begin() as conn:
+        with pytest.raises(IllegalTransitionError):
+            tr.transition_each(conn, "keyframe", [(kids[0], utcnow(), {})],
+                               "available", "completed")
+        with pytest.raises(ValueError, match="same values"):
+            tr.transition_each(conn, "keyframe", [(kids[0], utcnow(), {"error": "x"}),
+                                                  (kids[1], utcnow(), {})],
+                               "available", "cancelled")
+        assert [row(conn, k).state for k in kids] == ["available", "available"]
+        assert tr.transition_each(conn, "keyframe", [], "available", "cancelled") == []

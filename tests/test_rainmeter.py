@@ -19,6 +19,7 @@ from dreamd.display.writer import DisplayWriter
 from dreamd.errors import UsageError
 from tests.conftest import REPO, dreamd_cmd
 from tests.test_display import add_segment, ctx  # noqa: F401  (the fixture)
+from tests.test_display_unit import clock, frame_ticks  # noqa: F401  (the fixture)
 
 SKIN = REPO / "rainmeter_skin"
 INI = SKIN / "DreamWindow.ini"
@@ -312,7 +313,9 @@ def test_the_webparser_expression_reads_every_field_it_names(ctx, case):  # noqa
     assert len(child_value(match, sections["MeasurePrompt"])) > 2000
 
 
-def test_the_fade_trigger_changes_at_every_frame(ctx):  # noqa: F811
+def test_the_fade_trigger_changes_at_every_frame(ctx, clock):  # noqa: F811
+    """At up to 10 fps (the skin reads status.json every 100 ms) every frame on screen
+    comes with its own status.json, whose frame_number is the crossfade's trigger."""
     sections = skin()
     pattern, children = webparser(sections)
     trigger = sections["MeasureFrameNumber"]
@@ -324,7 +327,7 @@ def test_the_fade_trigger_changes_at_every_frame(ctx):  # noqa: F811
     seen, shown = [], []
     current = ctx.cfg.output_dir / "current_frame.png"
     for _ in range(10):
-        w.tick()
+        frame_ticks(w, clock, 1, fps=10.0)            # as the display's clock ticks
         raw = (ctx.cfg.output_dir / "status.json").read_text(encoding="utf-8")
         seen.append(child_value(regex.search(raw), trigger))
         shown.append(current.stat().st_ino)

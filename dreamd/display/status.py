@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from dreamd.storage.files import write_atomic
@@ -62,18 +64,39 @@ def stale_after(fps: float) -> float:
     return round(max(STALE_AFTER_MIN, 5.0 / fps), 1)
 
 
+def _flat(v: Any) -> str:
+    """A flat value as json.dumps writes it, without json.dumps's own cost per call (it
+    is called for every key of every status.json, several times a second)."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    kind = type(v)
+    if kind is str:
+        return encode_basestring_ascii(v)
+    if kind is int:
+        return int.__repr__(v)
+    if kind is float and math.isfinite(v):
+        return float.__repr__(v)
+    if isinstance(v, (dict, list)):       # rare: a ComfyUI prompt's progress
+        return json.dumps(v, indent=2).replace("\n", "\n  ")
+    return json.dumps(v)
+
+
+_KEY_PREFIX = {k: f"  {json.dumps(k)}: " for k in KEYS}
+
+
 def encode(status: dict[str, Any]) -> bytes:
     """`json.dumps(status, indent=2)`, byte for byte, at a fraction of the CPU: with an
-    indent, json falls back to its pure-Python encoder, and this is written at every
-    frame. Flat values go through the C encoder one by one; a nested one (rare: a
-    ComfyUI prompt's progress) is indented as json would."""
+    indent, json falls back to its pure-Python encoder, and this is written with every
+    frame. Flat values are written as json writes them; a nested one is indented as
+    json would."""
     if not status:
         return b"{}"
-    lines = []
-    for k, v in status.items():
-        value = (json.dumps(v, indent=2).replace("\n", "\n  ") if isinstance(v, (dict, list))
-                 else json.dumps(v))
-        lines.append(f"  {json.dumps(k)}: {value}")
+    prefix = _KEY_PREFIX
+    lines = [(prefix.get(k) or f"  {json.dumps(k)}: ") + _flat(v) for k, v in status.items()]
     return ("{\n" + ",\n".join(lines) + "\n}").encode("utf-8")
 
 

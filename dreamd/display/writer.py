@@ -9,6 +9,14 @@ through the display's own write connection, which gives up on a busy ledger in a
 fraction of a second. While another process holds the write lock, playback goes on
 from the frames already made, the records wait in memory, and the ledger is caught up
 (with the times the frames were really shown) as soon as it is free.
+
+What it costs, since it runs at every frame for months (bench/pipeline.py --idle-only):
+the frames shown while playing are recorded together every RECORD_EVERY seconds (one
+write transaction, not one per frame; at once when playback stops: an underrun, a
+pause, a stop), the next frame is read on a kept read-only sqlite3 connection, and
+status.json is rewritten at most every STATUS_GAP seconds while frames play, at once
+when the state changes. A crash can lose the record of the last RECORD_EVERY seconds
+of frames, never a frame: those are shown again after the restart.
 """
 
 from __future__ import annotations
@@ -17,23 +25,27 @@ import logging
 import time
 from pathlib import Path
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 
 from dreamd.conditions import LEDGER_BUSY, classify, watch_ledger
 from dreamd.display import status as status_json
 from dreamd.storage.files import place_atomic, sweep_temps
 from dreamd.storage.paths import resolve
 from dreamd.faults import pause_point
-from dreamd.errors import StaleTransitionError
-from dreamd.ledger import database, queries, transitions
-from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState, utcnow
+from dreamd.ledger import database, queries, read_model, transitions
+from dreamd.ledger.models import RuntimeState, utcnow
 from dreamd.workers.context import WorkerContext, log_timing, timed
 from dreamd.governor.worker import Pacer
 
 log = logging.getLogger("dreamd.display")
-FR, IP, KF, RT = (Frame.__table__, Interpolation.__table__, Keyframe.__table__,
-                  RuntimeState.__table__)
+RT = RuntimeState.__table__
 STATUS_EVERY = 0.5   # seconds between status.json writes, unless the state changes
+# While frames play, status.json is rewritten with each one (the Rainmeter skin's crossfade
+# waits for frame_number to change; it reads the file every 100 ms), but not more often
+# than this: at most ~10 files a second, each a new file and a rename. 0.09, not 0.1, so a
+# frame at 10 fps that comes a few ms early is still written.
+STATUS_GAP = 0.09
+RECORD_EVERY = 0.5   # seconds between ledger records of the frames shown while playing
 COUNT_EVERY = 0.5    # seconds between recounts of the buffer (decremented in between)
 BUSY_TIMEOUT_MS = 150  # the display's write connection: it has frames to show, not to wait
 RECORD_RETRY = 0.5   # seconds between tries to record shown frames on a busy ledger
@@ -83,8 +95,10 @@ class DisplayWriter:
         self.pending: list[tuple[int, int, float, object]] = []
         self.pending_underruns = 0
         self.next_record = 0.0
+        self.recorded_at = float("-inf")
         self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
+        self._look: read_model.sqlite3.Connection | None = None   # see look()
         self.pacer = Pacer(ctx)             # the daemon sets pacer.on_change
         # the web viewer's hook (dreamd/web/server.py): told of each frame on screen; it
         # only hands the news to the viewer's own thread, so it cannot hold playback up
@@ -97,6 +111,21 @@ class DisplayWriter:
     def buffered(self, conn) -> int:
         return queries.frames_ahead(conn, self.chain, self.t)
 
+    def look(self):
+        """The display's own read-only sqlite3 connection, kept open: its queries run
+        at every frame, and a pooled SQLAlchemy connection cost more than the queries.
+        Autocommit: each statement is its own read, no snapshot is held between frames.
+        Dropped after an error (the next tick opens it again)."""
+        if self._look is None:
+            self._look = read_model.connect(self.ctx.cfg.db_path, check_same_thread=False,
+                                            timeout=BUSY_TIMEOUT_MS / 1000)
+        return self._look
+
+    def _drop_look(self) -> None:
+        conn, self._look = self._look, None
+        if conn is not None:
+            conn.close()
+
     # ------------------------------------------------------------ tick
     def tick(self) -> None:
         """One display step; a condition of the machine (a busy ledger, a full disk) is
@@ -104,6 +133,8 @@ class DisplayWriter:
         try:
             self._tick()
         except Exception as exc:
+            if isinstance(exc, read_model.sqlite3.Error):
+                self._drop_look()
             kind = classify(exc)
             if kind is None:
                 raise
@@ -113,19 +144,20 @@ class DisplayWriter:
     def _tick(self) -> None:
         ctx = self.ctx
         fps = ctx.knob("display.fps")
-        self.record()                        # catch the ledger up, if it was busy
+        self.record(batch=True)              # what is due, or was kept while it was busy
         if ctx.paused():
+            self.record()                    # stopped here: the ledger says where
             self.state = "paused"
             self._status_maybe(fps, force=False)
             return
         now = time.monotonic()
-        with ctx.reader.connect() as conn:
-            nxt = self.next_frame(conn)
-            # counting the buffer is the tick's dearest query: twice a second is enough
-            # while frames play; afresh whenever none can (buffering, an underrun), so
-            # the status says what is ready now
-            if self.buffering or nxt is None or now - self.counted_at >= COUNT_EVERY:
-                self.ahead, self.counted_at = self.buffered(conn), now
+        conn = self.look()
+        nxt = read_model.next_frame(conn, self.chain, self.t)
+        # counting the buffer is the tick's dearest query: twice a second is enough
+        # while frames play; afresh whenever none can (buffering, an underrun), so
+        # the status says what is ready now
+        if self.buffering or nxt is None or now - self.counted_at >= COUNT_EVERY:
+            self.ahead, self.counted_at = read_model.frames_ahead(conn, self.chain, self.t), now
         ahead = self.ahead
         seconds = ahead / fps
         first = self.current is None and self.chain is None
@@ -157,8 +189,9 @@ class DisplayWriter:
         self.show(nxt)
         self.ahead = max(0, ahead - 1)
         self.state = "playing"
-        # at every frame: the Rainmeter skin crossfades when frame_number changes
-        self._status_maybe(fps, force=True, ahead=self.ahead)
+        # with every frame, up to one per STATUS_GAP: the Rainmeter skin crossfades when
+        # frame_number changes
+        self._status_maybe(fps, force=True, ahead=self.ahead, gap=STATUS_GAP)
 
     def show(self, frame) -> None:
         timings: dict[str, float] = {}
@@ -177,33 +210,31 @@ class DisplayWriter:
         self.current, self.chain, self.t = path, frame.chain_index, frame.pos
         self.frames_shown += 1
         with timed(timings, "ledger"):
-            self.record()
+            # the first frame at once (the ledger says playback began), then in batches
+            self.record(batch=self.state == "playing")
         if new_chain:
-            with self.ctx.reader.connect() as conn:
-                row = conn.execute(select(KF.c.prompt, KF.c.theme).where(
-                    KF.c.chain_index == frame.chain_index, KF.c.state == "completed")
-                    .limit(1)).first()
-                self.prompt, self.theme = (row.prompt, row.theme) if row else (None, None)
+            self.prompt, self.theme = read_model.chain_prompt(self.look(), frame.chain_index)
         log_timing(log, "display", frame.id, timings)
 
     # ------------------------------------------------------------ the ledger's record
-    def record(self) -> bool:
+    def record(self, *, batch: bool = False) -> bool:
         """Write what was shown (frames, playhead, underruns) to the ledger; on a busy
-        ledger keep it for the next try. True when nothing is left to write."""
+        ledger keep it for the next try. With `batch`, only once RECORD_EVERY seconds
+        have passed since the last record. True when nothing is left to write."""
         if not self.pending and not self.pending_underruns:
             return True
-        if time.monotonic() < self.next_record:
+        now = time.monotonic()
+        if now < self.next_record or (batch and now - self.recorded_at < RECORD_EVERY):
             return False
         pending, underruns = list(self.pending), self.pending_underruns
         try:
             with self.engine.begin() as conn:
-                for frame_id, _chain, _t, at in pending:
-                    try:
-                        transitions.transition(conn, "frame", frame_id, "ready", "shown",
-                                               worker="display", now=at,
-                                               values={"shown_at": at})
-                    except StaleTransitionError as exc:   # evicted meanwhile: nothing to do
-                        log.warning("frame %d: %s", frame_id, exc)
+                stale = transitions.transition_each(
+                    conn, "frame", [(frame_id, at, {"shown_at": at})
+                                    for frame_id, _chain, _t, at in pending],
+                    "ready", "shown", worker="display")
+                for frame_id in stale:        # evicted meanwhile: nothing to do
+                    log.warning("frame %d: no longer ready; not recorded as shown", frame_id)
                 params = {"_underruns": underruns, "_now": utcnow()}
                 if pending:
                     frame_id, chain, t, _at = pending[-1]
@@ -222,7 +253,7 @@ class DisplayWriter:
             return False
         del self.pending[:len(pending)]
         self.pending_underruns -= underruns
-        self.next_record = 0.0
+        self.next_record, self.recorded_at = 0.0, now
         self.record_failing_since = None
         return True
 
@@ -238,6 +269,7 @@ class DisplayWriter:
             time.sleep(RECORD_RETRY)
 
     def close(self) -> None:
+        self._drop_look()
         self.engine.dispose()
 
     def status_heartbeat(self) -> None:
@@ -249,17 +281,20 @@ class DisplayWriter:
             self._status_maybe(self.ctx.knob("display.fps"), force=True)
 
     # ------------------------------------------------------------ status.json
-    def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None) -> None:
+    def _status_maybe(self, fps: float, *, force: bool, ahead: int | None = None,
+                      gap: float = 0.0) -> None:
+        """status.json when `force`d (no sooner than `gap` seconds after the last one),
+        when the state changed, or STATUS_EVERY seconds after the last one."""
         now = time.monotonic()
         state = (self.state, self.ctx.conditions.summary())
         changed = state != self.last_state
-        if not force and not changed and now - self.last_status < STATUS_EVERY:
+        since = now - self.last_status
+        if not changed and since < (gap if force else STATUS_EVERY):
             return
         self.last_status, self.last_state = now, state
         try:
             if ahead is None:
-                with self.ctx.reader.connect() as conn:
-                    ahead = self.buffered(conn)
+                ahead = read_model.frames_ahead(self.look(), self.chain, self.t)
             self.write_status(fps, max(0, ahead))
         except Exception as exc:
             kind = classify(exc)

@@ -28,9 +28,13 @@ HEARTBEAT_STALE = timedelta(seconds=30)
 PENDING = ("available", "executing", "retryable")
 
 
-def connect(path: str | Path, timeout: float = 5.0) -> sqlite3.Connection:
+def connect(path: str | Path, timeout: float = 5.0, *,
+            check_same_thread: bool = True) -> sqlite3.Connection:
+    """A read-only connection in autocommit mode: each statement is its own read, so one
+    kept open for months (the display's, the controls' look) holds no snapshot."""
     uri = f"file:{Path(path).resolve()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+    conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                           check_same_thread=check_same_thread)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -223,6 +227,17 @@ def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
     making = conn.execute(MAKING_SQL, {"c": -1 if chain is None else chain,
                                        "until": row.chain_index}).fetchone()[0]
     return None if making else row
+
+
+CHAIN_PROMPT_SQL = ("SELECT prompt, theme FROM keyframes WHERE chain_index = ? "
+                    "AND state = 'completed' LIMIT 1")
+
+
+def chain_prompt(conn, chain: int) -> tuple[str | None, str | None]:
+    """The prompt and theme of the keyframe that begins segment `chain` (None, None if
+    there is none)."""
+    row = conn.execute(CHAIN_PROMPT_SQL, (chain,)).fetchone()
+    return (row[0], row[1]) if row else (None, None)
 
 
 @dataclass(frozen=True)

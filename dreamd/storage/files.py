@@ -12,21 +12,23 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 
 REPLACE_RETRIES = 25
 REPLACE_DELAY = 0.004   # seconds, grows linearly: ~1.3 s in all before giving up
 
 
-def _tmp_name(path: Path) -> Path:
+def _tmp_name(path: str) -> str:
     # unique per call, never reused: a name left behind by a crash (or an older
-    # daemon with the same pid and thread id) is never this call's temp file
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}."
-                          f"{uuid.uuid4().hex[:12]}.tmp")
+    # daemon with the same pid and thread id) is never this call's temp file. Plain
+    # strings: the display makes three of these with every frame, and Path objects
+    # cost more than the system calls they name.
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.{os.getpid()}.{threading.get_ident()}."
+                              f"{os.urandom(6).hex()}.tmp")
 
 
-def replace_retrying(src: Path, dst: Path) -> None:
+def replace_retrying(src: Path | str, dst: Path | str) -> None:
     for attempt in range(REPLACE_RETRIES):
         try:
             os.replace(src, dst)
@@ -37,8 +39,8 @@ def replace_retrying(src: Path, dst: Path) -> None:
             time.sleep(REPLACE_DELAY * (attempt + 1))
 
 
-def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    path = Path(path)
+def write_atomic(path: Path | str, data: bytes, *, fsync: bool = False) -> None:
+    path = os.fspath(path)
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -48,11 +50,18 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
                 os.fsync(f.fileno())
         replace_retrying(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
         raise
 
 
-def place_atomic(src: Path, dst: Path) -> None:
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def place_atomic(src: Path | str, dst: Path | str) -> None:
     """Put `src`'s content at `dst` atomically (the display's frame swap).
 
     A hard link when it can (no bytes copied: the frame files are never rewritten, so
@@ -64,7 +73,7 @@ def place_atomic(src: Path, dst: Path) -> None:
     shown again) nothing is swapped. POSIX rename of two links to one inode is a no-op
     that leaves the temp link behind, so the temp name is removed in every case.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = os.fspath(src), os.fspath(dst)
     try:
         if os.path.samefile(src, dst):
             return
@@ -80,10 +89,10 @@ def place_atomic(src: Path, dst: Path) -> None:
     finally:
         # after a real rename this name is gone; after a no-op rename (same inode) it
         # is a second link to a frame, which must not outlive this call
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
 
 
-def _copy_exclusive(src: Path, tmp: Path) -> None:
+def _copy_exclusive(src: Path | str, tmp: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
         shutil.copyfileobj(f, out)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from dreamd.errors import ConfigError
 from dreamd.guard import GUARD
-from dreamd.ledger import queries, transitions
+from dreamd.ledger import queries, read_model, transitions
 from dreamd.ledger.controls import (CT, RESET_ALL, checked_knobs, pause_source,
                                     validate_knob, validate_reset)
 from dreamd.ledger.models import utcnow
@@ -62,9 +62,8 @@ def _none_waiting(ctx: WorkerContext) -> bool:
             conn = _probes.get(ctx.reader)
             if conn is None:
                 # autocommit: each look is its own read transaction, held for no longer
-                conn = sqlite3.connect(f"file:{ctx.cfg.db_path.resolve()}?mode=ro", uri=True,
-                                       isolation_level=None, check_same_thread=False,
-                                       timeout=1.0)
+                conn = read_model.connect(ctx.cfg.db_path, timeout=1.0,
+                                          check_same_thread=False)
                 _probes[ctx.reader] = conn
             # fetchall: the statement runs to its end, so no read snapshot stays open
             return not conn.execute(PROBE_SQL).fetchall()

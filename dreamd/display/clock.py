@@ -1,0 +1,71 @@
+"""The display's own clock: a thread that ticks the display writer at every frame time,
+and keeps status.json's heartbeat between frames.
+
+The display was an APScheduler interval job. Each run of one costs ~0.3 ms of CPU (the
+scheduler's loop wakes, works out the next run time in datetimes, hands the job to a pool
+thread and is told when it is done): at 15 fps more than the display's own work, and the
+largest part of a daemon that has nothing to make. This thread sleeps until the next
+frame time instead. The times lie on a fixed grid (a tick that runs late does not move
+the ones after it); one that overruns a whole period is not caught up with a burst of
+frames, as APScheduler's `coalesce` did not. A change of rate (a knob, the governor's
+stretch) takes effect from the frame after the last one shown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+
+def next_due(due: float, period: float, now: float) -> tuple[float, float]:
+    """After the frame that was due at `due`, ticked until `now`: (the time the frame
+    counts from, when the next one is due). On the grid while ticks keep up; a whole
+    period late, the next frame one period from now, with no burst to catch up."""
+    if due + period <= now:
+        return now, now + period
+    return due, due + period
+
+
+class DisplayClock(threading.Thread):
+    def __init__(self, tick: Callable[[], None], heartbeat: Callable[[], None],
+                 period: Callable[[], float], heartbeat_every: float) -> None:
+        """`tick` at every `period()` seconds, `heartbeat` every `heartbeat_every`
+        seconds; neither may raise (the daemon wraps them as it wraps every worker)."""
+        super().__init__(name="display", daemon=True)
+        self.tick, self.heartbeat = tick, heartbeat
+        self.period, self.heartbeat_every = period, heartbeat_every
+        self._wake = threading.Event()
+        self._halt = False
+        self.ticks = 0
+
+    def retime(self) -> None:
+        """The rate changed: the next frame comes one new period after the last one."""
+        self._wake.set()
+
+    def stop(self, timeout: float) -> bool:
+        """No tick starts after this; waits up to `timeout` for one in progress. True
+        when the thread has ended."""
+        self._halt = True
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        last = time.monotonic()          # when the last frame was due
+        due = last                       # the first frame at once
+        beat = last + self.heartbeat_every
+        while not self._halt:
+            now = time.monotonic()
+            if now >= due:
+                self.tick()
+                self.ticks += 1
+                now = time.monotonic()
+                last, due = next_due(due, self.period(), now)
+            if now >= beat:
+                self.heartbeat()
+                beat = time.monotonic() + self.heartbeat_every
+            if self._wake.wait(max(0.0, min(due, beat) - time.monotonic())):
+                self._wake.clear()
+                due = last + self.period()
