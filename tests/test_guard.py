@@ -81,6 +81,31 @@ def test_a_known_name_matches_a_running_process_whatever_its_case_and_exe(game):
     assert normalize(" Cs2.EXE ") == normalize("cs2") == "cs2"
 
 
+def test_a_look_reads_only_new_processes_and_every_name_again_every_full_look(game,
+                                                                            monkeypatch):
+    """The names of processes seen before are not read again until the next full look
+    (FULL_LOOK_EVERY): a pid given to a game after another process died under it is
+    caught by that look at the latest."""
+    from dreamd.guard import games
+
+    now = [1000.0]
+    watch = GameWatch([GAME], clock=lambda: now[0])
+    reads = []
+    real = games._name
+    monkeypatch.setattr(games, "_name", lambda pid: reads.append(pid) or real(pid))
+    assert watch.running() == [] and os.getpid() in reads
+    reads.clear()
+    proc = game()
+    assert wait_for(watch.running, timeout=60, what="the game process") == [GAME]
+    assert proc.pid in reads and os.getpid() not in reads   # the new ones, not all
+    # the pid reused: what the watch remembers for it is another process's name
+    watch._names[proc.pid] = "somethingelse"
+    assert watch.running() == []
+    now[0] += games.FULL_LOOK_EVERY
+    reads.clear()
+    assert watch.running() == [GAME] and os.getpid() in reads
+
+
 def test_known_games_must_be_process_names():
     cfg = config.parse('[guard]\nknown_games = ["MyGame.exe"]\ngpu_vram_gb = 4\n')
     assert cfg.guard.known_games == ["MyGame.exe"] and cfg.guard.gpu_vram_gb == 4.0

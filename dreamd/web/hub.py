@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,15 @@ class FrameHub:
         # the last frame announced while no page listened: read and hashed only when a
         # page (or /api/status) asks, so a viewer nobody looks at costs no file reads
         self._unread: tuple[int, int, float, Path, float] | None = None
+        self._unread_lock = threading.Lock()   # the display's thread sets it, too
         self.subscribers: set[asyncio.Queue] = set()
         self.closing: asyncio.Event | None = None
 
     @property
     def current(self) -> dict[str, Any] | None:
-        if self._unread is not None:
+        with self._unread_lock:
             unread, self._unread = self._unread, None
+        if unread is not None:
             self._admit(*unread, publish=False)    # the one asking gets it as it is
         return self._current
 
@@ -49,10 +52,17 @@ class FrameHub:
 
     def announce(self, frame_id: int, chain_index: int, t: float, path: Path,
                  swapped_at: float) -> None:
-        """The display writer put this frame on screen at `swapped_at` (epoch seconds)."""
+        """The display writer put this frame on screen at `swapped_at` (epoch seconds).
+        While no page listens the news is only kept, in this thread: waking the viewer's
+        event loop for each frame nobody sees was most of its cost."""
         loop = self.loop
         if loop is None:
             return
+        if not self.subscribers:
+            with self._unread_lock:
+                self._unread = (frame_id, chain_index, t, path, swapped_at)
+            if not self.subscribers:     # a page that came meanwhile hears it below
+                return
         try:
             loop.call_soon_threadsafe(self._arrive, frame_id, chain_index, t, path, swapped_at)
         except RuntimeError:        # the server's loop is closed: the viewer has stopped
@@ -68,11 +78,16 @@ class FrameHub:
 
     def _arrive(self, frame_id: int, chain_index: int, t: float, path: Path,
                 swapped_at: float) -> None:
-        if self.subscribers:
-            self._unread = None
-            self._admit(frame_id, chain_index, t, path, swapped_at)
-        else:
-            self._unread = (frame_id, chain_index, t, path, swapped_at)
+        with self._unread_lock:
+            if self.subscribers:
+                self._unread = None
+            else:
+                # news posted to the loop before the last page left can come after a
+                # newer frame kept by announce(): the newer one stays
+                if self._unread is None or self._unread[4] <= swapped_at:
+                    self._unread = (frame_id, chain_index, t, path, swapped_at)
+                return
+        self._admit(frame_id, chain_index, t, path, swapped_at)
 
     def _admit(self, frame_id: int, chain_index: int, t: float, path: Path,
                swapped_at: float, *, publish: bool = True) -> None:
