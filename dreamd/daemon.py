@@ -193,7 +193,9 @@ def workers(parts: Parts) -> list[tuple[str, float, Callable[[], Any]]]:
         ("embedding", 2.0, parts.memory.tick),
         ("janitor", 5.0, parts.janitor.tick),
         ("governor", 2.0, parts.governor.tick),
-        ("controls", controls.EVERY, lambda: parts.controls_tick(parts.on_knobs)),
+        # woken by the display's clock when a control waits (controls.EVERY); this
+        # interval is only the fallback
+        ("controls", controls.APPLY_EVERY, lambda: parts.controls_tick(parts.on_knobs)),
         ("heartbeat", 5.0, lambda: janitor.heartbeat(ctx)),
         ("guard", ctx.cfg.guard.check_interval_seconds, parts.guard.tick),   # games
     ]
@@ -386,6 +388,7 @@ class Daemon:
 
         from dreamd.display.clock import DisplayClock
         from dreamd.display.writer import STATUS_EVERY
+        from dreamd.workers import controls
 
         ctx, table = parts.ctx, workers(parts)
         scheduler = BackgroundScheduler(
@@ -399,9 +402,13 @@ class Daemon:
                 pass
 
         # the display rate, slowed by the governor's stretch while the buffer is low
-        self.clock = DisplayClock(self._job("display", parts.display.tick),
-                                  self._job("status", parts.display.status_heartbeat),
-                                  lambda: display_interval(ctx), STATUS_EVERY)
+        # and between frames: status.json's heartbeat, and the look for new controls (a
+        # read on a kept connection; the controls job runs only when one waits)
+        self.clock = DisplayClock(
+            self._job("display", parts.display.tick), lambda: display_interval(ctx),
+            [(STATUS_EVERY, self._job("status", parts.display.status_heartbeat)),
+             (controls.EVERY, self._job("controls-look", lambda: controls.waiting(ctx)
+                                        and wake("controls")))])
 
         def display_rate(*_: Any) -> None:
             self.clock.retime()

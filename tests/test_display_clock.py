@@ -20,14 +20,14 @@ class Counter:
         self.threads.add(threading.current_thread().name)
 
 
-def test_it_ticks_at_once_then_at_the_period_and_keeps_the_heartbeat_between():
+def test_it_ticks_at_once_then_at_the_period_and_does_its_duties_between():
     ticks, beats = Counter(), Counter()
     period = [3600.0]
-    clock = DisplayClock(ticks, beats, lambda: period[0], heartbeat_every=0.05)
+    clock = DisplayClock(ticks, lambda: period[0], [(0.05, beats)])
     clock.start()
     try:
         wait_for(lambda: ticks.n == 1, 30, what="the first frame, at once")
-        wait_for(lambda: beats.n >= 3, 30, what="heartbeats while no frame is due")
+        wait_for(lambda: beats.n >= 3, 30, what="duties while no frame is due")
         assert ticks.n == 1                   # the next frame is an hour away
         period[0] = 0.01
         clock.retime()                        # a new rate: from the last frame on
@@ -46,7 +46,7 @@ def test_after_stop_no_tick_starts_and_one_in_progress_is_waited_for():
         release.wait(30)
         done.append(1)
 
-    clock = DisplayClock(tick, lambda: None, lambda: 0.001, heartbeat_every=1.0)
+    clock = DisplayClock(tick, lambda: 0.001, [(1.0, lambda: None)])
     clock.start()
     assert entered.wait(30)
     threading.Timer(0.05, release.set).start()

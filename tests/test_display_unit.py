@@ -1093,3 +1093,42 @@ def test_a_frame_gone_before_its_batch_is_recorded_is_skipped_with_a_warning(wct
         assert w.record()
     assert f"frame {victim}: no longer ready" in caplog.text
     assert len(shown(ctx)) == 2 and ctx.runtime().frames_shown == 3
+
+
+def test_the_frames_to_show_are_read_once_per_segment_or_recount_not_per_frame(wctx, clock):
+    ctx = wctx
+    ctx.cfg.governor.stretch = False
+    add_segment(ctx, 0, 9)                   # 10 frames
+    add_segment(ctx, 1, 9)
+    w = DisplayWriter(ctx)
+    w.tick()
+    reads: list[str] = []
+    w.look().set_trace_callback(reads.append)
+    frame_ticks(w, clock, 4)                 # 0.4 s: no recount, segment 0 read already
+    assert reads == []
+    frame_ticks(w, clock, 11)                # a recount at 0.5 s and 1.0 s, segment 1
+    # 15 frames shown, the next one looked for 2 to 4 times (two recounts, the segment
+    # that ran out, give or take one for where 0.5 s falls on the set clock)
+    assert 2 <= sum("LIMIT 1" in r and "FROM frames" in r for r in reads) <= 4
+    assert w.record() and len(shown(ctx)) == 16
+    order = shown(ctx)
+    assert order == sorted(order)
+
+
+def test_next_frames_are_the_next_one_and_the_rest_of_its_segment(wctx):
+    from dreamd.ledger import read_model
+
+    ctx = wctx
+    add_segment(ctx, 0, 2)
+    add_segment(ctx, 1, 2)
+    conn = read_model.connect(ctx.cfg.db_path)
+    try:
+        first = read_model.next_frames(conn, None, None)
+        assert [(f.chain_index, round(f.pos, 3)) for f in first] == [
+            (0, 0.0), (0, 0.333), (0, 0.667)]
+        assert [(f.chain_index, round(f.pos, 3)) for f in
+                read_model.next_frames(conn, 0, 0.5)] == [(0, 0.667)]
+        assert [f.chain_index for f in read_model.next_frames(conn, 0, 0.9)] == [1, 1, 1]
+        assert read_model.next_frames(conn, 1, 0.9) == []
+    finally:
+        conn.close()

@@ -589,6 +589,10 @@ def test_playback_order_counts_and_picks_the_next_ready_frame(engine):
         assert queries.next_frame(conn, 1, 0.5).id == ids[2, 0.0]
         assert queries.frames_ahead(conn, 2, 0.0) == 0
         assert queries.next_frame(conn, 2, 0.0) is None
+        # counted up to a mark only (a worker asking whether the buffer reaches it)
+        assert [queries.frames_ahead(conn, None, None, at_most=n) for n in (0, 2, 6, 99)] \
+            == [0, 2, 6, 6]
+        assert queries.frames_ahead_of_playhead(conn, at_most=4) == 4
 
 
 def test_the_next_frame_waits_for_an_earlier_segment_still_being_made(engine):

@@ -113,6 +113,19 @@ def recorded(ctx) -> dict:
 
 # ---------------------------------------------------------------- leases
 
+def test_with_nothing_leased_the_rescue_takes_no_write_lock(make_ctx, db_path):
+    """Every 5 s on a dream with nothing to make: a read finds no leased row, and the
+    write transaction is not begun (another process holding the lock is not waited on)."""
+    from tests.conftest import WriteLock
+
+    ctx = make_ctx()
+    job(ctx, "keyframe", lease_left=-5)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE keyframes SET state = 'completed'"))
+    with WriteLock(db_path):
+        assert janitor.rescue_all(ctx) == 0
+
+
 def test_expired_leases_are_rescued_and_live_ones_kept(make_ctx, caplog):
     ctx = make_ctx()
     k_dead = job(ctx, "keyframe", lease_left=-5)

@@ -1,5 +1,6 @@
 """The display's own clock: a thread that ticks the display writer at every frame time,
-and keeps status.json's heartbeat between frames.
+and does the daemon's other small, frequent duties between frames (status.json's
+heartbeat, the look for new controls).
 
 The display was an APScheduler interval job. Each run of one costs ~0.3 ms of CPU (the
 scheduler's loop wakes, works out the next run time in datetimes, hands the job to a pool
@@ -28,13 +29,13 @@ def next_due(due: float, period: float, now: float) -> tuple[float, float]:
 
 
 class DisplayClock(threading.Thread):
-    def __init__(self, tick: Callable[[], None], heartbeat: Callable[[], None],
-                 period: Callable[[], float], heartbeat_every: float) -> None:
-        """`tick` at every `period()` seconds, `heartbeat` every `heartbeat_every`
-        seconds; neither may raise (the daemon wraps them as it wraps every worker)."""
+    def __init__(self, tick: Callable[[], None], period: Callable[[], float],
+                 duties: list[tuple[float, Callable[[], None]]] = ()) -> None:
+        """`tick` at every `period()` seconds, and each duty (seconds, fn) that often;
+        none may raise (the daemon wraps them as it wraps every worker), and a duty must
+        be quick: it runs on the display's time."""
         super().__init__(name="display", daemon=True)
-        self.tick, self.heartbeat = tick, heartbeat
-        self.period, self.heartbeat_every = period, heartbeat_every
+        self.tick, self.period, self.duties = tick, period, list(duties)
         self._wake = threading.Event()
         self._halt = False
         self.ticks = 0
@@ -55,7 +56,7 @@ class DisplayClock(threading.Thread):
     def run(self) -> None:
         last = time.monotonic()          # when the last frame was due
         due = last                       # the first frame at once
-        beat = last + self.heartbeat_every
+        beats = [last + every for every, _fn in self.duties]
         while not self._halt:
             now = time.monotonic()
             if now >= due:
@@ -63,9 +64,10 @@ class DisplayClock(threading.Thread):
                 self.ticks += 1
                 now = time.monotonic()
                 last, due = next_due(due, self.period(), now)
-            if now >= beat:
-                self.heartbeat()
-                beat = time.monotonic() + self.heartbeat_every
-            if self._wake.wait(max(0.0, min(due, beat) - time.monotonic())):
+            for i, (every, duty) in enumerate(self.duties):
+                if now >= beats[i]:
+                    duty()
+                    beats[i] = time.monotonic() + every
+            if self._wake.wait(max(0.0, min(due, *beats) - time.monotonic())):
                 self._wake.clear()
                 due = last + self.period()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from sqlalchemy import bindparam, update
@@ -91,6 +92,8 @@ class DisplayWriter:
         self.last_state = ""
         self.ahead = 0
         self.counted_at = float("-inf")
+        # the frames to show next, read once per segment or recount (next_frames)
+        self.upcoming: deque = deque()
         # shown but not yet in the ledger (it was busy): (frame id, chain, t, shown at)
         self.pending: list[tuple[int, int, float, object]] = []
         self.pending_underruns = 0
@@ -133,6 +136,7 @@ class DisplayWriter:
         try:
             self._tick()
         except Exception as exc:
+            self.upcoming.clear()            # read again: a frame may be gone
             if isinstance(exc, read_model.sqlite3.Error):
                 self._drop_look()
             kind = classify(exc)
@@ -151,13 +155,19 @@ class DisplayWriter:
             self._status_maybe(fps, force=False)
             return
         now = time.monotonic()
-        conn = self.look()
-        nxt = read_model.next_frame(conn, self.chain, self.t)
         # counting the buffer is the tick's dearest query: twice a second is enough
         # while frames play; afresh whenever none can (buffering, an underrun), so
-        # the status says what is ready now
-        if self.buffering or nxt is None or now - self.counted_at >= COUNT_EVERY:
-            self.ahead, self.counted_at = read_model.frames_ahead(conn, self.chain, self.t), now
+        # the status says what is ready now. The frames to show are read again then
+        # too, and when a segment's run out (nothing takes a ready frame ahead of the
+        # playhead away while the daemon runs; a file deleted behind its back fails
+        # one tick, and the next reads them again).
+        recount = self.buffering or now - self.counted_at >= COUNT_EVERY
+        if recount or not self.upcoming:
+            self.upcoming = deque(read_model.next_frames(self.look(), self.chain, self.t))
+        nxt = self.upcoming[0] if self.upcoming else None
+        if recount or nxt is None:
+            self.ahead = read_model.frames_ahead(self.look(), self.chain, self.t)
+            self.counted_at = now
         ahead = self.ahead
         seconds = ahead / fps
         first = self.current is None and self.chain is None
@@ -165,7 +175,7 @@ class DisplayWriter:
             if seconds >= ctx.knob("display.min_buffer_seconds") and nxt is not None:
                 self.buffering = False
             elif first and nxt is not None:
-                self.show(nxt)              # playback starts as soon as a frame exists
+                self.show(self.upcoming.popleft())  # playback starts as soon as a frame exists
                 self.state = "buffering"
                 self._status_maybe(fps, force=True, ahead=ahead - 1)
                 return
@@ -186,7 +196,7 @@ class DisplayWriter:
             return
         self.in_underrun = False
         self.pacer.pace(seconds)            # the governor's gentle slow-down on a low buffer
-        self.show(nxt)
+        self.show(self.upcoming.popleft())
         self.ahead = max(0, ahead - 1)
         self.state = "playing"
         # with every frame, up to one per STATUS_GAP: the Rainmeter skin crossfades when
@@ -197,9 +207,14 @@ class DisplayWriter:
         timings: dict[str, float] = {}
         path = resolve(self.data_dir, frame.path)
         with timed(timings, "write"):
-            if self.current is not None and self.current.exists():
-                place_atomic(self.current, self.previous_path)
-            place_atomic(path, self.current_path)
+            # never the same file (each frame is its own): no look for one before
+            if self.current is not None:
+                try:
+                    place_atomic(self.current, self.previous_path, check_same=False)
+                except FileNotFoundError:
+                    if self.current.exists():     # it is the output folder that is gone
+                        raise
+            place_atomic(path, self.current_path, check_same=False)
         if self.on_shown is not None:
             self.on_shown(frame.id, frame.chain_index, frame.pos, path, time.time())
         pause_point("frame-displayed", self.data_dir)

@@ -57,14 +57,15 @@ def knobs(row: Row) -> dict[str, Any]:
 # The read model's words (dreamd/ledger/read_model.py), asked inside the caller's
 # transaction: the display at every frame, the planner, the governor.
 
-def frames_ahead(conn: Connection, chain: int | None, t: float | None) -> int:
-    """Ready frames after the playhead (chain, t), in playback order."""
-    return read_model.frames_ahead(dbapi(conn), chain, t)
+def frames_ahead(conn: Connection, chain: int | None, t: float | None,
+                 at_most: int | None = None) -> int:
+    """Ready frames after the playhead (chain, t), in playback order (up to `at_most`)."""
+    return read_model.frames_ahead(dbapi(conn), chain, t, at_most)
 
 
-def frames_ahead_of_playhead(conn: Connection) -> int:
-    """Ready frames after the playhead the ledger records."""
-    return read_model.frames_ahead_of_playhead(dbapi(conn))
+def frames_ahead_of_playhead(conn: Connection, at_most: int | None = None) -> int:
+    """Ready frames after the playhead the ledger records (up to `at_most`)."""
+    return read_model.frames_ahead_of_playhead(dbapi(conn), at_most)
 
 
 def next_frame(conn: Connection, chain: int | None,

@@ -182,6 +182,8 @@ def last_run(conn) -> dict[str, Any] | None:
 # A playhead of (-1, -1) means "before the first frame" (chain indexes start at 0).
 _AFTER = "(chain_index > :c OR (chain_index = :c AND t > :t))"
 AHEAD_SQL = f"SELECT count(*) FROM frames WHERE state = 'ready' AND {_AFTER}"
+AHEAD_UP_TO_SQL = (f"SELECT count(*) FROM (SELECT 1 FROM frames WHERE state = 'ready' AND "
+                   f"{_AFTER} LIMIT :n)")
 NEXT_SQL = (f"SELECT id, chain_index, t AS pos, path FROM frames WHERE state = 'ready' AND "
             f"{_AFTER} ORDER BY chain_index, t LIMIT 1")
 MAKING_SQL = ("SELECT count(*) FROM interpolations WHERE state IN ('available', 'executing', "
@@ -192,8 +194,12 @@ def _playhead(chain: int | None, t: float | None) -> dict[str, Any]:
     return {"c": -1, "t": -1.0} if chain is None else {"c": chain, "t": t}
 
 
-def frames_ahead(conn, chain: int | None, t: float | None) -> int:
-    """Ready frames after the playhead (chain, t), in playback order."""
+def frames_ahead(conn, chain: int | None, t: float | None, at_most: int | None = None) -> int:
+    """Ready frames after the playhead (chain, t), in playback order; counted up to
+    `at_most` only, for a worker that only asks whether the buffer reaches a mark (the
+    count walks the whole buffer, and the buffer can be hours of frames)."""
+    if at_most is not None:
+        return conn.execute(AHEAD_UP_TO_SQL, {**_playhead(chain, t), "n": at_most}).fetchone()[0]
     return conn.execute(AHEAD_SQL, _playhead(chain, t)).fetchone()[0]
 
 
@@ -206,12 +212,12 @@ class Ready(NamedTuple):
     path: str
 
 
-def frames_ahead_of_playhead(conn) -> int:
+def frames_ahead_of_playhead(conn, at_most: int | None = None) -> int:
     """Ready frames after the playhead the ledger records (all of them before the first
-    frame is shown, or without a runtime row yet)."""
+    frame is shown, or without a runtime row yet); up to `at_most` (frames_ahead)."""
     row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t FROM runtime_state "
                      "WHERE id = 1") if _has(conn, "runtime_state") else None
-    return frames_ahead(conn, *((row["c"], row["t"]) if row else (None, None)))
+    return frames_ahead(conn, *((row["c"], row["t"]) if row else (None, None)), at_most)
 
 
 def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
@@ -227,6 +233,21 @@ def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
     making = conn.execute(MAKING_SQL, {"c": -1 if chain is None else chain,
                                        "until": row.chain_index}).fetchone()[0]
     return None if making else row
+
+
+SEGMENT_REST_SQL = ("SELECT id, chain_index, t AS pos, path FROM frames WHERE state = 'ready' "
+                    "AND chain_index = :c AND t > :t ORDER BY t")
+
+
+def next_frames(conn, chain: int | None, t: float | None) -> list[Ready]:
+    """next_frame, and after it the rest of its segment's ready frames, in order (a
+    segment's frames are made together, so none of them can be missing in between):
+    the display reads this once per segment or per recount, not once per frame."""
+    first = next_frame(conn, chain, t)
+    if first is None:
+        return []
+    rest = conn.execute(SEGMENT_REST_SQL, {"c": first.chain_index, "t": first.pos})
+    return [first, *(Ready(*tuple(r)) for r in rest.fetchall())]
 
 
 CHAIN_PROMPT_SQL = ("SELECT prompt, theme FROM keyframes WHERE chain_index = ? "

@@ -61,7 +61,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def place_atomic(src: Path | str, dst: Path | str) -> None:
+def place_atomic(src: Path | str, dst: Path | str, *, check_same: bool = True) -> None:
     """Put `src`'s content at `dst` atomically (the display's frame swap).
 
     A hard link when it can (no bytes copied: the frame files are never rewritten, so
@@ -70,15 +70,17 @@ def place_atomic(src: Path | str, dst: Path | str) -> None:
 
     Never writes into an existing file: the temp name is new for every call, a copy
     goes to a file opened with O_EXCL, and when `dst` is already `src` (the same frame
-    shown again) nothing is swapped. POSIX rename of two links to one inode is a no-op
+    shown again) nothing is swapped (`check_same`: two stats, which a caller that knows
+    its files are distinct skips). POSIX rename of two links to one inode is a no-op
     that leaves the temp link behind, so the temp name is removed in every case.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    try:
-        if os.path.samefile(src, dst):
-            return
-    except OSError:
-        pass                                   # dst does not exist yet: place it
+    if check_same:          # (the display knows its frames are distinct files)
+        try:
+            if os.path.samefile(src, dst):
+                return
+        except OSError:
+            pass                               # dst does not exist yet: place it
     tmp = _tmp_name(dst)
     try:
         try:

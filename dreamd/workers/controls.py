@@ -23,9 +23,11 @@ from dreamd.ledger.models import utcnow
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.controls")
-# Seconds between looks for new controls: an indexed read of an empty result, cheap
-# enough at 10 a second, so a key on the dashboard is applied within about 0.1 s.
+# Seconds between looks for new controls: an indexed read of an empty result on a kept
+# connection, cheap enough at 10 a second (the display's clock makes it, and wakes the
+# controls job when one waits), so a key on the dashboard is applied within about 0.1 s.
 EVERY = 0.1
+APPLY_EVERY = 5.0   # the controls job's own interval: a fallback, it is woken at once
 
 
 def restore(ctx: WorkerContext) -> None:
@@ -71,6 +73,12 @@ def _none_waiting(ctx: WorkerContext) -> bool:
         with _probes_lock:
             _probes.pop(ctx.reader, None)
         return False
+
+
+def waiting(ctx: WorkerContext) -> bool:
+    """True when a control may wait to be applied (the display's clock asks 10 times a
+    second); never raises."""
+    return not _none_waiting(ctx)
 
 
 def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None,

@@ -18,6 +18,7 @@ counted in `ctx.facts["embeddings_skipped"]` and in `dreamd stats`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack
 
@@ -135,10 +136,10 @@ class EmbeddingWorker:
         """Playback is short of frames: keyframes and in-betweens get the CPU first."""
 
         ctx = self.ctx
-        need = ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps")
+        need = math.ceil(ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps"))
         with ctx.reader.connect() as conn:
-            has_chain = conn.execute(select(func.count()).select_from(FR)).scalar_one()
-            return bool(has_chain) and queries.frames_ahead_of_playhead(conn) < need
+            has_chain = conn.execute(select(FR.c.id).limit(1)).first() is not None
+            return has_chain and queries.frames_ahead_of_playhead(conn, at_most=need) < need
 
     # ------------------------------------------------------------ the work
     def process(self, emb, rows, owner: str) -> int:

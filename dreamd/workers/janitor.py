@@ -9,11 +9,11 @@ import json
 import logging
 import time
 
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from dreamd.conditions import settle_postpones
 from dreamd.ledger import database, queries, transitions
-from dreamd.ledger.models import DaemonRun, utcnow
+from dreamd.ledger.models import ENTITY_MODELS, DaemonRun, utcnow
 from dreamd.ledger.states import JOB_ENTITIES
 from dreamd.quality import coherence
 from dreamd.storage import retention, space
@@ -33,6 +33,8 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
     """Expired leases back to available (or discarded). At start, when this daemon holds
     the data dir's pid file, every executing row is abandoned: no one else can hold it."""
     n = 0
+    if not everything and not _any_executing(ctx):
+        return 0          # nothing leased, nothing to rescue: no write lock taken
     with ctx.engine.begin() as conn:
         for entity in JOB_ENTITIES:
             mine = [] if everything else [
@@ -45,6 +47,18 @@ def rescue_all(ctx: WorkerContext, *, everything: bool = False) -> int:
                                 entity, state, ids[:10])
                 n += len(ids)
     return n
+
+
+ANY_EXECUTING_SQL = text(" UNION ALL ".join(
+    f"SELECT 1 FROM (SELECT 1 FROM {ENTITY_MODELS[e].__tablename__} "
+    f"WHERE state = 'executing' LIMIT 1)" for e in JOB_ENTITIES))
+
+
+def _any_executing(ctx: WorkerContext) -> bool:
+    """Is any job row leased at all? (A read: the rescue itself is a write transaction,
+    every 5 s, that finds nothing on a dream with nothing to make.)"""
+    with ctx.reader.connect() as conn:
+        return conn.execute(ANY_EXECUTING_SQL).first() is not None
 
 
 def enforce_retention(ctx: WorkerContext) -> int:

@@ -8,6 +8,7 @@ It is the only creator of keyframe rows, and keeps one in flight.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime
 
 from sqlalchemy import Connection, func, select
@@ -60,7 +61,9 @@ def tick(ctx: WorkerContext) -> int | None:
             return None
         last = conn.execute(select(KF).where(KF.c.state == J.completed)
                             .order_by(KF.c.chain_index.desc()).limit(1)).first()
-        ahead = queries.frames_ahead_of_playhead(conn) + frames_coming(conn)
+        # counted up to the target only: whether it is reached is all that matters here
+        ahead = frames_coming(conn)
+        ahead += queries.frames_ahead_of_playhead(conn, at_most=max(0, math.ceil(target - ahead)))
         # one keyframe beyond the interpolated ones: the next pair needs it anyway
         if last is not None and ahead >= target:
             return None
