@@ -637,3 +637,31 @@ def test_a_reader_holding_the_ledger_is_said_and_its_wal_given_back(contexts, db
     assert any("let go of the ledger" in r.getMessage() for r in caplog.records)
     write(5)
     assert space.wal_bytes(db_path) < 1024 * 1024
+
+
+def test_between_keyframes_a_pass_evicts_shown_frames_only(make_ctx, monkeypatch):
+    """The whole retention pass when a keyframe was made since the last one, or every
+    FULL_PASS_EVERY; the passes between (a dream with nothing to make, playing on) only
+    evict shown frames, the one thing playback alone adds to."""
+    from dreamd.storage import retention
+
+    calls: dict[str, int] = {"prune_latents": 0, "evict_frames": 0}
+    for name in calls:
+        real = getattr(retention, name)
+        monkeypatch.setattr(retention, name, lambda *a, _n=name, _r=real, **k:
+                            calls.__setitem__(_n, calls[_n] + 1) or _r(*a, **k))
+    now = [1000.0]
+    monkeypatch.setattr(janitor, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], perf_counter=time.perf_counter))
+    ctx = make_ctx()
+    j = Janitor(ctx)
+    seen = []
+    for step in ("first", "nothing new", "a keyframe", "nothing new", "a minute later"):
+        if step == "a keyframe":
+            job(ctx, "keyframe", lease_left=60)
+        if step == "a minute later":
+            now[0] += janitor.FULL_PASS_EVERY
+        now[0] += 5
+        j.storage()
+        seen.append((calls["prune_latents"], calls["evict_frames"]))
+    assert seen == [(1, 1), (1, 2), (2, 3), (2, 4), (3, 5)]

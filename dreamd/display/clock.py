@@ -8,8 +8,10 @@ thread and is told when it is done): at 15 fps more than the display's own work,
 largest part of a daemon that has nothing to make. This thread sleeps until the next
 frame time instead. The times lie on a fixed grid (a tick that runs late does not move
 the ones after it); one that overruns a whole period is not caught up with a burst of
-frames, as APScheduler's `coalesce` did not. A change of rate (a knob, the governor's
-stretch) takes effect from the frame after the last one shown.
+frames (nor was it with APScheduler's `coalesce`). A change of rate (a knob, the
+governor's stretch) takes effect from the frame after the last one shown. Duties run
+on the frames' wake-ups where one comes before they are due by half their interval:
+a wake-up alone costs ~0.1 ms of CPU here.
 """
 
 from __future__ import annotations
@@ -59,15 +61,18 @@ class DisplayClock(threading.Thread):
         beats = [last + every for every, _fn in self.duties]
         while not self._halt:
             now = time.monotonic()
+            period = self.period()
             if now >= due:
                 self.tick()
                 self.ticks += 1
                 now = time.monotonic()
-                last, due = next_due(due, self.period(), now)
+                last, due = next_due(due, period, now)
             for i, (every, duty) in enumerate(self.duties):
-                if now >= beats[i]:
+                # due, or due before the thread would wake for the next frame anyway: a
+                # wake-up costs ~0.1 ms of CPU on its own, so duties ride on the frames'
+                if now >= beats[i] - min(every / 2, period):
                     duty()
-                    beats[i] = time.monotonic() + every
+                    beats[i] = now + every
             if self._wake.wait(max(0.0, min(due, *beats) - time.monotonic())):
                 self._wake.clear()
                 due = last + self.period()

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from dreamd.governor.law import Bounds, Decision, Governor, Measurements, size_words, stretch
 from dreamd.ledger import queries
@@ -100,32 +100,39 @@ def buffer_trend(samples: Iterable[tuple[float, float]], now: float, frames: int
     return slope(recent) if covered else None
 
 
+# The measurements' statements, built once (the governor asks every 2 s, for months;
+# building a statement costs more than SQLite takes to answer it).
+_KF_DONE = select(KF.c.generation_ms).where(KF.c.state == "completed",
+                                            KF.c.generation_ms.is_not(None))
+_KF_DONE_SINCE = _KF_DONE.where(KF.c.started_at >= bindparam("since"))
+_KF_LAST = _KF_DONE.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
+_KF_LAST_SINCE = _KF_DONE_SINCE.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
+_KF_COUNT_SINCE = select(func.count()).select_from(_KF_DONE_SINCE.subquery())
+_IP_LAST = (select(IP.c.id, IP.c.divisor, IP.c.duration_ms, IP.c.n_frames)
+            .where(IP.c.state == "completed", IP.c.duration_ms.is_not(None))
+            .order_by(IP.c.id.desc()).limit(BATCHES_MEASURED + 1))
+_IP_FIRST_SINCE = select(func.min(IP.c.id)).where(IP.c.state == "completed",
+                                                  IP.c.started_at >= bindparam("since"))
+
+
 def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float | None, int]:
     """keyframe_times of the last completed keyframes, of those started since `since`
     (its first left out)."""
-    query = select(KF.c.generation_ms).where(
-        KF.c.state == "completed", KF.c.generation_ms.is_not(None))
-    if since is not None:
-        query = query.where(KF.c.started_at >= since)
-    ms = conn.execute(query.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
-                      ).scalars().all()
-    first_of_run = False
-    if since is not None:
-        total = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        first_of_run = total <= KEYFRAMES_MEASURED + 1    # the run's first is among them
-    return keyframe_times(ms, first_of_run=first_of_run)
+    if since is None:
+        return keyframe_times(conn.execute(_KF_LAST).scalars().all(), first_of_run=False)
+    ms = conn.execute(_KF_LAST_SINCE, {"since": since}).scalars().all()
+    total = conn.execute(_KF_COUNT_SINCE, {"since": since}).scalar_one()
+    # the run's first is among them
+    return keyframe_times(ms, first_of_run=total <= KEYFRAMES_MEASURED + 1)
 
 
 def inbetween_ms(conn: Connection, since=None) -> tuple[dict[float, float], dict[float, int]]:
     """inbetween_times of the last completed batches; the first batch started since
     `since` left out (the codec's first calls build its kernels: twice the time of the
     next ones, measured)."""
-    query = select(IP.c.id, IP.c.divisor, IP.c.duration_ms, IP.c.n_frames).where(
-        IP.c.state == "completed", IP.c.duration_ms.is_not(None))
-    rows = conn.execute(query.order_by(IP.c.id.desc()).limit(BATCHES_MEASURED + 1)).all()
+    rows = conn.execute(_IP_LAST).all()
     if since is not None:
-        first = conn.execute(select(func.min(IP.c.id)).where(
-            IP.c.state == "completed", IP.c.started_at >= since)).scalar()
+        first = conn.execute(_IP_FIRST_SINCE, {"since": since}).scalar()
         rows = [r for r in rows if r.id != first]
     return inbetween_times((r.divisor, r.duration_ms, r.n_frames) for r in rows)
 

@@ -434,10 +434,16 @@ def ensure_incremental_vacuum(db_path: Path) -> bool:
 
 # ---------------------------------------------------------------- one pass
 
-def run_pass(ctx, *, over_budget: int = 0, now: datetime | None = None) -> PassReport:
-    """One retention pass: horizons always, the budget when `over_budget` bytes must go."""
+def run_pass(ctx, *, over_budget: int = 0, now: datetime | None = None,
+             frames_only: bool = False) -> PassReport:
+    """One retention pass: horizons always, the budget when `over_budget` bytes must go.
+    `frames_only`: the shown frames only (what playback alone adds to; the janitor's
+    passes between two keyframes, see Janitor.storage)."""
     now = now or utcnow()
     report = PassReport()
+    if frames_only and not over_budget:
+        evict_frames(ctx, report=report)
+        return report
     prune_latents(ctx, report)
     prune_blends(ctx, report)
     need = max(0, over_budget - report.freed)

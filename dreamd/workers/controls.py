@@ -24,9 +24,10 @@ from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.controls")
 # Seconds between looks for new controls: an indexed read of an empty result on a kept
-# connection, cheap enough at 10 a second (the display's clock makes it, and wakes the
-# controls job when one waits), so a key on the dashboard is applied within about 0.1 s.
-EVERY = 0.1
+# connection (the display's clock makes it, on its frames' wake-ups where it can, and
+# wakes the controls job when one waits), so a key on the dashboard, `dreamd pause` or a
+# knob is applied within about a quarter of a second.
+EVERY = 0.25
 APPLY_EVERY = 5.0   # the controls job's own interval: a fallback, it is woken at once
 
 
@@ -48,7 +49,7 @@ def restore(ctx: WorkerContext) -> None:
     ctx.set_knobs(knobs)
 
 
-# A look that finds nothing, ten times a second: through SQLAlchemy (a pooled connection,
+# A look that finds nothing, several times a second: through SQLAlchemy (a pooled connection,
 # a statement) it cost ~250 us of CPU, 1 % of a core; a kept read-only sqlite3
 # connection asks the same in ~6 us. Rows are then read the usual way.
 PROBE_SQL = "SELECT 1 FROM controls WHERE state = 'available' LIMIT 1"
@@ -76,8 +77,8 @@ def _none_waiting(ctx: WorkerContext) -> bool:
 
 
 def waiting(ctx: WorkerContext) -> bool:
-    """True when a control may wait to be applied (the display's clock asks 10 times a
-    second); never raises."""
+    """True when a control may wait to be applied (the display's clock asks every
+    EVERY seconds); never raises."""
     return not _none_waiting(ctx)
 
 

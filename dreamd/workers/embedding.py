@@ -23,7 +23,7 @@ import time
 from contextlib import ExitStack
 
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from dreamd.errors import StaleTransitionError
 from dreamd.ledger import queries, transitions
@@ -38,6 +38,14 @@ log = logging.getLogger("dreamd.embedding")
 EM, FR, KF, IP = (Embedding.__table__, Frame.__table__, Keyframe.__table__,
                   Interpolation.__table__)
 BATCH = 4            # rows per claim: one model call embeds them together
+# what an idle tick asks every 2 s, built once (building costs more than answering)
+NEW_FRAMES = (select(FR.c.id, FR.c.kind, FR.c.t, FR.c.interpolation_id, FR.c.chain_index,
+                     IP.c.n_frames)
+              .select_from(FR.outerjoin(IP, IP.c.id == FR.c.interpolation_id))
+              .where(FR.c.id > bindparam("seen"), FR.c.state.in_(("ready", "shown")))
+              .order_by(FR.c.id))
+WAITING = select(func.count()).select_from(EM).where(EM.c.state == "available")
+ANY_FRAME = select(FR.c.id).limit(1)
 
 
 class EmbeddingWorker:
@@ -79,12 +87,7 @@ class EmbeddingWorker:
         """Create embedding rows for frames that have none yet."""
         ctx = self.ctx
         with ctx.reader.connect() as conn:
-            new = conn.execute(
-                select(FR.c.id, FR.c.kind, FR.c.t, FR.c.interpolation_id, FR.c.chain_index,
-                       IP.c.n_frames)
-                .select_from(FR.outerjoin(IP, IP.c.id == FR.c.interpolation_id))
-                .where(FR.c.id > self.seen_frame_id, FR.c.state.in_(("ready", "shown")))
-                .order_by(FR.c.id)).all()
+            new = conn.execute(NEW_FRAMES, {"seen": self.seen_frame_id}).all()
             if not new:
                 return 0
             have = set(conn.execute(select(EM.c.frame_id).where(
@@ -109,8 +112,7 @@ class EmbeddingWorker:
         ctx = self.ctx
         limit = ctx.cfg.cache.max_backlog
         with ctx.reader.connect() as conn:
-            waiting = conn.execute(select(func.count()).select_from(EM)
-                                   .where(EM.c.state == "available")).scalar_one()
+            waiting = conn.execute(WAITING).scalar_one()
             if waiting <= limit:
                 return 0
             drop = conn.execute(
@@ -138,7 +140,7 @@ class EmbeddingWorker:
         ctx = self.ctx
         need = math.ceil(ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps"))
         with ctx.reader.connect() as conn:
-            has_chain = conn.execute(select(FR.c.id).limit(1)).first() is not None
+            has_chain = conn.execute(ANY_FRAME).first() is not None
             return has_chain and queries.frames_ahead_of_playhead(conn, at_most=need) < need
 
     # ------------------------------------------------------------ the work

@@ -23,6 +23,11 @@ log = logging.getLogger("dreamd.janitor")
 DR = DaemonRun.__table__
 CHECKPOINT_EVERY = 60.0
 MEASURE_EVERY = 15.0        # seconds between walks of the data dir (the budget, the status)
+# The whole retention pass (latents, blends, keyframe images, thumbnails, the history's
+# rows: ~20 statements) when a keyframe was made since the last one, or this often; the
+# passes between only evict shown frames, the one thing playback alone adds to.
+FULL_PASS_EVERY = 60.0
+LAST_KEYFRAME = text("SELECT max(id) FROM keyframes")
 # A checkpoint that cannot fold the whole WAL back for this long means a reader holds an
 # old snapshot of the ledger (an open sqlite3 shell, a database browser): the WAL then
 # grows with every write (about 200 KB/s at the defaults) until that reader lets go.
@@ -71,6 +76,8 @@ class Janitor:
         self.ctx = ctx
         self.last_checkpoint = time.monotonic()
         self.measured_at = float("-inf")
+        self.full_pass_at = float("-inf")            # the last whole retention pass
+        self.full_pass_keyframe: int | None = -1     # the newest keyframe then
         self.over = 0                   # bytes over the budget (or under the floor) to free
         self.freed = 0                  # bytes retention freed since the last measurement
         self.stuck_over = False         # over budget with nothing left to delete: said once
@@ -120,13 +127,22 @@ class Janitor:
 
     # ------------------------------------------------------------ storage
     def storage(self) -> None:
-        """Retention every tick; the budget and the floor from a walk every MEASURE_EVERY."""
+        """Retention every tick (the whole pass when a keyframe came, or every
+        FULL_PASS_EVERY; else the shown frames only); the budget and the floor from a walk
+        every MEASURE_EVERY."""
         ctx = self.ctx
         if time.monotonic() - self.measured_at >= MEASURE_EVERY:
             self.measure()
         started = time.perf_counter()
-        report = retention.run_pass(ctx, over_budget=self.over)
-        report.freed += coherence.prune_palettes(ctx)   # colour references no run needs
+        with ctx.reader.connect() as conn:
+            newest = conn.execute(LAST_KEYFRAME).scalar()
+        now = time.monotonic()
+        full = (self.over > 0 or newest != self.full_pass_keyframe
+                or now - self.full_pass_at >= FULL_PASS_EVERY)
+        report = retention.run_pass(ctx, over_budget=self.over, frames_only=not full)
+        if full:
+            self.full_pass_at, self.full_pass_keyframe = now, newest
+            report.freed += coherence.prune_palettes(ctx)   # colour references no run needs
         self.over = max(0, self.over - report.freed)
         self.freed += report.freed
         if log.isEnabledFor(logging.DEBUG):   # bench/churn.py reads these

@@ -26,6 +26,13 @@ log = logging.getLogger("dreamd.planner")
 
 KF, IP, FR, RT = Keyframe.__table__, Interpolation.__table__, Frame.__table__, RuntimeState.__table__
 PENDING = (J.available, J.executing, J.retryable)
+# built once: the planner asks these every second, and building a statement (and its
+# cache key) costs more than SQLite takes to answer it
+ANY_PENDING = select(KF.c.id).where(KF.c.state.in_(PENDING)).limit(1)
+LAST_COMPLETED = (select(KF).where(KF.c.state == J.completed)
+                  .order_by(KF.c.chain_index.desc()).limit(1))
+COMING = select(func.coalesce(func.sum(IP.c.n_frames + 1), 0)).where(IP.c.state.in_(PENDING))
+THEME_INDEX = select(RT.c.theme_index).where(RT.c.id == 1)
 
 
 def keyframe_seed(base: int, chain_index: int) -> int:
@@ -35,8 +42,7 @@ def keyframe_seed(base: int, chain_index: int) -> int:
 
 def frames_coming(conn: Connection) -> int:
     """Frames that interpolation batches not yet done will produce."""
-    return conn.execute(select(func.coalesce(func.sum(IP.c.n_frames + 1), 0))
-                        .where(IP.c.state.in_(PENDING))).scalar_one()
+    return conn.execute(COMING).scalar_one()
 
 
 def head_image(ctx: WorkerContext, last) -> bool:
@@ -56,18 +62,16 @@ def tick(ctx: WorkerContext) -> int | None:
     fps = ctx.knob("display.fps")
     target = ctx.knob("display.buffer_target_seconds") * fps
     with ctx.reader.connect() as conn:
-        if conn.execute(select(func.count()).select_from(KF)
-                        .where(KF.c.state.in_(PENDING))).scalar_one():
+        if conn.execute(ANY_PENDING).first() is not None:
             return None
-        last = conn.execute(select(KF).where(KF.c.state == J.completed)
-                            .order_by(KF.c.chain_index.desc()).limit(1)).first()
+        last = conn.execute(LAST_COMPLETED).first()
         # counted up to the target only: whether it is reached is all that matters here
         ahead = frames_coming(conn)
         ahead += queries.frames_ahead_of_playhead(conn, at_most=max(0, math.ceil(target - ahead)))
         # one keyframe beyond the interpolated ones: the next pair needs it anyway
         if last is not None and ahead >= target:
             return None
-        rt = conn.execute(select(RT.c.theme_index).where(RT.c.id == 1)).first()
+        rt = conn.execute(THEME_INDEX).first()
     return plan(ctx, last, theme_offset=rt.theme_index if rt else 0)
 
 
