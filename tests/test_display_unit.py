@@ -1078,6 +1078,10 @@ def test_frames_are_recorded_in_batches_and_at_once_when_playback_stops(wctx, cl
         logged = conn.execute(text("SELECT count(*) FROM transitions WHERE entity = 'frame' "
                                    "AND to_state = 'shown'")).scalar()
     assert at == sorted(at) and len(set(at)) == 10 and logged == 10
+    # the swaps skip the look for the same file, and the unlink after the rename: none
+    # of their temp names is left behind
+    from dreamd.storage import files
+    assert [p.name for p in ctx.cfg.output_dir.iterdir() if files.is_temp(p)] == []
 
 
 def test_a_frame_gone_before_its_batch_is_recorded_is_skipped_with_a_warning(wctx, clock,
@@ -1132,3 +1136,26 @@ def test_next_frames_are_the_next_one_and_the_rest_of_its_segment(wctx):
         assert read_model.next_frames(conn, 1, 0.9) == []
     finally:
         conn.close()
+
+
+def test_temp_names_are_unique_per_call_and_per_process(tmp_path):
+    """No system call per name (the display makes three a frame): a token drawn once per
+    process, made again in a forked child, and a counter."""
+    import os
+    from pathlib import Path
+
+    from dreamd.storage import files
+
+    names = {files._tmp_name(str(tmp_path / "status.json")) for _ in range(1000)}
+    assert len(names) == 1000 and all(n.endswith(".tmp") for n in names)
+    assert all(files.is_temp(Path(n)) for n in names)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                      # the child: its names carry its own token
+        os.write(write, files._tmp_name(str(tmp_path / "status.json")).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 4096).decode()
+    os.close(read)
+    os.close(write)
+    assert child not in names and child.split(".")[3:5] != next(iter(names)).split(".")[3:5]

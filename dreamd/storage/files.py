@@ -8,9 +8,9 @@ display outputs are not (they are rewritten several times a second).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -18,14 +18,24 @@ REPLACE_RETRIES = 25
 REPLACE_DELAY = 0.004   # seconds, grows linearly: ~1.3 s in all before giving up
 
 
+def _process_token() -> str:
+    return f"{os.getpid()}.{os.urandom(6).hex()}"
+
+
+_TOKEN = _process_token()        # this process's, made again in a forked child
+_COUNT = itertools.count()       # thread-safe in CPython
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: globals().update(_TOKEN=_process_token()))
+
+
 def _tmp_name(path: str) -> str:
     # unique per call, never reused: a name left behind by a crash (or an older
-    # daemon with the same pid and thread id) is never this call's temp file. Plain
-    # strings: the display makes three of these with every frame, and Path objects
-    # cost more than the system calls they name.
+    # daemon with the same pid) is never this call's temp file: the pid and a random
+    # token drawn once per process, and a counter. Plain strings, and no system call:
+    # the display makes three of these with every frame, and Path objects or a
+    # getrandom per name cost more than the link and the rename they are for.
     head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.{os.getpid()}.{threading.get_ident()}."
-                              f"{os.urandom(6).hex()}.tmp")
+    return os.path.join(head, f".{name}.{_TOKEN}.{next(_COUNT)}.tmp")
 
 
 def replace_retrying(src: Path | str, dst: Path | str) -> None:
@@ -72,7 +82,8 @@ def place_atomic(src: Path | str, dst: Path | str, *, check_same: bool = True) -
     goes to a file opened with O_EXCL, and when `dst` is already `src` (the same frame
     shown again) nothing is swapped (`check_same`: two stats, which a caller that knows
     its files are distinct skips). POSIX rename of two links to one inode is a no-op
-    that leaves the temp link behind, so the temp name is removed in every case.
+    that leaves the temp link behind, so with `check_same` the temp name is removed
+    in every case (a leftover of a wrong `check_same=False` is swept at the next start).
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if check_same:          # (the display knows its frames are distinct files)
@@ -88,9 +99,13 @@ def place_atomic(src: Path | str, dst: Path | str, *, check_same: bool = True) -
         except OSError:
             _copy_exclusive(src, tmp)
         replace_retrying(tmp, dst)
-    finally:
+    except BaseException:
+        _unlink(tmp)
+        raise
+    if check_same:
         # after a real rename this name is gone; after a no-op rename (same inode) it
-        # is a second link to a frame, which must not outlive this call
+        # is a second link to a frame, which must not outlive this call. (A caller
+        # whose files are distinct has no no-op rename: one system call saved.)
         _unlink(tmp)
 
 
