@@ -187,7 +187,9 @@ def workers(parts: Parts) -> list[tuple[str, float, Callable[[], Any]]]:
 
     ctx = parts.ctx
     return [
-        ("planner", 1.0, lambda: planner.tick(ctx)),
+        # woken by each keyframe done; alone, it notices the buffer falling below its
+        # target (30 s by default) within 2 s
+        ("planner", 2.0, lambda: planner.tick(ctx)),
         ("keyframe", 2.0, lambda: keyframe.tick(ctx, parts.backend)),
         ("interpolation", 2.0, lambda: interpolation.tick(ctx, parts.codecs)),
         ("embedding", 2.0, parts.memory.tick),

@@ -139,8 +139,10 @@ def start(cfg: Config, *, quiet: bool = False) -> Viewer | None:
     state = ViewerState(cfg=cfg, hub=hub, reader=database.reader(cfg.db_path),
                         writer=database.writer(cfg.db_path, pool=False) if w.controls else None,
                         token=secret, exposed=exposed)
+    # http="auto": httptools (a dependency; uvicorn's pure-Python h11 parser cost a
+    # page at 15 fps about a per cent of a core), h11 where it is missing
     config = uvicorn.Config(build_app(state), lifespan="on", log_config=None,
-                            log_level="warning", access_log=False, http="h11",
+                            log_level="warning", access_log=False, http="auto",
                             limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
                             timeout_graceful_shutdown=2)
     server = _server_class(uvicorn)(config)
