@@ -84,6 +84,12 @@ def test_a_hidden_page_fetches_nothing_and_comes_back_at_the_current_frame(
     db = daemon.db()
     try:
         from sqlalchemy import text
+
+        def recorded() -> bool:     # the display records what it showed every 0.5 s
+            with db.connect() as conn:
+                return conn.execute(text("SELECT shown_at FROM frames WHERE id = :i"),
+                                    {"i": first}).scalar() is not None
+        wait_for(recorded, 60, what="the frame recorded as shown in the ledger")
         with db.connect() as conn:
             ordinal = conn.execute(text(
                 "SELECT count(*) FROM frames WHERE shown_at <= "
