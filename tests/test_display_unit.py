@@ -1110,11 +1110,20 @@ def test_the_frames_to_show_are_read_once_per_segment_or_recount_not_per_frame(w
     w.look().set_trace_callback(reads.append)
     frame_ticks(w, clock, 4)                 # 0.4 s: no recount, segment 0 read already
     assert reads == []
-    frame_ticks(w, clock, 11)                # a recount at 0.5 s and 1.0 s, segment 1
-    # 15 frames shown, the next one looked for 2 to 4 times (two recounts, the segment
-    # that ran out, give or take one for where 0.5 s falls on the set clock)
-    assert 2 <= sum("LIMIT 1" in r and "FROM frames" in r for r in reads) <= 4
-    assert w.record() and len(shown(ctx)) == 16
+    frame_ticks(w, clock, 11)                # recounts due at 0.5 s and 1.0 s, segment 1
+    # 15 frames shown and nothing made meanwhile: the next frame looked for once (the
+    # segment that ran out), the buffer never counted again (the newest id is the one
+    # of the last count, so the count counted down stands)
+    assert sum("LIMIT 1" in r and "FROM frames" in r for r in reads) == 1
+    assert not [r for r in reads if r.startswith("SELECT count(*) FROM frames")]
+    assert sum(r.startswith("SELECT max(id) FROM frames") for r in reads) >= 2
+    assert st(ctx)["buffer_seconds"] == 0.4             # 20 - 16 shown
+    add_segment(ctx, 2, 9)                   # 10 more: the next recount counts them
+    reads.clear()
+    frame_ticks(w, clock, 6)
+    assert [r for r in reads if r.startswith("SELECT count(*) FROM frames")]
+    assert st(ctx)["buffer_seconds"] == pytest.approx(1.4 - 0.6 + 0.0, abs=0.11)
+    assert w.record() and len(shown(ctx)) == 22
     order = shown(ctx)
     assert order == sorted(order)
 

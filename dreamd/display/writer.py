@@ -92,6 +92,7 @@ class DisplayWriter:
         self.last_state = ""
         self.ahead = 0
         self.counted_at = float("-inf")
+        self.counted_newest: int | None = None   # the newest frame's id at the last count
         # the frames to show next, read once per segment or recount (next_frames)
         self.upcoming: deque = deque()
         # shown but not yet in the ledger (it was busy): (frame id, chain, t, shown at)
@@ -155,18 +156,27 @@ class DisplayWriter:
             self._status_maybe(fps, force=False)
             return
         now = time.monotonic()
-        # counting the buffer is the tick's dearest query: twice a second is enough
-        # while frames play; afresh whenever none can (buffering, an underrun), so
-        # the status says what is ready now. The frames to show are read again then
-        # too, and when a segment's run out (nothing takes a ready frame ahead of the
-        # playhead away while the daemon runs; a file deleted behind its back fails
-        # one tick, and the next reads them again).
+        # Counting the buffer is the tick's dearest query (it walks every frame ahead):
+        # twice a second is enough while frames play, and afresh whenever none can
+        # (buffering, an underrun), so the status says what is ready now. The frames to
+        # show are read again then too, and when a segment's run out. Nothing takes a
+        # ready frame ahead of the playhead away while the daemon runs, so while no
+        # frame is made (the newest id, a lookup, is the one of the last count) the
+        # count counted down and the frames read stand (a file deleted behind the
+        # daemon's back fails one tick, and the next reads them again).
         recount = self.buffering or now - self.counted_at >= COUNT_EVERY
+        if recount and not self.buffering and \
+                read_model.newest_frame(self.look()) == self.counted_newest:
+            # no frame made since the last count: the frames ahead are those counted
+            # less those shown since (counted down), and the ones to show are those read
+            recount, self.counted_at = False, now
         if recount or not self.upcoming:
             self.upcoming = deque(read_model.next_frames(self.look(), self.chain, self.t))
         nxt = self.upcoming[0] if self.upcoming else None
         if recount or nxt is None:
-            self.ahead = read_model.frames_ahead(self.look(), self.chain, self.t)
+            conn = self.look()
+            self.counted_newest = read_model.newest_frame(conn)    # before the count
+            self.ahead = read_model.frames_ahead(conn, self.chain, self.t)
             self.counted_at = now
         ahead = self.ahead
         seconds = ahead / fps

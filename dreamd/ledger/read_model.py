@@ -235,6 +235,11 @@ def next_frame(conn, chain: int | None, t: float | None) -> Ready | None:
     return None if making else row
 
 
+def newest_frame(conn) -> int | None:
+    """The newest frame row's id (a lookup at the end of the id index, not a count)."""
+    return conn.execute("SELECT max(id) FROM frames").fetchone()[0]
+
+
 SEGMENT_REST_SQL = ("SELECT id, chain_index, t AS pos, path FROM frames WHERE state = 'ready' "
                     "AND chain_index = :c AND t > :t ORDER BY t")
 
