@@ -37,9 +37,10 @@ GAME = "benchgame"
 
 
 def scan_cost(watch: GameWatch, seconds: float = 3.0) -> tuple[float, int]:
-    """CPU milliseconds per scan of the process list, and the processes scanned."""
+    """CPU milliseconds per look at the process list (after the first, the names of new
+    processes only: GameWatch), and the processes there."""
     import psutil
-    watch.running()                               # first call builds psutil's cache
+    watch.running()                               # the first look reads every name
     calls, start = 0, time.process_time()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

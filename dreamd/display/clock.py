@@ -40,7 +40,6 @@ class DisplayClock(threading.Thread):
         self.tick, self.period, self.duties = tick, period, list(duties)
         self._wake = threading.Event()
         self._halt = False
-        self.ticks = 0
 
     def retime(self) -> None:
         """The rate changed: the next frame comes one new period after the last one."""
@@ -64,7 +63,6 @@ class DisplayClock(threading.Thread):
             period = self.period()
             if now >= due:
                 self.tick()
-                self.ticks += 1
                 now = time.monotonic()
                 last, due = next_due(due, period, now)
             for i, (every, duty) in enumerate(self.duties):

@@ -109,9 +109,6 @@ class DisplayWriter:
         self.on_shown = None
 
     # ------------------------------------------------------------ queries
-    def next_frame(self, conn):
-        return queries.next_frame(conn, self.chain, self.t)
-
     def buffered(self, conn) -> int:
         return queries.frames_ahead(conn, self.chain, self.t)
 
