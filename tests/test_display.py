@@ -12,6 +12,7 @@ from PIL import Image
 from sqlalchemy import text
 
 from dreamd.display.status import KEYS
+from dreamd.display import writer as writer_mod
 from dreamd.display.writer import DisplayWriter
 from dreamd.ledger import transitions as tr
 from dreamd.storage import files
@@ -65,7 +66,9 @@ def status(ctx):
     return json.loads((ctx.cfg.output_dir / "status.json").read_text())
 
 
-def test_plays_in_order_and_holds_on_underrun(ctx):
+def test_plays_in_order_and_holds_on_underrun(ctx, monkeypatch):
+    # these ticks come back to back, not a frame apart: the output files with each one
+    monkeypatch.setattr(writer_mod, "STATUS_GAP", 0.0)
     w = DisplayWriter(ctx)
     w.tick()
     assert status(ctx)["status"] == "buffering" and status(ctx)["frame_number"] == 0

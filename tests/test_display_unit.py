@@ -455,7 +455,7 @@ from sqlalchemy import text  # noqa: E402
 
 from dreamd.conditions import DISK_FULL, LEDGER_BUSY  # noqa: E402
 from dreamd.display import writer as writer_mod  # noqa: E402
-from dreamd.display.writer import DisplayWriter  # noqa: E402
+from dreamd.display.writer import RECORD_EVERY, DisplayWriter  # noqa: E402
 from tests.conftest import WriteLock, worker_context  # noqa: E402
 from tests.test_display import add_segment, shown  # noqa: E402
 
@@ -586,7 +586,7 @@ def test_playback_buffers_plays_and_counts_each_underrun_once(wctx, clock):
     gone(ctx)
     w.tick()                                 # waiting, nothing changed: not rewritten yet
     assert not written(ctx)
-    clock.now += 0.5
+    clock.now += RECORD_EVERY                # (>= STATUS_EVERY: rewritten; a batch is due)
     w.tick()
     assert (st(ctx)["status"], st(ctx)["buffer_seconds"]) == ("buffering", 0.1)
     add_segment(ctx, 1, 1)                   # 3 frames = 0.3 s: enough
@@ -762,7 +762,7 @@ def test_pause_holds_playback_and_writes_status_when_it_changes_or_twice_a_secon
     assert st(ctx)["problem"].startswith("disk full: ")
     ctx.facts["paused"] = False
     w.tick()
-    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 2
+    assert st(ctx)["status"] == "playing" and w.record() and len(shown(ctx)) == 2
 
 
 def test_the_heartbeat_writes_only_when_the_ticks_have_not_for_half_a_second(wctx, clock):
@@ -866,12 +866,16 @@ def test_a_disk_full_output_dir_is_reported_not_raised(db_path, clock, tmp_path,
             caplog.clear()
             clock.now += 0.5
             with caplog.at_level("WARNING", logger="dreamd"):
-                w.status_heartbeat()         # status.json cannot be written either
-            assert "status.json: disk full ([Errno 28] No space left on device" in caplog.text
+                w.status_heartbeat()         # the frame is tried again; status.json fails too
+            assert "display: disk full ([Errno 28] No space left on device" in caplog.text
+            assert ctx.conditions.active(DISK_FULL) and not (disk / "status.json").exists()
             (disk / "ballast").unlink()
             ctx.conditions.clear()
-            w.tick()
-            assert shown(ctx)[-1] == (0, 0.0)
+            w.tick()                         # room again: the frame on screen is written
+            assert w.record() and shown(ctx)[-1] == (0, 0.25)
+            assert st(ctx)["frame_number"] == 2
+            assert (disk / "current_frame.png").read_bytes() == \
+                (ctx.cfg.frames_dir / "0-1.png").read_bytes()
 
 
 def test_an_error_that_is_no_condition_of_the_machine_is_raised(wctx):
@@ -932,7 +936,8 @@ def test_a_frame_is_on_screen_before_the_ledger_records_it(wctx, monkeypatch):
 def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_path):
     """The frame cannot be swapped in, but status.json (rewritten in place) says what is
     wrong, with the buffer the tick counted; a second failing tick at once rewrites
-    nothing."""
+    nothing. The dream goes on meanwhile (the viewer is told of each frame, the ledger
+    records them), and the files catch up as soon as there is room."""
     for disk in mount_tmpfs(tmp_path / "out", "1m"):
         for ctx in worker_context(db_path, f"[display]\nfps = 10.0\nmin_buffer_seconds = 0.3\n"
                                            f"output_dir = \"{disk}\"\n"):
@@ -941,19 +946,26 @@ def test_on_a_full_output_disk_status_json_says_so_in_place(db_path, clock, tmp_
             w.tick()
             assert (st(ctx)["status"], st(ctx)["problem"], st(ctx)["buffer_seconds"]) == \
                 ("playing", None, 0.5)
+            first = (disk / "current_frame.png").read_bytes()
             fill(disk)
             add_segment(ctx, 1, 3)           # made since the last count: not counted yet
-            w.tick()
+            frame_ticks(w, clock, 1)
             s = st(ctx)
-            assert s["problem"].startswith("disk full: ") and s["frame_number"] == 1
-            assert (s["status"], s["buffer_seconds"]) == ("playing", 0.5)
+            assert s["problem"].startswith("disk full: ") and s["frame_number"] == 2
+            assert (s["status"], s["buffer_seconds"]) == ("playing", 0.4)
+            assert (disk / "current_frame.png").read_bytes() == first
             raw = (disk / "status.json").read_bytes()
             time.sleep(0.002)                # a rewrite would have a new last_update
             w.tick()
             assert (disk / "status.json").read_bytes() == raw
             (disk / "ballast").unlink()
-            w.tick()
-            assert w.record() and shown(ctx) == [(0, 0.0), (0, 1 / 6)]
+            ctx.conditions.clear()
+            frame_ticks(w, clock, 1)
+            frames = ctx.cfg.frames_dir
+            assert (disk / "current_frame.png").read_bytes() == (frames / "0-3.png").read_bytes()
+            assert (disk / "previous_frame.png").read_bytes() == first
+            assert st(ctx)["frame_number"] == 4 and st(ctx)["problem"] is None
+            assert w.record() and shown(ctx) == [(0, 0.0), (0, 1 / 6), (0, 2 / 6), (0, 3 / 6)]
 
 
 def test_a_restart_waits_for_the_minimum_buffer_before_it_plays_on(wctx):
@@ -986,7 +998,7 @@ def test_a_resume_shows_at_the_next_tick(wctx, clock):
     w.status_heartbeat()
     assert (st(ctx)["status"], st(ctx)["paused"]) == ("paused", False)
     w.tick()
-    assert st(ctx)["status"] == "playing" and len(shown(ctx)) == 2
+    assert st(ctx)["status"] == "playing" and w.record() and len(shown(ctx)) == 2
 
 
 def test_underruns_on_a_busy_ledger_are_all_counted_later(wctx, clock, db_path):
@@ -1036,22 +1048,42 @@ def test_a_ledger_busy_from_the_first_frame_is_no_problem_for_three_seconds(wctx
 
 # ---------------------------------------------------------------- what a frame costs
 
-def test_status_json_comes_with_each_frame_but_at_most_every_status_gap(db_path, clock):
-    """At 15 fps (frames 67 ms apart) status.json is rewritten with every other frame,
-    never sooner than STATUS_GAP after the last; a change of state is written at once."""
+def test_the_output_files_come_with_each_frame_but_at_most_every_status_gap(db_path, clock):
+    """At 15 fps (frames 67 ms apart) the output files are written with every other
+    frame, never sooner than STATUS_GAP after the last, and together: current_frame.png
+    is the frame status.json counts, previous_frame.png the one the file held before (the
+    one a reader of the files saw last). A change of state is written at once, with the
+    frame on screen."""
     for ctx in worker_context(db_path, "[display]\nfps = 15.0\nmin_buffer_seconds = 0.3\n"):
         ctx.cfg.governor.stretch = False
         add_segment(ctx, 0, 14)
+        frames = {p.name: p.read_bytes() for p in ctx.cfg.frames_dir.glob("*.png")}
+        out = ctx.cfg.output_dir
+
+        def files() -> tuple[int, str, str | None]:
+            def name(p):
+                return next((n for n, b in frames.items() if b == p.read_bytes()), None) \
+                    if p.exists() else None
+            return (st(ctx)["frame_number"], name(out / "current_frame.png"),
+                    name(out / "previous_frame.png"))
+
         w = DisplayWriter(ctx)
         w.tick()
-        numbers = []
+        seen = [files()]
         for _ in range(8):
             frame_ticks(w, clock, 1, fps=15.0)
-            numbers.append(st(ctx)["frame_number"])
+            seen.append(files())
+        numbers = [n for n, _cur, _prev in seen[1:]]
         assert numbers == [1, 3, 3, 5, 5, 7, 7, 9] or numbers == [2, 2, 4, 4, 6, 6, 8, 8]
+        assert w.frames_shown == 9
+        for n, cur, prev in seen:
+            assert cur == f"0-{n - 1}.png"
+        published = sorted(set(seen))
+        assert published[0][2] is None and all(
+            prev == before[1] for before, (_n, _cur, prev) in zip(published, published[1:]))
         ctx.facts["paused"] = True            # a change: written at once
         w.tick()
-        assert st(ctx)["status"] == "paused"
+        assert (st(ctx)["status"], files()[:2]) == ("paused", (9, "0-8.png"))
 
 
 def test_frames_are_recorded_in_batches_and_at_once_when_playback_stops(wctx, clock):
@@ -1060,24 +1092,25 @@ def test_frames_are_recorded_in_batches_and_at_once_when_playback_stops(wctx, cl
     once, with the frames' own shown_at times."""
     ctx = wctx
     ctx.cfg.governor.stretch = False
-    add_segment(ctx, 0, 9)                   # 10 frames
+    add_segment(ctx, 0, 14)                  # 15 frames
     w = DisplayWriter(ctx)
     counts = []
-    for _ in range(10):
+    for _ in range(15):
         frame_ticks(w, clock, 1)
         counts.append(len(shown(ctx)))
-    # the first frame at once, then the ones since, once RECORD_EVERY (0.5 s, 5 frames
-    # at 10 fps) has passed: two writes in ten frames
+    # the first frame at once, then the ones since, once RECORD_EVERY (1 s, 10 frames
+    # at 10 fps) has passed: two writes in fifteen frames
+    every = round(RECORD_EVERY * 10)
     first, second = sorted(set(counts))
-    assert first == 1 and counts.index(second) in (5, 6) and second >= 5
+    assert first == 1 and counts.index(second) in (every, every + 1) and second >= every
     frame_ticks(w, clock, 1)                 # underrun: what waits is written now
-    assert len(shown(ctx)) == 10 and ctx.runtime().frames_shown == 10
+    assert len(shown(ctx)) == 15 and ctx.runtime().frames_shown == 15
     with ctx.reader.connect() as conn:
         at = [r[0] for r in conn.execute(text(
             "SELECT shown_at FROM frames ORDER BY chain_index, t"))]
         logged = conn.execute(text("SELECT count(*) FROM transitions WHERE entity = 'frame' "
                                    "AND to_state = 'shown'")).scalar()
-    assert at == sorted(at) and len(set(at)) == 10 and logged == 10
+    assert at == sorted(at) and len(set(at)) == 15 and logged == 15
     # the swaps skip the look for the same file, and the unlink after the rename: none
     # of their temp names is left behind
     from dreamd.storage import files

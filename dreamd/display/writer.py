@@ -1,5 +1,5 @@
 """The display writer: at `display.fps` it puts the next frame, in (chain_index, t)
-order, on screen (`current_frame.png`, with the one before it in
+order, on screen (`current_frame.png`, with the one the file held before in
 `previous_frame.png` for a crossfade), marks it shown and moves the playhead, and
 keeps `status.json` current. It never shows frames out of order: on underrun it
 holds the last frame, counts the underrun, and buffers again.
@@ -10,13 +10,22 @@ fraction of a second. While another process holds the write lock, playback goes 
 from the frames already made, the records wait in memory, and the ledger is caught up
 (with the times the frames were really shown) as soon as it is free.
 
+The output folder's three files are the surface of readers that poll them (the
+Rainmeter skin reads status.json every 100 ms and crossfades when its frame_number
+changes): they are written together, the frame files first, so status.json never names
+a frame that is not in current_frame.png, and previous_frame.png is always the frame
+the file held before, the one such a reader showed last. While frames play they are
+written with a frame at most every STATUS_GAP seconds: with every frame up to 10 fps,
+with every other one at 15 (the web viewer, told of each frame, shows them all); at once
+when the state changes (an underrun, a pause) and at a stop, so a held frame is the
+last one shown.
+
 What it costs, since it runs at every frame for months (bench/pipeline.py --idle-only):
 the frames shown while playing are recorded together every RECORD_EVERY seconds (one
 write transaction, not one per frame; at once when playback stops: an underrun, a
-pause, a stop), the next frame is read on a kept read-only sqlite3 connection, and
-status.json is rewritten at most every STATUS_GAP seconds while frames play, at once
-when the state changes. A crash can lose the record of the last RECORD_EVERY seconds
-of frames, never a frame: those are shown again after the restart.
+pause, a stop), the next frame is read on a kept read-only sqlite3 connection, and the
+output files are written as above. A crash can lose the record of the last
+RECORD_EVERY seconds of frames, never a frame: those are shown again after the restart.
 """
 
 from __future__ import annotations
@@ -41,12 +50,13 @@ from dreamd.governor.worker import Pacer
 log = logging.getLogger("dreamd.display")
 RT = RuntimeState.__table__
 STATUS_EVERY = 0.5   # seconds between status.json writes, unless the state changes
-# While frames play, status.json is rewritten with each one (the Rainmeter skin's crossfade
-# waits for frame_number to change; it reads the file every 100 ms), but not more often
-# than this: at most ~10 files a second, each a new file and a rename. 0.09, not 0.1, so a
-# frame at 10 fps that comes a few ms early is still written.
+# While frames play, the output files (the frame, the one before, status.json) are written
+# with each one (the Rainmeter skin's crossfade waits for frame_number to change; it reads
+# the file every 100 ms), but not more often than this: at most ~10 times a second, each
+# time three new names and renames. 0.09, not 0.1, so a frame at 10 fps that comes a few
+# ms early is still written.
 STATUS_GAP = 0.09
-RECORD_EVERY = 0.5   # seconds between ledger records of the frames shown while playing
+RECORD_EVERY = 1.0   # seconds between ledger records of the frames shown while playing
 COUNT_EVERY = 0.5    # seconds between recounts of the buffer (decremented in between)
 BUSY_TIMEOUT_MS = 150  # the display's write connection: it has frames to show, not to wait
 RECORD_RETRY = 0.5   # seconds between tries to record shown frames on a busy ledger
@@ -82,7 +92,8 @@ class DisplayWriter:
         self.chain: int | None = rt.playhead_chain_index
         self.t: float | None = rt.playhead_t
         self.frames_shown = rt.frames_shown
-        self.current: Path | None = None
+        self.current: Path | None = None    # the frame on screen
+        self.placed: Path | None = None     # the frame in current_frame.png (see place)
         self.prompt: str | None = None
         self.theme: str | None = None
         self.buffering = True
@@ -103,6 +114,7 @@ class DisplayWriter:
         self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
         self._look: read_model.sqlite3.Connection | None = None   # see look()
+        self.timings: dict[str, float] = {}   # the last frame's, for its timing line
         self.pacer = Pacer(ctx)             # the daemon sets pacer.on_change
         # the web viewer's hook (dreamd/web/server.py): told of each frame on screen; it
         # only hands the news to the viewer's own thread, so it cannot hold playback up
@@ -182,9 +194,8 @@ class DisplayWriter:
             if seconds >= ctx.knob("display.min_buffer_seconds") and nxt is not None:
                 self.buffering = False
             elif first and nxt is not None:
-                self.show(self.upcoming.popleft())  # playback starts as soon as a frame exists
-                self.state = "buffering"
-                self._status_maybe(fps, force=True, ahead=ahead - 1)
+                self.state = "buffering"   # playback starts as soon as a frame exists
+                self.show(self.upcoming.popleft(), fps, ahead=ahead - 1)
                 return
             else:
                 # after an underrun the status keeps saying so until playback resumes
@@ -203,40 +214,49 @@ class DisplayWriter:
             return
         self.in_underrun = False
         self.pacer.pace(seconds)            # the governor's gentle slow-down on a low buffer
-        self.show(self.upcoming.popleft())
         self.ahead = max(0, ahead - 1)
         self.state = "playing"
-        # with every frame, up to one per STATUS_GAP: the Rainmeter skin crossfades when
-        # frame_number changes
-        self._status_maybe(fps, force=True, ahead=self.ahead, gap=STATUS_GAP)
+        # the output files with every frame, up to one per STATUS_GAP: the Rainmeter skin
+        # crossfades when frame_number changes
+        self.show(self.upcoming.popleft(), fps, ahead=self.ahead, gap=STATUS_GAP)
 
-    def show(self, frame) -> None:
-        timings: dict[str, float] = {}
+    def show(self, frame, fps: float, *, ahead: int, gap: float = 0.0) -> None:
+        """`frame` on screen: the playhead moves, the viewer is told, the output files
+        are written when due (_status_maybe), the ledger records it (now or in a batch)."""
+        self.timings = timings = {}
         path = resolve(self.data_dir, frame.path)
-        with timed(timings, "write"):
-            # never the same file (each frame is its own): no look for one before
-            if self.current is not None:
-                try:
-                    place_atomic(self.current, self.previous_path, check_same=False)
-                except FileNotFoundError:
-                    if self.current.exists():     # it is the output folder that is gone
-                        raise
-            place_atomic(path, self.current_path, check_same=False)
-        if self.on_shown is not None:
-            self.on_shown(frame.id, frame.chain_index, frame.pos, path, time.time())
-        pause_point("frame-displayed", self.data_dir)
         # on screen now: the playhead moves in memory at once, the ledger records it
         # now or, while it is busy, as soon as it is free
         self.pending.append((frame.id, frame.chain_index, frame.pos, utcnow()))
-        new_chain = frame.chain_index != self.chain or self.prompt is None
+        if frame.chain_index != self.chain or self.prompt is None:
+            self.prompt, self.theme = read_model.chain_prompt(self.look(), frame.chain_index)
         self.current, self.chain, self.t = path, frame.chain_index, frame.pos
         self.frames_shown += 1
+        if self.on_shown is not None:
+            self.on_shown(frame.id, frame.chain_index, frame.pos, path, time.time())
+        self._status_maybe(fps, force=True, ahead=ahead, gap=gap)
+        pause_point("frame-displayed", self.data_dir)
         with timed(timings, "ledger"):
             # the first frame at once (the ledger says playback began), then in batches
             self.record(batch=self.state == "playing")
-        if new_chain:
-            self.prompt, self.theme = read_model.chain_prompt(self.look(), frame.chain_index)
         log_timing(log, "display", frame.id, timings)
+
+    def place(self) -> None:
+        """current_frame.png is the frame on screen, previous_frame.png the one it held
+        before (what a reader of the files saw last): two hard links, each swapped in.
+        Written with status.json (write_status), never more often."""
+        if self.current is None or self.current == self.placed:
+            return
+        with timed(self.timings, "write"):
+            # never the same file (each frame is its own): no look for one before
+            if self.placed is not None:
+                try:
+                    place_atomic(self.placed, self.previous_path, check_same=False)
+                except FileNotFoundError:
+                    if self.placed.exists():      # it is the output folder that is gone
+                        raise
+            place_atomic(self.current, self.current_path, check_same=False)
+        self.placed = self.current
 
     # ------------------------------------------------------------ the ledger's record
     def record(self, *, batch: bool = False) -> bool:
@@ -246,7 +266,9 @@ class DisplayWriter:
         if not self.pending and not self.pending_underruns:
             return True
         now = time.monotonic()
-        if now < self.next_record or (batch and now - self.recorded_at < RECORD_EVERY):
+        # a batch waits for RECORD_EVERY; what a busy ledger kept is tried every RECORD_RETRY
+        if now < self.next_record or (batch and self.record_failing_since is None
+                                      and now - self.recorded_at < RECORD_EVERY):
             return False
         pending, underruns = list(self.pending), self.pending_underruns
         try:
@@ -313,7 +335,7 @@ class DisplayWriter:
         since = now - self.last_status
         if not changed and since < (gap if force else STATUS_EVERY):
             return
-        self.last_status, self.last_state = now, state
+        self.last_status = now
         try:
             if ahead is None:
                 ahead = read_model.frames_ahead(self.look(), self.chain, self.t)
@@ -323,9 +345,21 @@ class DisplayWriter:
             if kind is None:
                 raise
             self.ctx.conditions.report(kind, "status.json", exc)
+        # after the write: a condition it met (and wrote down) is no change to write again
+        self.last_state = (self.state, self.ctx.conditions.summary())
 
     def write_status(self, fps: float, ahead: int, *, daemon_status: str = "running",
                      state: str | None = None) -> None:
+        """status.json, after the frame files (place): it never names a frame that
+        current_frame.png does not hold. The frame files failing (a full disk) is
+        reported, and status.json still written: it says so."""
+        try:
+            self.place()
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            self.ctx.conditions.report(kind, "display", exc)
         ctx, facts = self.ctx, self.ctx.facts
         n = ctx.knob("generation.interpolation_frames")
         paused = ctx.paused()
