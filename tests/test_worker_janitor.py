@@ -26,7 +26,7 @@ from dreamd.ledger import transitions as tr
 from dreamd.ledger.models import utcnow
 from dreamd.storage import space
 from dreamd.workers import janitor
-from dreamd.workers.janitor import CHECKPOINT_EVERY, MEASURE_EVERY, Janitor
+from dreamd.workers.janitor import CHECKPOINT_EVERY, FREE_EVERY, MEASURE_EVERY, Janitor
 from tests.conftest import mount_tmpfs
 from tests.test_worker_planner import sql, write
 
@@ -238,7 +238,7 @@ def test_the_heartbeat_is_this_runs(make_ctx):
 
 # ---------------------------------------------------------------- the budget
 
-def test_the_data_dir_is_measured_every_15_seconds(make_ctx):
+def test_the_data_dir_is_walked_once_a_minute(make_ctx):
     ctx = make_ctx("[storage]\nmin_free_gb = 0\nbudget_gb = 1.5\n")
     jan = Janitor(ctx)
     jan.storage()                                          # the first tick measures
@@ -251,7 +251,7 @@ def test_the_data_dir_is_measured_every_15_seconds(make_ctx):
     jan.measured_at = time.monotonic() - (MEASURE_EVERY - 2)
     jan.storage()
     assert "frames" not in recorded(ctx)["parts"]          # not yet
-    jan.measured_at = time.monotonic() - 15.5
+    jan.measured_at = time.monotonic() - (MEASURE_EVERY + 0.5)
     jan.storage()
     assert recorded(ctx)["parts"]["frames"] == 2000 and recorded(ctx)["files"]["frames"] == 2
 
@@ -424,6 +424,131 @@ def test_a_small_floor_resumes_a_megabyte_above_it(make_ctx, disk):
     floor_at(ctx, free - MB // 2)
     jan.measure()
     assert ctx.facts["storage_low"] is None           # not low before: the floor itself
+
+
+class SetClock:
+    """The janitor's monotonic clock, set by the test; and every walk of the data dir and
+    every look at the free space counted (the real ones still run)."""
+
+    def __init__(self, monkeypatch, at: float = 1000.0) -> None:
+        self.at, self.walks, self.free_looks = at, 0, 0
+        monkeypatch.setattr(janitor, "time", types.SimpleNamespace(
+            monotonic=lambda: self.at, perf_counter=time.perf_counter))
+        walk, free = space.measure, space.free_bytes
+
+        def counted_walk(*args, **kwargs):
+            self.walks += 1
+            return walk(*args, **kwargs)
+
+        def counted_free(*args, **kwargs):
+            self.free_looks += 1
+            return free(*args, **kwargs)
+
+        monkeypatch.setattr(space, "measure", counted_walk)
+        monkeypatch.setattr(space, "free_bytes", counted_free)
+
+    def storage_at(self, jan: Janitor, at: float) -> None:
+        self.at = at
+        jan.storage()
+
+
+def ballast(disk, nbytes: int) -> None:
+    """Take nbytes of the small disk's free space (a file the janitor may not delete)."""
+    (disk.parent / "ballast").write_bytes(b"\0" * nbytes)
+
+
+def test_with_room_to_spare_only_the_free_space_is_looked_at_between_walks(
+        make_ctx, disk, monkeypatch):
+    """The walk (a stat per file) once a minute; between walks a look at the free space
+    alone every FREE_EVERY, and no walk while it is clear of the resume mark."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    clock = SetClock(monkeypatch)
+    floor_at(ctx, 4 * MB)                     # resumes at 5 MB; the disk has ~14 MB free
+    jan = Janitor(ctx)
+    clock.storage_at(jan, 1000.0)             # the first tick walks
+    assert (clock.walks, clock.free_looks) == (1, 1)   # the walk reads the free space itself
+    first = recorded(ctx)
+    shown_frames(ctx, 2, 1000)
+    for at in range(5, 60, 5):                # a tick every 5 s, as the daemon's
+        clock.storage_at(jan, 1000.0 + at)
+    assert clock.walks == 1                   # no walk in the minute
+    assert clock.free_looks == 1 + 3          # looks at 15, 30 and 45 s
+    assert recorded(ctx) == first             # the status keeps the last walk's sizes
+    assert ctx.facts["storage_low"] is None
+    clock.storage_at(jan, 1000.0 + MEASURE_EVERY)
+    assert clock.walks == 2 and recorded(ctx)["parts"]["frames"] == 2000
+    # the walk reset the free-space clock too: the next look is FREE_EVERY after it
+    clock.storage_at(jan, 1000.0 + MEASURE_EVERY + FREE_EVERY - 1)
+    assert (clock.walks, clock.free_looks) == (2, 5)
+
+
+def test_with_no_floor_the_free_space_is_not_looked_at_between_walks(make_ctx, monkeypatch):
+    ctx = make_ctx()                          # min_free_gb = 0
+    clock = SetClock(monkeypatch)
+    jan = Janitor(ctx)
+    for at in range(0, 60, 5):
+        clock.storage_at(jan, 1000.0 + at)
+    assert (clock.walks, clock.free_looks) == (1, 1)
+
+
+def test_a_drop_below_the_floor_pauses_generation_within_free_every(
+        make_ctx, disk, monkeypatch, caplog):
+    """The floor reacts as fast as when the data dir was walked every 15 s: the look at
+    the free space finds it under the floor, and the walk and the decision come at once,
+    said as before; while paused it is measured every FREE_EVERY, and it resumes by itself."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    woken = []
+    ctx.wake = woken.append
+    clock = SetClock(monkeypatch)
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor = free - 4 * MB                     # ~10 MB: resumes 1 MB above it
+    floor_at(ctx, floor)
+    jan = Janitor(ctx)
+    clock.storage_at(jan, 1000.0)
+    assert clock.walks == 1 and ctx.facts["storage_low"] is None
+    caplog.set_level(logging.INFO, logger="dreamd")
+    ballast(disk, 5 * MB)                     # ~1 MB under the floor now
+    clock.storage_at(jan, 1000.0 + FREE_EVERY - 5)
+    assert clock.walks == 1 and ctx.facts["storage_low"] is None   # not looked at yet
+    clock.storage_at(jan, 1000.0 + FREE_EVERY)
+    assert clock.walks == 2
+    low = ctx.facts["storage_low"]
+    assert low and low.startswith("low disk space: ") and low.endswith(
+        f"below the floor of {space.human(floor)} (storage.min_free_gb)")
+    assert ctx.may_generate() is False and recorded(ctx)["low"] == low
+    assert abs(jan.over - (space.resume_mark(floor) - recorded(ctx)["free"])) < 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{low}: generation paused, playback goes on from the buffer; it resumes by itself "
+        "when there is room (free space or lower storage.min_free_gb)"]
+    clock.storage_at(jan, 1000.0 + 2 * FREE_EVERY)    # paused: measured again, said once
+    assert clock.walks == 3 and ctx.facts["storage_low"] == low and len(caplog.records) == 1
+    (disk.parent / "ballast").unlink()
+    clock.storage_at(jan, 1000.0 + 2 * FREE_EVERY + 5)
+    assert clock.walks == 3 and ctx.facts["storage_low"]     # the next look decides
+    clock.storage_at(jan, 1000.0 + 3 * FREE_EVERY)
+    assert clock.walks == 4 and ctx.facts["storage_low"] is None and woken == ["planner"]
+    assert caplog.records[-1].getMessage() == "disk space is back: generation resumes"
+    clock.storage_at(jan, 1000.0 + 4 * FREE_EVERY)    # clear of the mark: no walk again
+    assert clock.walks == 4
+
+
+def test_near_the_floor_it_is_walked_every_free_every_but_not_paused(
+        make_ctx, disk, monkeypatch):
+    """Above the floor but under the resume mark generation goes on, as before; the walk
+    comes at each look so that a drop under the floor is decided by it at once."""
+    ctx = make_ctx(NOFLOOR, path=disk)
+    clock = SetClock(monkeypatch)
+    free = space.free_bytes(ctx.cfg.data_dir)
+    floor = free - 4 * MB
+    floor_at(ctx, floor)
+    jan = Janitor(ctx)
+    clock.storage_at(jan, 1000.0)
+    ballast(disk, 3 * MB + MB // 2)           # ~0.5 MB above the floor, under its mark
+    for k in (1, 2, 3):
+        clock.storage_at(jan, 1000.0 + k * FREE_EVERY)
+        assert clock.walks == 1 + k
+    assert ctx.facts["storage_low"] is None and jan.over == 0
+    assert floor < recorded(ctx)["free"] < space.resume_mark(floor)
 
 
 def test_freeing_space_below_the_floor_resumes_without_waiting_for_a_walk(make_ctx, disk):

@@ -89,6 +89,12 @@ def free_bytes(path: Path) -> int | None:
         return None
 
 
+def resume_mark(floor: int) -> int:
+    """The free space at which generation, paused under the floor, resumes: a little
+    above the floor (10 %, at least 1 MB), so it does not flap at the boundary."""
+    return floor + max(floor // 10, MB)
+
+
 def measure(data_dir: Path, *, budget_gb: float = 0.0, floor_gb: float = 0.0) -> Usage:
     usage = Usage(budget=int(budget_gb * GB), floor=int(floor_gb * GB))
     usage.free = free_bytes(data_dir)
