@@ -275,6 +275,29 @@ def test_only_the_last_frames_stay_in_memory(site):
     assert get(viewer, events.of("frame")[-1]["url"]).status == 200
 
 
+def test_the_status_watch_sleeps_while_no_page_listens_and_wakes_for_one(site):
+    """While no page listens the viewer's status watch waits for one (no look at
+    status.json, no wake-up of the viewer's loop); a page that comes hears a status
+    change as before, and the watch sleeps again when the last page leaves."""
+    viewer, data_dir, _ = site
+    hub = viewer.hub
+    assert hub.listened is not None and not hub.listened.is_set()
+    for _ in range(2):                        # the second time: after the last page left
+        events = Events(viewer)
+        try:
+            wait_for(lambda: events.of("status"), 30, what="the first status event")
+            assert hub.listened.is_set()
+            changed = {**STATUS, "status": "paused", "paused": True}
+            (data_dir / "output" / "status.json").write_text(json.dumps(changed))
+            wait_for(lambda: any(e["status"] == "paused" for e in events.of("status")), 30,
+                     what="the change, told by the watch")
+        finally:
+            events.close()
+            (data_dir / "output" / "status.json").write_text(json.dumps(STATUS))
+        wait_for(lambda: not hub.subscribers, 30, what="the page gone")
+        assert not hub.listened.is_set()
+
+
 def test_stopping_says_bye_to_every_page(db_path):
     viewer = web.start(make_cfg(db_path.parent))
     events = Events(viewer)

@@ -53,11 +53,18 @@ def write_atomic(path: Path | str, data: bytes, *, fsync: bool = False) -> None:
     path = os.fspath(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        # os.open and os.write, not open(): a buffered file object cost more CPU than the
+        # write itself (status.json is written up to ten times a second)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         replace_retrying(tmp, path)
     except BaseException:
         _unlink(tmp)

@@ -203,10 +203,13 @@ async def watch_status(state: ViewerState) -> None:
     (state, pause, keyframe, theme, knobs, a problem…), and at least every HEARTBEAT
     seconds with the counters. status.json is rewritten at every frame: publishing each
     rewrite sent every page five events a second to say the frame number moved. While
-    no page listens it reads nothing (a viewer nobody looks at costs the daemon
-    nothing); a page that connects gets a fresh status from `/api/events` itself."""
+    no page listens it sleeps until one does (a viewer nobody looks at costs the daemon
+    nothing: no read, no wake-up); a page that connects gets a fresh status from
+    `/api/events` itself."""
     last_sent, last_told = 0.0, None
     while True:
+        if not state.hub.subscribers and state.hub.listened is not None:
+            await state.hub.listened.wait()
         if state.hub.subscribers:
             changed = await refresh(state)
             now = time.monotonic()

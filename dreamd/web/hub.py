@@ -36,6 +36,7 @@ class FrameHub:
         self._unread_lock = threading.Lock()   # the display's thread sets it, too
         self.subscribers: set[asyncio.Queue] = set()
         self.closing: asyncio.Event | None = None
+        self.listened: asyncio.Event | None = None   # set while a page listens
 
     @property
     def current(self) -> dict[str, Any] | None:
@@ -49,6 +50,7 @@ class FrameHub:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.closing = asyncio.Event()
+        self.listened = asyncio.Event()
 
     def announce(self, frame_id: int, chain_index: int, t: float, path: Path,
                  swapped_at: float) -> None:
@@ -120,10 +122,14 @@ class FrameHub:
             return None
         queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.subscribers.add(queue)
+        if self.listened is not None:
+            self.listened.set()
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self.subscribers.discard(queue)
+        if not self.subscribers and self.listened is not None:
+            self.listened.clear()
 
     def close(self) -> None:
         """The daemon stops: say so to every page and end their streams."""

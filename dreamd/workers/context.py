@@ -57,10 +57,12 @@ class WorkerContext:
 
     # ------------------------------------------------------------ live knobs
     def knob(self, path: str) -> Any:
-        """A config value, overridden by `dreamd set` while the daemon runs."""
-        with self._lock:
-            if path in self._knobs:
-                return self._knobs[path]
+        """A config value, overridden by `dreamd set` while the daemon runs. No lock:
+        set_knobs replaces the dict whole, never changes it in place (the display asks
+        several times a frame)."""
+        knobs = self._knobs
+        if path in knobs:
+            return knobs[path]
         section, name = path.split(".")
         return getattr(getattr(self.cfg, section), name)
 
