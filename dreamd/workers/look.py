@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 
 from dreamd.ledger import read_model
 from dreamd.ledger.database import BUSY_TIMEOUT_MS
