@@ -116,11 +116,9 @@ def inbetween_ms(conn, since=None) -> tuple[dict[float, float], dict[float, int]
     """inbetween_times of the last completed batches; the first batch started since
     `since` left out (the codec's first calls build its kernels: twice the time of the
     next ones, measured). `conn`: a DB-API connection."""
-    rows = read_model.batch_times(conn, BATCHES_MEASURED + 1)
-    if since is not None:
-        first = read_model.first_batch_since(conn, since)
-        rows = [r for r in rows if r["id"] != first]
-    return inbetween_times((r["divisor"], r["duration_ms"], r["n_frames"]) for r in rows)
+    rows = read_model.batch_times(conn, BATCHES_MEASURED + 1, since)
+    return inbetween_times((r["divisor"], r["duration_ms"], r["n_frames"]) for r in rows
+                           if not r["first"])
 
 
 def slope(samples: list[tuple[float, float]]) -> float | None:

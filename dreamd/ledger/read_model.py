@@ -215,8 +215,15 @@ class Ready(NamedTuple):
 def frames_ahead_of_playhead(conn, at_most: int | None = None) -> int:
     """Ready frames after the playhead the ledger records (all of them before the first
     frame is shown, or without a runtime row yet); up to `at_most` (frames_ahead)."""
-    row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t FROM runtime_state "
-                     "WHERE id = 1") if _has(conn, "runtime_state") else None
+    try:
+        row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t "
+                         "FROM runtime_state WHERE id = 1")
+    except sqlite3.OperationalError as exc:
+        # a ledger before its first migration; asked, not looked up in sqlite_master
+        # first: the idle workers ask this every two seconds and the look-up cost more
+        if "no such table" not in str(exc):
+            raise
+        row = None
     return frames_ahead(conn, *((row["c"], row["t"]) if row else (None, None)), at_most)
 
 
@@ -665,18 +672,16 @@ def keyframe_ms(conn, limit: int, since: datetime | None = None) -> list[float]:
     return [r[0] for r in conn.execute(sql, params).fetchall()]
 
 
-def batch_times(conn, limit: int) -> list[dict[str, Any]]:
+def batch_times(conn, limit: int, since: datetime | None = None) -> list[dict[str, Any]]:
     """The last `limit` completed interpolation batches with a time, newest first:
-    {id, divisor, duration_ms, n_frames}."""
-    return _all(conn, "SELECT id, divisor, duration_ms, n_frames FROM interpolations "
-                      "WHERE +state = 'completed' AND duration_ms IS NOT NULL "
-                      "ORDER BY id DESC LIMIT ?", (limit,))
-
-
-def first_batch_since(conn, since: datetime) -> int | None:
-    """The id of the first completed batch started since `since`."""
-    return conn.execute("SELECT min(id) FROM interpolations WHERE +state = 'completed' "
-                        "AND started_at >= ?", (stamp(since),)).fetchone()[0]
+    {id, divisor, duration_ms, n_frames, first}; `first` is 1 for the first completed
+    batch started since `since` (with or without a time), else 0 or None."""
+    first = ("SELECT min(id) FROM interpolations WHERE +state = 'completed' "
+             "AND started_at >= :since")
+    return _all(conn, f"SELECT id, divisor, duration_ms, n_frames, id = ({first}) AS first "
+                      "FROM interpolations WHERE +state = 'completed' "
+                      "AND duration_ms IS NOT NULL ORDER BY id DESC LIMIT :n",
+                {"n": limit, "since": None if since is None else stamp(since)})
 
 
 # the embedding worker's

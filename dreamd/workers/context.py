@@ -85,10 +85,11 @@ class WorkerContext:
     def look(self, worker: str) -> Look:
         """The worker's own kept read-only connection, for the questions its idle ticks
         ask every few seconds (dreamd/workers/look.py)."""
-        with self._lock:
-            if worker not in self._looks:
-                self._looks[worker] = Look(self.cfg.db_path)
-            return self._looks[worker]
+        look = self._looks.get(worker)
+        if look is None:
+            with self._lock:
+                look = self._looks.setdefault(worker, Look(self.cfg.db_path))
+        return look
 
     def close_looks(self) -> None:
         with self._lock:
