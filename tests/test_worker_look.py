@@ -147,3 +147,25 @@ def test_last_keyframe_is_the_newest_completed_link_whatever_came_after(ctx):
         last = read_model.last_keyframe(conn)
         assert (last["chain_index"], last["state"]) == (1, "completed")
         assert read_model.in_progress(conn)["chain_index"] == 3
+
+
+def test_the_buffer_of_a_ledger_without_its_runtime_table_counts_every_ready_frame(tmp_path):
+    """frames_ahead_of_playhead asks for the playhead outright (no sqlite_master look-up
+    first): a ledger older than the runtime table has no playhead, any other error is
+    raised."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY, state TEXT, "
+                     "chain_index INTEGER, t REAL)")
+        conn.executemany("INSERT INTO frames (state, chain_index, t) VALUES (?, ?, ?)",
+                         [("ready", 0, 0.0), ("ready", 0, 0.5), ("shown", 1, 0.0)])
+    conn = read_model.connect(path)
+    assert read_model.frames_ahead_of_playhead(conn) == 2
+    assert read_model.frames_ahead_of_playhead(conn, at_most=1) == 1
+    conn.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE runtime_state (id INTEGER PRIMARY KEY)")   # no playhead
+    conn = read_model.connect(path)
+    with pytest.raises(sqlite3.OperationalError, match="no such column"):
+        read_model.frames_ahead_of_playhead(conn)
+    conn.close()
