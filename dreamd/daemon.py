@@ -472,6 +472,7 @@ class Daemon:
             except Exception:
                 log.exception("closing")
         display.close()
+        ctx.close_looks()               # the workers' kept read connections
         checkpoint_truncate(ctx)
         ctx.engine.dispose()
         ctx.reader.dispose()

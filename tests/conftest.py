@@ -250,6 +250,7 @@ def open_worker_context(db_path: Path, config_text: str = "", *, run_id: int = 1
 
 
 def close_worker_context(ctx) -> None:
+    ctx.close_looks()
     ctx.engine.dispose()
     ctx.reader.dispose()
 

@@ -11,6 +11,7 @@ from sqlalchemy import event, text
 
 from dreamd.errors import StaleTransitionError
 from dreamd.ledger import transitions as tr
+from dreamd.ledger.queries import dbapi
 from dreamd.ledger import controls as ledger_controls
 from dreamd.workers import controls, embedding, keyframe
 from dreamd.workers.embedding import EmbeddingWorker
@@ -100,7 +101,7 @@ def test_the_governor_keeps_at_most_2000_buffer_samples_however_long_it_runs(con
     worker = GovernorWorker(ctx)
     with ctx.reader.connect() as conn:
         for i in range(2050):
-            worker.measure(conn, 1000.0 + 2 * i)
+            worker.measure(dbapi(conn), 1000.0 + 2 * i)
     assert len(worker.samples) <= 2000
     assert worker.samples[-1][0] == 1000.0 + 2 * 2049        # the newest are the ones kept
 

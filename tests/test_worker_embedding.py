@@ -299,7 +299,7 @@ def test_rows_taken_by_another_writer_between_the_look_and_the_claim_end_the_tic
 
     ctx = make()
     add_keyframe(ctx, 0, picture(0))
-    real = tr.has_due
+    real = embedding.read_model.has_due
 
     def seen_then_taken(conn, entity):
         due = real(conn, entity)
@@ -307,7 +307,7 @@ def test_rows_taken_by_another_writer_between_the_look_and_the_claim_end_the_tic
             tr.claim(other, entity, "another:1:embedding", limit=100, lease_seconds=30)
         return due
 
-    monkeypatch.setattr(embedding.transitions, "has_due", seen_then_taken)
+    monkeypatch.setattr(embedding.read_model, "has_due", seen_then_taken)
     worker = EmbeddingWorker(ctx, ctx.embedders)
     assert worker.tick() == 0
     assert rows(ctx, "SELECT state, lease_owner FROM embeddings") == [

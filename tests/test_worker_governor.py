@@ -74,7 +74,7 @@ def frames(conn, n: int, chain: int = 0) -> None:
 
 def test_keyframe_times_are_the_median_and_slowest_of_the_last_five(ctx):
     with ctx.reader.connect() as conn:
-        assert keyframe_seconds(conn) == (None, None, 0)
+        assert keyframe_seconds(dbapi(conn)) == (None, None, 0)
     with ctx.engine.begin() as conn:
         for k, ms in enumerate([9000, 1000, 2000, 3000, 8000, 4000, 5000]):
             keyframe(conn, k, ms)
@@ -83,7 +83,7 @@ def test_keyframe_times_are_the_median_and_slowest_of_the_last_five(ctx):
         keyframe(conn, 9, 99000, state="discarded")
     with ctx.reader.connect() as conn:
         # the newest five done: 5000, 4000, 8000, 3000, 2000
-        assert keyframe_seconds(conn) == (4.0, 8.0, 5)
+        assert keyframe_seconds(dbapi(conn)) == (4.0, 8.0, 5)
 
 
 def test_the_runs_first_keyframe_is_left_out_and_earlier_runs_are_not_measured(ctx):
@@ -93,25 +93,25 @@ def test_the_runs_first_keyframe_is_left_out_and_earlier_runs_are_not_measured(c
         keyframe(conn, 1, 30000, started=since + timedelta(seconds=1))    # warming up
         keyframe(conn, 2, 2000, started=since + timedelta(seconds=40))
     with ctx.reader.connect() as conn:
-        assert keyframe_seconds(conn, since) == (2.0, 2.0, 1)
-        assert keyframe_seconds(conn) == (30.0, 50.0, 3)
+        assert keyframe_seconds(dbapi(conn), since) == (2.0, 2.0, 1)
+        assert keyframe_seconds(dbapi(conn)) == (30.0, 50.0, 3)
     with ctx.engine.begin() as conn:
         for k in (10, 11, 12):                                   # 5 of this run
             keyframe(conn, k, 2000, started=since + timedelta(seconds=k))
     with ctx.reader.connect() as conn:
-        assert keyframe_seconds(conn, since) == (2.0, 2.0, 4)
+        assert keyframe_seconds(dbapi(conn), since) == (2.0, 2.0, 4)
     with ctx.engine.begin() as conn:
         conn.execute(text("DELETE FROM keyframes WHERE chain_index >= 10"))
     with ctx.engine.begin() as conn:
         for k in range(3, 7):                                    # 6 of this run now
             keyframe(conn, k, 1000 * k, started=since + timedelta(seconds=40 * k))
     with ctx.reader.connect() as conn:
-        assert keyframe_seconds(conn, since) == (4.0, 6.0, 5)   # 6000…2000
+        assert keyframe_seconds(dbapi(conn), since) == (4.0, 6.0, 5)   # 6000…2000
     with ctx.engine.begin() as conn:
         keyframe(conn, 7, 7000, started=since + timedelta(seconds=300))
     with ctx.reader.connect() as conn:
         # 7 of this run: the first is far behind the newest five anyway
-        assert keyframe_seconds(conn, since) == (5.0, 7.0, 5)
+        assert keyframe_seconds(dbapi(conn), since) == (5.0, 7.0, 5)
 
 
 def test_in_between_times_are_per_frame_medians_by_divisor(ctx):
@@ -130,12 +130,12 @@ def test_in_between_times_are_per_frame_medians_by_divisor(ctx):
         batch(conn, 9, 500, n=9)                                 # 50
         batch(conn, 10, 1000, n=9)                               # 100
     with ctx.reader.connect() as conn:
-        per, count = inbetween_ms(conn)
+        per, count = inbetween_ms(dbapi(conn))
         assert per == {1.0: 200.0, 2.0: 250.0, 1.333: 50.0}
         assert count == {1.0: 5, 2.0: 2, 1.333: 1}
         # of this run, the first batch done is left out (the codec builds its kernels):
         # the one before it comes into the eight
-        per, count = inbetween_ms(conn, since)
+        per, count = inbetween_ms(dbapi(conn), since)
         assert count == {1.0: 5, 2.0: 2, 1.333: 1}
         assert per == {1.0: 300.0, 2.0: 250.0, 1.333: 50.0}     # 19800, 400, 300, 50, 100
     # the run's first batch failed: the first one done is still the one left out
@@ -144,7 +144,7 @@ def test_in_between_times_are_per_frame_medians_by_divisor(ctx):
                      .values(state="discarded", started_at=since + timedelta(seconds=1)))
         conn.execute(text("UPDATE interpolations SET id = 0 WHERE chain_index = 0"))
     with ctx.reader.connect() as conn:
-        assert inbetween_ms(conn, since)[1] == {1.0: 4, 2.0: 2, 1.333: 1}
+        assert inbetween_ms(dbapi(conn), since)[1] == {1.0: 4, 2.0: 2, 1.333: 1}
 
 
 def test_the_trend_is_the_least_squares_slope():
@@ -163,26 +163,26 @@ def test_the_buffer_and_its_trend_over_a_whole_window(make):
     with ctx.engine.begin() as conn:
         frames(conn, 8)
     with ctx.reader.connect() as conn:
-        m = worker.measure(conn, 100.0)
+        m = worker.measure(dbapi(conn), 100.0)
         assert (m.fps, m.buffer_seconds, m.buffer_target, m.trend) == (4.0, 2.0, 24.0, None)
         assert (m.keyframe_seconds, m.keyframe_samples, m.inbetween_ms) == (None, 0, {})
         # a trend needs 0.8 of the 30 s window covered by samples
         worker.samples.clear()
         worker.samples.extend([(77.0, 2.0), (85.0, 1.0), (94.0, 2.0)])
-        assert worker.measure(conn, 100.0).trend is None          # 23 s
+        assert worker.measure(dbapi(conn), 100.0).trend is None          # 23 s
         worker.samples.appendleft((76.0, 3.0))                    # 24 s
-        m = worker.measure(conn, 100.0)
+        m = worker.measure(dbapi(conn), 100.0)
         assert m.trend == pytest.approx(slope([(76.0, 3.0), (77.0, 2.0), (85.0, 1.0),
                                                (94.0, 2.0), (100.0, 2.0), (100.0, 2.0)]))
         worker.samples.clear()
         worker.samples.extend([(0.0, 9.0), (69.9, 9.0), (70.0, 5.0), (85.0, 1.0)])
-        m = worker.measure(conn, 100.0)                           # 30 s back, not 30.1
+        m = worker.measure(dbapi(conn), 100.0)                           # 30 s back, not 30.1
         assert m.trend == pytest.approx(slope([(70.0, 5.0), (85.0, 1.0), (100.0, 2.0)]))
         # a long segment widens the window: 3 segments of 40 frames at 4 fps = 30.75 s
         worker.law.frames = 40
         worker.samples.clear()
         worker.samples.extend([(68.8, 9.0), (69.3, 4.0), (75.0, 3.0), (90.0, 2.0)])
-        m = worker.measure(conn, 100.0)
+        m = worker.measure(dbapi(conn), 100.0)
         assert m.trend == pytest.approx(slope([(69.3, 4.0), (75.0, 3.0), (90.0, 2.0),
                                                (100.0, 2.0)]))
 
@@ -196,7 +196,7 @@ def test_an_earlier_runs_keyframes_and_batches_are_not_measured(ctx):
     with ctx.engine.begin() as conn:
         batch(conn, 1, 500)                      # this run's first: its kernels built
     with ctx.reader.connect() as conn:
-        m = worker.measure(conn, 0.0)
+        m = worker.measure(dbapi(conn), 0.0)
     # keyframes of this run only; batches of any run but this one's first
     assert (m.keyframe_seconds, m.keyframe_samples, m.inbetween_ms) == (None, 0, {1.0: 1800.0})
 
@@ -213,7 +213,7 @@ def test_a_measurement_carries_the_slowest_keyframe_and_the_batch_counts(ctx):
                                            (400, 2.0)]):        # the first: left out
             batch(conn, 10 + k, ms, divisor=divisor)
     with ctx.reader.connect() as conn:
-        m = worker.measure(conn, 0.0)
+        m = worker.measure(dbapi(conn), 0.0)
     assert (m.keyframe_seconds, m.keyframe_seconds_high, m.keyframe_samples) == (3.0, 6.0, 3)
     assert m.inbetween_ms == {1.0: 200.0, 2.0: 80.0}            # ms / (n + 1) frames
     assert m.inbetween_samples == {1.0: 2, 2.0: 1}

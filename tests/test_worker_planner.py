@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import text
 
 from dreamd import seeding
-from dreamd.ledger import queries
+from dreamd.ledger import queries, read_model
 from dreamd.ledger import transitions as tr
 from dreamd.ledger.models import utcnow
 from dreamd.workers import planner
@@ -176,14 +176,14 @@ def test_frames_ahead_counts_ready_frames_after_the_playhead(make_ctx):
 def test_frames_coming_counts_what_unfinished_batches_will_make(make_ctx):
     ctx = make_ctx()
     with ctx.reader.connect() as conn:
-        assert planner.frames_coming(conn) == 0
+        assert read_model.frames_coming(queries.dbapi(conn)) == 0
     batch(ctx, 0, 4, "available")      # 4 in-betweens + the segment's keyframe frame
     batch(ctx, 2, 3, "executing")
     batch(ctx, 4, 5, "retryable")
     for state in ("completed", "discarded", "cancelled"):
         batch(ctx, 6, 9, state)
     with ctx.reader.connect() as conn:
-        assert planner.frames_coming(conn) == 5 + 4 + 6
+        assert read_model.frames_coming(queries.dbapi(conn)) == 5 + 4 + 6
 
 
 def test_the_planner_keeps_buffer_target_seconds_ahead(make_ctx):

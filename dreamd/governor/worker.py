@@ -21,10 +21,10 @@ from typing import Callable, Iterable, Sequence
 
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import insert, select, update
 
 from dreamd.governor.law import Bounds, Decision, Governor, Measurements, size_words, stretch
-from dreamd.ledger import queries
+from dreamd.ledger import read_model
 from dreamd.ledger.models import GovernorDecision, Interpolation, Keyframe, utcnow
 
 log = logging.getLogger("dreamd.governor")
@@ -100,41 +100,25 @@ def buffer_trend(samples: Iterable[tuple[float, float]], now: float, frames: int
     return slope(recent) if covered else None
 
 
-# The measurements' statements, built once (the governor asks every 2 s, for months;
-# building a statement costs more than SQLite takes to answer it).
-_KF_DONE = select(KF.c.generation_ms).where(KF.c.state == "completed",
-                                            KF.c.generation_ms.is_not(None))
-_KF_DONE_SINCE = _KF_DONE.where(KF.c.started_at >= bindparam("since"))
-_KF_LAST = _KF_DONE.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
-_KF_LAST_SINCE = _KF_DONE_SINCE.order_by(KF.c.id.desc()).limit(KEYFRAMES_MEASURED + 1)
-_KF_COUNT_SINCE = select(func.count()).select_from(_KF_DONE_SINCE.subquery())
-_IP_LAST = (select(IP.c.id, IP.c.divisor, IP.c.duration_ms, IP.c.n_frames)
-            .where(IP.c.state == "completed", IP.c.duration_ms.is_not(None))
-            .order_by(IP.c.id.desc()).limit(BATCHES_MEASURED + 1))
-_IP_FIRST_SINCE = select(func.min(IP.c.id)).where(IP.c.state == "completed",
-                                                  IP.c.started_at >= bindparam("since"))
-
-
-def keyframe_seconds(conn: Connection, since=None) -> tuple[float | None, float | None, int]:
+def keyframe_seconds(conn, since=None) -> tuple[float | None, float | None, int]:
     """keyframe_times of the last completed keyframes, of those started since `since`
-    (its first left out)."""
+    (its first left out). `conn`: a DB-API connection (the read model's questions)."""
     if since is None:
-        return keyframe_times(conn.execute(_KF_LAST).scalars().all(), first_of_run=False)
-    ms = conn.execute(_KF_LAST_SINCE, {"since": since}).scalars().all()
-    total = conn.execute(_KF_COUNT_SINCE, {"since": since}).scalar_one()
-    # the run's first is among them
-    return keyframe_times(ms, first_of_run=total <= KEYFRAMES_MEASURED + 1)
+        return keyframe_times(read_model.keyframe_ms(conn, KEYFRAMES_MEASURED + 1),
+                              first_of_run=False)
+    # one more than measured: fewer than that are all this run made, its first among them
+    ms = read_model.keyframe_ms(conn, KEYFRAMES_MEASURED + 2, since)
+    return keyframe_times(ms[:KEYFRAMES_MEASURED + 1],
+                          first_of_run=len(ms) <= KEYFRAMES_MEASURED + 1)
 
 
-def inbetween_ms(conn: Connection, since=None) -> tuple[dict[float, float], dict[float, int]]:
+def inbetween_ms(conn, since=None) -> tuple[dict[float, float], dict[float, int]]:
     """inbetween_times of the last completed batches; the first batch started since
     `since` left out (the codec's first calls build its kernels: twice the time of the
-    next ones, measured)."""
-    rows = conn.execute(_IP_LAST).all()
-    if since is not None:
-        first = conn.execute(_IP_FIRST_SINCE, {"since": since}).scalar()
-        rows = [r for r in rows if r.id != first]
-    return inbetween_times((r.divisor, r.duration_ms, r.n_frames) for r in rows)
+    next ones, measured). `conn`: a DB-API connection."""
+    rows = read_model.batch_times(conn, BATCHES_MEASURED + 1, since)
+    return inbetween_times((r["divisor"], r["duration_ms"], r["n_frames"]) for r in rows
+                           if not r["first"])
 
 
 def slope(samples: list[tuple[float, float]]) -> float | None:
@@ -181,11 +165,11 @@ class GovernorWorker:
             log.info("governor: going on from the last run's choice: %d in-betweens, %s",
                      self.law.frames, size_words(self.law.divisor))
 
-    def measure(self, conn: Connection, now: float) -> Measurements:
-
+    def measure(self, conn, now: float) -> Measurements:
+        """The measurements of now, read on `conn` (a DB-API connection)."""
         ctx = self.ctx
         fps = ctx.knob("display.fps")
-        buffer = queries.frames_ahead_of_playhead(conn) / fps
+        buffer = read_model.frames_ahead_of_playhead(conn) / fps
         self.samples.append((now, buffer))
         typical, slowest, count = keyframe_seconds(conn, self.since)
         per_frame, batches = inbetween_ms(conn, self.since)
@@ -203,7 +187,9 @@ class GovernorWorker:
             # about the machine's speed
             self.samples.clear()
             return None
-        with ctx.reader.connect() as conn:
+        # the read model's questions on the governor's kept connection (a pooled
+        # SQLAlchemy one cost more than the questions), in one read transaction as before
+        with ctx.look("governor").reading(snapshot=True) as conn:
             m = self.measure(conn, now)
         self._stretch(m, now)
         decision = self.law.update(m, self.bounds(), now)

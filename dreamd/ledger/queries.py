@@ -55,7 +55,8 @@ def knobs(row: Row) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- playback order
 # The read model's words (dreamd/ledger/read_model.py), asked inside the caller's
-# transaction: the display at every frame, the planner, the governor.
+# transaction. (The polling workers ask them on kept connections of their own:
+# dreamd/workers/look.py.)
 
 def frames_ahead(conn: Connection, chain: int | None, t: float | None,
                  at_most: int | None = None) -> int:

@@ -215,8 +215,15 @@ class Ready(NamedTuple):
 def frames_ahead_of_playhead(conn, at_most: int | None = None) -> int:
     """Ready frames after the playhead the ledger records (all of them before the first
     frame is shown, or without a runtime row yet); up to `at_most` (frames_ahead)."""
-    row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t FROM runtime_state "
-                     "WHERE id = 1") if _has(conn, "runtime_state") else None
+    try:
+        row = _one(conn, "SELECT playhead_chain_index AS c, playhead_t AS t "
+                         "FROM runtime_state WHERE id = 1")
+    except sqlite3.OperationalError as exc:
+        # a ledger before its first migration; asked, not looked up in sqlite_master
+        # first: the idle workers ask this every two seconds and the look-up cost more
+        if "no such table" not in str(exc):
+            raise
+        row = None
     return frames_ahead(conn, *((row["c"], row["t"]) if row else (None, None)), at_most)
 
 
@@ -595,3 +602,115 @@ def quality_series(conn, since: datetime | None = None) -> dict[str, list[dict[s
         out["breaks"] = _all(conn, "SELECT chain_index, created_at FROM breaks "
                                    "WHERE created_at >= :since ORDER BY chain_index", params)
     return out
+
+
+# ---------------------------------------------------------------- the workers' idle questions
+# What the daemon's workers ask every two seconds, mostly to learn there is nothing to
+# do, on each worker's kept connection (dreamd/workers/look.py): through SQLAlchemy Core
+# on a pooled connection these cost several times what SQLite takes to answer them.
+# `+state` keeps SQLite off the state index where the answer is at one end of another
+# (the newest rows): that index would read every completed row of the history and sort
+# them, a cost that grows for months; the other walks back a few rows. Same rows.
+
+JOB_TABLES = {"keyframe": "keyframes", "interpolation": "interpolations",
+              "embedding": "embeddings"}
+
+
+def stamp(at: datetime) -> str:
+    """A time as the ledger stores it (SQLAlchemy's SQLite DATETIME: the digits of naive
+    UTC, always with microseconds), so comparing the text compares the times. (isoformat:
+    strftime costs a worker's idle tick more than the question it is for.)"""
+    return at.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def has_due(conn, entity: str, now: datetime | None = None) -> bool:
+    """Is a row of `entity` claimable, or about to be staged (retryable, its backoff
+    over)? What an idle worker polls instead of taking the write lock to find nothing."""
+    table = JOB_TABLES.get(entity)
+    if table is None:
+        raise ValueError(f"{entity!r} rows are not claimed: expected one of "
+                         f"{', '.join(JOB_TABLES)}")
+    return conn.execute(f"SELECT 1 FROM {table} WHERE state IN ('available', 'retryable') "
+                        "AND scheduled_at <= ? LIMIT 1",
+                        (stamp(now or utcnow()),)).fetchone() is not None
+
+
+# the planner's
+LAST_KEYFRAME_SQL = ("SELECT * FROM keyframes WHERE +state = 'completed' "
+                     "ORDER BY chain_index DESC LIMIT 1")
+COMING_SQL = f"SELECT coalesce(sum(n_frames + 1), 0) FROM interpolations WHERE state IN {PENDING}"
+
+
+def last_keyframe(conn) -> dict[str, Any] | None:
+    """The chain's newest completed keyframe (the next one's img2img input)."""
+    return _one(conn, LAST_KEYFRAME_SQL)
+
+
+def frames_coming(conn) -> int:
+    """Frames that interpolation batches not yet done will produce."""
+    return conn.execute(COMING_SQL).fetchone()[0]
+
+
+def theme_index(conn) -> int:
+    """The theme offset `dreamd` commands moved the rotation by (0 without a runtime row)."""
+    row = conn.execute("SELECT theme_index FROM runtime_state WHERE id = 1").fetchone()
+    return row[0] if row else 0
+
+
+# the governor's measurements (dreamd/governor/worker.py says what they mean)
+KEYFRAMES_TIMED = "FROM keyframes WHERE +state = 'completed' AND generation_ms IS NOT NULL"
+
+
+def keyframe_ms(conn, limit: int, since: datetime | None = None) -> list[float]:
+    """generation_ms of the last `limit` completed keyframes (of those started since
+    `since`), newest first."""
+    if since is None:
+        sql, params = f"SELECT generation_ms {KEYFRAMES_TIMED} ORDER BY id DESC LIMIT ?", (limit,)
+    else:
+        sql = f"SELECT generation_ms {KEYFRAMES_TIMED} AND started_at >= ? ORDER BY id DESC LIMIT ?"
+        params = (stamp(since), limit)
+    return [r[0] for r in conn.execute(sql, params).fetchall()]
+
+
+def batch_times(conn, limit: int, since: datetime | None = None) -> list[dict[str, Any]]:
+    """The last `limit` completed interpolation batches with a time, newest first:
+    {id, divisor, duration_ms, n_frames, first}; `first` is 1 for the first completed
+    batch started since `since` (with or without a time), else 0 or None."""
+    first = ("SELECT min(id) FROM interpolations WHERE +state = 'completed' "
+             "AND started_at >= :since")
+    return _all(conn, f"SELECT id, divisor, duration_ms, n_frames, id = ({first}) AS first "
+                      "FROM interpolations WHERE +state = 'completed' "
+                      "AND duration_ms IS NOT NULL ORDER BY id DESC LIMIT :n",
+                {"n": limit, "since": None if since is None else stamp(since)})
+
+
+# the embedding worker's
+NEW_FRAMES_SQL = ("SELECT f.id, f.kind, f.t, f.interpolation_id, f.chain_index, i.n_frames "
+                  "FROM frames f LEFT OUTER JOIN interpolations i ON i.id = f.interpolation_id "
+                  "WHERE f.id > ? AND +f.state IN ('ready', 'shown') ORDER BY f.id")
+
+
+def frames_after(conn, seen: int) -> list[dict[str, Any]]:
+    """Ready or shown frames with an id above `seen`, oldest first, with their batch's
+    size: {id, kind, t, interpolation_id, chain_index, n_frames}."""
+    return _all(conn, NEW_FRAMES_SQL, (seen,))
+
+
+def embedded_frames(conn, model: str, from_id: int) -> set[int]:
+    """Frames from `from_id` on that have an embedding row of `model`, in any state."""
+    return {r[0] for r in conn.execute("SELECT frame_id FROM embeddings WHERE frame_id >= ? "
+                                       "AND model = ?", (from_id, model)).fetchall()}
+
+
+def embeddings_waiting(conn) -> int:
+    return conn.execute("SELECT count(*) FROM embeddings "
+                        "WHERE state = 'available'").fetchone()[0]
+
+
+def embeddings_to_shed(conn, n: int) -> list[int]:
+    """The `n` waiting embedding rows to cancel under load: midpoints first, then the
+    oldest."""
+    return [r[0] for r in conn.execute(
+        "SELECT e.id FROM embeddings e JOIN frames f ON f.id = e.frame_id "
+        "WHERE e.state = 'available' ORDER BY f.kind = 'keyframe', e.id LIMIT ?",
+        (n,)).fetchall()]

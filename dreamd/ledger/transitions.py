@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from sqlalchemy import Connection, Row, bindparam, insert, select, update
 
 from dreamd.errors import IllegalTransitionError, StaleTransitionError
+from dreamd.ledger import queries, read_model
 from dreamd.ledger.models import ENTITY_MODELS, Transition, utcnow
 from dreamd.ledger.states import INITIAL, JOB_ENTITIES, JobState, is_legal
 
@@ -199,18 +200,14 @@ def claim(conn: Connection, entity: str, owner: str, *, lease_seconds: float, li
     return sorted(rows, key=lambda r: tuple(getattr(r, c) for c in _CLAIM_ORDER[entity]))
 
 
-@functools.cache
-def _due(entity: str):
-    table = _table(entity)
-    return (select(table.c.id)
-            .where(table.c.state.in_((J.available, J.retryable)),
-                   table.c.scheduled_at <= bindparam("_now")).limit(1))
-
-
 def has_due(conn: Connection, entity: str, *, now: datetime | None = None) -> bool:
-    """Is anything claimable (or about to be staged)? A cheap read, so idle workers can
-    poll on a read-only connection instead of taking the write lock to find nothing."""
-    return conn.execute(_due(entity), {"_now": now or utcnow()}).first() is not None
+    """Is anything claimable (or about to be staged)? The read model's question
+    (read_model.has_due, which idle workers ask on their own kept connection), asked
+    inside this transaction."""
+    if entity not in JOB_ENTITIES:
+        _table(entity)          # an unknown entity is named with the known ones
+        raise IllegalTransitionError(f"{entity} rows are not claimed")
+    return read_model.has_due(queries.dbapi(conn), entity, now)
 
 
 def heartbeat(conn: Connection, entity: str, ids: Sequence[int], owner: str, *,

@@ -16,7 +16,8 @@ from sqlalchemy import Engine
 
 from dreamd.conditions import Conditions, classify
 from dreamd.config import Config, live_knobs
-from dreamd.ledger import queries, transitions
+from dreamd.ledger import queries, read_model, transitions
+from dreamd.workers.look import Look
 
 log = logging.getLogger("dreamd.workers")
 
@@ -51,6 +52,7 @@ class WorkerContext:
     owed_postpones: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     _knobs: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _looks: dict[str, Look] = field(default_factory=dict)
 
     def lease_owner(self, worker: str) -> str:
         return f"{self.owner}:{worker}"
@@ -80,6 +82,22 @@ class WorkerContext:
         """Keyframes and in-betweens write files: not below the free-space floor (the
         janitor sets `storage_low`; playback goes on from the buffer meanwhile)."""
         return self.may_claim() and not self.facts.get("storage_low")
+
+    # ------------------------------------------------------------ idle reads
+    def look(self, worker: str) -> Look:
+        """The worker's own kept read-only connection, for the questions its idle ticks
+        ask every few seconds (dreamd/workers/look.py)."""
+        look = self._looks.get(worker)
+        if look is None:
+            with self._lock:
+                look = self._looks.setdefault(worker, Look(self.cfg.db_path))
+        return look
+
+    def close_looks(self) -> None:
+        with self._lock:
+            looks, self._looks = list(self._looks.values()), {}
+        for look in looks:
+            look.close()
 
     # ------------------------------------------------------------ leases
     @contextmanager
@@ -151,13 +169,13 @@ def drain(ctx: WorkerContext, entity: str, work: Callable[[Any, str], int], *,
           blocked: Callable[[], bool] = lambda: False) -> int:
     """A worker's tick: claim due rows of `entity` one at a time and work each, until
     none are due (or the daemon stops, pauses, or `blocked()` says to wait). An idle
-    tick costs one read on the read-only connection, never the write lock."""
+    tick costs one read on the worker's kept read-only connection, never the write lock."""
     done = 0
     owner = ctx.lease_owner(entity)
     allowed = ctx.may_generate if entity in ("keyframe", "interpolation") else ctx.may_claim
     while allowed() and not blocked():
-        with ctx.reader.connect() as conn:
-            if not transitions.has_due(conn, entity):
+        with ctx.look(entity).reading() as conn:
+            if not read_model.has_due(conn, entity):
                 break
         with ctx.engine.begin() as conn:
             rows = transitions.claim(conn, entity, owner,

@@ -23,11 +23,11 @@ import time
 from contextlib import ExitStack
 
 from PIL import Image
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import func, select
 
 from dreamd.errors import StaleTransitionError
-from dreamd.ledger import queries, transitions
-from dreamd.ledger.models import Embedding, Frame, Interpolation, Keyframe, utcnow
+from dreamd.ledger import read_model, transitions
+from dreamd.ledger.models import Embedding, Frame, Keyframe, utcnow
 from dreamd.memory import cache
 from dreamd.memory.embedder import Embedders
 from dreamd.memory.scale import scale_for
@@ -35,17 +35,8 @@ from dreamd.storage.paths import resolve
 from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.embedding")
-EM, FR, KF, IP = (Embedding.__table__, Frame.__table__, Keyframe.__table__,
-                  Interpolation.__table__)
+EM, FR, KF = Embedding.__table__, Frame.__table__, Keyframe.__table__
 BATCH = 4            # rows per claim: one model call embeds them together
-# what an idle tick asks every 2 s, built once (building costs more than answering)
-NEW_FRAMES = (select(FR.c.id, FR.c.kind, FR.c.t, FR.c.interpolation_id, FR.c.chain_index,
-                     IP.c.n_frames)
-              .select_from(FR.outerjoin(IP, IP.c.id == FR.c.interpolation_id))
-              .where(FR.c.id > bindparam("seen"), FR.c.state.in_(("ready", "shown")))
-              .order_by(FR.c.id))
-WAITING = select(func.count()).select_from(EM).where(EM.c.state == "available")
-ANY_FRAME = select(FR.c.id).limit(1)
 
 
 class EmbeddingWorker:
@@ -70,8 +61,8 @@ class EmbeddingWorker:
         done = 0
         owner = ctx.lease_owner("embedding")
         while ctx.may_claim() and not self.under_load():
-            with ctx.reader.connect() as conn:   # idle ticks never take the write lock
-                if not transitions.has_due(conn, "embedding"):
+            with ctx.look("embedding").reading() as conn:   # never the write lock
+                if not read_model.has_due(conn, "embedding"):
                     break
             with ctx.engine.begin() as conn:
                 rows = transitions.claim(conn, "embedding", owner, limit=BATCH,
@@ -86,40 +77,35 @@ class EmbeddingWorker:
     def discover(self, model: str) -> int:
         """Create embedding rows for frames that have none yet."""
         ctx = self.ctx
-        with ctx.reader.connect() as conn:
-            new = conn.execute(NEW_FRAMES, {"seen": self.seen_frame_id}).all()
+        # the idle ticks' questions on the worker's kept connection (a pooled SQLAlchemy
+        # one cost more than the questions), each method's in one read transaction
+        with ctx.look("embedding").reading(snapshot=True) as conn:
+            new = read_model.frames_after(conn, self.seen_frame_id)
             if not new:
                 return 0
-            have = set(conn.execute(select(EM.c.frame_id).where(
-                EM.c.frame_id >= new[0].id, EM.c.model == model)).scalars())
-        # `r.t` would be the Row itself (SQLAlchemy's tuple accessor): the column by name
-        wanted = [r for r in new if r.kind == "keyframe" or (
-            ctx.cfg.cache.embed_midpoints
-            and _is_midpoint(r.kind, r._mapping["t"], r.n_frames))]
-        wanted = [r for r in wanted if r.id not in have]
+            have = read_model.embedded_frames(conn, model, new[0]["id"])
+        wanted = [r for r in new if r["kind"] == "keyframe" or (
+            ctx.cfg.cache.embed_midpoints and _is_midpoint(r["kind"], r["t"], r["n_frames"]))]
+        wanted = [r for r in wanted if r["id"] not in have]
         if wanted:
             with ctx.engine.begin() as conn:
                 for r in wanted:
                     transitions.create(conn, "embedding", {
-                        "frame_id": r.id, "model": model,
+                        "frame_id": r["id"], "model": model,
                         "max_attempts": ctx.cfg.generation.max_attempts},
-                        worker="embedding", detail={"kind": r.kind, "chain": r.chain_index})
-        self.seen_frame_id = new[-1].id
+                        worker="embedding", detail={"kind": r["kind"], "chain": r["chain_index"]})
+        self.seen_frame_id = new[-1]["id"]
         return len(wanted)
 
     def shed(self) -> int:
         """Past `cache.max_backlog` waiting rows, cancel the oldest (midpoints first)."""
         ctx = self.ctx
         limit = ctx.cfg.cache.max_backlog
-        with ctx.reader.connect() as conn:
-            waiting = conn.execute(WAITING).scalar_one()
+        with ctx.look("embedding").reading(snapshot=True) as conn:
+            waiting = read_model.embeddings_waiting(conn)
             if waiting <= limit:
                 return 0
-            drop = conn.execute(
-                select(EM.c.id).select_from(EM.join(FR, FR.c.id == EM.c.frame_id))
-                .where(EM.c.state == "available")
-                .order_by((FR.c.kind == "keyframe").asc(), EM.c.id.asc())
-                .limit(waiting - limit)).scalars().all()
+            drop = read_model.embeddings_to_shed(conn, waiting - limit)
         with ctx.engine.begin() as conn:
             for i in drop:
                 try:
@@ -139,9 +125,9 @@ class EmbeddingWorker:
 
         ctx = self.ctx
         need = math.ceil(ctx.knob("display.min_buffer_seconds") * ctx.knob("display.fps"))
-        with ctx.reader.connect() as conn:
-            has_chain = conn.execute(ANY_FRAME).first() is not None
-            return has_chain and queries.frames_ahead_of_playhead(conn, at_most=need) < need
+        with ctx.look("embedding").reading(snapshot=True) as conn:
+            has_chain = read_model.newest_frame(conn) is not None
+            return has_chain and read_model.frames_ahead_of_playhead(conn, at_most=need) < need
 
     # ------------------------------------------------------------ the work
     def process(self, emb, rows, owner: str) -> int:

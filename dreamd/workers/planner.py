@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime
+from types import SimpleNamespace
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import func, select
 
 from dreamd import seeding
-from dreamd.ledger import queries, transitions
-from dreamd.ledger.models import Frame, Interpolation, Keyframe, RuntimeState
+from dreamd.ledger import read_model, transitions
+from dreamd.ledger.models import Keyframe
 from dreamd.ledger.states import JobState as J
 from dreamd.storage.paths import resolve, stored
 from dreamd.memory import injection as memory_injection
@@ -24,25 +25,13 @@ from dreamd.workers.context import WorkerContext
 
 log = logging.getLogger("dreamd.planner")
 
-KF, IP, FR, RT = Keyframe.__table__, Interpolation.__table__, Frame.__table__, RuntimeState.__table__
+KF = Keyframe.__table__
 PENDING = (J.available, J.executing, J.retryable)
-# built once: the planner asks these every second, and building a statement (and its
-# cache key) costs more than SQLite takes to answer it
-ANY_PENDING = select(KF.c.id).where(KF.c.state.in_(PENDING)).limit(1)
-LAST_COMPLETED = (select(KF).where(KF.c.state == J.completed)
-                  .order_by(KF.c.chain_index.desc()).limit(1))
-COMING = select(func.coalesce(func.sum(IP.c.n_frames + 1), 0)).where(IP.c.state.in_(PENDING))
-THEME_INDEX = select(RT.c.theme_index).where(RT.c.id == 1)
 
 
 def keyframe_seed(base: int, chain_index: int) -> int:
     """A seed per link, derived from the base seed (reproducible, never the same twice)."""
     return (base * 1_000_003 + chain_index * 7_919 + 1) % (2**31 - 1)
-
-
-def frames_coming(conn: Connection) -> int:
-    """Frames that interpolation batches not yet done will produce."""
-    return conn.execute(COMING).scalar_one()
 
 
 def head_image(ctx: WorkerContext, last) -> bool:
@@ -61,18 +50,22 @@ def tick(ctx: WorkerContext) -> int | None:
         return None
     fps = ctx.knob("display.fps")
     target = ctx.knob("display.buffer_target_seconds") * fps
-    with ctx.reader.connect() as conn:
-        if conn.execute(ANY_PENDING).first() is not None:
+    # the read model's questions on the planner's kept connection (a pooled SQLAlchemy
+    # one cost more than the questions), in one read transaction as before
+    with ctx.look("planner").reading(snapshot=True) as conn:
+        if read_model.in_progress(conn) is not None:
             return None
-        last = conn.execute(LAST_COMPLETED).first()
+        last = read_model.last_keyframe(conn)
         # counted up to the target only: whether it is reached is all that matters here
-        ahead = frames_coming(conn)
-        ahead += queries.frames_ahead_of_playhead(conn, at_most=max(0, math.ceil(target - ahead)))
+        ahead = read_model.frames_coming(conn)
+        ahead += read_model.frames_ahead_of_playhead(conn,
+                                                     at_most=max(0, math.ceil(target - ahead)))
         # one keyframe beyond the interpolated ones: the next pair needs it anyway
         if last is not None and ahead >= target:
             return None
-        rt = conn.execute(THEME_INDEX).first()
-    return plan(ctx, last, theme_offset=rt.theme_index if rt else 0)
+        theme_offset = read_model.theme_index(conn)
+    return plan(ctx, None if last is None else SimpleNamespace(**last),
+                theme_offset=theme_offset)
 
 
 def with_time_of_day(prompt: str, words: list[str], hour: int | None = None) -> str:
