@@ -15,7 +15,9 @@ DEBUG logs (the workers' `timing` lines), then reads the ledger:
   surface on (web viewer with `--pages` pages open: 1 by default, each its event
   stream and every frame announced; status.json, guard, janitor); the daemon's CPU time over that
   window / wall time, in slices (median, min-max: the spread says how noisy it was);
-  `--idle-only` runs just this;
+  `--idle-only` runs just this; `--settle-seconds 60 --idle-seconds 60` measures the
+  steady state (a minute after production, over a minute: one of the janitor's
+  once-a-minute passes in it);
 - peak RSS: VmHWM of the daemon process.
 """
 
@@ -208,12 +210,16 @@ class Page(threading.Thread):
             self.conn.close()
 
 
-def idle(fps: float, fill_seconds: float, idle_seconds: float, pages: int = 0) -> dict:
+def idle(fps: float, fill_seconds: float, idle_seconds: float, pages: int = 0,
+         settle_seconds: float = 0.0) -> dict:
     """The daemon's CPU with a full buffer at `fps`, nothing to produce, every surface on
     (the web viewer, status.json, the guard, the janitor). The buffer fills with the
     display at FILL_FPS (at 15 fps a busy 2-core machine produces little faster than it
     plays, so the buffer would never be full), then the display goes to `fps` and the
-    target to 1 s: the buffer stays far above it for the whole window."""
+    target to 1 s: the buffer stays far above it for the whole window. The window starts
+    `settle_seconds` after the last job row is done: what production leaves behind (the
+    janitor's whole retention pass and checkpoint of the WAL the filling grew, once a
+    minute at most) is not the cost of playing from a full buffer."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         cfg = Path(tmp) / "dreamd.toml"
@@ -228,6 +234,7 @@ def idle(fps: float, fill_seconds: float, idle_seconds: float, pages: int = 0) -
         for knob in ("display.buffer_target_seconds=1", f"display.fps={fps:g}"):
             subprocess.run([*dreamd, "set", knob], env=env, check=True, capture_output=True)
         wait_idle(data / "dreamd.db", timeout=300)
+        time.sleep(settle_seconds)
         db = sqlite3.connect(f"file:{data / 'dreamd.db'}?mode=ro", uri=True)
         count = "SELECT count(*) FROM frames"
         made_before = db.execute(count).fetchone()[0]
@@ -265,6 +272,10 @@ def main() -> None:
     ap.add_argument("--fill-seconds", type=float, default=80.0,
                     help="an idle run's filling phase (display at FILL_FPS)")
     ap.add_argument("--idle-seconds", type=float, default=20.0, help="idle CPU window")
+    ap.add_argument("--settle-seconds", type=float, default=0.0,
+                    help="idle runs: seconds between the last job done and the window (60: "
+                         "after the janitor's once-a-minute passes that production leaves; "
+                         "a 60 s window then holds one of each, as every minute does)")
     ap.add_argument("--fps", type=float, nargs="+", default=[4.0, 15.0])
     ap.add_argument("--pages", type=int, default=1,
                     help="viewer pages open during the idle window (event stream + frames)")
@@ -275,7 +286,8 @@ def main() -> None:
     print(f"# {platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.1f}")
-    idles = [idle(fps, args.fill_seconds, args.idle_seconds, args.pages) for fps in args.fps]
+    idles = [idle(fps, args.fill_seconds, args.idle_seconds, args.pages, args.settle_seconds)
+             for fps in args.fps]
     if args.idle_only:
         print("| measure | " + " | ".join(f"{fps:g} fps" for fps in args.fps) + " |")
         print("|---|" + "---|" * len(args.fps))

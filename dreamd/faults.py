@@ -41,6 +41,11 @@ def slow_down(stage: str, units: float = 1.0) -> None:
             time.sleep(max(0.0, float(seconds)) * units)
 
 
+def armed() -> bool:
+    """Is any pause or hold point asked for? (A caller at every frame asks once.)"""
+    return bool(os.environ.get(ENV) or os.environ.get(HOLD_ENV))
+
+
 def pause_point(name: str, data_dir: Path) -> None:
     held = os.environ.get(HOLD_ENV)
     if held and name in held.split(","):

@@ -49,10 +49,13 @@ KEYS = (
 STALE_AFTER_MIN = 10.0        # seconds; status.json is written at least once a second
 
 
+_KEY_SET = frozenset(KEYS)
+
+
 def build(**values: Any) -> dict[str, Any]:
-    missing = [k for k in KEYS if k not in values]
-    extra = [k for k in values if k not in KEYS]
-    if missing or extra:
+    if values.keys() != _KEY_SET:            # (one comparison: it is built with each frame)
+        missing = [k for k in KEYS if k not in values]
+        extra = [k for k in values if k not in _KEY_SET]
         raise ValueError(f"status.json keys: missing {missing}, unknown {extra}")
     return {k: values[k] for k in KEYS}
 

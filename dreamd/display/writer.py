@@ -31,17 +31,17 @@ RECORD_EVERY seconds of frames, never a frame: those are shown again after the r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
-from pathlib import Path
+from datetime import datetime, timezone
 
 from sqlalchemy import bindparam, update
 
 from dreamd.conditions import LEDGER_BUSY, classify, watch_ledger
 from dreamd.display import status as status_json
 from dreamd.storage.files import place_atomic, sweep_temps
-from dreamd.storage.paths import resolve
-from dreamd.faults import pause_point
+from dreamd import faults
 from dreamd.ledger import database, queries, read_model, transitions
 from dreamd.ledger.models import RuntimeState, utcnow
 from dreamd.workers.context import WorkerContext, log_timing, timed
@@ -82,6 +82,8 @@ class DisplayWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         # built once: Path objects made at every frame were a tenth of its CPU
         self.data_dir = ctx.cfg.data_dir
+        self.root = os.fspath(self.data_dir)   # frames' paths: strings, not Path objects
+        self.fault_points = faults.armed()     # the crash tests' (dreamd/faults.py)
         self.current_path = self.out / "current_frame.png"
         self.previous_path = self.out / "previous_frame.png"
         self.status_path = self.out / "status.json"
@@ -92,8 +94,8 @@ class DisplayWriter:
         self.chain: int | None = rt.playhead_chain_index
         self.t: float | None = rt.playhead_t
         self.frames_shown = rt.frames_shown
-        self.current: Path | None = None    # the frame on screen
-        self.placed: Path | None = None     # the frame in current_frame.png (see place)
+        self.current: str | None = None     # the frame on screen (its file)
+        self.placed: str | None = None      # the frame in current_frame.png (see place)
         self.prompt: str | None = None
         self.theme: str | None = None
         self.buffering = True
@@ -106,14 +108,13 @@ class DisplayWriter:
         self.counted_newest: int | None = None   # the newest frame's id at the last count
         # the frames to show next, read once per segment or recount (next_frames)
         self.upcoming: deque = deque()
-        # shown but not yet in the ledger (it was busy): (frame id, chain, t, shown at)
-        self.pending: list[tuple[int, int, float, object]] = []
+        # shown, not yet in the ledger (a batch, or it was busy): (id, chain, t, time.time())
+        self.pending: list[tuple[int, int, float, float]] = []
         self.pending_underruns = 0
         self.next_record = 0.0
         self.recorded_at = float("-inf")
         self.record_failing_since: float | None = None
         self.engine = _impatient_writer(ctx)
-        self._look: read_model.sqlite3.Connection | None = None   # see look()
         self.timings: dict[str, float] = {}   # the last frame's, for its timing line
         self.pacer = Pacer(ctx)             # the daemon sets pacer.on_change
         # the web viewer's hook (dreamd/web/server.py): told of each frame on screen; it
@@ -125,19 +126,14 @@ class DisplayWriter:
         return queries.frames_ahead(conn, self.chain, self.t)
 
     def look(self):
-        """The display's own read-only sqlite3 connection, kept open: its queries run
-        at every frame, and a pooled SQLAlchemy connection cost more than the queries.
-        Autocommit: each statement is its own read, no snapshot is held between frames.
-        Dropped after an error (the next tick opens it again)."""
-        if self._look is None:
-            self._look = read_model.connect(self.ctx.cfg.db_path, check_same_thread=False,
-                                            timeout=BUSY_TIMEOUT_MS / 1000)
-        return self._look
+        """The display's own read-only sqlite3 connection, kept open (ctx.look): its
+        queries run at every frame, and a pooled SQLAlchemy connection cost more than
+        the queries. Autocommit: each statement is its own read, no snapshot is held
+        between frames. Dropped after an error (the next tick opens it again)."""
+        return self.ctx.look("display", timeout=BUSY_TIMEOUT_MS / 1000).connection()
 
     def _drop_look(self) -> None:
-        conn, self._look = self._look, None
-        if conn is not None:
-            conn.close()
+        self.ctx.look("display").close()
 
     # ------------------------------------------------------------ tick
     def tick(self) -> None:
@@ -224,18 +220,22 @@ class DisplayWriter:
         """`frame` on screen: the playhead moves, the viewer is told, the output files
         are written when due (_status_maybe), the ledger records it (now or in a batch)."""
         self.timings = timings = {}
-        path = resolve(self.data_dir, frame.path)
+        # a string (a frame's path is relative to the data dir, or absolute): Path objects
+        # made at every frame were a fifth of this method's CPU
+        path = os.path.join(self.root, frame.path)
         # on screen now: the playhead moves in memory at once, the ledger records it
         # now or, while it is busy, as soon as it is free
-        self.pending.append((frame.id, frame.chain_index, frame.pos, utcnow()))
+        now = time.time()
+        self.pending.append((frame.id, frame.chain_index, frame.pos, now))
         if frame.chain_index != self.chain or self.prompt is None:
             self.prompt, self.theme = read_model.chain_prompt(self.look(), frame.chain_index)
         self.current, self.chain, self.t = path, frame.chain_index, frame.pos
         self.frames_shown += 1
         if self.on_shown is not None:
-            self.on_shown(frame.id, frame.chain_index, frame.pos, path, time.time())
+            self.on_shown(frame.id, frame.chain_index, frame.pos, path, now)
         self._status_maybe(fps, force=True, ahead=ahead, gap=gap)
-        pause_point("frame-displayed", self.data_dir)
+        if self.fault_points:
+            faults.pause_point("frame-displayed", self.data_dir)
         with timed(timings, "ledger"):
             # the first frame at once (the ledger says playback began), then in batches
             self.record(batch=self.state == "playing")
@@ -253,7 +253,7 @@ class DisplayWriter:
                 try:
                     place_atomic(self.placed, self.previous_path, check_same=False)
                 except FileNotFoundError:
-                    if self.placed.exists():      # it is the output folder that is gone
+                    if os.path.exists(self.placed):   # it is the output folder that is gone
                         raise
             place_atomic(self.current, self.current_path, check_same=False)
         self.placed = self.current
@@ -273,9 +273,9 @@ class DisplayWriter:
         pending, underruns = list(self.pending), self.pending_underruns
         try:
             with self.engine.begin() as conn:
+                shown = [(frame_id, _utc(at)) for frame_id, _chain, _t, at in pending]
                 stale = transitions.transition_each(
-                    conn, "frame", [(frame_id, at, {"shown_at": at})
-                                    for frame_id, _chain, _t, at in pending],
+                    conn, "frame", [(frame_id, at, {"shown_at": at}) for frame_id, at in shown],
                     "ready", "shown", worker="display")
                 for frame_id in stale:        # evicted meanwhile: nothing to do
                     log.warning("frame %d: no longer ready; not recorded as shown", frame_id)
@@ -396,6 +396,11 @@ class DisplayWriter:
             keyframe_progress=facts.get("keyframe_progress"),
             denoise=ctx.knob("generation.denoise"),
         ))
+
+
+def _utc(epoch: float) -> datetime:
+    """time.time() as the ledger stores times (naive UTC, as models.utcnow)."""
+    return datetime.fromtimestamp(epoch, timezone.utc).replace(tzinfo=None)
 
 
 def _impatient_writer(ctx: WorkerContext):

@@ -52,7 +52,7 @@ class FrameHub:
         self.closing = asyncio.Event()
         self.listened = asyncio.Event()
 
-    def announce(self, frame_id: int, chain_index: int, t: float, path: Path,
+    def announce(self, frame_id: int, chain_index: int, t: float, path: str | Path,
                  swapped_at: float) -> None:
         """The display writer put this frame on screen at `swapped_at` (epoch seconds).
         While no page listens the news is only kept, in this thread: waking the viewer's
@@ -71,14 +71,14 @@ class FrameHub:
             pass
 
     # ------------------------------------------------------------ the event loop
-    def seed(self, frame_id: int, chain_index: int, t: float, path: Path,
+    def seed(self, frame_id: int, chain_index: int, t: float, path: str | Path,
              swapped_at: float) -> None:
         """The frame already on screen when the viewer started; a frame the display
         announced meanwhile is newer and wins."""
         if self._current is None and self._unread is None:
             self._admit(frame_id, chain_index, t, path, swapped_at)
 
-    def _arrive(self, frame_id: int, chain_index: int, t: float, path: Path,
+    def _arrive(self, frame_id: int, chain_index: int, t: float, path: str | Path,
                 swapped_at: float) -> None:
         with self._unread_lock:
             if self.subscribers:
@@ -91,7 +91,7 @@ class FrameHub:
                 return
         self._admit(frame_id, chain_index, t, path, swapped_at)
 
-    def _admit(self, frame_id: int, chain_index: int, t: float, path: Path,
+    def _admit(self, frame_id: int, chain_index: int, t: float, path: str | Path,
                swapped_at: float, *, publish: bool = True) -> None:
         try:
             data = Path(path).read_bytes()

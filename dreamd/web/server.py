@@ -41,7 +41,7 @@ class Viewer:
     web_file: Path
     state: Any
 
-    def announce(self, frame_id: int, chain_index: int, t: float, path: Path,
+    def announce(self, frame_id: int, chain_index: int, t: float, path: str | Path,
                  swapped_at: float) -> None:
         """The display writer's hook: never raises, never waits."""
         try:

@@ -84,13 +84,17 @@ class WorkerContext:
         return self.may_claim() and not self.facts.get("storage_low")
 
     # ------------------------------------------------------------ idle reads
-    def look(self, worker: str) -> Look:
+    def look(self, worker: str, timeout: float | None = None) -> Look:
         """The worker's own kept read-only connection, for the questions its idle ticks
-        ask every few seconds (dreamd/workers/look.py)."""
+        ask every few seconds (dreamd/workers/look.py); `timeout`: its busy timeout in
+        seconds when it is made (the display's is short: it has frames to show)."""
         look = self._looks.get(worker)
         if look is None:
             with self._lock:
-                look = self._looks.setdefault(worker, Look(self.cfg.db_path))
+                look = self._looks.get(worker)
+                if look is None:
+                    look = self._looks[worker] = (Look(self.cfg.db_path) if timeout is None
+                                                  else Look(self.cfg.db_path, timeout))
         return look
 
     def close_looks(self) -> None:

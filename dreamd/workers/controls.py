@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
-import weakref
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -54,37 +52,29 @@ def restore(ctx: WorkerContext) -> None:
 # connection asks the same in ~6 us. Rows are then read the usual way.
 PROBE_SQL = "SELECT 1 FROM controls WHERE state = 'available' LIMIT 1"
 PENDING = select(CT).where(CT.c.state == "available").order_by(CT.c.id)
-_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # reader engine -> conn
-_probes_lock = threading.Lock()
 
 
-def _none_waiting(ctx: WorkerContext) -> bool:
-    """True when surely no control waits; False when one may (or the probe failed)."""
+def _none_waiting(ctx: WorkerContext, who: str) -> bool:
+    """True when surely no control waits; False when one may (or the look failed). On
+    `who`'s kept connection (the display's clock and the controls job each have one:
+    they may ask at the same moment); a failed one is opened again at the next look."""
     try:
-        with _probes_lock:
-            conn = _probes.get(ctx.reader)
-            if conn is None:
-                # autocommit: each look is its own read transaction, held for no longer
-                conn = read_model.connect(ctx.cfg.db_path, timeout=1.0,
-                                          check_same_thread=False)
-                _probes[ctx.reader] = conn
+        with ctx.look(who, timeout=1.0).reading() as conn:
             # fetchall: the statement runs to its end, so no read snapshot stays open
             return not conn.execute(PROBE_SQL).fetchall()
     except (sqlite3.Error, OSError):
-        with _probes_lock:
-            _probes.pop(ctx.reader, None)
         return False
 
 
 def waiting(ctx: WorkerContext) -> bool:
     """True when a control may wait to be applied (the display's clock asks every
     EVERY seconds); never raises."""
-    return not _none_waiting(ctx)
+    return not _none_waiting(ctx, "controls-look")
 
 
 def tick(ctx: WorkerContext, on_knobs: Callable[[dict[str, Any]], None] | None = None,
          backend: Any = None) -> int:
-    if _none_waiting(ctx):
+    if _none_waiting(ctx, "controls"):
         return 0
     with ctx.reader.connect() as conn:
         pending = conn.execute(PENDING).all()

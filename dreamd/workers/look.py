@@ -21,8 +21,9 @@ class Look:
     daemon. A worker's ticks never overlap (APScheduler's max_instances=1) but may run
     on different threads, hence check_same_thread=False."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
         self.path = Path(path)
+        self.timeout = timeout               # seconds a read waits out a lock (rare in WAL)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()        # close() may come from the stopping thread
 
@@ -37,7 +38,7 @@ class Look:
         if conn is None:
             with self._lock:
                 if self._conn is None:
-                    self._conn = read_model.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                    self._conn = read_model.connect(self.path, timeout=self.timeout,
                                                     check_same_thread=False)
                 conn = self._conn
         return conn
