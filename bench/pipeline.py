@@ -12,12 +12,13 @@ DEBUG logs (the workers' `timing` lines), then reads the ledger:
 - idle CPU (a run of its own, `idle()`): the buffer filled with the display at 1 fps,
   then `dreamd set display.buffer_target_seconds=1` and `display.fps=<fps>` leave it far
   above target, so nothing needs producing while playback goes on at <fps>, every
-  surface on (web viewer with `--pages` pages open: 1 by default, each its event
-  stream and every frame announced; status.json, guard, janitor); the daemon's CPU time over that
-  window / wall time, in slices (median, min-max: the spread says how noisy it was);
-  `--idle-only` runs just this; `--settle-seconds 60 --idle-seconds 60` measures the
-  steady state (a minute after production, over a minute: one of the janitor's
-  once-a-minute passes in it);
+  surface on (the web viewer serving, with `--pages` pages open: none by default, each
+  its event stream and every frame announced; status.json and the frame files, guard,
+  janitor); the daemon's CPU time over that window / wall time, in slices (median,
+  min-max: the spread says how noisy it was). The steady state by default: the window
+  starts a minute after production (`--settle-seconds`) and lasts a minute
+  (`--idle-seconds`), so it holds one of the janitor's once-a-minute passes, as every
+  minute of playback does; `--idle-only` runs just this;
 - peak RSS: VmHWM of the daemon process.
 """
 
@@ -271,14 +272,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0, help="production + playback phase")
     ap.add_argument("--fill-seconds", type=float, default=80.0,
                     help="an idle run's filling phase (display at FILL_FPS)")
-    ap.add_argument("--idle-seconds", type=float, default=20.0, help="idle CPU window")
-    ap.add_argument("--settle-seconds", type=float, default=0.0,
+    ap.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window")
+    ap.add_argument("--settle-seconds", type=float, default=60.0,
                     help="idle runs: seconds between the last job done and the window (60: "
                          "after the janitor's once-a-minute passes that production leaves; "
                          "a 60 s window then holds one of each, as every minute does)")
     ap.add_argument("--fps", type=float, nargs="+", default=[4.0, 15.0])
-    ap.add_argument("--pages", type=int, default=1,
-                    help="viewer pages open during the idle window (event stream + frames)")
+    ap.add_argument("--pages", type=int, default=0,
+                    help="viewer pages open during the idle window (event stream + frames; "
+                         "1: what a page open costs on top)")
     ap.add_argument("--idle-only", action="store_true",
                     help="only the idle runs (the CPU with a full buffer), not production")
     args = ap.parse_args()
