@@ -573,26 +573,26 @@ def add_segment(conn, chain: int, state: str) -> None:
 def test_playback_order_counts_and_picks_the_next_ready_frame(engine):
     with engine.begin() as conn:
         assert queries.frames_ahead(conn, None, None) == 0
-        assert queries.next_frame(conn, None, None) is None
+        assert read_model.next_frame(queries.dbapi(conn), None, None) is None
         ids = {(c, t): add_frame(conn, c, t) for c, t in
                ((0, 0.0), (0, 0.25), (0, 0.5), (1, 0.0), (1, 0.5), (2, 0.0))}
         add_frame(conn, 0, 0.75, state="evicted")
         assert queries.frames_ahead(conn, None, None) == 6          # before the first
-        nxt = queries.next_frame(conn, None, None)
+        nxt = read_model.next_frame(queries.dbapi(conn), None, None)
         assert (nxt.id, nxt.chain_index, nxt.pos, nxt.path) == (ids[0, 0.0], 0, 0.0,
                                                                "f/0-0.0.png")
         assert queries.frames_ahead(conn, 0, 0.25) == 4             # same chain, later t
-        assert queries.next_frame(conn, 0, 0.25).id == ids[0, 0.5]
+        assert read_model.next_frame(queries.dbapi(conn), 0, 0.25).id == ids[0, 0.5]
         assert queries.frames_ahead(conn, 0, 0.5) == 3              # the evicted one skipped
-        assert queries.next_frame(conn, 0, 0.5).id == ids[1, 0.0]
+        assert read_model.next_frame(queries.dbapi(conn), 0, 0.5).id == ids[1, 0.0]
         assert queries.frames_ahead(conn, 1, 0.0) == 2
-        assert queries.next_frame(conn, 1, 0.5).id == ids[2, 0.0]
+        assert read_model.next_frame(queries.dbapi(conn), 1, 0.5).id == ids[2, 0.0]
         assert queries.frames_ahead(conn, 2, 0.0) == 0
-        assert queries.next_frame(conn, 2, 0.0) is None
+        assert read_model.next_frame(queries.dbapi(conn), 2, 0.0) is None
         # counted up to a mark only (a worker asking whether the buffer reaches it)
         assert [queries.frames_ahead(conn, None, None, at_most=n) for n in (0, 2, 6, 99)] \
             == [0, 2, 6, 6]
-        assert queries.frames_ahead_of_playhead(conn, at_most=4) == 4
+        assert read_model.frames_ahead_of_playhead(queries.dbapi(conn), at_most=4) == 4
 
 
 def test_the_next_frame_waits_for_an_earlier_segment_still_being_made(engine):
@@ -602,28 +602,28 @@ def test_the_next_frame_waits_for_an_earlier_segment_still_being_made(engine):
         later = add_frame(conn, 3, 0.0)
         add_segment(conn, 1, "executing")           # segment 1 -> 2 is being made
     with engine.begin() as conn:
-        assert queries.next_frame(conn, None, None).id == first
-        assert queries.next_frame(conn, 0, 0.0).chain_index == 1   # 1's keyframe may show
+        assert read_model.next_frame(queries.dbapi(conn), None, None).id == first
+        assert read_model.next_frame(queries.dbapi(conn), 0, 0.0).chain_index == 1   # 1's keyframe may show
         # past keyframe 1, the in-betweens of 1 -> 2 have to come before chain 3
-        assert queries.next_frame(conn, 1, 0.0) is None
+        assert read_model.next_frame(queries.dbapi(conn), 1, 0.0) is None
         assert queries.frames_ahead(conn, 1, 0.0) == 1
     for state, shows in (("available", False), ("retryable", False), ("completed", True),
                          ("discarded", True)):
         with engine.begin() as conn:
             conn.execute(text("UPDATE interpolations SET state = :s"), {"s": state})
-            got = queries.next_frame(conn, 1, 0.0)
+            got = read_model.next_frame(queries.dbapi(conn), 1, 0.0)
             assert (got is not None and got.id == later) is shows, state
     with engine.begin() as conn:
         conn.execute(text("UPDATE interpolations SET state = 'executing', chain_index = 3"))
-        assert queries.next_frame(conn, 1, 0.0).id == later    # a later segment: no wait
+        assert read_model.next_frame(queries.dbapi(conn), 1, 0.0).id == later    # a later segment: no wait
         conn.execute(text("UPDATE interpolations SET chain_index = 0"))
-        assert queries.next_frame(conn, 1, 0.0).id == later    # an earlier one: passed
+        assert read_model.next_frame(queries.dbapi(conn), 1, 0.0).id == later    # an earlier one: passed
     with engine.begin() as conn:                # with no playhead, every segment counts
         conn.execute(text("DELETE FROM frames WHERE chain_index = 0"))
         conn.execute(text("UPDATE interpolations SET chain_index = 0"))
-        assert queries.next_frame(conn, None, None) is None
+        assert read_model.next_frame(queries.dbapi(conn), None, None) is None
         conn.execute(text("UPDATE interpolations SET chain_index = 1"))
-        assert queries.next_frame(conn, None, None) is not None
+        assert read_model.next_frame(queries.dbapi(conn), None, None) is not None
 
 
 # ================================================================ read_model.py

@@ -161,16 +161,16 @@ def test_frames_ahead_counts_ready_frames_after_the_playhead(make_ctx):
     ready_frames(ctx, 1, (0.0,))
     write(ctx, "UPDATE frames SET state = 'shown' WHERE chain_index = 0 AND t = 0.0")
     with ctx.reader.connect() as conn:
-        assert queries.frames_ahead_of_playhead(conn) == 3          # no playhead yet: every ready frame
+        assert read_model.frames_ahead_of_playhead(queries.dbapi(conn)) == 3          # no playhead yet: every ready frame
     playhead(ctx, 0, 0.25)
     with ctx.reader.connect() as conn:
-        assert queries.frames_ahead_of_playhead(conn) == 2          # (0, 0.5) and (1, 0)
+        assert read_model.frames_ahead_of_playhead(queries.dbapi(conn)) == 2          # (0, 0.5) and (1, 0)
     playhead(ctx, 1, 0.0)
     with ctx.reader.connect() as conn:
-        assert queries.frames_ahead_of_playhead(conn) == 0
+        assert read_model.frames_ahead_of_playhead(queries.dbapi(conn)) == 0
     write(ctx, "DELETE FROM runtime_state")
     with ctx.reader.connect() as conn:
-        assert queries.frames_ahead_of_playhead(conn) == 3          # no runtime row: no playhead
+        assert read_model.frames_ahead_of_playhead(queries.dbapi(conn)) == 3          # no runtime row: no playhead
 
 
 def test_frames_coming_counts_what_unfinished_batches_will_make(make_ctx):

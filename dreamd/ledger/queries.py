@@ -62,14 +62,3 @@ def frames_ahead(conn: Connection, chain: int | None, t: float | None,
                  at_most: int | None = None) -> int:
     """Ready frames after the playhead (chain, t), in playback order (up to `at_most`)."""
     return read_model.frames_ahead(dbapi(conn), chain, t, at_most)
-
-
-def frames_ahead_of_playhead(conn: Connection, at_most: int | None = None) -> int:
-    """Ready frames after the playhead the ledger records (up to `at_most`)."""
-    return read_model.frames_ahead_of_playhead(dbapi(conn), at_most)
-
-
-def next_frame(conn: Connection, chain: int | None,
-               t: float | None) -> read_model.Ready | None:
-    """The next frame to show in playback order, or None (read_model.next_frame)."""
-    return read_model.next_frame(dbapi(conn), chain, t)
